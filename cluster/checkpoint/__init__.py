@@ -1,0 +1,1 @@
+"""HF-layout safetensors checkpoints: names, reading, writing the embedded random checkpoint."""

@@ -1,0 +1,98 @@
+"""The `moe-cluster` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '512MiB', '1000' -> bytes."""
+    s = text.strip().upper()
+    number = s.rstrip("KMGIB")
+    unit = s[len(number):]
+    if unit not in _SIZE_UNITS or not number:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GB or 512MiB)")
+    return int(float(number) * _SIZE_UNITS[unit])
+
+
+def _make_checkpoint(args: argparse.Namespace) -> int:
+    from cluster.checkpoint.presets import preset
+    from cluster.checkpoint.reader import parse_dtype
+    from cluster.checkpoint.writer import write_random_checkpoint
+
+    t0 = time.perf_counter()
+    out = write_random_checkpoint(args.directory, preset(args.preset), seed=args.seed, dtype=parse_dtype(args.dtype),
+                                  max_shard_bytes=args.shard_size)
+    print(f"wrote the {args.preset} checkpoint (seed {args.seed}) to {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from cluster.checkpoint.default import ensure_default_checkpoint
+    from cluster.generate import greedy_generate
+    from cluster.model.loader import load_model
+    from cluster.tokenizer import IncrementalDetokenizer, load_tokenizer, resolve_tokenizer_version
+
+    model_dir = Path(args.model) if args.model else ensure_default_checkpoint()
+    t0 = time.perf_counter()
+    loaded = load_model(model_dir, dtype=args.dtype, backend=args.moe_backend)
+    tok = load_tokenizer(resolve_tokenizer_version(loaded.config, args.tokenizer))
+    print(f"loaded {model_dir} ({loaded.bytes_loaded / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
+    if args.raw:
+        prompt = tok.encode(args.prompt, bos=True)
+    else:
+        prompt = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    detok = IncrementalDetokenizer(tok.decode)
+    t0 = time.perf_counter()
+    n = 0
+    for token in greedy_generate(loaded.model, prompt, args.max_tokens, {tok.eos_id}):
+        n += 1
+        print(detok.add([token]), end="", flush=True)
+    print(detok.flush())
+    dt = time.perf_counter() - t0
+    print(f"{len(prompt)} prompt tokens, {n} generated in {dt:.2f}s ({n / dt:.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-cluster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-checkpoint", help="write a random Mixtral-shaped checkpoint in the HF layout")
+    p.add_argument("directory")
+    p.add_argument("--preset", choices=["tiny", "mini"], default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("2GB"),
+                   help="largest safetensors file; bigger checkpoints are sharded with an index (default 2GB)")
+    p.set_defaults(run=_make_checkpoint)
+
+    p = sub.add_parser("generate", help="greedy generation for one prompt, straight on the model")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded mini checkpoint)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--tokenizer", choices=["v1", "v2", "v3"], help="default: from the checkpoint")
+    p.add_argument("--moe-backend", choices=["auto", "torch", "triton"], default="auto")
+    p.add_argument("--raw", action="store_true", help="encode the prompt as plain text, without the chat template")
+    p.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"moe-cluster {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Mixtral decoder (and the dense Mistral shape through the same code)."""

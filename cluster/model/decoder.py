@@ -1,0 +1,68 @@
+"""The Mixtral / Mistral decoder-only transformer over a flat batch of tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cluster.config import ModelConfig
+from cluster.model.attention import Attention
+from cluster.model.kv_cache import KVCache
+from cluster.model.layers import RMSNorm, SwiGLU
+from cluster.model.moe import MoELayer
+from cluster.moe.executor import ExpertExecutor
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Attribute names follow the HF checkpoint so non-expert tensors load by their own names.
+        if config.is_moe:
+            self.block_sparse_moe = MoELayer(config.hidden_size, config.num_experts, config.experts_per_token, layer)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Embeddings, decoder layers and lm_head; the experts are attached from outside (`attach_experts`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def attach_experts(self, executor: ExpertExecutor) -> None:
+        for layer in self.model.layers:
+            layer.block_sparse_moe.executor = executor
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """input_ids [T], positions [T] -> final hidden states [T, D] (norm applied)."""
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, cache)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D] -> logits [N, V] in fp32."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,68 @@
+"""Builds models from checkpoints: the dense part into `CausalLM`, experts into stacked `ExpertWeights`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cluster.checkpoint.names import EXPERT_PROJECTIONS, dense_tensor_shapes, expert_tensor, expert_tensor_shapes
+from cluster.checkpoint.progress import ProgressCallback
+from cluster.checkpoint.reader import CheckpointError, CheckpointReader, parse_dtype
+from cluster.config import ModelConfig
+from cluster.model.decoder import CausalLM
+from cluster.moe.backend import get_backend
+from cluster.moe.executor import LocalExpertExecutor
+from cluster.moe.weights import ExpertWeights
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    config: ModelConfig
+    bytes_loaded: int
+
+
+def load_dense(reader: CheckpointReader, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+               progress: ProgressCallback | None = None) -> CausalLM:
+    """Everything but the experts (embeddings, attention, norms, router gates, lm_head)."""
+    tensors = reader.load(dense_tensor_shapes(config), dtype, device, progress, label="loading attention weights")
+    with torch.device("meta"):
+        model = CausalLM(config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"model and checkpoint disagree: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def load_experts(reader: CheckpointReader, config: ModelConfig, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", experts: list[int] | None = None,
+                 progress: ProgressCallback | None = None) -> list[ExpertWeights]:
+    """Only the given experts (all by default) of every layer, stacked per layer."""
+    experts = sorted(range(config.num_experts) if experts is None else set(experts))
+    bad = [e for e in experts if not 0 <= e < config.num_experts]
+    if bad:
+        raise CheckpointError(f"expert ids {bad} are out of range: the model has {config.num_experts} experts")
+    tensors = reader.load(expert_tensor_shapes(config, experts), dtype, device, progress, label="loading experts")
+    layers = []
+    for i in range(config.num_layers):
+        w = {p: [tensors.pop(expert_tensor(i, e, p)) for e in experts] for p in EXPERT_PROJECTIONS}
+        layers.append(ExpertWeights.stack(experts, w["w1"], w["w3"], w["w2"]))
+    return layers
+
+
+def load_model(directory: str | Path, dtype: str | torch.dtype = "fp32", device: torch.device | str = "cpu",
+               backend: str = "auto", progress: ProgressCallback | None = None) -> LoadedModel:
+    """The whole model in this process, experts run by a local executor."""
+    config = ModelConfig.from_file(directory)
+    reader = CheckpointReader(directory)
+    dtype = parse_dtype(dtype)
+    model = load_dense(reader, config, dtype, device, progress)
+    if config.is_moe:
+        layers = load_experts(reader, config, dtype, device, progress=progress)
+        model.attach_experts(LocalExpertExecutor(layers, config.num_experts, get_backend(backend, device)))
+    return LoadedModel(model=model, config=config, bytes_loaded=reader.bytes_loaded)

@@ -1,0 +1,25 @@
+"""The sparse MoE block: a router gate here, the experts wherever the executor keeps them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cluster.model.router import route
+from cluster.moe.executor import ExpertExecutor
+
+
+class MoELayer(nn.Module):
+    def __init__(self, hidden: int, num_experts: int, top_k: int, layer: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.top_k = top_k
+        self.layer = layer
+        self.executor: ExpertExecutor | None = None  # set by the loader; may be local or remote
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> [T, D]."""
+        if self.executor is None:
+            raise RuntimeError(f"layer {self.layer}: no expert executor attached")
+        weights, ids = route(self.gate(x), self.top_k)  # [T, K], [T, K]
+        return self.executor(self.layer, x, ids, weights.to(x.dtype))

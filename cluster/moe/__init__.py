@@ -1,0 +1,1 @@
+"""Mixture-of-experts execution: expert weights (layer), backends (how), executors (where)."""

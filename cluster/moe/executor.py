@@ -1,0 +1,30 @@
+"""Expert executors: where a layer's experts run. The MoE layer only sees this interface."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from cluster.moe.backend import MoEBackend, get_backend
+from cluster.moe.weights import ExpertWeights
+
+
+class ExpertExecutor(Protocol):
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], topk_ids/topk_weights [T, K] -> [T, D]: the routed experts' weighted sum for `layer`."""
+        ...
+
+
+class LocalExpertExecutor:
+    """All experts of every layer in this process (single-process mode, or one shard's own experts)."""
+
+    def __init__(self, layers: list[ExpertWeights], num_experts: int, backend: MoEBackend | None = None):
+        self.layers = layers
+        self.num_experts = num_experts
+        self.backend = backend or get_backend("auto", layers[0].w13.device if layers else "cpu")
+
+    def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> torch.Tensor:
+        return self.backend(x, self.layers[layer], topk_ids, topk_weights, self.num_experts)

@@ -1,0 +1,29 @@
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.checkpoint.presets import preset
+from cluster.checkpoint.writer import write_random_checkpoint
+
+# Triton kernels run under the interpreter on machines without a GPU; this must be set before any kernel is defined
+# (no module imported above defines one).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A Mistral-7B-shaped (dense, v1 tokenizer) config small enough for tests.
+TINY_DENSE = dataclasses.replace(preset("tiny"), vocab_size=32000, num_experts=0, experts_per_token=0,
+                                 tokenizer_version="v1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset, one safetensors file, seed 0. Shared: a test that damages a checkpoint writes its own."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny"), preset("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny_dense"), TINY_DENSE, seed=1)
