@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -32,9 +33,7 @@ class ExpertWeights:
 
     def expert_map(self, num_experts: int) -> torch.Tensor:
         """[num_experts] int32: global expert id -> local index, -1 for experts held elsewhere."""
-        m = torch.full((num_experts,), -1, dtype=torch.int32, device=self.w13.device)
-        m[list(self.expert_ids)] = torch.arange(len(self.expert_ids), dtype=torch.int32, device=self.w13.device)
-        return m
+        return _expert_map(self.expert_ids, num_experts, self.w13.device)
 
     @classmethod
     def stack(cls, expert_ids: list[int], w1: list[torch.Tensor], w3: list[torch.Tensor],
@@ -42,3 +41,11 @@ class ExpertWeights:
         """From per-expert HF tensors w1/w3: [F, D] and w2: [D, F]."""
         w13 = torch.stack([torch.cat([a, b], dim=0) for a, b in zip(w1, w3)])
         return cls(w13=w13, w2=torch.stack(w2), expert_ids=tuple(expert_ids))
+
+
+@lru_cache(maxsize=256)
+def _expert_map(expert_ids: tuple[int, ...], num_experts: int, device: torch.device) -> torch.Tensor:
+    # Cached: building it on every layer call would copy a host list to the device (a sync) each time.
+    m = torch.full((num_experts,), -1, dtype=torch.int32)
+    m[list(expert_ids)] = torch.arange(len(expert_ids), dtype=torch.int32)
+    return m.to(device)
