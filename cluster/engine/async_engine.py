@@ -1,0 +1,105 @@
+"""The async front: requests become async iterators of deltas; the step loop runs on its own thread.
+
+HTTP handlers call `add_request` / `abort` from the event loop; the engine thread drains those commands between
+steps, so the engine itself is only ever touched by one thread and the event loop never waits for a forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+from cluster.engine.engine import LLMEngine
+from cluster.engine.outputs import RequestOutput
+from cluster.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def add_request(self, request_id: str, prompt: list[int],
+                          params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Validate now (raising `RequestError`), then stream the request's deltas until every choice finishes.
+
+        Leaving the iteration early (a client that disconnects) aborts the request.
+        """
+        self.engine.validate(prompt, params)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send(("add", request_id, prompt, params))
+        return self._iterate(request_id, stream, params.n)
+
+    async def _iterate(self, request_id: str, stream: asyncio.Queue, n: int) -> AsyncIterator[RequestOutput]:
+        done = 0
+        try:
+            while done < n:
+                out: RequestOutput = await stream.get()
+                done += out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if done < n:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain_commands()
+            if not self.engine.has_work():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outs = self.engine.step()
+            except Exception as e:  # a failed step fails its requests, never the loop
+                log.exception("engine step failed")
+                outs = self.engine.fail_all(f"engine step failed: {e}")
+            self._publish(outs)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, request_id, prompt, params = command
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except Exception as e:
+                    self._publish([RequestOutput(request_id, i, "", [], finish_reason="error", error=str(e))
+                                   for i in range(params.n)])
+            else:
+                self._publish(self.engine.abort(command[1]))
+
+    def _publish(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                loop, stream = target
+                loop.call_soon_threadsafe(stream.put_nowait, out)

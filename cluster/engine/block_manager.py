@@ -1,0 +1,117 @@
+"""Paged KV blocks: a free list, reference counts, and a prefix cache keyed by a hash chain of block tokens.
+
+A full block whose KV has been computed is registered under hash(parent hash, its tokens). A later sequence whose
+tokens start the same way reuses those blocks (ref count + 1) instead of recomputing them. Freed blocks keep their
+hash and stay findable until the free list hands them out again (least recently freed first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cluster.engine.sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # FIFO with O(1) removal
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_hit_tokens = 0  # prompt tokens served from the prefix cache
+        self.prefix_query_tokens = 0  # prompt tokens looked up
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _hashes(self, seq: Sequence, num_full_blocks: int) -> list[int]:
+        """The first `num_full_blocks` hashes of the chain, extending the sequence's memo as needed."""
+        bs, chain = self.block_size, seq.block_hashes
+        if len(chain) < num_full_blocks:
+            tokens = seq.tokens
+            parent = chain[-1] if chain else 0
+            for i in range(len(chain), num_full_blocks):
+                parent = hash((parent, tuple(tokens[i * bs:(i + 1) * bs])))
+                chain.append(parent)
+        return chain[:num_full_blocks]
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Attach the cached blocks that start this sequence (which holds no blocks); return the tokens they cover.
+
+        At least one token is always left to compute: its logits are needed to sample.
+        """
+        assert not seq.block_table and seq.num_computed == 0
+        if not self.enable_prefix_caching:
+            return 0
+        for h in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):
+            block_id = self.cached.get(h)
+            if block_id is None:
+                break
+            self._ref(block_id)
+            seq.block_table.append(block_id)
+        hit = len(seq.block_table) * self.block_size
+        self.prefix_query_tokens += len(seq.prompt)
+        self.prefix_hit_tokens += min(hit, len(seq.prompt))
+        return hit
+
+    def _ref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self._needed(seq, num_new_tokens) <= len(self.free)
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Give `seq` room for `num_new_tokens` more tokens of KV (check with `can_allocate` first)."""
+        for _ in range(self._needed(seq, num_new_tokens)):
+            block_id, _ = self.free.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.hash is not None:  # its prefix-cache entry goes with its contents
+                if self.cached.get(block.hash) == block_id:
+                    del self.cached[block.hash]
+                block.hash = None
+            block.ref_count = 1
+            seq.block_table.append(block_id)
+
+    def _needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        return max(0, self.blocks_for(seq.num_computed + num_new_tokens) - len(seq.block_table))
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """After a step: make the sequence's newly full, computed blocks findable by later sequences."""
+        if not self.enable_prefix_caching:
+            return
+        n_full = seq.num_computed // self.block_size
+        for block_id, h in zip(seq.block_table[:n_full], self._hashes(seq, n_full)):
+            block = self.blocks[block_id]
+            if block.hash is None:
+                block.hash = h
+                self.cached.setdefault(h, block_id)
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """Drop the sequence's references; blocks nobody holds go back to the free list (hash kept)."""
+        for block_id in reversed(seq.block_table):  # tail blocks first: the least likely to be shared again
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_computed = 0

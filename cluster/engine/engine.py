@@ -1,0 +1,205 @@
+"""The synchronous engine: admit requests, and `step()` = schedule, forward, sample, update."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.model_runner import ModelRunner
+from cluster.engine.outputs import ContextLengthError, RequestError, RequestOutput
+from cluster.engine.paged_cache import PagedKVCache, kv_bytes_per_block
+from cluster.engine.sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
+from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from cluster.engine.sequence import Sequence
+from cluster.engine.stop import StopStringFilter
+from cluster.model.decoder import CausalLM
+from cluster.tokenizer.detokenizer import IncrementalDetokenizer
+
+TokenMaskFactory = Callable[[Sequence], Callable[[], torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # None: 1 GiB on CPU, `gpu_memory_utilization` of free memory on a GPU
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    enable_prefix_caching: bool = True
+
+
+class _SeqOutput:
+    """Per-choice text state: incremental detokenizer, stop strings, pending logprobs."""
+
+    def __init__(self, seq: Sequence, decode: Callable[[list[int]], str]):
+        self.detok = IncrementalDetokenizer(decode)
+        self.stop = StopStringFilter(seq.params.stop)
+
+
+class LLMEngine:
+    def __init__(self, model: CausalLM, decode: Callable[[list[int]], str], eos_id: int,
+                 config: EngineConfig = EngineConfig(), token_mask: TokenMaskFactory | None = None):
+        self.model = model
+        self.config = config
+        self.decode = decode
+        self.eos_id = eos_id
+        self.token_mask = token_mask
+        mc = model.config
+        self.context_len = mc.max_position_embeddings
+        device = model.lm_head.weight.device
+        dtype = model.lm_head.weight.dtype
+        num_blocks = _num_blocks(config, kv_bytes_per_block(mc, config.block_size, dtype), device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+        self.runner = ModelRunner(model, PagedKVCache(mc, num_blocks, config.block_size, dtype, device))
+        self.sampler = Sampler()
+        self.requests: dict[str, list[Sequence]] = {}
+        self.siblings: dict[str, list[Sequence]] = {}  # choices 1..n-1, admitted once choice 0 has its prompt KV
+        self.outputs: dict[int, _SeqOutput] = {}
+        self._ids = itertools.count()
+
+    # -- admission ---------------------------------------------------------------------------------------------
+    def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise `RequestError` for a request that must not be scheduled; touches no state."""
+        if not prompt:
+            raise RequestError("the prompt must hold at least one token")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt) >= self.context_len:
+            raise ContextLengthError(f"the prompt has {len(prompt)} tokens; the model's context is "
+                                     f"{self.context_len} tokens, including the completion")
+        total = len(prompt) + params.max_tokens
+        if total > self.context_len:
+            raise ContextLengthError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is "
+                                     f"{total} tokens, more than the model's context of {self.context_len} tokens")
+        need = self.blocks.blocks_for(total)
+        if need > self.blocks.num_blocks:
+            raise RequestError(f"the request needs {need} KV-cache blocks ({total} tokens) but the cache holds only "
+                               f"{self.blocks.num_blocks}: lower max_tokens or give the cache more memory")
+
+    def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        self.validate(prompt, params)
+        seqs = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            seq = Sequence(next(self._ids), request_id, i, list(prompt), params,
+                           generator=None if params.greedy else make_generator(seed))
+            self.outputs[seq.seq_id] = _SeqOutput(seq, self.decode)
+            seqs.append(seq)
+        self.requests[request_id] = seqs
+        self.scheduler.add(seqs[0])
+        if len(seqs) > 1:
+            self.siblings[request_id] = seqs[1:]
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request wherever it is; every block it held is freed. Unknown ids are ignored."""
+        outs = []
+        for seq in self.requests.get(request_id, []):
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+                outs.append(self._final(seq, "", [], []))
+        self.siblings.pop(request_id, None)
+        self._forget_if_done(request_id)
+        return outs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits, sampling = self.runner.run(batch)
+        rows = [self._row(s.seq) for s in sampling]
+        sampled = self.sampler(logits, rows) if sampling else None
+        for s in batch.scheduled:
+            s.seq.num_computed += s.num_new
+            self.blocks.register_full_blocks(s.seq)
+        outs = []
+        for i, s in enumerate(sampling):
+            outs.extend(self._append(s, sampled.token_ids[i], sampled.logprobs[i]))
+        return outs
+
+    def _row(self, seq: Sequence) -> SamplingRow:
+        mask = self.token_mask(seq) if self.token_mask else None
+        return SamplingRow(seq.params, seq.output, seq.generator, mask)
+
+    def _append(self, s: ScheduledSeq, token: int, logprobs: TokenLogprobs | None) -> list[RequestOutput]:
+        seq, p = s.seq, s.seq.params
+        first = not seq.output
+        seq.output.append(token)
+        out = self.outputs[seq.seq_id]
+        stop_token = (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids
+        text = "" if stop_token else out.stop.push(out.detok.add([token]))
+        lps = [logprobs] if logprobs else []
+        outs = []
+        if first and seq.index == 0:
+            for sib in reversed(self.siblings.pop(seq.request_id, [])):  # the prompt's KV blocks are now cached
+                self.scheduler.add(sib, front=True)
+        if stop_token or out.stop.stopped:
+            reason = "stop"
+        elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.context_len:
+            reason = "length"
+        else:
+            return [self._delta(seq, text, [token], lps)]
+        if not out.stop.stopped:
+            text += out.stop.push(out.detok.flush()) + out.stop.flush()
+        self.scheduler.finish(seq, reason)
+        outs.append(self._final(seq, text, [token], lps))
+        self._forget_if_done(seq.request_id)
+        return outs
+
+    def _delta(self, seq: Sequence, text: str, tokens: list[int], lps: list[TokenLogprobs]) -> RequestOutput:
+        return RequestOutput(seq.request_id, seq.index, text, tokens, lps, None, len(seq.prompt), len(seq.output),
+                             seq.num_cached_prompt)
+
+    def _final(self, seq: Sequence, text: str, tokens: list[int], lps: list[TokenLogprobs]) -> RequestOutput:
+        out = self._delta(seq, text, tokens, lps)
+        out.finish_reason = seq.finish_reason
+        return out
+
+    def _forget_if_done(self, request_id: str) -> None:
+        seqs = self.requests.get(request_id, [])
+        if all(s.is_finished for s in seqs) and request_id not in self.siblings:
+            for s in seqs:
+                self.outputs.pop(s.seq_id, None)
+            self.requests.pop(request_id, None)
+
+    # -- conveniences ------------------------------------------------------------------------------------------
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Finish every request with an error (after a failed step); frees all blocks."""
+        outs = []
+        for request_id in list(self.requests):
+            for out in self.abort(request_id):
+                out.finish_reason, out.error = "error", message
+                outs.append(out)
+        return outs
+
+    def stats(self) -> dict[str, int]:
+        b = self.blocks
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "free_blocks": b.num_free, "total_blocks": b.num_blocks, "preemptions": self.scheduler.num_preemptions,
+                "prefix_hit_tokens": b.prefix_hit_tokens, "prefix_query_tokens": b.prefix_query_tokens}
+
+
+def _num_blocks(config: EngineConfig, block_bytes: int, device: torch.device) -> int:
+    budget = config.kv_cache_bytes
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * config.gpu_memory_utilization)
+        else:
+            budget = 2**30
+    num = budget // block_bytes
+    if num < 1:
+        raise ValueError(f"a KV-cache budget of {budget} bytes holds no block of {block_bytes} bytes")
+    return num

@@ -1,0 +1,115 @@
+"""Iteration-level scheduling: each step fills a token budget with decodes and chunks of prefills.
+
+One rule covers prefill, chunked prefill, decode, prefix-cache hits and resumption after preemption: every
+scheduled sequence's `num_computed` catches up with its `num_tokens`, as far as the budget allows. Running
+sequences go first (in admission order), then waiting ones FCFS. When blocks run out, the most recently admitted
+running sequence is preempted: its blocks are freed and it later recomputes its tokens (its sampled tokens are
+kept, so it resumes exactly where it was).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from cluster.engine.block_manager import BlockManager
+from cluster.engine.sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int  # tokens to compute this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step brings the sequence level with its tokens, so its last logits are sampled."""
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """The only thing handed to the model runner: which sequences advance, by how many tokens."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new for s in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = Status.WAITING
+        (self.waiting.appendleft if front else self.waiting.append)(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.can_allocate(seq, num_new):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.allocate(seq, num_new)
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
+                i += 1
+        if out.preempted:  # memory is short: admit nothing new this step
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            seq.num_computed = self.blocks.match_prefix(seq)
+            seq.num_cached_prompt = min(seq.num_computed, len(seq.prompt))
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.can_allocate(seq, num_new):
+                self.blocks.free_sequence(seq)  # a waiting sequence holds no blocks
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.blocks.allocate(seq, num_new)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free_sequence(seq)
+        self.add(seq, front=True)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a sequence wherever it is (running, waiting, or mid-prefill) and free every block it holds."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_sequence(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,59 @@
+"""The state of one generated sequence (one choice of a request) as the scheduler and engine see it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from cluster.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Tokens = prompt + outputs; `num_computed` of them have KV in the cache. The scheduler's one rule is to let
+    `num_computed` catch up with `num_tokens`, a chunk at a time; a sequence samples when it has caught up."""
+
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n choices
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    output: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at the last admission
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hash chain of the full blocks of `tokens` (a memo)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list."""
+        p = len(self.prompt)
+        if end <= p:
+            return self.prompt[start:end]
+        if start >= p:
+            return self.output[start - p:end - p]
+        return self.prompt[start:] + self.output[:end - p]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
