@@ -1,0 +1,249 @@
+"""Engine throughput and latency against transformers' static batching and the forward-only bound, side by side.
+
+    python benchmarks/engine.py [--requests 256] [--concurrency 1 16 64] [--model DIR]
+
+One run, one process, the same seeded requests for every system:
+  engine       the async engine (continuous batching, paged KV cache), clients keeping `c` requests in flight;
+  transformers `MixtralForCausalLM.generate` on static, left-padded batches of 32 requests (greedy, no EOS);
+  bound        the model's forward passes alone, replaying the engine's own step shapes (same tokens per step,
+               same context lengths) with no scheduler, sampler or detokenizer: what the engine could reach.
+Prints output tokens/s, TTFT and inter-token latency p50/p99 per system and the ratios engine/transformers and
+engine/bound. Goals: engine >= 3x transformers, and >= 0.8x the bound, at concurrency 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.checkpoint.default import ensure_default_checkpoint  # noqa: E402
+from cluster.engine.async_engine import AsyncEngine  # noqa: E402
+from cluster.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from cluster.engine.paged_cache import AttentionMetadata  # noqa: E402
+from cluster.engine.sampling_params import SamplingParams  # noqa: E402
+from cluster.model.loader import load_model  # noqa: E402
+from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version  # noqa: E402
+
+
+@dataclass
+class Result:
+    name: str
+    output_tokens: int
+    seconds: float
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    def row(self) -> dict:
+        return {"system": self.name, "output_tokens": self.output_tokens, "seconds": round(self.seconds, 2),
+                "tokens_per_s": round(self.tokens_per_s, 1),
+                "ttft_p50_ms": _ms(_pct(self.ttft, 50)), "ttft_p99_ms": _ms(_pct(self.ttft, 99)),
+                "itl_p50_ms": _ms(_pct(self.itl, 50)), "itl_p99_ms": _ms(_pct(self.itl, 99))}
+
+
+def _pct(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(1000 * x, 1)
+
+
+def make_requests(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    """(prompt, output length): prompts of 32..512 tokens, outputs of 16..256, all from one seed."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lens = torch.randint(32, 513, (n,), generator=g).tolist()
+    output_lens = torch.randint(16, 257, (n,), generator=g).tolist()
+    return [(torch.randint(3, vocab, (p,), generator=g).tolist(), o) for p, o in zip(prompt_lens, output_lens)]
+
+
+def run_engine(engine: LLMEngine, requests: list[tuple[list[int], int]], concurrency: int) -> tuple[Result, list]:
+    """Clients keep `concurrency` requests in flight. Also returns the engine's step shapes for the bound."""
+    steps: list[list[tuple[int, int, bool]]] = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        steps.append([(s.seq.num_computed, s.num_new, s.samples) for s in out.scheduled])
+        return out
+
+    engine.scheduler.schedule = recording_schedule
+    front = AsyncEngine(engine)
+    result = Result(f"engine c={concurrency}", 0, 0.0)
+
+    async def client(i: int, prompt: list[int], max_tokens: int, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+            start = time.perf_counter()
+            last = None
+            async for out in await front.add_request(str(i), prompt, params):
+                now = time.perf_counter()
+                if out.token_ids:
+                    if last is None:
+                        result.ttft.append(now - start)
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                    result.output_tokens += len(out.token_ids)
+
+    async def main() -> None:
+        gate = asyncio.Semaphore(concurrency)
+        await asyncio.gather(*(client(i, p, o, gate) for i, (p, o) in enumerate(requests)))
+
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(main())
+    finally:
+        front.shutdown()
+        engine.scheduler.schedule = schedule
+    result.seconds = time.perf_counter() - t0
+    return result, steps
+
+
+@torch.inference_mode()
+def run_bound(engine: LLMEngine, steps: list[list[tuple[int, int, bool]]], output_tokens: int,
+              concurrency: int) -> Result:
+    """Replay the step shapes through the model alone: synthetic block tables, random token ids."""
+    runner, bs = engine.runner, engine.config.block_size
+    vocab = engine.model.config.vocab_size
+    per_seq = engine.blocks.num_blocks // max(len(s) for s in steps if s)
+    t0 = time.perf_counter()
+    for step in steps:
+        if not step:
+            continue
+        order = sorted(range(len(step)), key=lambda j: step[j][1] != 1)
+        shapes = [step[j] for j in order]
+        width = max(-(-(c + n) // bs) for c, n, _ in shapes)
+        tables = torch.tensor([[j * per_seq + b for b in range(width)] for j in range(len(shapes))])
+        slots = torch.cat([tables[j, torch.arange(c, c + n) // bs] * bs + torch.arange(c, c + n) % bs
+                           for j, (c, n, _) in enumerate(shapes)])
+        positions = torch.cat([torch.arange(c, c + n) for c, n, _ in shapes])
+        runner.cache.begin_step(AttentionMetadata(slots, tables, [n for _, n, _ in shapes],
+                                                  [c + n for c, n, _ in shapes],
+                                                  sum(1 for _, n, _ in shapes if n == 1)))
+        hidden = engine.model(torch.randint(0, vocab, (len(positions),)), positions, runner.cache)
+        ends = torch.tensor([n for _, n, _ in shapes]).cumsum(0) - 1
+        sampling = [i for i, (_, _, s) in enumerate(shapes) if s]
+        engine.model.compute_logits(hidden[ends[sampling]]).argmax(-1)
+    return Result(f"bound c={concurrency}", output_tokens, time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def run_transformers(model_dir: Path, requests: list[tuple[list[int], int]], batch_size: int) -> Result:
+    import transformers
+
+    model = transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    result = Result(f"transformers b={batch_size}", 0, 0.0)
+
+    class StepClock(transformers.LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    t0 = time.perf_counter()
+    for b in range(0, len(requests), batch_size):
+        batch = requests[b:b + batch_size]
+        width = max(len(p) for p, _ in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+        clock = StepClock()
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=max(o for _, o in batch), do_sample=False,
+                       logits_processor=transformers.LogitsProcessorList([clock]))
+        for _, o in batch:  # each request's useful tokens are its own first `o`
+            result.output_tokens += o
+            result.ttft.append(clock.times[0] - start)
+            result.itl += [clock.times[k] - clock.times[k - 1] for k in range(1, o)]
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint directory (default: the embedded mini checkpoint)")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--hf-batch", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model_dir = Path(args.model) if args.model else ensure_default_checkpoint("mini")
+    loaded = load_model(model_dir, "fp32")
+    tok = load_tokenizer(resolve_tokenizer_version(loaded.config))
+    requests = make_requests(args.requests, loaded.config.vocab_size, args.seed)
+    print(f"{len(requests)} requests, {sum(len(p) for p, _ in requests)} prompt and "
+          f"{sum(o for _, o in requests)} output tokens; model {model_dir}; torch threads {torch.get_num_threads()}",
+          flush=True)
+
+    rows: list[dict] = []
+    engine_results: dict[int, Result] = {}
+    bound_results: dict[int, Result] = {}
+    for c in args.concurrency:
+        config = EngineConfig(max_num_seqs=max(c, 1), max_num_batched_tokens=args.max_num_batched_tokens)
+        engine = LLMEngine(loaded.model, tok.decode, tok.eos_id, config)
+        engine_results[c], steps = run_engine(engine, requests, c)
+        bound_results[c] = run_bound(engine, steps, engine_results[c].output_tokens, c)
+        for r in (engine_results[c], bound_results[c]):
+            rows.append(r.row())
+            print(json.dumps(rows[-1]), flush=True)
+    hf = None
+    if not args.skip_transformers:
+        hf = run_transformers(model_dir, requests, args.hf_batch)
+        rows.append(hf.row())
+        print(json.dumps(rows[-1]), flush=True)
+
+    print()
+    header = f"{'system':<20}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}   (ms)"
+    print(header)
+    for row in rows:
+        cells = [row[k] if row[k] is not None else "-" for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+                                                                 "itl_p99_ms")]
+        print(f"{row['system']:<20}{row['tokens_per_s']:>9}" + "".join(f"{c:>10}" if i < 2 else f"{c:>9}"
+                                                                         for i, c in enumerate(cells)))
+    print()
+    for c in args.concurrency:
+        ratio_bound = engine_results[c].tokens_per_s / bound_results[c].tokens_per_s
+        line = f"c={c:<3} engine/bound = {ratio_bound:.2f}"
+        if hf:
+            line += f"   engine/transformers = {engine_results[c].tokens_per_s / hf.tokens_per_s:.2f}"
+        print(line)
+    top = max(args.concurrency)
+    if hf:
+        print(f"goals at c={top}: engine/transformers >= 3: "
+              f"{'PASS' if engine_results[top].tokens_per_s >= 3 * hf.tokens_per_s else 'FAIL'}; "
+              f"engine/bound >= 0.8: "
+              f"{'PASS' if engine_results[top].tokens_per_s >= 0.8 * bound_results[top].tokens_per_s else 'FAIL'}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The batched sampler: allowed-token masks, penalties, temperature, top-k/top-p/min-p and seeded draws.
+
+Each sampled row draws its randomness from its own generator, one fixed-size draw per step, so a seeded request
+gets the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from cluster.engine.sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingRow:
+    """One sequence's view for this step."""
+
+    params: SamplingParams
+    output_token_ids: list[int]  # generated so far; the penalties count these
+    generator: torch.Generator | None  # the request's own, seeded from params.seed; None only for greedy
+    # Returns a bool [V] tensor of allowed tokens (structured output), or None for no restriction.
+    allowed_tokens: Callable[[], torch.Tensor | None] | None = None
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float  # of the chosen token
+    top: list[tuple[int, float]]  # top_logprobs (token id, logprob), best first
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # None where params.logprobs is off
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded with `seed`, or with a random seed from the OS when it is None."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return gen
+
+
+class Sampler:
+    """Picks one token per row of [B, V] logits.
+
+    Order, with OpenAI / vLLM semantics: allowed-token mask -> frequency and presence penalties over the row's
+    output tokens -> greedy argmax when temperature == 0, else temperature -> top_k -> top_p -> min_p -> a draw
+    from the renormalised distribution with the row's own generator.
+
+    Logprobs are those of the model's raw distribution (log_softmax of the logits as given, before the mask,
+    penalties and temperature), as vLLM reports them by default.
+    """
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        _check(logits, rows)
+        processed = _mask_and_penalise(logits, rows)  # [B, V]
+        tokens = processed.argmax(dim=-1)  # [B]; greedy rows keep this
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if sampled:
+            idx = torch.tensor(sampled, device=logits.device)
+            probs = _sampling_probs(processed[idx], [rows[i].params for i in sampled])  # [S, V]
+            gens = [_generator(rows[i]) for i in sampled]
+            noise = _exponential_noise(gens, logits.shape[-1], logits.device)  # [S, V]
+            # argmax(p / E) with E ~ Exp(1) i.i.d. picks token t with probability p[t].
+            tokens[idx] = (probs / noise).argmax(dim=-1)
+        token_ids = tokens.tolist()
+        return SamplerOutput(token_ids, _logprobs(logits, rows, token_ids))
+
+    def probabilities(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The [B, V] distribution each row samples from this step (one-hot at the argmax for greedy rows)."""
+        _check(logits, rows)
+        processed = _mask_and_penalise(logits, rows)
+        out = torch.zeros_like(processed).scatter_(-1, processed.argmax(dim=-1, keepdim=True), 1.0)
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if sampled:
+            idx = torch.tensor(sampled, device=logits.device)
+            out[idx] = _sampling_probs(processed[idx], [rows[i].params for i in sampled])
+        return out
+
+
+def _check(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    if logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits must be [B, V] with B = {len(rows)} rows, got {tuple(logits.shape)}")
+
+
+def _generator(row: SamplingRow) -> torch.Generator:
+    if row.generator is None:
+        raise ValueError("a row sampled with temperature > 0 needs its own generator")
+    return row.generator
+
+
+def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Allowed-token masks then frequency/presence penalties; the logits given are left untouched."""
+    out = logits.float().clone()  # [B, V]
+    B, V = out.shape
+    device = out.device
+
+    masks = [(i, m) for i, r in enumerate(rows) if r.allowed_tokens is not None
+             and (m := r.allowed_tokens()) is not None]
+    if masks:
+        idx = torch.tensor([i for i, _ in masks], device=device)
+        allowed = torch.stack([m.to(device=device, dtype=torch.bool) for _, m in masks])  # [M, V]
+        if not bool(allowed.any(dim=-1).all()):
+            raise ValueError("an allowed-token mask allows no token at all")
+        out[idx] = out[idx].masked_fill(~allowed, _NEG_INF)
+
+    pen = [i for i, r in enumerate(rows) if (r.params.frequency_penalty or r.params.presence_penalty)
+           and r.output_token_ids]
+    if pen:
+        longest = max(len(rows[i].output_token_ids) for i in pen)
+        # Padded with V, an extra bucket that is dropped after counting.
+        padded = torch.tensor([rows[i].output_token_ids + [V] * (longest - len(rows[i].output_token_ids))
+                               for i in pen], device=device)  # [P, L]
+        counts = torch.zeros(len(pen), V + 1, device=device)
+        counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
+        counts = counts[:, :V]  # [P, V]
+        freq = torch.tensor([rows[i].params.frequency_penalty for i in pen], device=device)[:, None]  # [P, 1]
+        pres = torch.tensor([rows[i].params.presence_penalty for i in pen], device=device)[:, None]
+        idx = torch.tensor(pen, device=device)
+        out[idx] = out[idx] - freq * counts - pres * (counts > 0).float()
+    return out
+
+
+def _sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top_k, top_p and min_p on [S, V] masked and penalised logits of sampled rows; [S, V] probs."""
+    S, V = logits.shape
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]  # [S, 1]
+    logits = logits / temperature
+
+    trunc = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
+    if trunc:
+        idx = torch.tensor(trunc, device=device)
+        top_k = torch.tensor([min(params[i].top_k, V) or V for i in trunc], device=device)
+        # top_p == 1 never cuts: rounding in the cumulative sum must not drop the tail.
+        top_p = torch.tensor([params[i].top_p if params[i].top_p < 1 else 2.0 for i in trunc], device=device)
+        logits[idx] = _top_k_top_p(logits[idx], top_k, top_p)
+
+    probs = logits.softmax(dim=-1)  # [S, V]
+    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]  # [S, 1]
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top_k logits, then the smallest most likely set of those (renormalised) whose probability
+    reaches top_p; the rest become -inf. logits [N, V], top_k [N] in 1..V, top_p [N]."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [N, V]
+    rank = torch.arange(logits.shape[-1], device=logits.device)  # [V]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], _NEG_INF)
+    probs = sorted_logits.softmax(dim=-1)
+    above = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above; 0 for the top token
+    sorted_logits = sorted_logits.masked_fill(above >= top_p[:, None], _NEG_INF)
+    return torch.full_like(logits, _NEG_INF).scatter(-1, order, sorted_logits)
+
+
+def _exponential_noise(gens: list[torch.Generator], V: int, device: torch.device) -> torch.Tensor:
+    """One Exp(1) draw of V values per generator, on the generator's own device; [len(gens), V] on `device`."""
+    draws = [torch.empty(V, device=g.device).exponential_(generator=g) for g in gens]
+    noise = torch.stack([d.to(draws[0].device) for d in draws]).to(device)  # one copy when all share a device
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], token_ids: list[int]) -> list[TokenLogprobs | None]:
+    out: list[TokenLogprobs | None] = [None] * len(rows)
+    want = [i for i, r in enumerate(rows) if r.params.logprobs]
+    if not want:
+        return out
+    device = logits.device
+    raw = logits[torch.tensor(want, device=device)].float().log_softmax(dim=-1)  # [W, V]
+    chosen = raw.gather(1, torch.tensor([[token_ids[i]] for i in want], device=device))[:, 0].tolist()  # [W]
+    k = max(rows[i].params.top_logprobs for i in want)
+    top_vals, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())  # [W, k]
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    for j, i in enumerate(want):
+        n = rows[i].params.top_logprobs
+        out[i] = TokenLogprobs(chosen[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
+    return out
