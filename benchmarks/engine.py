@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.checkpoint.default import ensure_default_checkpoint  # noqa: E402
+from cluster.config import ModelConfig  # noqa: E402
 from cluster.engine.async_engine import AsyncEngine  # noqa: E402
 from cluster.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from cluster.engine.paged_cache import AttentionMetadata  # noqa: E402
@@ -67,15 +68,16 @@ def _ms(x: float | None) -> float | None:
 
 def make_requests(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
     """(prompt, output length): prompts of 32..512 tokens, outputs of 16..256, all from one seed."""
-    g = torch.Generator().manual_seed(seed)
-    prompt_lens = torch.randint(32, 513, (n,), generator=g).tolist()
-    output_lens = torch.randint(16, 257, (n,), generator=g).tolist()
-    return [(torch.randint(3, vocab, (p,), generator=g).tolist(), o) for p, o in zip(prompt_lens, output_lens)]
+    rng = random.Random(seed)  # not torch: this thread must not start an OpenMP pool (see AsyncEngine)
+    lengths = [(rng.randint(32, 512), rng.randint(16, 256)) for _ in range(n)]
+    return [([rng.randrange(3, vocab) for _ in range(p)], o) for p, o in lengths]
 
 
-def run_engine(engine: LLMEngine, requests: list[tuple[list[int], int]], concurrency: int) -> tuple[Result, list]:
+def run_engine(front: AsyncEngine, requests: list[tuple[list[int], int]], concurrency: int) -> tuple[Result, list]:
     """Clients keep `concurrency` requests in flight. Also returns the engine's step shapes for the bound."""
     steps: list[list[tuple[int, int, bool]]] = []
+    engine = front.engine
+    front.call(lambda e: e.blocks.reset_prefix_cache()).result()  # every run starts cold
     schedule = engine.scheduler.schedule
 
     def recording_schedule():
@@ -84,7 +86,6 @@ def run_engine(engine: LLMEngine, requests: list[tuple[list[int], int]], concurr
         return out
 
     engine.scheduler.schedule = recording_schedule
-    front = AsyncEngine(engine)
     result = Result(f"engine c={concurrency}", 0, 0.0)
 
     async def client(i: int, prompt: list[int], max_tokens: int, gate: asyncio.Semaphore) -> None:
@@ -110,7 +111,6 @@ def run_engine(engine: LLMEngine, requests: list[tuple[list[int], int]], concurr
     try:
         asyncio.run(main())
     finally:
-        front.shutdown()
         engine.scheduler.schedule = schedule
     result.seconds = time.perf_counter() - t0
     return result, steps
@@ -145,10 +145,11 @@ def run_bound(engine: LLMEngine, steps: list[list[tuple[int, int, bool]]], outpu
 
 
 @torch.inference_mode()
-def run_transformers(model_dir: Path, requests: list[tuple[list[int], int]], batch_size: int) -> Result:
+def run_transformers(model_dir: Path, requests: list[tuple[list[int], int]], batch_size: int,
+                     dtype: torch.dtype) -> Result:
     import transformers
 
-    model = transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     result = Result(f"transformers b={batch_size}", 0, 0.0)
@@ -186,6 +187,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--hf-batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="for every system alike")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -195,29 +197,40 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     model_dir = Path(args.model) if args.model else ensure_default_checkpoint("mini")
-    loaded = load_model(model_dir, "fp32")
-    tok = load_tokenizer(resolve_tokenizer_version(loaded.config))
-    requests = make_requests(args.requests, loaded.config.vocab_size, args.seed)
+    config = ModelConfig.from_file(model_dir)
+    tok = load_tokenizer(resolve_tokenizer_version(config))
+    engine_config = EngineConfig(max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens)
+
+    def build() -> LLMEngine:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return LLMEngine(load_model(model_dir, args.dtype).model, tok.decode, tok.eos_id, engine_config)
+
+    # All torch work (engine, bound, transformers) runs on the engine thread, one OpenMP pool for the process.
+    front = AsyncEngine(build)
+    requests = make_requests(args.requests, config.vocab_size, args.seed)
+    threads = front.call(lambda e: torch.get_num_threads()).result()
     print(f"{len(requests)} requests, {sum(len(p) for p, _ in requests)} prompt and "
-          f"{sum(o for _, o in requests)} output tokens; model {model_dir}; torch threads {torch.get_num_threads()}",
+          f"{sum(o for _, o in requests)} output tokens; model {model_dir} in {args.dtype}; torch threads {threads}",
           flush=True)
 
     rows: list[dict] = []
     engine_results: dict[int, Result] = {}
     bound_results: dict[int, Result] = {}
     for c in args.concurrency:
-        config = EngineConfig(max_num_seqs=max(c, 1), max_num_batched_tokens=args.max_num_batched_tokens)
-        engine = LLMEngine(loaded.model, tok.decode, tok.eos_id, config)
-        engine_results[c], steps = run_engine(engine, requests, c)
-        bound_results[c] = run_bound(engine, steps, engine_results[c].output_tokens, c)
+        engine_results[c], steps = run_engine(front, requests, c)
+        output_tokens = engine_results[c].output_tokens
+        bound_results[c] = front.call(lambda e: run_bound(e, steps, output_tokens, c)).result()
         for r in (engine_results[c], bound_results[c]):
             rows.append(r.row())
             print(json.dumps(rows[-1]), flush=True)
     hf = None
     if not args.skip_transformers:
-        hf = run_transformers(model_dir, requests, args.hf_batch)
+        hf = front.call(lambda e: run_transformers(model_dir, requests, args.hf_batch, e.model.lm_head.weight.dtype)
+                        ).result()
         rows.append(hf.row())
         print(json.dumps(rows[-1]), flush=True)
+    front.shutdown()
 
     print()
     header = f"{'system':<20}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}   (ms)"

@@ -105,12 +105,19 @@ def test_align_nothing_local() -> None:
     assert int(a.total) == 0 and (a.block_expert == -1).all() and (a.sorted_ids == 4).all()
 
 
-def test_torch_backend_matches_reference(seed: int) -> None:
-    w = make_weights(8, [1, 4, 6], 64, 96, torch.float32)
-    x = torch.randn(21, 64)
-    ids, tw = route(21, 2, 8, skew=0.3)
-    err = rel_err(TorchMoEBackend()(x, w, ids, tw, 8), reference(x, w, ids, tw))
-    assert err < TOL[torch.float32], f"seed {seed}: rel err {err}"
+@pytest.mark.parametrize("t, held, dtype", [
+    (21, [1, 4, 6], torch.float32),  # few rows per expert: the batched path
+    (300, [1, 4, 6], torch.float32),  # > batched_max_rows on some expert: the per-expert path
+    (1, list(range(8)), torch.float32),
+    (150, list(range(8)), torch.bfloat16),  # bf16 on CPU pads row counts to the bucket
+    (40, [0, 7], torch.bfloat16),
+])
+def test_torch_backend_matches_reference(seed: int, t: int, held: list[int], dtype: torch.dtype) -> None:
+    w = make_weights(8, held, 64, 96, dtype)
+    x = torch.randn(t, 64).to(dtype)
+    ids, tw = route(t, 2, 8, skew=0.3)
+    err = rel_err(TorchMoEBackend()(x, w, ids, tw.to(dtype), 8), reference(x, w, ids, tw.to(dtype)))
+    assert err < TOL[dtype], f"seed {seed}: rel err {err}"
 
 
 CASES = {

@@ -106,6 +106,12 @@ class BlockManager:
                 block.hash = h
                 self.cached.setdefault(h, block_id)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use keep their contents)."""
+        self.cached.clear()
+        for block in self.blocks:
+            block.hash = None
+
     def free_sequence(self, seq: Sequence) -> None:
         """Drop the sequence's references; blocks nobody holds go back to the free list (hash kept)."""
         for block_id in reversed(seq.block_table):  # tail blocks first: the least likely to be shared again

@@ -60,9 +60,9 @@ class PagedKVCache:
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            tables = meta.block_tables[:nd]  # [nd, NB]
-            keys = kc[tables].flatten(1, 2).transpose(1, 2)  # [nd, KV, NB*bs, Dh]
-            values = vc[tables].flatten(1, 2).transpose(1, 2)
+            blocks = meta.block_tables[:nd].flatten()  # [nd*NB]; index_select copies whole blocks, fastest on CPU
+            keys = kc.index_select(0, blocks).view(nd, -1, kv_heads, head_dim).transpose(1, 2)  # [nd, KV, NB*bs, Dh]
+            values = vc.index_select(0, blocks).view(nd, -1, kv_heads, head_dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), keys, values, attn_mask=self._decode_mask,
                                                enable_gqa=True)  # [nd, H, 1, Dh]
             out[:nd] = o.squeeze(2)
@@ -70,8 +70,8 @@ class PagedKVCache:
         for i in range(nd, len(meta.query_lens)):
             n, total = meta.query_lens[i], meta.context_lens[i]
             table = meta.block_tables[i, :-(-total // self.block_size)]
-            keys = kc[table].flatten(0, 1)[:total]  # [total, KV, Dh]
-            values = vc[table].flatten(0, 1)[:total]
+            keys = kc.index_select(0, table).flatten(0, 1)[:total]  # [total, KV, Dh]
+            values = vc.index_select(0, table).flatten(0, 1)[:total]
             out[offset:offset + n] = causal_attention(q[offset:offset + n], keys, values, total - n)
             offset += n
         return out

@@ -26,9 +26,11 @@ class KVCache(Protocol):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """q [n, H, Dh] at positions start..start+n-1; k, v [start+n, KV, Dh] -> [n, H, Dh]."""
     n, total = q.shape[0], k.shape[0]
-    mask = torch.arange(total, device=q.device)[None, :] <= torch.arange(start, start + n, device=q.device)[:, None]
+    mask = None  # square (a fresh prefill): the fused causal kernel needs no mask
+    if start:
+        mask = torch.arange(total, device=q.device) <= torch.arange(start, start + n, device=q.device)[:, None]
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+                                         is_causal=not start, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(0, 1)
 
 
