@@ -30,10 +30,11 @@ class MoEBackend(Protocol):
 class TorchMoEBackend:
     """Group the (token, expert) pairs by local expert, then run the experts' matmuls.
 
-    Few rows per expert (decode): one padded batched matmul over all local experts, [E, M, D] x [E, D, 2F], since
-    small matmuls are bandwidth-bound and one call beats E calls. Many rows (prefill): one matmul pair per expert.
-    Row counts are padded to a multiple of `row_bucket`: on CPU in bf16/fp16 oneDNN compiles a kernel for every
-    new matmul shape (about a millisecond each), and the rows per expert change every step.
+    Every local expert busy with few rows (decode of a batch): one padded batched matmul over all of them,
+    [E, M, D] x [E, D, 2F], since small matmuls are bandwidth-bound and one call beats E calls. Otherwise (prefill,
+    or a few tokens that leave experts idle): one matmul pair per busy expert, so idle experts' weights are not read.
+    On CPU in bf16/fp16 row counts are padded to a multiple of `row_bucket`: oneDNN compiles a kernel for every new
+    matmul shape (about a millisecond each), and the rows per expert change every step.
 
     Legend: E = local experts, M = padded rows per expert, P = T*K pairs.
     """
@@ -54,7 +55,7 @@ class TorchMoEBackend:
         order = torch.argsort(key, stable=True)  # [P] pair ids grouped by expert
         counts = torch.bincount(key, minlength=n_local + 1)[:n_local]  # [E]
         pair_weight = torch.cat([topk_weights.flatten().float(), topk_weights.new_zeros(1, dtype=torch.float32)])
-        if int(counts.max()) <= self.batched_max_rows:
+        if int(counts.max()) <= self.batched_max_rows and bool((counts > 0).all()):
             self._batched(x, weights, order, key, counts, pair_weight, k, out)
         else:
             self._per_expert(x, weights, order, counts.tolist(), pair_weight, k, out)
@@ -63,7 +64,7 @@ class TorchMoEBackend:
     def _batched(self, x: torch.Tensor, weights: ExpertWeights, order: torch.Tensor, key: torch.Tensor,
                  counts: torch.Tensor, pair_weight: torch.Tensor, k: int, out: torch.Tensor) -> None:
         n_local, p = counts.numel(), order.numel()
-        m = _round_up(int(counts.max()), self.row_bucket)
+        m = _round_up(int(counts.max()), self.row_bucket if _pads(x) else 1)
         starts = counts.cumsum(0) - counts  # [E]
         skey = key[order]
         valid = skey < n_local
@@ -79,7 +80,7 @@ class TorchMoEBackend:
 
     def _per_expert(self, x: torch.Tensor, weights: ExpertWeights, order: torch.Tensor, counts: list[int],
                     pair_weight: torch.Tensor, k: int, out: torch.Tensor) -> None:
-        pad = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+        pad = _pads(x)
         ffn = weights.w2.shape[2]
         start = 0
         for e, n in enumerate(counts):
@@ -93,6 +94,10 @@ class TorchMoEBackend:
             h = F.silu(h[:, :ffn]) * h[:, ffn:]
             y = (h @ weights.w2[e].t())[:n].float() * pair_weight[pairs].unsqueeze(1)
             out.index_add_(0, tokens, y)
+
+
+def _pads(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _round_up(n: int, multiple: int) -> int:
