@@ -189,20 +189,22 @@ def _eos(d: dict[str, Any]) -> int:
 _MISSING = object()
 
 
-def _int(d: dict[str, Any], key: str, default: Any = _MISSING) -> int:
+def _field(d: dict[str, Any], key: str, default: Any) -> Any:
     if key not in d or d[key] is None:
         if default is _MISSING:
             raise ConfigError(f"config.json is missing required field {key!r}")
         return default
-    return _as_int(key, d[key])
+    return d[key]
+
+
+def _int(d: dict[str, Any], key: str, default: Any = _MISSING) -> int:
+    v = _field(d, key, default)
+    return v if v is default else _as_int(key, v)
 
 
 def _float(d: dict[str, Any], key: str, default: Any = _MISSING) -> float:
-    if key not in d or d[key] is None:
-        if default is _MISSING:
-            raise ConfigError(f"config.json is missing required field {key!r}")
-        return default
-    return _as_float(key, d[key])
+    v = _field(d, key, default)
+    return v if v is default else _as_float(key, v)
 
 
 def _as_int(key: str, v: Any) -> int:

@@ -243,3 +243,38 @@ def test_async_front_streams_and_aborts_on_disconnect(make_engine, tok):
         front.shutdown()
     assert deltas[-1].finish_reason == "length" and sum(len(d.token_ids) for d in deltas) == 24
     assert not engine.requests
+
+
+def test_async_front_reports_a_failing_factory():
+    def broken():
+        raise RuntimeError("no weights here")
+
+    with pytest.raises(RuntimeError, match="no weights here"):
+        AsyncEngine(broken)
+
+
+def test_a_failed_step_fails_its_requests_and_the_loop_goes_on(make_engine, tok):
+    engine = make_engine()
+    run = engine.runner.run
+    calls = {"n": 0}
+
+    def fail_once(batch):  # fault injection: the second forward raises
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device lost")
+        return run(batch)
+
+    engine.runner.run = fail_once
+    front = AsyncEngine(lambda: engine)
+
+    async def scenario():
+        first = [d async for d in await front.add_request("a", tok.encode("Hi", bos=True), GREEDY)]
+        second = [d async for d in await front.add_request("b", tok.encode("Hi", bos=True), GREEDY)]
+        return first, second
+
+    try:
+        first, second = asyncio.run(scenario())
+    finally:
+        front.shutdown()
+    assert first[-1].finish_reason == "error" and "device lost" in first[-1].error
+    assert second[-1].finish_reason == "length" and sum(len(d.token_ids) for d in second) == 24
