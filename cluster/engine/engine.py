@@ -34,7 +34,7 @@ class EngineConfig:
 
 
 class _SeqOutput:
-    """Per-choice text state: incremental detokenizer, stop strings, pending logprobs."""
+    """Per-choice text state: the incremental detokenizer and the stop-string filter."""
 
     def __init__(self, seq: Sequence, decode: Callable[[list[int]], str]):
         self.detok = IncrementalDetokenizer(decode)
@@ -141,7 +141,6 @@ class LLMEngine:
         stop_token = (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids
         text = "" if stop_token else out.stop.push(out.detok.add([token]))
         lps = [logprobs] if logprobs else []
-        outs = []
         if first and seq.index == 0:
             for sib in reversed(self.siblings.pop(seq.request_id, [])):  # the prompt's KV blocks are now cached
                 self.scheduler.add(sib, front=True)
@@ -154,9 +153,9 @@ class LLMEngine:
         if not out.stop.stopped:
             text += out.stop.push(out.detok.flush()) + out.stop.flush()
         self.scheduler.finish(seq, reason)
-        outs.append(self._final(seq, text, [token], lps))
+        final = self._final(seq, text, [token], lps)
         self._forget_if_done(seq.request_id)
-        return outs
+        return [final]
 
     def _delta(self, seq: Sequence, text: str, tokens: list[int], lps: list[TokenLogprobs]) -> RequestOutput:
         return RequestOutput(seq.request_id, seq.index, text, tokens, lps, None, len(seq.prompt), len(seq.output),
