@@ -60,6 +60,38 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from cluster.config import ModelConfig
+    from cluster.parallel.placement import plan_placement
+
+    config = ModelConfig.from_file(args.model)  # config.json only: no weights are read
+    placement = plan_placement(config, args.gpus, args.gpu_memory, dtype_bytes=_DTYPE_BYTES[args.dtype],
+                               num_shards=args.shards, gpu_memory_utilization=args.gpu_memory_utilization,
+                               min_kv_tokens=args.min_kv_tokens)
+    print(placement.format())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.serve.args import ServeArgs
+
+    serve_args = ServeArgs(model=args.model, served_model_name=args.served_model_name, tokenizer=args.tokenizer,
+                           shards=args.shards, device=args.device, dtype=args.dtype, moe_backend=args.moe_backend,
+                           kv_cache_bytes=args.kv_cache, max_num_seqs=args.max_num_seqs)
+    if args.no_ray:
+        from cluster.serve.standalone import run_standalone
+
+        run_standalone(serve_args, args.host, args.port)
+    else:
+        from cluster.serve.local_ray import run_on_ray
+
+        run_on_ray(serve_args, args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-cluster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +114,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-backend", choices=["auto", "torch", "triton"], default="auto")
     p.add_argument("--raw", action="store_true", help="encode the prompt as plain text, without the chat template")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("plan", help="plan expert shards and memory per GPU from config.json; refuse what does not fit")
+    p.add_argument("--model", required=True, help="checkpoint directory or config.json (no weights needed)")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs for one serving unit (0: CPU shards, with --shards)")
+    p.add_argument("--gpu-memory", type=parse_size, default=parse_size("80GiB"), help="per GPU (default 80GiB)")
+    p.add_argument("--shards", type=int, help="expert shards (default: min(GPUs, experts))")
+    p.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default="bf16")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--min-kv-tokens", type=int, help="KV-cache tokens the replica's GPU must hold (default: context)")
+    p.set_defaults(run=_plan)
+
+    p = sub.add_parser("serve", help="serve the OpenAI chat-completions API (Ray Serve, or one process)")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded mini checkpoint)")
+    p.add_argument("--served-model-name", help="the model name clients send (default: the directory name)")
+    p.add_argument("--shards", type=int, default=2, help="expert shards (default 2)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-ray", action="store_true", help="one process, same API: experts run in this process")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--moe-backend", choices=["auto", "torch", "triton"], default="auto")
+    p.add_argument("--tokenizer", choices=["v1", "v2", "v3"], help="default: from the checkpoint")
+    p.add_argument("--kv-cache", type=parse_size, help="KV-cache memory (default: 1GiB on CPU, 90%% of free GPU memory)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences batched in one step (default 64)")
+    p.set_defaults(run=_serve)
     return parser
 
 

@@ -27,3 +27,19 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dense_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny_dense"), TINY_DENSE, seed=1)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for every test that needs it (logical CPUs above the cores: the actors are mostly idle)."""
+    import shutil
+    import tempfile
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -278,3 +278,20 @@ def test_a_failed_step_fails_its_requests_and_the_loop_goes_on(make_engine, tok)
         front.shutdown()
     assert first[-1].finish_reason == "error" and "device lost" in first[-1].error
     assert second[-1].finish_reason == "length" and sum(len(d.token_ids) for d in second) == 24
+
+
+def test_shutdown_ends_running_requests_with_an_error(make_engine, tok):
+    engine = make_engine()
+    front = AsyncEngine(lambda: engine)
+
+    async def scenario():
+        stream = await front.add_request("long", tok.encode("Hola", bos=True),
+                                         SamplingParams(max_tokens=2000, ignore_eos=True))
+        first = await stream.__anext__()
+        await asyncio.to_thread(front.shutdown)
+        rest = [out async for out in stream]  # ends instead of waiting forever
+        return first, rest
+
+    first, rest = asyncio.run(scenario())
+    assert first.finish_reason is None
+    assert rest[-1].finish_reason == "error" and rest[-1].error_status == 503

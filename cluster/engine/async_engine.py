@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
 from cluster.engine.engine import LLMEngine
-from cluster.engine.outputs import RequestOutput
+from cluster.engine.outputs import RequestOutput, UnavailableError
 from cluster.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class AsyncEngine:
         self._send(("abort", request_id))
 
     def shutdown(self) -> None:
+        """Stop the loop; requests still running end with a 503 error."""
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
@@ -98,10 +99,15 @@ class AsyncEngine:
                 continue
             try:
                 outs = self.engine.step()
+            except UnavailableError as e:  # an expert shard went away: its owner recovers it
+                log.warning("engine step failed: %s", e)
+                outs = self.engine.fail_all(str(e), status=503)
             except Exception as e:  # a failed step fails its requests, never the loop
                 log.exception("engine step failed")
                 outs = self.engine.fail_all(f"engine step failed: {e}")
             self._publish(outs)
+        self._drain_commands()
+        self._publish(self.engine.fail_all("the engine is shutting down", status=503))
 
     def _drain_commands(self) -> None:
         while True:
@@ -114,7 +120,8 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(request_id, prompt, params)
                 except Exception as e:
-                    self._publish([RequestOutput(request_id, i, "", [], finish_reason="error", error=str(e))
+                    self._publish([RequestOutput(request_id, i, "", [], finish_reason="error", error=str(e),
+                                                 error_status=400 if isinstance(e, ValueError) else 500)
                                    for i in range(params.n)])
             elif command[0] == "call":
                 _, fn, done = command
@@ -130,4 +137,7 @@ class AsyncEngine:
             target = self._streams.get(out.request_id)
             if target is not None:
                 loop, stream = target
-                loop.call_soon_threadsafe(stream.put_nowait, out)
+                try:
+                    loop.call_soon_threadsafe(stream.put_nowait, out)
+                except RuntimeError:  # that client's event loop is closed: nobody is waiting any more
+                    self._streams.pop(out.request_id, None)

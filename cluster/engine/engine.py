@@ -174,12 +174,12 @@ class LLMEngine:
             self.requests.pop(request_id, None)
 
     # -- conveniences ------------------------------------------------------------------------------------------
-    def fail_all(self, message: str) -> list[RequestOutput]:
+    def fail_all(self, message: str, status: int = 500) -> list[RequestOutput]:
         """Finish every request with an error (after a failed step); frees all blocks."""
         outs = []
         for request_id in list(self.requests):
             for out in self.abort(request_id):
-                out.finish_reason, out.error = "error", message
+                out.finish_reason, out.error, out.error_status = "error", message, status
                 outs.append(out)
         return outs
 

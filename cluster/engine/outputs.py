@@ -15,6 +15,10 @@ class ContextLengthError(RequestError):
     pass
 
 
+class UnavailableError(RuntimeError):
+    """The serving unit cannot run requests now (an expert shard died and is being restarted): HTTP 503."""
+
+
 @dataclass
 class RequestOutput:
     """New text and tokens of one choice since its last output; `finish_reason` is set on its last one."""
@@ -29,7 +33,14 @@ class RequestOutput:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     error: str | None = None
+    error_status: int = 500  # the HTTP status the error maps to: 400 refused input, 503 unavailable, 500 a fault
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def merged(self, later: "RequestOutput") -> "RequestOutput":
+        """This delta followed by a `later` one of the same choice, as one delta."""
+        return RequestOutput(self.request_id, self.index, self.text + later.text, self.token_ids + later.token_ids,
+                             self.logprobs + later.logprobs, later.finish_reason, later.prompt_tokens,
+                             later.completion_tokens, later.cached_prompt_tokens, later.error, later.error_status)

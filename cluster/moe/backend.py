@@ -18,11 +18,12 @@ class MoEBackend(Protocol):
     name: str
 
     def __call__(self, x: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+                 topk_weights: torch.Tensor, num_experts: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Weighted sum over each token's routed experts that `weights` holds; others contribute zero.
 
         Legend: T = tokens, D = hidden, K = experts per token.
-        x [T, D]; topk_ids [T, K] global expert ids; topk_weights [T, K] -> [T, D] in x's dtype.
+        x [T, D]; topk_ids [T, K] global expert ids; topk_weights [T, K] -> [T, D] in `out_dtype` (default x's).
+        The sum is accumulated in fp32: a shard returns fp32 partials so that combining shards rounds once.
         """
         ...
 
@@ -44,12 +45,12 @@ class TorchMoEBackend:
     batched_max_rows = 64
 
     def __call__(self, x: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+                 topk_weights: torch.Tensor, num_experts: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         t, k = topk_ids.shape
         n_local = len(weights.expert_ids)
         out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)  # [T, D] fp32 accumulator
         if t == 0 or n_local == 0:
-            return out.to(x.dtype)
+            return out.to(out_dtype or x.dtype)
         local = weights.expert_map(num_experts)[topk_ids.flatten().long()].long()  # [P] local index or -1
         key = torch.where(local >= 0, local, n_local)  # held elsewhere -> sorts last
         order = torch.argsort(key, stable=True)  # [P] pair ids grouped by expert
@@ -59,7 +60,7 @@ class TorchMoEBackend:
             self._batched(x, weights, order, key, counts, pair_weight, k, out)
         else:
             self._per_expert(x, weights, order, counts.tolist(), pair_weight, k, out)
-        return out.to(x.dtype)
+        return out.to(out_dtype or x.dtype)
 
     def _batched(self, x: torch.Tensor, weights: ExpertWeights, order: torch.Tensor, key: torch.Tensor,
                  counts: torch.Tensor, pair_weight: torch.Tensor, k: int, out: torch.Tensor) -> None:

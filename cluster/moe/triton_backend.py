@@ -19,12 +19,12 @@ class TritonMoEBackend:
         return get_config(tokens, weights.w13.shape[0], weights.w2.shape[2], weights.w13.device)
 
     def __call__(self, x: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+                 topk_weights: torch.Tensor, num_experts: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         t, d = x.shape
         num_local = weights.w13.shape[0]
         if t == 0 or num_local == 0:
-            return torch.zeros(t, d, dtype=x.dtype, device=x.device)
+            return torch.zeros(t, d, dtype=out_dtype or x.dtype, device=x.device)
         cfg = self.config(t, weights)
         aligned = align_pairs(topk_ids, weights.expert_map(num_experts), num_local, cfg.block_m)
         xw = x.to(weights.w13.dtype)  # tl.dot needs both operands in one dtype
-        return fused_experts(xw, weights.w13, weights.w2, topk_weights, aligned, cfg).to(x.dtype)
+        return fused_experts(xw, weights.w13, weights.w2, topk_weights, aligned, cfg).to(out_dtype or x.dtype)

@@ -1,0 +1,79 @@
+"""What the HTTP API generates with: an in-process engine, or an AttentionRouter behind a Serve handle.
+
+Contract: `generate` never raises for a request's own problems. A refused request (bad input, too long) or an
+unavailable unit yields one `RequestOutput` per choice with `finish_reason="error"`, `error` and `error_status`
+(400, 503...); the API turns those into OpenAI error JSON with that status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.outputs import RequestError, RequestOutput
+from cluster.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Health:
+    """`status` is "ok", "recovering" (requests get 503 meanwhile) or "failed"; `detail` says why."""
+
+    status: str = "ok"
+    detail: str = ""
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class GenerationBackend(Protocol):
+    def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                 stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """The request's deltas (every choice) until each choice has its finish_reason; see the module contract.
+
+        With `stream=False` a backend may merge each choice's deltas into its final output (fewer hops)."""
+        ...
+
+    async def health(self) -> Health:
+        ...
+
+
+def error_outputs(request_id: str, n: int, message: str, status: int) -> list[RequestOutput]:
+    """The outputs a refused request yields: one finished error per choice."""
+    return [RequestOutput(request_id, i, "", [], finish_reason="error", error=message, error_status=status)
+            for i in range(n)]
+
+
+class EngineBackend:
+    """An `AsyncEngine` in this process (single-process mode, and inside the AttentionRouter replica)."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       stream: bool = True) -> AsyncIterator[RequestOutput]:
+        try:
+            stream = await self.engine.add_request(request_id, prompt, params)
+        except (RequestError, ValueError) as e:
+            for out in error_outputs(request_id, params.n, str(e), 400):
+                yield out
+            return
+        async for out in stream:
+            yield out
+
+    async def health(self) -> Health:
+        return Health(stats=self.engine.engine.stats())
+
+
+async def final_outputs(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """Each choice's deltas merged into one output, yielded when that choice finishes (errors at once)."""
+    pending: dict[int, RequestOutput] = {}
+    async for out in outputs:
+        earlier = pending.pop(out.index, None)
+        merged = out if earlier is None else earlier.merged(out)
+        if merged.finished:
+            yield merged
+        else:
+            pending[out.index] = merged

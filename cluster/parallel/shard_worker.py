@@ -1,0 +1,44 @@
+"""One expert shard's compute: its experts of every layer, and the MoE backend that runs routed batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cluster.checkpoint.progress import ProgressCallback
+from cluster.checkpoint.reader import CheckpointReader, parse_dtype
+from cluster.config import ModelConfig
+from cluster.model.loader import load_experts
+from cluster.moe.backend import MoEBackend, get_backend
+from cluster.moe.weights import ExpertWeights
+from cluster.parallel.dispatch import RoutedBatch
+
+
+class ShardWorker:
+    def __init__(self, layers: list[ExpertWeights], num_experts: int, backend: MoEBackend):
+        self.layers = layers  # [num_layers], each this shard's experts of that layer
+        self.num_experts = num_experts
+        self.backend = backend
+
+    @classmethod
+    def load(cls, directory: str | Path, experts: tuple[int, ...], dtype: str | torch.dtype = "fp32",
+             device: torch.device | str = "cpu", backend: str = "auto",
+             progress: ProgressCallback | None = None) -> "ShardWorker":
+        """Reads only `experts` (of every layer) from the checkpoint."""
+        config = ModelConfig.from_file(directory)
+        layers = load_experts(CheckpointReader(directory), config, parse_dtype(dtype), device, list(experts), progress)
+        return cls(layers, config.num_experts, get_backend(backend, device))
+
+    @property
+    def expert_ids(self) -> tuple[int, ...]:
+        return self.layers[0].expert_ids if self.layers else ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.layers)
+
+    def run(self, batch: RoutedBatch) -> torch.Tensor:
+        """-> [N, D] fp32: the batch's weighted sum over this shard's experts."""
+        return self.backend(batch.x, self.layers[batch.layer], batch.topk_ids, batch.topk_weights, self.num_experts,
+                            out_dtype=torch.float32)

@@ -1,0 +1,54 @@
+"""`build_app(args)`: the Ray Serve application of one or more serving units.
+
+    Ingress (HTTP) -> AttentionRouter replicas (one per unit, engine + attention) -> ExpertShard actors
+
+Started by `moe-cluster serve`, by `serve run cluster.serve.app:build_app model=DIR shards=4`, by a Serve config
+file (deploy/serve_config.yaml) or by KubeRay's RayService, all through this one function.
+"""
+
+from __future__ import annotations
+
+import ray
+from ray import serve
+from ray.serve import Application
+
+from cluster.config import ModelConfig
+from cluster.serve.args import ServeArgs
+from cluster.serve.ingress import Ingress
+from cluster.serve.router import AttentionRouter
+from cluster.serve.unit import UNIT_ENV, replica_gpus, unit_bundles
+
+MAX_ONGOING_REQUESTS = 1024  # the engine batches continuously; Serve must not cap it at its default of 5
+
+
+def build_app(args: ServeArgs | dict) -> Application:
+    args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
+    model_dir = args.model_dir().resolve()  # writes the embedded default on first use
+    config = ModelConfig.from_file(model_dir)
+    device = _device(args)
+    shards = args.num_shards(config)
+    args = args.model_copy(update={"model": str(model_dir), "device": device})
+    router = serve.deployment(AttentionRouter).options(
+        name="AttentionRouter",
+        num_replicas=args.units,
+        ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": replica_gpus(shards, device),
+                           "runtime_env": {"env_vars": UNIT_ENV}},
+        placement_group_bundles=unit_bundles(args, shards, device),
+        placement_group_strategy="PACK",
+        max_ongoing_requests=MAX_ONGOING_REQUESTS,
+        health_check_period_s=5,
+        health_check_timeout_s=30,
+    ).bind(args.model_dump(), device)
+    ingress = serve.deployment(Ingress).options(
+        name="Ingress", ray_actor_options={"num_cpus": args.ingress_cpus}, max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    )
+    return ingress.bind(router, args.model_dump())
+
+
+def _device(args: ServeArgs) -> str:
+    """`auto` means GPUs when the Ray cluster has any (the driver itself may run on a CPU-only head node)."""
+    if args.device != "auto":
+        return args.device
+    if ray.is_initialized():
+        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return args.resolved_device()

@@ -1,0 +1,60 @@
+"""The serving unit's settings, validated once, shared by `moe-cluster serve`, `serve run` configs and KubeRay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.checkpoint.default import ensure_default_checkpoint
+from cluster.config import ModelConfig
+
+
+class ServeArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, description="checkpoint directory; default: the embedded mini checkpoint")
+    served_model_name: str | None = Field(None, description="the `model` name clients send; default: directory name")
+    tokenizer: Literal["v1", "v2", "v3"] | None = None
+    shards: int = Field(2, ge=1, description="expert shards of one unit (at most the number of experts)")
+    units: int = Field(1, ge=1, description="AttentionRouter replicas, each with its own shards")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    moe_backend: Literal["auto", "torch", "triton"] = "auto"
+    channel: Literal["auto", "gloo", "nccl"] = "auto"
+    kv_cache_bytes: int | None = Field(None, gt=0, description="default: 1 GiB on CPU, 90% of free memory on GPU")
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(1024, ge=16)
+    replica_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved for the AttentionRouter replica")
+    shard_cpus: float = Field(0.25, gt=0, description="Ray CPUs reserved for each expert shard")
+    ingress_cpus: float = Field(0.1, gt=0)
+    shard_threads: int | None = Field(None, ge=1, description="torch threads per CPU shard; default: cores / shards")
+    step_timeout_s: float = Field(120.0, gt=0, description="longest wait for a shard's reply before it counts as lost")
+    recovery_timeout_s: float = Field(600.0, gt=0, description="how long a unit may take to bring a shard back")
+
+    def model_dir(self) -> Path:
+        """The checkpoint directory, writing the embedded default there on first use."""
+        return Path(self.model) if self.model else ensure_default_checkpoint()
+
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_dir().name
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def num_shards(self, config: ModelConfig) -> int:
+        """Shards actually started: none for a dense model."""
+        if not config.is_moe:
+            return 0
+        if self.shards > config.num_experts:
+            raise ValueError(f"{self.shards} shards for {config.num_experts} experts: each shard needs an expert")
+        return self.shards
+
+    def channel_backend(self, device: str) -> str:
+        if self.channel == "auto":
+            return "nccl" if device == "cuda" else "gloo"
+        return self.channel

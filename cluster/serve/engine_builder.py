@@ -1,0 +1,51 @@
+"""Builds the engine a unit runs: the dense model here, experts behind whatever executor the mode provides."""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.checkpoint.progress import ProgressCallback
+from cluster.checkpoint.reader import CheckpointReader, parse_dtype
+from cluster.config import ModelConfig
+from cluster.engine.engine import EngineConfig, LLMEngine
+from cluster.model.loader import load_dense
+from cluster.moe.executor import ExpertExecutor
+from cluster.parallel.dispatch import ExpertParallelExecutor
+from cluster.parallel.in_process import InProcessTransport
+from cluster.parallel.placement import assign_experts, expert_owners
+from cluster.parallel.shard_worker import ShardWorker
+from cluster.serve.args import ServeArgs
+from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version
+
+
+def build_engine(args: ServeArgs, device: str, executor: ExpertExecutor | None,
+                 progress: ProgressCallback | None = None) -> LLMEngine:
+    """Loads everything but the experts onto `device`; `executor` runs the experts (None for a dense model)."""
+    directory = args.model_dir()
+    config = ModelConfig.from_file(directory)
+    model = load_dense(CheckpointReader(directory), config, parse_dtype(args.dtype), device, progress)
+    if config.is_moe:
+        if executor is None:
+            raise ValueError("a mixture-of-experts model needs an expert executor")
+        model.attach_experts(executor)
+    tok = load_tokenizer(resolve_tokenizer_version(config, args.tokenizer))
+    engine_config = EngineConfig(kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
+                                 max_num_batched_tokens=args.max_num_batched_tokens)
+    return LLMEngine(model, tok.decode, tok.eos_id, engine_config)
+
+
+def in_process_executor(args: ServeArgs, device: str,
+                        progress: ProgressCallback | None = None) -> ExpertParallelExecutor | None:
+    """Single-process mode: `args.shards` shard workers in this process, behind the in-process transport."""
+    directory = args.model_dir()
+    config = ModelConfig.from_file(directory)
+    shards = args.num_shards(config)
+    if shards == 0:
+        return None
+    groups = assign_experts(config.num_experts, shards)
+    workers = [ShardWorker.load(directory, g, args.dtype, device, args.moe_backend, progress) for g in groups]
+    return ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

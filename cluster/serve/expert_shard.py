@@ -1,0 +1,58 @@
+"""The ExpertShard Ray actor: loads its experts of every layer, then serves the token channel on a thread.
+
+Ray places it (a GPU each, or CPUs), restarts it when it dies and answers health pings; the per-layer tokens
+never travel through Ray, only through the channel opened by `connect`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import torch
+
+from cluster.parallel.channel import ChannelSpec, open_group, serve_shard
+from cluster.parallel.shard_worker import ShardWorker
+
+log = logging.getLogger(__name__)
+
+
+class ExpertShard:
+    def __init__(self, model_dir: str, experts: tuple[int, ...], dtype: str, device: str, backend: str,
+                 threads: int | None):
+        self.device = "cuda" if device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to this shard's GPU
+        self.threads = threads
+        t0 = time.perf_counter()
+        self.worker = ShardWorker.load(model_dir, tuple(experts), dtype, self.device, backend)
+        self.load_s = time.perf_counter() - t0
+        self._loop: threading.Thread | None = None
+        self.loop_exit = ""
+
+    def info(self) -> dict:
+        return {"experts": list(self.worker.expert_ids), "bytes": self.worker.nbytes, "pid": os.getpid(),
+                "device": self.device, "load_s": round(self.load_s, 2), "serving": self.serving(),
+                "last_exit": self.loop_exit}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def serving(self) -> bool:
+        return self._loop is not None and self._loop.is_alive()
+
+    def connect(self, spec: ChannelSpec, rank: int) -> None:
+        """Join the replica's group (blocks until every rank joined), then serve it on a thread."""
+        if self._loop is not None:
+            self._loop.join(timeout=spec.connect_timeout_s)  # the previous channel's loop ends when it closes
+            if self._loop.is_alive():
+                raise RuntimeError("the previous channel is still being served")
+        group = open_group(spec, rank)
+        self._loop = threading.Thread(target=self._serve, args=(spec, group), name="expert-channel", daemon=True)
+        self._loop.start()
+
+    def _serve(self, spec: ChannelSpec, group) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # per thread under OpenMP: set where the matmuls run
+        self.loop_exit = serve_shard(spec, group, self.worker, self.device)
+        log.info("expert channel ended: %s", self.loop_exit)

@@ -1,0 +1,78 @@
+"""The AttentionRouter Serve deployment: one replica owns the engine and drives its unit's expert shards.
+
+Serve handles carry whole requests to it (token ids in, a stream of `RequestOutput` deltas out); per-layer tokens
+go to the shards over the unit's channel, never through Serve.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+from cluster.api.backend import EngineBackend, Health, error_outputs, final_outputs
+from cluster.config import ModelConfig
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.outputs import RequestOutput
+from cluster.engine.sampling_params import SamplingParams
+from cluster.serve.args import ServeArgs
+from cluster.serve.engine_builder import build_engine
+
+log = logging.getLogger(__name__)
+
+
+class AttentionRouter:
+    def __init__(self, args: dict, device: str):
+        from cluster.serve.unit import ShardedUnit  # needs Ray: imported where Ray runs
+
+        self.args = ServeArgs.model_validate(args)
+        config = ModelConfig.from_file(self.args.model_dir())
+        self.unit: ShardedUnit | None = None
+
+        def factory():
+            if self.args.num_shards(config):
+                self.unit = ShardedUnit(self.args, device, config)
+            return build_engine(self.args, device, self.unit.executor if self.unit else None)
+
+        self.engine = AsyncEngine(factory)  # shards, channel and engine are all built on the engine thread
+        if self.unit is not None:
+            self.unit.supervise(self.engine.call)
+        self.backend = EngineBackend(self.engine)
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """Deltas as the engine makes them; with `stream=False` only each choice's merged final output, which
+        saves a Serve message per token (measured: ... on 2 cores)."""
+        health = self._unit_health()
+        if not health.ok:
+            for out in error_outputs(request_id, params.n, f"the serving unit is {health.status}: {health.detail}",
+                                     503):
+                yield out
+            return
+        outputs = self.backend.generate(request_id, prompt, params)
+        async for out in (outputs if stream else final_outputs(outputs)):
+            yield out
+
+    async def health(self) -> Health:
+        health = self._unit_health()
+        health.stats.update(self.engine.engine.stats())
+        return health
+
+    def shard_info(self) -> list[dict]:
+        return self.unit.shard_info() if self.unit else []
+
+    def check_health(self) -> None:
+        """Serve's probe: only a unit that could not bring its shards back is unhealthy (Serve then replaces it)."""
+        health = self._unit_health()
+        if health.status == "failed":
+            raise RuntimeError(health.detail)
+
+    def _unit_health(self) -> Health:
+        return self.unit.health() if self.unit else Health()
+
+    def __del__(self) -> None:
+        try:
+            self.engine.shutdown()
+            if self.unit is not None:
+                self.unit.close()
+        except Exception:  # interpreter shutdown: nothing left to release
+            pass

@@ -1,0 +1,134 @@
+"""Expert shards as Ray actors behind the gloo token channel: same tokens as one process, loss and recovery."""
+
+import os
+import signal
+import time
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from cluster.config import ModelConfig
+from cluster.engine.outputs import UnavailableError
+from cluster.engine.sampling_params import SamplingParams
+from cluster.parallel.channel import ChannelSpec, ReplicaChannel
+from cluster.parallel.dispatch import RoutedBatch
+from cluster.parallel.shard_worker import ShardWorker
+from cluster.serve.args import ServeArgs
+from cluster.serve.engine_builder import build_engine, in_process_executor
+from tests.test_expert_parallel import _drive
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True)
+
+
+def _prompts(count: int, seed: int = 5) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 32768, (int(n),), generator=g).tolist() for n in torch.randint(1, 70, (count,), generator=g)]
+
+
+def _args(tiny_dir, shards: int, **kw) -> ServeArgs:
+    return ServeArgs(model=str(tiny_dir), shards=shards, dtype="fp32", kv_cache_bytes=2**24, max_num_batched_tokens=48,
+                     shard_cpus=0.5, **kw)
+
+
+def _run_now(fn) -> Future:
+    done: Future = Future()
+    done.set_result(fn(None))
+    return done
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    """What one process generates for the test prompts, greedy and seeded."""
+    args = _args(tiny_dir, 1)
+    results = {}
+    for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
+        engine = build_engine(args, "cpu", in_process_executor(args, "cpu"))
+        results[name] = _drive(engine, _prompts(12), params)
+    return results
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_distributed_engine_generates_the_single_process_tokens(local_ray, tiny_dir, reference, shards):
+    from cluster.serve.unit import ShardedUnit
+
+    args = _args(tiny_dir, shards)
+    unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir))
+    try:
+        info = unit.shard_info()
+        assert sorted(e for i in info for e in i["experts"]) == list(range(8))
+        assert len({i["pid"] for i in info} | {os.getpid()}) == shards + 1  # each shard its own process
+        for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
+            engine = build_engine(args, "cpu", unit.executor)
+            assert _drive(engine, _prompts(12), params) == reference[name], name
+    finally:
+        unit.close()
+
+
+@pytest.mark.parametrize("exact_sizes", [False, True], ids=["one-message", "header-then-body"])
+def test_channel_frames_carry_batches_both_ways(local_ray, tiny_dir, exact_sizes):
+    """Both framings (gloo's one message into a capacity buffer; the header-first form NCCL needs)."""
+    from cluster.serve.unit import _free_port
+
+    import ray
+    from cluster.serve.expert_shard import ExpertShard
+
+    groups = [(0, 1, 2), (3, 4, 5, 6, 7)]
+    actor = ray.remote(ExpertShard).options(num_cpus=0.5)
+    shards = [actor.remote(str(tiny_dir), g, "fp32", "cpu", "torch", 1) for g in groups]
+    config = ModelConfig.from_file(tiny_dir)
+    spec = ChannelSpec("127.0.0.1", _free_port("127.0.0.1"), 2, config.hidden_size, 2, "fp32", max_rows=40,
+                       exact_sizes=exact_sizes)
+    joined = [s.connect.remote(spec, rank + 1) for rank, s in enumerate(shards)]
+    channel = ReplicaChannel(spec)
+    ray.get(joined)
+    local = [ShardWorker.load(tiny_dir, g, "fp32") for g in groups]
+    g = torch.Generator().manual_seed(0)
+    for layer, rows in [(0, 1), (1, 40), (0, 17), (1, 0)]:
+        batches = []
+        for _ in groups:
+            x = torch.randn(rows, config.hidden_size, generator=g)
+            ids = torch.randint(0, 8, (rows, 2), generator=g, dtype=torch.int32)
+            batches.append(RoutedBatch(layer, x, ids, torch.rand(rows, 2, generator=g)) if rows else None)
+        for got, worker, batch in zip(channel.run(batches), local, batches):
+            if batch is None:
+                assert got is None
+            else:
+                torch.testing.assert_close(got, worker.run(batch), rtol=1e-6, atol=1e-6)
+    channel.close()
+    deadline = time.monotonic() + 10
+    while any(ray.get([s.info.remote() for s in shards])[i]["serving"] for i in range(2)):
+        assert time.monotonic() < deadline, "shards still serving a closed channel"
+        time.sleep(0.1)
+    assert all(i["last_exit"] == "stopped by the replica" for i in ray.get([s.info.remote() for s in shards]))
+    for s in shards:
+        ray.kill(s)
+
+
+def test_a_killed_shard_fails_the_step_fast_then_the_unit_recovers(local_ray, tiny_dir, reference):
+    from cluster.serve.unit import ShardedUnit
+
+    args = _args(tiny_dir, 2, recovery_timeout_s=120)
+    unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir))
+    try:
+        unit.supervise(_run_now)
+        victim = unit.shard_info()[1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        engine = build_engine(args, "cpu", unit.executor)
+        t0 = time.monotonic()
+        with pytest.raises(UnavailableError):
+            for _ in range(50):  # the step that meets the dead shard raises instead of hanging
+                unit.executor(0, torch.randn(4, 64), torch.tensor([[3, 5]] * 4, dtype=torch.int32),
+                              torch.full((4, 2), 0.5))
+                time.sleep(0.1)
+        assert time.monotonic() - t0 < 15
+        deadline = time.monotonic() + 90
+        while unit.health().status != "ok" or unit.recoveries == 0:
+            assert unit.health().status != "failed", unit.health().detail
+            assert time.monotonic() < deadline, f"not recovered: {unit.health()}"
+            time.sleep(0.2)
+        assert unit.shard_info()[1]["pid"] != victim  # Ray restarted it in a new process
+        assert _drive(engine, _prompts(12), GREEDY) == reference["greedy"]
+    finally:
+        unit.close()

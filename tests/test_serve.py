@@ -1,0 +1,126 @@
+"""The Serve app end to end over HTTP on a local Ray: Ingress -> AttentionRouter -> 2 ExpertShards; faults."""
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from cluster.serve.args import ServeArgs
+from cluster.serve.local_ray import APP_NAME
+from cluster.serve.standalone import build_standalone_app
+
+CHAT = {"messages": [{"role": "user", "content": "Bonjour, qui es-tu ?"}], "temperature": 0, "max_tokens": 24}
+
+
+def _args(tiny_dir) -> ServeArgs:
+    return ServeArgs(model=str(tiny_dir), shards=2, dtype="fp32", kv_cache_bytes=2**24, shard_cpus=0.5,
+                     recovery_timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def served(local_ray, tiny_dir):
+    """The app from `build_app`, as `moe-cluster serve` runs it, on a free port."""
+    from ray import serve
+
+    from cluster.serve.app import build_app
+    from cluster.serve.unit import _free_port
+
+    port = _free_port("127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(_args(tiny_dir)), name=APP_NAME, route_prefix="/")
+    yield f"http://127.0.0.1:{port}", serve.get_deployment_handle("AttentionRouter", APP_NAME)
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+def _standalone_text(tiny_dir, body: dict) -> str:
+    """The same request on the single-process app (`--no-ray`), no Ray involved."""
+    app, engine = build_standalone_app(_args(tiny_dir))
+
+    async def ask() -> dict:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return (await client.post("/v1/chat/completions", json=body)).json()
+
+    try:
+        return asyncio.run(ask())["choices"][0]["message"]["content"]
+    finally:
+        engine.shutdown()
+
+
+def test_http_chat_completion_and_stream_match_single_process(served, tiny_dir):
+    url, _ = served
+    expected = _standalone_text(tiny_dir, CHAT)
+    with httpx.Client(base_url=url, timeout=120) as client:
+        r = client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == expected
+        assert body["usage"]["completion_tokens"] > 0
+        with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
+            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        import json
+
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == expected
+        assert client.get("/v1/models").json()["data"][0]["id"] == _args(tiny_dir).model_name()
+        assert client.get("/health").status_code == 200
+        r = client.post("/v1/chat/completions", json={**CHAT, "temperature": 7})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_killed_shard_gives_503s_then_the_unit_recovers(served):
+    url, router = served
+    info = router.shard_info.remote().result()
+    victim = info[1]["pid"]
+    long = {**CHAT, "max_tokens": 400, "temperature": 0.7, "seed": 1}
+
+    async def load_then_kill() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=long)) for _ in range(8)]
+            await asyncio.sleep(1.5)  # the requests are decoding
+            os.kill(victim, signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    t0 = time.monotonic()
+    responses = asyncio.run(load_then_kill())
+    assert time.monotonic() - t0 < 60  # failed, not hung
+    statuses = [r.status_code for r in responses]
+    assert 503 in statuses and set(statuses) <= {200, 503}, statuses
+    failed = next(r for r in responses if r.status_code == 503)
+    assert "retry-after" in failed.headers and failed.json()["error"]["message"]
+
+    with httpx.Client(base_url=url, timeout=60) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/health").text
+            time.sleep(0.5)
+        assert router.shard_info.remote().result()[1]["pid"] != victim
+        r = client.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200, r.text
+        assert router.health.remote().result().stats["recoveries"] == 1
+
+
+def test_the_serve_config_file_holds_valid_app_args():
+    import yaml
+    from pathlib import Path
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve_config.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "cluster.serve.app:build_app"
+    args = ServeArgs.model_validate(app["args"])
+    assert args.shards == 8 and args.device == "cuda"
+
+
+def test_serve_args_refuse_what_cannot_run(tiny_dir):
+    from cluster.config import ModelConfig
+
+    with pytest.raises(ValueError, match="shards"):
+        ServeArgs(shards=0)
+    with pytest.raises(ValueError, match="unknown_option"):
+        ServeArgs.model_validate({"unknown_option": 1})
+    with pytest.raises(ValueError, match="9 shards for 8 experts"):
+        ServeArgs(model=str(tiny_dir), shards=9).num_shards(ModelConfig.from_file(tiny_dir))
