@@ -6,6 +6,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import httpx
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from cluster.api.backend import EngineBackend, Health, error_outputs
-from cluster.api.protocol import default_temperature_for
+from cluster.api.protocol import default_temperature
 from cluster.api.server import build_api
+from cluster.config import ModelConfig
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import EngineConfig, LLMEngine
 from cluster.engine.outputs import RequestOutput, UnavailableError
@@ -170,9 +172,10 @@ def test_default_max_tokens_fit_the_context(served):
 
 
 def test_default_temperature_by_model_family():
-    assert default_temperature_for("mistralai/mistral-7b-instruct-v0.2") == 0.3
-    assert default_temperature_for("mistralai/mixtral-8x22b-instruct-v0.1") == 0.5
-    assert default_temperature_for(MODEL) == 0.5
+    configs = Path(__file__).parent / "data" / "configs"
+    assert default_temperature(ModelConfig.from_file(configs / "mistral-7b-instruct-v0.2")) == 0.3
+    assert default_temperature(ModelConfig.from_file(configs / "mixtral-8x22b-instruct")) == 0.5
+    assert default_temperature(ModelConfig.from_file(configs / "mixtral-8x7b-instruct")) == 0.5
 
 
 def test_n_choices_with_a_seed_are_reproducible_and_match_the_engine(served):

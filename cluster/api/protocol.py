@@ -6,21 +6,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
+from cluster.config import ModelConfig
 from cluster.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 128
-# The defaults of the hosted pages this product matches; other models get FALLBACK_TEMPERATURE.
-_DEFAULT_TEMPERATURES = {"mistral-7b": 0.3, "mixtral-8x22b": 0.5}
-FALLBACK_TEMPERATURE = 0.5
 # top_p == 0 (allowed by OpenAI) keeps only the most likely token; the sampler needs a positive mass.
 _MIN_TOP_P = 1e-9
 
 
-def default_temperature_for(model_name: str) -> float:
-    """The temperature a request gets when it names none, by model family."""
-    name = model_name.lower()
-    return next((t for key, t in _DEFAULT_TEMPERATURES.items() if key in name), FALLBACK_TEMPERATURE)
+def default_temperature(config: ModelConfig) -> float:
+    """The temperature a request gets when it names none: the hosted pages' 0.5 for the Mixtral MoE models and
+    0.3 for the dense Mistral 7B."""
+    return 0.5 if config.is_moe else 0.3
 
 
 class _Request(BaseModel):

@@ -48,7 +48,7 @@ def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str,
               default_temperature: float = 0.5) -> Starlette:
     """The ASGI app serving `model_name` (the only model; requests naming another get 404) from `backend`.
 
-    `default_temperature` applies to requests that name none (see `protocol.default_temperature_for`).
+    `default_temperature` applies to requests that name none (see `protocol.default_temperature`).
     """
     api = _ChatAPI(backend, tokenizer, model_name, context_len, default_temperature)
     routes = [Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),

@@ -9,6 +9,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.api.backend import Health, error_outputs
+from cluster.api.protocol import default_temperature
 from cluster.api.server import build_api
 from cluster.config import ModelConfig
 from cluster.engine.outputs import RequestOutput
@@ -60,8 +61,3 @@ class Ingress:
         tok = load_tokenizer(resolve_tokenizer_version(config, self.args.tokenizer))
         return build_api(RouterBackend(self.router), tok, self.args.model_name(), config.max_position_embeddings,
                          default_temperature=default_temperature(config))
-
-
-def default_temperature(config: ModelConfig) -> float:
-    """The hosted pages' defaults: 0.5 for the Mixtral MoE models, 0.3 for dense Mistral 7B."""
-    return 0.5 if config.is_moe else 0.3

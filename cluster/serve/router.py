@@ -41,7 +41,7 @@ class AttentionRouter:
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        stream: bool = True) -> AsyncIterator[RequestOutput]:
         """Deltas as the engine makes them; with `stream=False` only each choice's merged final output, which
-        saves a Serve message per token (measured: ... on 2 cores)."""
+        saves a Serve message per token."""
         health = self._unit_health()
         if not health.ok:
             for out in error_outputs(request_id, params.n, f"the serving unit is {health.status}: {health.detail}",

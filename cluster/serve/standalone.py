@@ -8,12 +8,12 @@ import uvicorn
 from starlette.applications import Starlette
 
 from cluster.api.backend import EngineBackend
+from cluster.api.protocol import default_temperature
 from cluster.api.server import build_api
 from cluster.config import ModelConfig
 from cluster.engine.async_engine import AsyncEngine
 from cluster.serve.args import ServeArgs
 from cluster.serve.engine_builder import build_engine, in_process_executor
-from cluster.serve.ingress import default_temperature
 from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version
 
 

@@ -114,7 +114,10 @@ class ShardedUnit:
         self._supervisor.start()
 
     def health(self) -> Health:
-        return Health(self.state, self.detail, {"shards": len(self.shards), "recoveries": self.recoveries})
+        state, detail = self.state, self.detail
+        if state == "ok" and self._channel_broken():  # failed mid-step; the supervisor is about to notice
+            state, detail = "recovering", "the token channel failed; restarting the expert shards"
+        return Health(state, detail, {"shards": len(self.shards), "recoveries": self.recoveries})
 
     def shard_info(self) -> list[dict]:
         return ray.get([s.info.remote() for s in self.shards], timeout=_PING_TIMEOUT_S)
@@ -131,9 +134,11 @@ class ShardedUnit:
             if lost is not None:
                 self._recover(lost)
 
+    def _channel_broken(self) -> bool:
+        return getattr(self.executor.transport, "broken", False)
+
     def _lost_shard(self) -> str | None:
-        transport = self.executor.transport
-        if getattr(transport, "broken", False):
+        if self._channel_broken():
             return "the token channel failed"
         for i, shard in enumerate(self.shards):
             try:
