@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cached_property
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -52,9 +54,12 @@ class ChannelSpec:
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
 
+    @cached_property
+    def element_size(self) -> int:
+        return torch.tensor([], dtype=self.torch_dtype).element_size()
+
     def body_bytes(self, rows: int) -> int:
-        size = torch.tensor([], dtype=self.torch_dtype).element_size()
-        return rows * (self.hidden * size + self.top_k * 4 + self.top_k * size)
+        return rows * (self.hidden * self.element_size + self.top_k * 4 + self.top_k * self.element_size)
 
 
 def open_group(spec: ChannelSpec, rank: int) -> dist.ProcessGroup:
@@ -82,6 +87,10 @@ class ReplicaChannel:
         self.group: dist.ProcessGroup | None = open_group(spec, 0)
         self.broken = False  # set by the first failure; a broken group is never reused
         self._timeout = timedelta(seconds=spec.timeout_s)
+        # Host frames are packed with numpy into one reused buffer per shard: a torch op per field cost more than
+        # the copies (measured 0.08-0.1 ms of a 0.3 ms round trip on 2 cores).
+        self._staged = not spec.exact_sizes and self.device.type == "cpu"
+        self._staging: dict[int, np.ndarray] = {}
 
     def run(self, batches: list[RoutedBatch | None]) -> list[torch.Tensor | None]:
         if self.broken or self.group is None:
@@ -92,7 +101,7 @@ class ReplicaChannel:
             for s, batch in enumerate(batches):
                 if batch is not None:
                     if id(batch) not in frames:
-                        frames[id(batch)] = self._frame(batch)
+                        frames[id(batch)] = self._staged_frame(s, batch) if self._staged else self._frame(batch)
                     sends += [self.group.send([part], s + 1, 0) for part in frames[id(batch)]]
             for s, batch in enumerate(batches):
                 reply = None
@@ -120,6 +129,23 @@ class ReplicaChannel:
         except RuntimeError as e:
             log.info("closing the channel: %s", _first_line(e))
 
+    def _staged_frame(self, shard: int, batch: RoutedBatch) -> tuple[torch.Tensor]:
+        """One message in this shard's staging buffer (free again: every send of the last round was waited for)."""
+        if shard not in self._staging:
+            self._staging[shard] = np.empty(_HEADER_BYTES + self.spec.body_bytes(self.max_rows), dtype=np.uint8)
+        buf = self._staging[shard]
+        rows, k = batch.topk_ids.shape
+        buf[:_HEADER_BYTES].view(np.int64)[:] = (OP_RUN, batch.layer, rows, k)
+        end = _HEADER_BYTES
+        for part in (batch.x, batch.topk_ids, batch.topk_weights):
+            n = part.numel() * (4 if part is batch.topk_ids else self.spec.element_size)
+            if part is batch.topk_ids:  # int32 on the wire, whatever the router produced
+                buf[end:end + n].view(np.int32)[:] = part.numpy().reshape(-1)
+            else:
+                buf[end:end + n] = part.contiguous().view(torch.uint8).numpy().reshape(-1)
+            end += n
+        return (torch.from_numpy(buf[:end]),)
+
     def _frame(self, batch: RoutedBatch) -> tuple[torch.Tensor, ...]:
         """The messages carrying `batch`: (header, body) for exact sizes, else one."""
         header, body = _header(OP_RUN, batch).to(self.device), _body(batch).to(self.device)
@@ -135,6 +161,7 @@ def serve_shard(spec: ChannelSpec, group: dist.ProcessGroup, worker: ShardWorker
     dtype = spec.torch_dtype
     header = torch.empty(_HEADER, dtype=torch.int64, device=device)
     buffer = torch.empty(_HEADER_BYTES + spec.body_bytes(spec.max_rows), dtype=torch.uint8, device=device)
+    host_header = buffer[:_HEADER_BYTES].numpy().view(np.int64) if device.type == "cpu" else None
     try:
         while True:
             if spec.exact_sizes:
@@ -145,11 +172,12 @@ def serve_shard(spec: ChannelSpec, group: dist.ProcessGroup, worker: ShardWorker
                     group.recv([body], 0, 0).wait()
             else:
                 group.recv([buffer], 0, 0).wait()
-                op, layer, rows, k = buffer[:_HEADER_BYTES].view(torch.int64).tolist()
+                op, layer, rows, k = (host_header if host_header is not None
+                                      else buffer[:_HEADER_BYTES].view(torch.int64)).tolist()
                 body = buffer[_HEADER_BYTES:]
             if op == OP_STOP:
                 return "stopped by the replica"
-            batch = _unpack(body, layer, rows, k, spec.hidden, dtype)
+            batch = _unpack(body, layer, rows, k, spec.hidden, dtype, spec.element_size)
             group.send([worker.run(batch)], 0, 0).wait()
     except RuntimeError as e:
         return f"channel closed: {_first_line(e)}"
@@ -165,8 +193,8 @@ def _body(batch: RoutedBatch) -> torch.Tensor:
     return torch.cat([p.contiguous().view(torch.uint8).flatten() for p in parts])
 
 
-def _unpack(body: torch.Tensor, layer: int, rows: int, k: int, hidden: int, dtype: torch.dtype) -> RoutedBatch:
-    size = torch.tensor([], dtype=dtype).element_size()
+def _unpack(body: torch.Tensor, layer: int, rows: int, k: int, hidden: int, dtype: torch.dtype,
+            size: int) -> RoutedBatch:
     x_end = rows * hidden * size
     ids_end = x_end + rows * k * 4
     w_end = ids_end + rows * k * size
