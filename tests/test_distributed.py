@@ -14,6 +14,7 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.parallel.channel import ChannelSpec, ReplicaChannel
 from cluster.parallel.dispatch import RoutedBatch
 from cluster.parallel.shard_worker import ShardWorker
+from cluster.parallel.shm_channel import ShmReplicaChannel, create_files, shm_directory
 from cluster.serve.args import ServeArgs
 from cluster.serve.engine_builder import build_engine, in_process_executor
 from tests.test_expert_parallel import _drive
@@ -49,13 +50,15 @@ def reference(tiny_dir):
     return results
 
 
+@pytest.mark.parametrize("channel", ["shm", "gloo"])
 @pytest.mark.parametrize("shards", [2, 4])
-def test_distributed_engine_generates_the_single_process_tokens(local_ray, tiny_dir, reference, shards):
+def test_distributed_engine_generates_the_single_process_tokens(local_ray, tiny_dir, reference, shards, channel):
     from cluster.serve.unit import ShardedUnit
 
-    args = _args(tiny_dir, shards)
+    args = _args(tiny_dir, shards, channel=channel)
     unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir))
     try:
+        assert type(unit.executor.transport).__name__ == {"shm": "ShmReplicaChannel", "gloo": "ReplicaChannel"}[channel]
         info = unit.shard_info()
         assert sorted(e for i in info for e in i["experts"]) == list(range(8))
         assert len({i["pid"] for i in info} | {os.getpid()}) == shards + 1  # each shard its own process
@@ -66,9 +69,10 @@ def test_distributed_engine_generates_the_single_process_tokens(local_ray, tiny_
         unit.close()
 
 
-@pytest.mark.parametrize("exact_sizes", [False, True], ids=["one-message", "header-then-body"])
-def test_channel_frames_carry_batches_both_ways(local_ray, tiny_dir, exact_sizes):
-    """Both framings (gloo's one message into a capacity buffer; the header-first form NCCL needs)."""
+@pytest.mark.parametrize("backend,exact_sizes", [("gloo", False), ("gloo", True), ("shm", False)],
+                         ids=["gloo-one-message", "gloo-header-then-body", "shm"])
+def test_channel_frames_carry_batches_both_ways(local_ray, tiny_dir, backend, exact_sizes):
+    """Every framing: gloo's one message into a capacity buffer, the header-first form NCCL needs, shared memory."""
     from cluster.serve.unit import _free_port
 
     import ray
@@ -79,9 +83,11 @@ def test_channel_frames_carry_batches_both_ways(local_ray, tiny_dir, exact_sizes
     shards = [actor.remote(str(tiny_dir), g, "fp32", "cpu", "torch", 1) for g in groups]
     config = ModelConfig.from_file(tiny_dir)
     spec = ChannelSpec("127.0.0.1", _free_port("127.0.0.1"), 2, config.hidden_size, 2, "fp32", max_rows=40,
-                       exact_sizes=exact_sizes)
+                       backend=backend, exact_sizes=exact_sizes, path=shm_directory() if backend == "shm" else "")
+    if backend == "shm":
+        create_files(spec)
     joined = [s.connect.remote(spec, rank + 1) for rank, s in enumerate(shards)]
-    channel = ReplicaChannel(spec)
+    channel = ShmReplicaChannel(spec) if backend == "shm" else ReplicaChannel(spec)
     ray.get(joined)
     local = [ShardWorker.load(tiny_dir, g, "fp32") for g in groups]
     g = torch.Generator().manual_seed(0)
@@ -106,10 +112,11 @@ def test_channel_frames_carry_batches_both_ways(local_ray, tiny_dir, exact_sizes
         ray.kill(s)
 
 
-def test_a_killed_shard_fails_the_step_fast_then_the_unit_recovers(local_ray, tiny_dir, reference):
+@pytest.mark.parametrize("channel", ["shm", "gloo"])
+def test_a_killed_shard_fails_the_step_fast_then_the_unit_recovers(local_ray, tiny_dir, reference, channel):
     from cluster.serve.unit import ShardedUnit
 
-    args = _args(tiny_dir, 2, recovery_timeout_s=120)
+    args = _args(tiny_dir, 2, recovery_timeout_s=120, channel=channel)
     unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir))
     try:
         unit.supervise(_run_now)

@@ -1,5 +1,7 @@
 """The persistent token channel: replica (rank 0) <-> shards (ranks 1..S) over a torch.distributed group.
 
+(Within one machine on CPU the unit uses `shm_channel`, with the same frames; this one spans machines and GPUs.)
+
 Opened once per serving unit (Ray only places the processes and tells them where to meet); each layer then costs
 one message to every busy shard and one back, instead of an actor call (~1.4 ms) or a Serve hop (~5 ms).
 
@@ -45,7 +47,8 @@ class ChannelSpec:
     top_k: int
     dtype: str  # the activations' dtype: "fp32" | "bf16" | "fp16"
     max_rows: int  # the most tokens in one frame; the executor splits larger layers into rounds
-    backend: str = "gloo"  # "nccl" between GPUs
+    backend: str = "gloo"  # "nccl" between GPUs, "shm" within one machine (cluster.parallel.shm_channel)
+    path: str = ""  # the "shm" backend's directory
     exact_sizes: bool = False  # header and body as two messages; NCCL needs it, gloo can do either
     timeout_s: float = 120.0  # the replica's longest wait for a shard's reply
     connect_timeout_s: float = 120.0
@@ -134,17 +137,7 @@ class ReplicaChannel:
         if shard not in self._staging:
             self._staging[shard] = np.empty(_HEADER_BYTES + self.spec.body_bytes(self.max_rows), dtype=np.uint8)
         buf = self._staging[shard]
-        rows, k = batch.topk_ids.shape
-        buf[:_HEADER_BYTES].view(np.int64)[:] = (OP_RUN, batch.layer, rows, k)
-        end = _HEADER_BYTES
-        for part in (batch.x, batch.topk_ids, batch.topk_weights):
-            n = part.numel() * (4 if part is batch.topk_ids else self.spec.element_size)
-            if part is batch.topk_ids:  # int32 on the wire, whatever the router produced
-                buf[end:end + n].view(np.int32)[:] = part.numpy().reshape(-1)
-            else:
-                buf[end:end + n] = part.contiguous().view(torch.uint8).numpy().reshape(-1)
-            end += n
-        return (torch.from_numpy(buf[:end]),)
+        return (torch.from_numpy(buf[:pack_frame(buf, batch, self.spec.element_size)]),)
 
     def _frame(self, batch: RoutedBatch) -> tuple[torch.Tensor, ...]:
         """The messages carrying `batch`: (header, body) for exact sizes, else one."""
@@ -161,7 +154,7 @@ def serve_shard(spec: ChannelSpec, group: dist.ProcessGroup, worker: ShardWorker
     dtype = spec.torch_dtype
     header = torch.empty(_HEADER, dtype=torch.int64, device=device)
     buffer = torch.empty(_HEADER_BYTES + spec.body_bytes(spec.max_rows), dtype=torch.uint8, device=device)
-    host_header = buffer[:_HEADER_BYTES].numpy().view(np.int64) if device.type == "cpu" else None
+    host = buffer.numpy() if device.type == "cpu" else None
     try:
         while True:
             if spec.exact_sizes:
@@ -172,8 +165,8 @@ def serve_shard(spec: ChannelSpec, group: dist.ProcessGroup, worker: ShardWorker
                     group.recv([body], 0, 0).wait()
             else:
                 group.recv([buffer], 0, 0).wait()
-                op, layer, rows, k = (host_header if host_header is not None
-                                      else buffer[:_HEADER_BYTES].view(torch.int64)).tolist()
+                op, layer, rows, k = (read_header(host) if host is not None
+                                      else buffer[:_HEADER_BYTES].view(torch.int64).tolist())
                 body = buffer[_HEADER_BYTES:]
             if op == OP_STOP:
                 return "stopped by the replica"
@@ -181,6 +174,31 @@ def serve_shard(spec: ChannelSpec, group: dist.ProcessGroup, worker: ShardWorker
             group.send([worker.run(batch)], 0, 0).wait()
     except RuntimeError as e:
         return f"channel closed: {_first_line(e)}"
+
+
+def pack_frame(buf: np.ndarray, batch: RoutedBatch, element_size: int) -> int:
+    """Write `batch`'s frame into the host buffer `buf` with numpy copies; returns its length in bytes."""
+    rows, k = batch.topk_ids.shape
+    buf[:_HEADER_BYTES].view(np.int64)[:] = (OP_RUN, batch.layer, rows, k)
+    end = _HEADER_BYTES
+    n = rows * batch.x.shape[1] * element_size
+    buf[end:end + n] = batch.x.contiguous().view(torch.uint8).numpy().reshape(-1)
+    end += n
+    buf[end:end + rows * k * 4].view(np.int32)[:] = batch.topk_ids.numpy().reshape(-1)  # int32 on the wire
+    end += rows * k * 4
+    n = rows * k * element_size
+    buf[end:end + n] = batch.topk_weights.contiguous().view(torch.uint8).numpy().reshape(-1)
+    return end + n
+
+
+def read_header(buf: np.ndarray) -> list[int]:
+    """(op, layer, rows, top_k) of the frame in `buf`."""
+    return buf[:_HEADER_BYTES].view(np.int64).tolist()
+
+
+def unpack_frame(body: torch.Tensor, header: list[int], spec: ChannelSpec) -> RoutedBatch:
+    _, layer, rows, k = header
+    return _unpack(body, layer, rows, k, spec.hidden, spec.torch_dtype, spec.element_size)
 
 
 def _header(op: int, batch: RoutedBatch) -> torch.Tensor:

@@ -23,7 +23,9 @@ class ServeArgs(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     moe_backend: Literal["auto", "torch", "triton"] = "auto"
-    channel: Literal["auto", "gloo", "nccl"] = "auto"
+    channel: Literal["auto", "shm", "gloo", "nccl"] = Field(
+        "auto", description="the per-layer token channel; auto: shm when a unit shares one machine on CPU, "
+                            "else gloo on CPU and NCCL on GPU")
     kv_cache_bytes: int | None = Field(None, gt=0, description="default: 1 GiB on CPU, 90% of free memory on GPU")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(1024, ge=16)
@@ -53,8 +55,3 @@ class ServeArgs(BaseModel):
         if self.shards > config.num_experts:
             raise ValueError(f"{self.shards} shards for {config.num_experts} experts: each shard needs an expert")
         return self.shards
-
-    def channel_backend(self, device: str) -> str:
-        if self.channel == "auto":
-            return "nccl" if device == "cuda" else "gloo"
-        return self.channel

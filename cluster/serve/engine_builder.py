@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from cluster.checkpoint.progress import ProgressCallback
 from cluster.checkpoint.reader import CheckpointReader, parse_dtype
 from cluster.config import ModelConfig
@@ -45,7 +43,3 @@ def in_process_executor(args: ServeArgs, device: str,
     groups = assign_experts(config.num_experts, shards)
     workers = [ShardWorker.load(directory, g, args.dtype, device, args.moe_backend, progress) for g in groups]
     return ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups))
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

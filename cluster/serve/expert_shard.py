@@ -11,9 +11,11 @@ import os
 import threading
 import time
 
+import ray
 import torch
 
 from cluster.parallel.channel import ChannelSpec, open_group, serve_shard
+from cluster.parallel.shm_channel import serve_shard_shm
 from cluster.parallel.shard_worker import ShardWorker
 
 log = logging.getLogger(__name__)
@@ -47,12 +49,19 @@ class ExpertShard:
             self._loop.join(timeout=spec.connect_timeout_s)  # the previous channel's loop ends when it closes
             if self._loop.is_alive():
                 raise RuntimeError("the previous channel is still being served")
-        group = open_group(spec, rank)
-        self._loop = threading.Thread(target=self._serve, args=(spec, group), name="expert-channel", daemon=True)
+        group = open_group(spec, rank) if spec.backend != "shm" else None  # shm: the loop opens its FIFOs
+        self._loop = threading.Thread(target=self._serve, args=(spec, rank, group), name="expert-channel",
+                                      daemon=True)
         self._loop.start()
 
-    def _serve(self, spec: ChannelSpec, group) -> None:
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def _serve(self, spec: ChannelSpec, rank: int, group) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)  # per thread under OpenMP: set where the matmuls run
-        self.loop_exit = serve_shard(spec, group, self.worker, self.device)
+        if group is None:
+            self.loop_exit = serve_shard_shm(spec, rank, self.worker)
+        else:
+            self.loop_exit = serve_shard(spec, group, self.worker, self.device)
         log.info("expert channel ended: %s", self.loop_exit)

@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.api.backend import Health
 from cluster.config import ModelConfig
 from cluster.parallel.channel import ChannelSpec, ReplicaChannel
+from cluster.parallel.shm_channel import ShmReplicaChannel, create_files, shm_directory
 from cluster.parallel.dispatch import ExpertParallelExecutor, ExpertTransport
 from cluster.parallel.placement import assign_experts, expert_owners
 from cluster.serve.args import ServeArgs
@@ -93,18 +94,31 @@ class ShardedUnit:
                   f"loaded in {info['load_s']}s (pid {info['pid']})", file=sys.stderr, flush=True)
         log.info("%d expert shards ready in %.1fs", len(self.shards), time.perf_counter() - t0)
 
-    def _connect(self) -> ReplicaChannel:
+    def _connect(self) -> ExpertTransport:
         """Open a fresh channel: the shards join from their actors while this replica hosts the meeting point."""
         address = ray.util.get_node_ip_address()
-        backend = self.args.channel_backend(self.device)
+        backend = self._channel_backend()
         spec = ChannelSpec(address=address, port=_free_port(address), num_shards=len(self.shards),
                            hidden=self.config.hidden_size, top_k=self.config.experts_per_token, dtype=self.args.dtype,
                            max_rows=self.args.max_num_batched_tokens, backend=backend,
+                           path=shm_directory() if backend == "shm" else "",
                            exact_sizes=backend == "nccl", timeout_s=self.args.step_timeout_s)
+        if backend == "shm":
+            create_files(spec)
         joined = [shard.connect.remote(spec, rank + 1) for rank, shard in enumerate(self.shards)]
-        channel = ReplicaChannel(spec, self.device)
+        channel = ShmReplicaChannel(spec) if backend == "shm" else ReplicaChannel(spec, self.device)
         ray.get(joined, timeout=spec.connect_timeout_s)
         return channel
+
+    def _channel_backend(self) -> str:
+        """`auto`: shared memory when every shard is on this machine and on CPU, else gloo (CPU) or NCCL (GPU)."""
+        if self.args.channel != "auto":
+            return self.args.channel
+        if self.device == "cuda":
+            return "nccl"
+        here = ray.get_runtime_context().get_node_id()
+        nodes = ray.get([s.node_id.remote() for s in self.shards], timeout=_PING_TIMEOUT_S)
+        return "shm" if all(n == here for n in nodes) else "gloo"
 
     # -- supervision -------------------------------------------------------------------------------------------
     def supervise(self, run_on_engine: RunOnEngine) -> None:

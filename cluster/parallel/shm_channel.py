@@ -1,0 +1,165 @@
+"""The token channel within one machine: frames in shared memory, a one-byte FIFO message to wake the other side.
+
+Same frames as `cluster.parallel.channel` (header | x | topk_ids | topk_weights, reply [rows, D] fp32), but each
+message costs one wake-up instead of gloo's two (its socket thread, then the waiting thread). Measured on 2 cores
+between Ray actors: a 2-shard round trip of 0.11 ms against 0.5-0.6 ms over gloo. The unit uses it when every shard
+shares the replica's machine and the tensors live in host memory.
+
+Per shard i, in `spec.path`: `mem{i}` (the request frame, then the reply), `req{i}` and `rep{i}` (FIFOs). A side that
+dies closes its FIFO ends, so the other side reads end-of-file at once: a lost shard fails the step, never hangs it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cluster.engine.outputs import UnavailableError
+from cluster.parallel.channel import OP_RUN, OP_STOP, ChannelSpec, _HEADER_BYTES, pack_frame, read_header, unpack_frame
+from cluster.parallel.dispatch import RoutedBatch
+from cluster.parallel.shard_worker import ShardWorker
+
+
+def shm_directory() -> str:
+    """A fresh directory for one channel, in /dev/shm where there is one."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    return tempfile.mkdtemp(prefix="moe-cluster-", dir=base)
+
+
+def _sizes(spec: ChannelSpec) -> tuple[int, int]:
+    """(request bytes, reply bytes) of one shard's region."""
+    return _HEADER_BYTES + spec.body_bytes(spec.max_rows), spec.max_rows * spec.hidden * 4
+
+
+def create_files(spec: ChannelSpec) -> None:
+    """The replica creates every shard's region and FIFOs before the shards connect."""
+    request, reply = _sizes(spec)
+    for i in range(spec.num_shards):
+        with open(Path(spec.path) / f"mem{i}", "wb") as f:
+            f.truncate(request + reply)
+        os.mkfifo(Path(spec.path) / f"req{i}")
+        os.mkfifo(Path(spec.path) / f"rep{i}")
+
+
+class _Region:
+    def __init__(self, spec: ChannelSpec, shard: int):
+        request, reply = _sizes(spec)
+        self.mem = np.memmap(Path(spec.path) / f"mem{shard}", dtype=np.uint8, mode="r+")
+        self.request = self.mem[:request]
+        self.reply = self.mem[request:request + reply]
+
+
+class ShmReplicaChannel:
+    """The replica's end: an `ExpertTransport`. Opening blocks until every shard has opened its end."""
+
+    def __init__(self, spec: ChannelSpec):
+        self.spec = spec
+        self.num_shards = spec.num_shards
+        self.max_rows = spec.max_rows
+        self.broken = False
+        self.regions = [_Region(spec, i) for i in range(spec.num_shards)]
+        deadline = time.monotonic() + spec.connect_timeout_s
+        self.requests, self.replies = [], []
+        for i in range(spec.num_shards):
+            self.requests.append(_open_writer(Path(spec.path) / f"req{i}", deadline))
+            self.replies.append(os.open(Path(spec.path) / f"rep{i}", os.O_RDONLY | os.O_NONBLOCK))
+        for i, fd in enumerate(self.replies):
+            _await_hello(fd, i, deadline)
+            os.set_blocking(fd, True)
+
+    def run(self, batches: list[RoutedBatch | None]) -> list[torch.Tensor | None]:
+        if self.broken:
+            raise UnavailableError("the expert shards are reconnecting")
+        try:
+            for s, batch in enumerate(batches):
+                if batch is not None:
+                    pack_frame(self.regions[s].request, batch, self.spec.element_size)
+                    os.write(self.requests[s], b"q")
+            return [None if batch is None else self._reply(s, batch) for s, batch in enumerate(batches)]
+        except (OSError, RuntimeError) as e:
+            self.broken = True
+            raise UnavailableError(f"an expert shard stopped answering: {e}") from e
+
+    def _reply(self, shard: int, batch: RoutedBatch) -> torch.Tensor:
+        ready, _, _ = select.select([self.replies[shard]], [], [], self.spec.timeout_s)
+        if not ready:
+            raise RuntimeError(f"expert shard {shard} sent no reply in {self.spec.timeout_s:.0f}s")
+        if not os.read(self.replies[shard], 1):
+            raise RuntimeError(f"expert shard {shard} closed the channel (its process ended)")
+        rows, hidden = batch.x.shape
+        out = np.frombuffer(self.regions[shard].reply, dtype=np.float32, count=rows * hidden)
+        return torch.from_numpy(out.copy()).view(rows, hidden)  # a copy: the region is reused next layer
+
+    def close(self) -> None:
+        """Stop every shard's loop (or let it read end-of-file), then remove the files."""
+        for s, fd in enumerate(self.requests):
+            try:
+                if not self.broken:
+                    self.regions[s].request[:_HEADER_BYTES].view(np.int64)[:] = (OP_STOP, 0, 0, 0)
+                    os.write(fd, b"q")
+            except OSError:
+                pass
+        for fd in self.requests + self.replies:
+            os.close(fd)
+        self.requests, self.replies, self.broken = [], [], True
+        shutil.rmtree(self.spec.path, ignore_errors=True)
+
+
+def _open_writer(path: Path, deadline: float) -> int:
+    """Open a FIFO's write end once its reader is there (a shard that never comes is an error, not a hang)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            os.set_blocking(fd, True)
+            return fd
+        except OSError as e:
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise UnavailableError(f"expert shard did not open {path.name}: {e}") from e
+            time.sleep(0.001)
+
+
+def _await_hello(fd: int, shard: int, deadline: float) -> None:
+    """The shard's first byte says its reply end is open (until then a read sees end-of-file)."""
+    while True:
+        select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        try:
+            if os.read(fd, 1) == b"h":
+                return
+        except BlockingIOError:
+            pass
+        if time.monotonic() > deadline:
+            raise UnavailableError(f"expert shard {shard} did not open its reply channel")
+        time.sleep(0.001)
+
+
+def serve_shard_shm(spec: ChannelSpec, rank: int, worker: ShardWorker) -> str:
+    """The shard's loop over its region; `rank` counts from 1 as in the torch.distributed channel."""
+    shard = rank - 1
+    region = _Region(spec, shard)
+    request = os.open(Path(spec.path) / f"req{shard}", os.O_RDONLY)  # waits for the replica's end
+    reply = os.open(Path(spec.path) / f"rep{shard}", os.O_WRONLY)  # the replica opened its end first
+    os.write(reply, b"h")
+    body = torch.from_numpy(region.request[_HEADER_BYTES:])
+    try:
+        while True:
+            if not os.read(request, 1):
+                return "channel closed: the replica went away"
+            header = read_header(region.request)
+            if header[0] != OP_RUN:
+                return "stopped by the replica"
+            out = worker.run(unpack_frame(body, header, spec)).numpy().reshape(-1)
+            region.reply[:out.nbytes] = out.view(np.uint8)
+            os.write(reply, b"r")
+    except OSError as e:
+        return f"channel closed: {e}"
+    finally:
+        os.close(request)
+        os.close(reply)
