@@ -89,6 +89,7 @@ def test_channel_frames_carry_batches_both_ways(local_ray, tiny_dir, backend, ex
     joined = [s.connect.remote(spec, rank + 1) for rank, s in enumerate(shards)]
     channel = ShmReplicaChannel(spec) if backend == "shm" else ReplicaChannel(spec)
     ray.get(joined)
+    assert not spec.path or not os.path.exists(spec.path)  # shm names are gone once both sides hold them
     local = [ShardWorker.load(tiny_dir, g, "fp32") for g in groups]
     g = torch.Generator().manual_seed(0)
     for layer, rows in [(0, 1), (1, 40), (0, 17), (1, 0)]:
