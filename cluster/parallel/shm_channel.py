@@ -69,15 +69,21 @@ class ShmReplicaChannel:
         self.regions = [_Region(spec, i) for i in range(spec.num_shards)]
         deadline = time.monotonic() + spec.connect_timeout_s
         self.requests, self.replies = [], []
-        for i in range(spec.num_shards):
-            self.requests.append(_open_writer(Path(spec.path) / f"req{i}", deadline))
-            self.replies.append(os.open(Path(spec.path) / f"rep{i}", os.O_RDONLY | os.O_NONBLOCK))
-        for i, fd in enumerate(self.replies):
-            _await_hello(fd, i, deadline)
-            os.set_blocking(fd, True)
-        # Every side holds its mappings and FIFO ends now: the names can go, so nothing is left behind however
-        # the processes end.
-        shutil.rmtree(spec.path, ignore_errors=True)
+        try:
+            for i in range(spec.num_shards):
+                self.requests.append(_open_writer(Path(spec.path) / f"req{i}", deadline))
+                self.replies.append(os.open(Path(spec.path) / f"rep{i}", os.O_RDONLY | os.O_NONBLOCK))
+            for i, fd in enumerate(self.replies):
+                _await_hello(fd, i, deadline)
+                os.set_blocking(fd, True)
+        except BaseException:
+            for fd in self.requests + self.replies:
+                os.close(fd)
+            raise
+        finally:
+            # Every side holds its mappings and FIFO ends now (or never will): the names can go, so nothing is
+            # left behind however the processes end.
+            shutil.rmtree(spec.path, ignore_errors=True)
 
     def run(self, batches: list[RoutedBatch | None]) -> list[torch.Tensor | None]:
         if self.broken:
