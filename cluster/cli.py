@@ -60,15 +60,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
-
 def _plan(args: argparse.Namespace) -> int:
+    from cluster.checkpoint.reader import parse_dtype
     from cluster.config import ModelConfig
     from cluster.parallel.placement import plan_placement
 
     config = ModelConfig.from_file(args.model)  # config.json only: no weights are read
-    placement = plan_placement(config, args.gpus, args.gpu_memory, dtype_bytes=_DTYPE_BYTES[args.dtype],
+    placement = plan_placement(config, args.gpus, args.gpu_memory, dtype_bytes=parse_dtype(args.dtype).itemsize,
                                num_shards=args.shards, gpu_memory_utilization=args.gpu_memory_utilization,
                                min_kv_tokens=args.min_kv_tokens)
     print(placement.format())
@@ -120,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True, help="GPUs for one serving unit (0: CPU shards, with --shards)")
     p.add_argument("--gpu-memory", type=parse_size, default=parse_size("80GiB"), help="per GPU (default 80GiB)")
     p.add_argument("--shards", type=int, help="expert shards (default: min(GPUs, experts))")
-    p.add_argument("--dtype", choices=sorted(_DTYPE_BYTES), default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--min-kv-tokens", type=int, help="KV-cache tokens the replica's GPU must hold (default: context)")
     p.set_defaults(run=_plan)
@@ -136,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--moe-backend", choices=["auto", "torch", "triton"], default="auto")
     p.add_argument("--tokenizer", choices=["v1", "v2", "v3"], help="default: from the checkpoint")
-    p.add_argument("--kv-cache", type=parse_size, help="KV-cache memory (default: 1GiB on CPU, 90%% of free GPU memory)")
+    p.add_argument("--kv-cache", type=parse_size,
+                   help="KV-cache memory (default: 1GiB on CPU, 90%% of free GPU memory)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences batched in one step (default 64)")
     p.set_defaults(run=_serve)
     return parser

@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from cluster.api.backend import EngineBackend, Health, error_outputs
+from cluster.api.backend import EngineBackend, Health
 from cluster.api.protocol import default_temperature
 from cluster.api.server import build_api
 from cluster.config import ModelConfig
@@ -337,7 +337,7 @@ class _UnavailableBackend:
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        stream: bool = True) -> AsyncIterator[RequestOutput]:
         try:
-            for out in error_outputs(request_id, params.n, "expert shard 1 is restarting", 503):
+            for out in RequestOutput.errors(request_id, params.n, "expert shard 1 is restarting", 503):
                 yield out
         finally:
             self.closed += 1

@@ -25,7 +25,8 @@ SEEDED = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=11, igno
 
 def _prompts(count: int, seed: int = 5) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 32768, (int(n),), generator=g).tolist() for n in torch.randint(1, 70, (count,), generator=g)]
+    lengths = torch.randint(1, 70, (count,), generator=g)
+    return [torch.randint(3, 32768, (int(n),), generator=g).tolist() for n in lengths]
 
 
 def _args(tiny_dir, shards: int, **kw) -> ServeArgs:

@@ -120,7 +120,8 @@ def _drive(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) 
 def test_in_process_shards_generate_what_one_executor_generates(tiny_dir, shards, params):
     tok = load_tokenizer("v3")
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 32768, (int(n),), generator=g).tolist() for n in torch.randint(1, 60, (10,), generator=g)]
+    lengths = torch.randint(1, 60, (10,), generator=g)
+    prompts = [torch.randint(3, 32768, (int(n),), generator=g).tolist() for n in lengths]
     single = LLMEngine(load_model(tiny_dir, "fp32").model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=2**24))
     args = ServeArgs(model=str(tiny_dir), shards=shards, dtype="fp32", kv_cache_bytes=2**24)
     sharded = build_engine(args, "cpu", in_process_executor(args, "cpu"))

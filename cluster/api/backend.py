@@ -1,8 +1,8 @@
 """What the HTTP API generates with: an in-process engine, or an AttentionRouter behind a Serve handle.
 
 Contract: `generate` never raises for a request's own problems. A refused request (bad input, too long) or an
-unavailable unit yields one `RequestOutput` per choice with `finish_reason="error"`, `error` and `error_status`
-(400, 503...); the API turns those into OpenAI error JSON with that status.
+unavailable unit yields one `RequestOutput` per choice (`RequestOutput.errors`) with `finish_reason="error"`,
+`error` and `error_status` (400, 503...); the API turns those into OpenAI error JSON with that status.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 from cluster.engine.async_engine import AsyncEngine
-from cluster.engine.outputs import RequestError, RequestOutput
+from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 
 
@@ -40,12 +40,6 @@ class GenerationBackend(Protocol):
         ...
 
 
-def error_outputs(request_id: str, n: int, message: str, status: int) -> list[RequestOutput]:
-    """The outputs a refused request yields: one finished error per choice."""
-    return [RequestOutput(request_id, i, "", [], finish_reason="error", error=message, error_status=status)
-            for i in range(n)]
-
-
 class EngineBackend:
     """An `AsyncEngine` in this process (single-process mode, and inside the AttentionRouter replica)."""
 
@@ -55,12 +49,12 @@ class EngineBackend:
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        stream: bool = True) -> AsyncIterator[RequestOutput]:
         try:
-            stream = await self.engine.add_request(request_id, prompt, params)
-        except (RequestError, ValueError) as e:
-            for out in error_outputs(request_id, params.n, str(e), 400):
+            deltas = await self.engine.add_request(request_id, prompt, params)
+        except ValueError as e:  # RequestError and bad parameters
+            for out in RequestOutput.errors(request_id, params.n, str(e), 400):
                 yield out
             return
-        async for out in stream:
+        async for out in deltas:
             yield out
 
     async def health(self) -> Health:

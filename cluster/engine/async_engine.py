@@ -120,9 +120,8 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(request_id, prompt, params)
                 except Exception as e:
-                    self._publish([RequestOutput(request_id, i, "", [], finish_reason="error", error=str(e),
-                                                 error_status=400 if isinstance(e, ValueError) else 500)
-                                   for i in range(params.n)])
+                    self._publish(RequestOutput.errors(request_id, params.n, str(e),
+                                                       400 if isinstance(e, ValueError) else 500))
             elif command[0] == "call":
                 _, fn, done = command
                 try:

@@ -39,6 +39,12 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @classmethod
+    def errors(cls, request_id: str, n: int, message: str, status: int) -> list["RequestOutput"]:
+        """What a refused request yields: one finished error per choice."""
+        return [cls(request_id, i, "", [], finish_reason="error", error=message, error_status=status)
+                for i in range(n)]
+
     def merged(self, later: "RequestOutput") -> "RequestOutput":
         """This delta followed by a `later` one of the same choice, as one delta."""
         return RequestOutput(self.request_id, self.index, self.text + later.text, self.token_ids + later.token_ids,

@@ -27,8 +27,13 @@ class AttentionMetadata:
     num_decodes: int
 
 
+def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:
+    """K and V of every layer for one token."""
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes
+
+
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * dtype.itemsize
+    return block_size * kv_bytes_per_token(config, dtype.itemsize)
 
 
 class PagedKVCache:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -57,9 +56,9 @@ class ChannelSpec:
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
 
-    @cached_property
+    @property
     def element_size(self) -> int:
-        return torch.tensor([], dtype=self.torch_dtype).element_size()
+        return self.torch_dtype.itemsize
 
     def body_bytes(self, rows: int) -> int:
         return rows * (self.hidden * self.element_size + self.top_k * 4 + self.top_k * self.element_size)
@@ -151,7 +150,6 @@ def serve_shard(spec: ChannelSpec, group: dist.ProcessGroup, worker: ShardWorker
                 device: torch.device | str = "cpu") -> str:
     """The shard's loop: receive a frame, run it, reply; until told to stop. Returns why it ended."""
     device = torch.device(device)
-    dtype = spec.torch_dtype
     header = torch.empty(_HEADER, dtype=torch.int64, device=device)
     buffer = torch.empty(_HEADER_BYTES + spec.body_bytes(spec.max_rows), dtype=torch.uint8, device=device)
     host = buffer.numpy() if device.type == "cpu" else None
@@ -159,19 +157,17 @@ def serve_shard(spec: ChannelSpec, group: dist.ProcessGroup, worker: ShardWorker
         while True:
             if spec.exact_sizes:
                 group.recv([header], 0, 0).wait()
-                op, layer, rows, k = header.tolist()
-                body = buffer[:spec.body_bytes(rows)] if op == OP_RUN else buffer[:0]
-                if op == OP_RUN:
+                fields = header.tolist()
+                body = buffer[:spec.body_bytes(fields[2])] if fields[0] == OP_RUN else buffer[:0]
+                if fields[0] == OP_RUN:
                     group.recv([body], 0, 0).wait()
             else:
                 group.recv([buffer], 0, 0).wait()
-                op, layer, rows, k = (read_header(host) if host is not None
-                                      else buffer[:_HEADER_BYTES].view(torch.int64).tolist())
+                fields = read_header(host) if host is not None else buffer[:_HEADER_BYTES].view(torch.int64).tolist()
                 body = buffer[_HEADER_BYTES:]
-            if op == OP_STOP:
+            if fields[0] == OP_STOP:
                 return "stopped by the replica"
-            batch = _unpack(body, layer, rows, k, spec.hidden, dtype, spec.element_size)
-            group.send([worker.run(batch)], 0, 0).wait()
+            group.send([worker.run(unpack_frame(body, fields, spec))], 0, 0).wait()
     except RuntimeError as e:
         return f"channel closed: {_first_line(e)}"
 
@@ -197,8 +193,15 @@ def read_header(buf: np.ndarray) -> list[int]:
 
 
 def unpack_frame(body: torch.Tensor, header: list[int], spec: ChannelSpec) -> RoutedBatch:
+    """Views of the frame body (no copies) as the batch the header describes."""
     _, layer, rows, k = header
-    return _unpack(body, layer, rows, k, spec.hidden, spec.torch_dtype, spec.element_size)
+    dtype, size = spec.torch_dtype, spec.element_size
+    x_end = rows * spec.hidden * size
+    ids_end = x_end + rows * k * 4
+    w_end = ids_end + rows * k * size
+    return RoutedBatch(layer=layer, x=body[:x_end].view(dtype).view(rows, spec.hidden),
+                       topk_ids=body[x_end:ids_end].view(torch.int32).view(rows, k),
+                       topk_weights=body[ids_end:w_end].view(dtype).view(rows, k))
 
 
 def _header(op: int, batch: RoutedBatch) -> torch.Tensor:
@@ -209,16 +212,6 @@ def _header(op: int, batch: RoutedBatch) -> torch.Tensor:
 def _body(batch: RoutedBatch) -> torch.Tensor:
     parts = (batch.x, batch.topk_ids.to(torch.int32), batch.topk_weights)
     return torch.cat([p.contiguous().view(torch.uint8).flatten() for p in parts])
-
-
-def _unpack(body: torch.Tensor, layer: int, rows: int, k: int, hidden: int, dtype: torch.dtype,
-            size: int) -> RoutedBatch:
-    x_end = rows * hidden * size
-    ids_end = x_end + rows * k * 4
-    w_end = ids_end + rows * k * size
-    return RoutedBatch(layer=layer, x=body[:x_end].view(dtype).view(rows, hidden),
-                       topk_ids=body[x_end:ids_end].view(torch.int32).view(rows, k),
-                       topk_weights=body[ids_end:w_end].view(dtype).view(rows, k))
 
 
 def _first_line(e: BaseException) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from cluster.checkpoint.names import dense_tensor_shapes, expert_tensor_shapes
 from cluster.config import ModelConfig
+from cluster.engine.paged_cache import kv_bytes_per_token
 
 
 def assign_experts(num_experts: int, num_shards: int) -> list[tuple[int, ...]]:
@@ -103,11 +104,6 @@ class Placement:
     def format(self) -> str:
         """A readable table: expert -> shard -> device, then memory per device in GB."""
         return "\n".join(_header(self) + _expert_map(self) + _memory_table(self) + _kv_line(self))
-
-
-def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> int:
-    """K and V of every layer: 2 * L * KV * Dh * dtype_bytes (= kv_bytes_per_block / block_size)."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes
 
 
 def dense_weight_bytes(config: ModelConfig, dtype_bytes: int = 2) -> int:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class ExpertShard:
     def __init__(self, model_dir: str, experts: tuple[int, ...], dtype: str, device: str, backend: str,
                  threads: int | None):
-        self.device = "cuda" if device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to this shard's GPU
+        self.device = device  # "cuda": Ray sets CUDA_VISIBLE_DEVICES to this shard's GPU
         self.threads = threads
         t0 = time.perf_counter()
         self.worker = ShardWorker.load(model_dir, tuple(experts), dtype, self.device, backend)

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.api.backend import Health, error_outputs
+from cluster.api.backend import Health
 from cluster.api.protocol import default_temperature
 from cluster.api.server import build_api
 from cluster.config import ModelConfig
@@ -38,7 +38,7 @@ class RouterBackend:
         except Exception as e:  # the replica died or was replaced mid-request
             log.warning("request %s lost its AttentionRouter replica: %s", request_id, e)
             if finished < params.n:
-                for out in error_outputs(request_id, params.n, "the serving unit went away; retry", 503):
+                for out in RequestOutput.errors(request_id, params.n, "the serving unit went away; retry", 503):
                     yield out
         finally:
             responses.cancel()  # a client that left aborts the request in the engine

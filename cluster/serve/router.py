@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import AsyncIterator
 
-from cluster.api.backend import EngineBackend, Health, error_outputs, final_outputs
+from cluster.api.backend import EngineBackend, Health, final_outputs
 from cluster.config import ModelConfig
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.outputs import RequestOutput
@@ -44,8 +44,8 @@ class AttentionRouter:
         saves a Serve message per token."""
         health = self._unit_health()
         if not health.ok:
-            for out in error_outputs(request_id, params.n, f"the serving unit is {health.status}: {health.detail}",
-                                     503):
+            message = f"the serving unit is {health.status}: {health.detail}"
+            for out in RequestOutput.errors(request_id, params.n, message, 503):
                 yield out
             return
         outputs = self.backend.generate(request_id, prompt, params)

@@ -1,4 +1,5 @@
-"""`moe-cluster serve --no-ray`: the same HTTP API and engine in one process, experts behind the in-process transport."""
+"""`moe-cluster serve --no-ray`: the same HTTP API and engine in one process, experts behind the in-process
+transport."""
 
 from __future__ import annotations
 
