@@ -32,6 +32,7 @@ from cluster.engine.async_engine import AsyncEngine  # noqa: E402
 from cluster.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from cluster.engine.paged_cache import AttentionMetadata  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
+from cluster.model.dtype import resolve_dtype  # noqa: E402
 from cluster.model.loader import load_model  # noqa: E402
 from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version  # noqa: E402
 
@@ -127,7 +128,7 @@ def run_bound(engine: LLMEngine, steps: list[list[tuple[int, int, bool]]], outpu
     for step in steps:
         if not step:
             continue
-        order = sorted(range(len(step)), key=lambda j: step[j][1] != 1)
+        order = sorted(range(len(step)), key=lambda j: (step[j][1] != 1, step[j][0] + step[j][1]))  # as the runner
         shapes = [step[j] for j in order]
         width = max(-(-(c + n) // bs) for c, n, _ in shapes)
         tables = torch.tensor([[j * per_seq + b for b in range(width)] for j in range(len(shapes))])
@@ -187,7 +188,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--hf-batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="for every system alike")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="for every system alike; auto: bf16 where the CPU multiplies it natively, else fp32")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -196,6 +198,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    args.dtype = resolve_dtype(args.dtype, "cpu")
     model_dir = Path(args.model) if args.model else ensure_default_checkpoint("mini")
     config = ModelConfig.from_file(model_dir)
     tok = load_tokenizer(resolve_tokenizer_version(config))

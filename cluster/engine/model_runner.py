@@ -9,6 +9,11 @@ from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput
 from cluster.model.decoder import CausalLM
 
 
+def step_order(s: ScheduledSeq) -> tuple[bool, int]:
+    """Single-token decodes first, shortest context first: the paged cache attends to neighbouring lengths together."""
+    return s.num_new != 1, s.seq.num_computed + s.num_new
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: PagedKVCache):
         self.model = model
@@ -18,8 +23,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         """Forward the step; return (logits [S, V] fp32, the S scheduled sequences that sample, in that order)."""
-        # Single-token decodes first: the paged cache attends to them in one batched call.
-        items = sorted(batch.scheduled, key=lambda s: s.num_new != 1)
+        items = sorted(batch.scheduled, key=step_order)
         bs = self.cache.block_size
         input_ids: list[int] = []
         positions: list[int] = []

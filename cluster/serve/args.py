@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.checkpoint.default import ensure_default_checkpoint
 from cluster.config import ModelConfig
+from cluster.model.dtype import resolve_dtype
 
 
 class ServeArgs(BaseModel):
@@ -21,7 +22,9 @@ class ServeArgs(BaseModel):
     shards: int = Field(2, ge=1, description="expert shards of one unit (at most the number of experts)")
     units: int = Field(1, ge=1, description="AttentionRouter replicas, each with its own shards")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the hardware multiplies bf16 natively (GPUs, CPUs with AVX512/AMX), "
+                            "else fp32")
     moe_backend: Literal["auto", "torch", "triton"] = "auto"
     channel: Literal["auto", "shm", "gloo", "nccl"] = Field(
         "auto", description="the per-layer token channel; auto: shm when a unit shares one machine on CPU, "
@@ -47,6 +50,9 @@ class ServeArgs(BaseModel):
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def resolved_dtype(self, device: str) -> str:
+        return resolve_dtype(self.dtype, device)
 
     def num_shards(self, config: ModelConfig) -> int:
         """Shards actually started: none for a dense model."""

@@ -21,7 +21,7 @@ def build_engine(args: ServeArgs, device: str, executor: ExpertExecutor | None,
     """Loads everything but the experts onto `device`; `executor` runs the experts (None for a dense model)."""
     directory = args.model_dir()
     config = ModelConfig.from_file(directory)
-    model = load_dense(CheckpointReader(directory), config, parse_dtype(args.dtype), device, progress)
+    model = load_dense(CheckpointReader(directory), config, parse_dtype(args.resolved_dtype(device)), device, progress)
     if config.is_moe:
         if executor is None:
             raise ValueError("a mixture-of-experts model needs an expert executor")
@@ -41,5 +41,5 @@ def in_process_executor(args: ServeArgs, device: str,
     if shards == 0:
         return None
     groups = assign_experts(config.num_experts, shards)
-    workers = [ShardWorker.load(directory, g, args.dtype, device, args.moe_backend, progress) for g in groups]
+    workers = [ShardWorker.load(directory, g, args.resolved_dtype(device), device, args.moe_backend, progress) for g in groups]
     return ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups))

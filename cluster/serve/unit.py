@@ -83,7 +83,7 @@ class ShardedUnit:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
         threads = self.args.shard_threads or _default_shard_threads(len(self.groups), cuda)
         actor = ray.remote(ExpertShard).options(**options)
-        return actor.remote(str(self.args.model_dir()), experts, self.args.dtype, self.device,
+        return actor.remote(str(self.args.model_dir()), experts, self.args.resolved_dtype(self.device), self.device,
                             self.args.moe_backend, threads)
 
     def _wait_loaded(self) -> None:
@@ -99,7 +99,8 @@ class ShardedUnit:
         address = ray.util.get_node_ip_address()
         backend = self._channel_backend()
         spec = ChannelSpec(address=address, port=_free_port(address), num_shards=len(self.shards),
-                           hidden=self.config.hidden_size, top_k=self.config.experts_per_token, dtype=self.args.dtype,
+                           hidden=self.config.hidden_size, top_k=self.config.experts_per_token,
+                           dtype=self.args.resolved_dtype(self.device),
                            max_rows=self.args.max_num_batched_tokens, backend=backend,
                            path=shm_directory() if backend == "shm" else "",
                            exact_sizes=backend == "nccl", timeout_s=self.args.step_timeout_s)
