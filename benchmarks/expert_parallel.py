@@ -34,7 +34,9 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from cluster.checkpoint.default import ensure_default_checkpoint  # noqa: E402
+from cluster.checkpoint.reader import parse_dtype  # noqa: E402
 from cluster.config import ModelConfig  # noqa: E402
+from cluster.model.dtype import resolve_dtype  # noqa: E402
 from cluster.parallel.channel import ChannelSpec, ReplicaChannel, open_group, serve_shard  # noqa: E402
 from cluster.parallel.dispatch import ExpertParallelExecutor, ExpertTransport, RoutedBatch  # noqa: E402
 from cluster.parallel.placement import assign_experts, expert_owners  # noqa: E402
@@ -87,11 +89,12 @@ class ActorCallTransport:
         pass
 
 
-def time_round_trips(executor: ExpertParallelExecutor, config: ModelConfig, batch: int, iters: int) -> dict:
+def time_round_trips(executor: ExpertParallelExecutor, config: ModelConfig, batch: int, iters: int,
+                     dtype: torch.dtype) -> dict:
     g = torch.Generator().manual_seed(batch)
-    x = torch.randn(batch, config.hidden_size, generator=g).to(torch.bfloat16)
+    x = torch.randn(batch, config.hidden_size, generator=g).to(dtype)
     ids = torch.stack([torch.randperm(config.num_experts, generator=g)[:2] for _ in range(batch)]).to(torch.int32)
-    w = torch.full((batch, 2), 0.5, dtype=torch.bfloat16)
+    w = torch.full((batch, 2), 0.5, dtype=dtype)
     layers = iter(range(10**9))
     return _timed(lambda: executor(next(layers) % config.num_layers, x, ids, w), iters)
 
@@ -108,10 +111,10 @@ def _timed(fn, iters: int) -> dict:
     return {"median_ms": round(1e3 * statistics.median(times), 3), "p90_ms": round(1e3 * times[int(0.9 * iters)], 3)}
 
 
-def open_channel(backend: str, config: ModelConfig, actors: list) -> ExpertTransport:
+def open_channel(backend: str, config: ModelConfig, actors: list, dtype: str) -> ExpertTransport:
     address = ray.util.get_node_ip_address()
     spec = ChannelSpec(address, _free_port(address), len(actors), config.hidden_size, config.experts_per_token,
-                       "bf16", max_rows=1024, backend=backend, path=shm_directory() if backend == "shm" else "")
+                       dtype, max_rows=1024, backend=backend, path=shm_directory() if backend == "shm" else "")
     if backend == "shm":
         create_files(spec)
     joined = [a.connect.remote(spec, r + 1) for r, a in enumerate(actors)]
@@ -121,24 +124,25 @@ def open_channel(backend: str, config: ModelConfig, actors: list) -> ExpertTrans
 
 
 @ray.remote(num_cpus=0.25, runtime_env={"env_vars": UNIT_ENV})
-def channel_benchmark(config: ModelConfig, shards: int) -> list[dict]:
+def channel_benchmark(config: ModelConfig, shards: int, dtype_name: str) -> list[dict]:
     """Runs as a Ray task with the replica's environment, so its end of the channel behaves like the replica's."""
     groups = assign_experts(config.num_experts, shards)
+    dtype = parse_dtype(dtype_name)
     rows = []
     for backend in ("shm", "gloo"):
         actors = [EchoShard.remote() for _ in groups]
-        channel = open_channel(backend, config, actors)
+        channel = open_channel(backend, config, actors, dtype_name)
         for batch in (1, 32):
-            x = torch.zeros(batch, config.hidden_size, dtype=torch.bfloat16)
-            whole = RoutedBatch(0, x, torch.zeros(batch, 2, dtype=torch.int32),
-                                torch.zeros(batch, 2, dtype=torch.bfloat16))
+            x = torch.zeros(batch, config.hidden_size, dtype=dtype)
+            whole = RoutedBatch(0, x, torch.zeros(batch, 2, dtype=torch.int32), torch.zeros(batch, 2, dtype=dtype))
             rows.append({"transport": f"{backend} frames alone", "shards": shards, "batch": batch,
                          **_timed(lambda: channel.run([whole] * shards), 2000)})
-            stats = time_round_trips(ExpertParallelExecutor(channel, expert_owners(groups)), config, batch, 2000)
+            stats = time_round_trips(ExpertParallelExecutor(channel, expert_owners(groups)), config, batch, 2000,
+                                     dtype)
             rows.append({"transport": f"channel ({backend})", "shards": shards, "batch": batch, **stats})
             if backend == "gloo":
                 stats = time_round_trips(ExpertParallelExecutor(ActorCallTransport(actors), expert_owners(groups)),
-                                         config, batch, 300)
+                                         config, batch, 300, dtype)
                 rows.append({"transport": "ray actor call", "shards": shards, "batch": batch, **stats})
         channel.close()
         for a in actors:
@@ -207,15 +211,19 @@ def main() -> int:
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--round-trips-only", action="store_true", help="part 1 only")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="for both parts; auto: bf16 where the CPU multiplies it natively, else fp32")
     parser.add_argument("--out", help="write the rows as JSON here")
     opts = parser.parse_args()
     model_dir = Path(opts.model) if opts.model else ensure_default_checkpoint("mini")
     config = ModelConfig.from_file(model_dir)
-    args = ServeArgs(model=str(model_dir), dtype="bf16", max_num_seqs=max(64, opts.requests))
+    dtype = resolve_dtype(opts.dtype, "cpu")
+    args = ServeArgs(model=str(model_dir), dtype=dtype, max_num_seqs=max(64, opts.requests))
     ray.init(num_cpus=8, include_dashboard=False, configure_logging=False)  # logical CPUs: actors are mostly idle
 
-    print(f"1. round trip per layer, {config.hidden_size}-wide bf16 tokens, top-{config.experts_per_token}", flush=True)
-    channel_rows = ray.get(channel_benchmark.remote(config, 2))
+    print(f"1. round trip per layer, {config.hidden_size}-wide {dtype} tokens, top-{config.experts_per_token}",
+          flush=True)
+    channel_rows = ray.get(channel_benchmark.remote(config, 2, dtype))
     for row in channel_rows:
         print(json.dumps(row), flush=True)
     app_rows = []

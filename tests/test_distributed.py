@@ -93,12 +93,14 @@ def test_channel_frames_carry_batches_both_ways(local_ray, tiny_dir, backend, ex
     assert not spec.path or not os.path.exists(spec.path)  # shm names are gone once both sides hold them
     local = [ShardWorker.load(tiny_dir, g, "fp32") for g in groups]
     g = torch.Generator().manual_seed(0)
-    for layer, rows in [(0, 1), (1, 40), (0, 17), (1, 0)]:
+    for layer, rows, shared in [(0, 1, False), (1, 40, False), (0, 17, True), (1, 0, False), (1, 5, True)]:
         batches = []
         for _ in groups:
             x = torch.randn(rows, config.hidden_size, generator=g)
             ids = torch.randint(0, 8, (rows, 2), generator=g, dtype=torch.int32)
             batches.append(RoutedBatch(layer, x, ids, torch.rand(rows, 2, generator=g)) if rows else None)
+        if shared:
+            batches = [batches[0]] * len(groups)  # one batch for every shard: packed once
         for got, worker, batch in zip(channel.run(batches), local, batches):
             if batch is None:
                 assert got is None

@@ -15,6 +15,7 @@ gloo lets a receive land in a buffer larger than the message, so a frame is one 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -92,7 +93,7 @@ class ReplicaChannel:
         # Host frames are packed with numpy into one reused buffer per shard: a torch op per field cost more than
         # the copies (measured 0.08-0.1 ms of a 0.3 ms round trip on 2 cores).
         self._staged = not spec.exact_sizes and self.device.type == "cpu"
-        self._staging: dict[int, np.ndarray] = {}
+        self._staging: dict[int, FrameWriter] = {}
 
     def run(self, batches: list[RoutedBatch | None]) -> list[torch.Tensor | None]:
         if self.broken or self.group is None:
@@ -134,9 +135,10 @@ class ReplicaChannel:
     def _staged_frame(self, shard: int, batch: RoutedBatch) -> tuple[torch.Tensor]:
         """One message in this shard's staging buffer (free again: every send of the last round was waited for)."""
         if shard not in self._staging:
-            self._staging[shard] = np.empty(_HEADER_BYTES + self.spec.body_bytes(self.max_rows), dtype=np.uint8)
-        buf = self._staging[shard]
-        return (torch.from_numpy(buf[:pack_frame(buf, batch, self.spec.element_size)]),)
+            buf = np.empty(_HEADER_BYTES + self.spec.body_bytes(self.max_rows), dtype=np.uint8)
+            self._staging[shard] = FrameWriter(buf, self.spec)
+        writer = self._staging[shard]
+        return (torch.from_numpy(writer.buf[:writer.write(batch)]),)
 
     def _frame(self, batch: RoutedBatch) -> tuple[torch.Tensor, ...]:
         """The messages carrying `batch`: (header, body) for exact sizes, else one."""
@@ -153,38 +155,22 @@ def serve_shard(spec: ChannelSpec, group: dist.ProcessGroup, worker: ShardWorker
     header = torch.empty(_HEADER, dtype=torch.int64, device=device)
     buffer = torch.empty(_HEADER_BYTES + spec.body_bytes(spec.max_rows), dtype=torch.uint8, device=device)
     host = buffer.numpy() if device.type == "cpu" else None
+    frames = FrameReader(buffer if spec.exact_sizes else buffer[_HEADER_BYTES:], spec)
     try:
         while True:
             if spec.exact_sizes:
                 group.recv([header], 0, 0).wait()
                 fields = header.tolist()
-                body = buffer[:spec.body_bytes(fields[2])] if fields[0] == OP_RUN else buffer[:0]
                 if fields[0] == OP_RUN:
-                    group.recv([body], 0, 0).wait()
+                    group.recv([buffer[:spec.body_bytes(fields[2])]], 0, 0).wait()
             else:
                 group.recv([buffer], 0, 0).wait()
                 fields = read_header(host) if host is not None else buffer[:_HEADER_BYTES].view(torch.int64).tolist()
-                body = buffer[_HEADER_BYTES:]
             if fields[0] == OP_STOP:
                 return "stopped by the replica"
-            group.send([worker.run(unpack_frame(body, fields, spec))], 0, 0).wait()
+            group.send([worker.run(frames.read(fields))], 0, 0).wait()
     except RuntimeError as e:
         return f"channel closed: {_first_line(e)}"
-
-
-def pack_frame(buf: np.ndarray, batch: RoutedBatch, element_size: int) -> int:
-    """Write `batch`'s frame into the host buffer `buf` with numpy copies; returns its length in bytes."""
-    rows, k = batch.topk_ids.shape
-    buf[:_HEADER_BYTES].view(np.int64)[:] = (OP_RUN, batch.layer, rows, k)
-    end = _HEADER_BYTES
-    n = rows * batch.x.shape[1] * element_size
-    buf[end:end + n] = batch.x.contiguous().view(torch.uint8).numpy().reshape(-1)
-    end += n
-    buf[end:end + rows * k * 4].view(np.int32)[:] = batch.topk_ids.numpy().reshape(-1)  # int32 on the wire
-    end += rows * k * 4
-    n = rows * k * element_size
-    buf[end:end + n] = batch.topk_weights.contiguous().view(torch.uint8).numpy().reshape(-1)
-    return end + n
 
 
 def read_header(buf: np.ndarray) -> list[int]:
@@ -192,16 +178,53 @@ def read_header(buf: np.ndarray) -> list[int]:
     return buf[:_HEADER_BYTES].view(np.int64).tolist()
 
 
-def unpack_frame(body: torch.Tensor, header: list[int], spec: ChannelSpec) -> RoutedBatch:
-    """Views of the frame body (no copies) as the batch the header describes."""
-    _, layer, rows, k = header
-    dtype, size = spec.torch_dtype, spec.element_size
-    x_end = rows * spec.hidden * size
-    ids_end = x_end + rows * k * 4
-    w_end = ids_end + rows * k * size
-    return RoutedBatch(layer=layer, x=body[:x_end].view(dtype).view(rows, spec.hidden),
-                       topk_ids=body[x_end:ids_end].view(torch.int32).view(rows, k),
-                       topk_weights=body[ids_end:w_end].view(dtype).view(rows, k))
+class FrameWriter:
+    """Packs batches into one fixed host buffer by copying into a `FrameReader`'s views of it (half the time of
+    building the frame's pieces afresh: 9 against 16 us at 32 rows)."""
+
+    def __init__(self, buf: np.ndarray, spec: ChannelSpec):
+        self.buf = buf
+        self.spec = spec
+        self._header = buf[:_HEADER_BYTES].view(np.int64)
+        self._body = FrameReader(torch.from_numpy(buf[_HEADER_BYTES:]), spec)
+
+    def write(self, batch: RoutedBatch) -> int:
+        """-> the frame's length in bytes (topk_ids travel as int32)."""
+        rows, k = batch.topk_ids.shape
+        header = (OP_RUN, batch.layer, rows, k)
+        self._header[:] = header
+        target = self._body.read(header)
+        target.x.copy_(batch.x)
+        target.topk_ids.copy_(batch.topk_ids)
+        target.topk_weights.copy_(batch.topk_weights)
+        return _HEADER_BYTES + self.spec.body_bytes(rows)
+
+
+class FrameReader:
+    """Frames landing in one fixed buffer, read as batches of views (no copies).
+
+    The views for each (rows, top_k) are made once: making them costs ~20 us a frame, on the round trip's path.
+    """
+
+    def __init__(self, body: torch.Tensor, spec: ChannelSpec):
+        self.body = body  # where every frame body starts
+        self.spec = spec
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def read(self, header: Sequence[int]) -> RoutedBatch:
+        _, layer, rows, k = header
+        views = self._views.get((rows, k))
+        if views is None:
+            views = self._views[(rows, k)] = self._make_views(rows, k)
+        return RoutedBatch(layer, *views)
+
+    def _make_views(self, rows: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype, size, body = self.spec.torch_dtype, self.spec.element_size, self.body
+        x_end = rows * self.spec.hidden * size
+        ids_end = x_end + rows * k * 4
+        w_end = ids_end + rows * k * size
+        return (body[:x_end].view(dtype).view(rows, self.spec.hidden),
+                body[x_end:ids_end].view(torch.int32).view(rows, k), body[ids_end:w_end].view(dtype).view(rows, k))
 
 
 def _header(op: int, batch: RoutedBatch) -> torch.Tensor:

@@ -30,6 +30,7 @@ class ExpertTransport(Protocol):
     def run(self, batches: list[RoutedBatch | None]) -> list[torch.Tensor | None]:
         """Send batch i to shard i (None: nothing for it this layer) -> each shard's [N_i, D] fp32 partial sum.
 
+        The partials may be views of the transport's own buffers: read them before the next `run`.
         Raises `UnavailableError` when a shard cannot be reached."""
         ...
 
@@ -71,9 +72,9 @@ class ExpertParallelExecutor:
             # Every shard gets every token (one frame packed once); each adds only its own experts' terms.
             whole = RoutedBatch(layer, x, topk_ids, topk_weights)
             partials = self.transport.run([whole] * shards)
-            out = partials[0]
-            for partial in partials[1:]:
-                out = out + partial
+            out = partials[0] + partials[1] if shards > 1 else partials[0].clone()
+            for partial in partials[2:]:
+                out += partial
             return out.to(x.dtype)
         owner = self._owners(x.device)[topk_ids.long()]  # [T, K] shard of each chosen expert
         rows, batches = [], []

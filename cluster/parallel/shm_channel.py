@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from cluster.engine.outputs import UnavailableError
-from cluster.parallel.channel import OP_RUN, OP_STOP, ChannelSpec, _HEADER_BYTES, pack_frame, read_header, unpack_frame
+from cluster.parallel.channel import (OP_RUN, OP_STOP, ChannelSpec, FrameReader, FrameWriter, _HEADER_BYTES,
+                                      read_header)
 from cluster.parallel.dispatch import RoutedBatch
 from cluster.parallel.shard_worker import ShardWorker
 
@@ -67,6 +68,7 @@ class ShmReplicaChannel:
         self.max_rows = spec.max_rows
         self.broken = False
         self.regions = [_Region(spec, i) for i in range(spec.num_shards)]
+        self.writers = [FrameWriter(region.request, spec) for region in self.regions]
         deadline = time.monotonic() + spec.connect_timeout_s
         self.requests, self.replies = [], []
         try:
@@ -89,10 +91,17 @@ class ShmReplicaChannel:
         if self.broken:
             raise UnavailableError("the expert shards are reconnecting")
         try:
+            packed: dict[int, tuple[np.ndarray, int]] = {}  # a batch sent to several shards is packed once
             for s, batch in enumerate(batches):
-                if batch is not None:
-                    pack_frame(self.regions[s].request, batch, self.spec.element_size)
-                    os.write(self.requests[s], b"q")
+                if batch is None:
+                    continue
+                request = self.regions[s].request
+                if id(batch) in packed:
+                    frame, n = packed[id(batch)]
+                    request[:n] = frame[:n]
+                else:
+                    packed[id(batch)] = request, self.writers[s].write(batch)
+                os.write(self.requests[s], b"q")
             return [None if batch is None else self._reply(s, batch) for s, batch in enumerate(batches)]
         except (OSError, RuntimeError) as e:
             self.broken = True
@@ -106,7 +115,7 @@ class ShmReplicaChannel:
             raise RuntimeError(f"expert shard {shard} closed the channel (its process ended)")
         rows, hidden = batch.x.shape
         out = np.frombuffer(self.regions[shard].reply, dtype=np.float32, count=rows * hidden)
-        return torch.from_numpy(out.copy()).view(rows, hidden)  # a copy: the region is reused next layer
+        return torch.from_numpy(out).view(rows, hidden)  # a view of the region: valid until the next run
 
     def close(self) -> None:
         """Stop every shard's loop (or let it read end-of-file)."""
@@ -156,7 +165,7 @@ def serve_shard_shm(spec: ChannelSpec, rank: int, worker: ShardWorker) -> str:
     request = os.open(Path(spec.path) / f"req{shard}", os.O_RDONLY)  # waits for the replica's end
     reply = os.open(Path(spec.path) / f"rep{shard}", os.O_WRONLY)  # the replica opened its end first
     os.write(reply, b"h")
-    body = torch.from_numpy(region.request[_HEADER_BYTES:])
+    frames = FrameReader(torch.from_numpy(region.request[_HEADER_BYTES:]), spec)
     try:
         while True:
             if not os.read(request, 1):
@@ -164,7 +173,7 @@ def serve_shard_shm(spec: ChannelSpec, rank: int, worker: ShardWorker) -> str:
             header = read_header(region.request)
             if header[0] != OP_RUN:
                 return "stopped by the replica"
-            out = worker.run(unpack_frame(body, header, spec)).numpy().reshape(-1)
+            out = worker.run(frames.read(header)).numpy().reshape(-1)
             region.reply[:out.nbytes] = out.view(np.uint8)
             os.write(reply, b"r")
     except OSError as e:
