@@ -124,3 +124,12 @@ def test_serve_args_refuse_what_cannot_run(tiny_dir):
         ServeArgs.model_validate({"unknown_option": 1})
     with pytest.raises(ValueError, match="9 shards for 8 experts"):
         ServeArgs(model=str(tiny_dir), shards=9).num_shards(ModelConfig.from_file(tiny_dir))
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_dtype_follows_the_hardware_and_explicit_ones_stay(monkeypatch, native, expected):
+    import cluster.model.dtype as dtype
+
+    monkeypatch.setattr(dtype, "native_bf16", lambda device: native)  # the probe: this machine's CPU is what it is
+    assert ServeArgs().resolved_dtype("cpu") == expected
+    assert ServeArgs(dtype="fp16").resolved_dtype("cpu") == "fp16"
