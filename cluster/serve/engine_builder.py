@@ -41,5 +41,6 @@ def in_process_executor(args: ServeArgs, device: str,
     if shards == 0:
         return None
     groups = assign_experts(config.num_experts, shards)
-    workers = [ShardWorker.load(directory, g, args.resolved_dtype(device), device, args.moe_backend, progress) for g in groups]
+    dtype = args.resolved_dtype(device)
+    workers = [ShardWorker.load(directory, g, dtype, device, args.moe_backend, progress) for g in groups]
     return ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups))
