@@ -30,6 +30,7 @@ from cluster.checkpoint.default import ensure_default_checkpoint  # noqa: E402
 from cluster.config import ModelConfig  # noqa: E402
 from cluster.engine.async_engine import AsyncEngine  # noqa: E402
 from cluster.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from cluster.engine.model_runner import step_order  # noqa: E402
 from cluster.engine.paged_cache import AttentionMetadata  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
 from cluster.model.dtype import resolve_dtype  # noqa: E402
@@ -128,7 +129,7 @@ def run_bound(engine: LLMEngine, steps: list[list[tuple[int, int, bool]]], outpu
     for step in steps:
         if not step:
             continue
-        order = sorted(range(len(step)), key=lambda j: (step[j][1] != 1, step[j][0] + step[j][1]))  # as the runner
+        order = sorted(range(len(step)), key=lambda j: step_order(step[j][0], step[j][1]))  # as the runner
         shapes = [step[j] for j in order]
         width = max(-(-(c + n) // bs) for c, n, _ in shapes)
         tables = torch.tensor([[j * per_seq + b for b in range(width)] for j in range(len(shapes))])

@@ -9,9 +9,10 @@ from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput
 from cluster.model.decoder import CausalLM
 
 
-def step_order(s: ScheduledSeq) -> tuple[bool, int]:
-    """Single-token decodes first, shortest context first: the paged cache attends to neighbouring lengths together."""
-    return s.num_new != 1, s.seq.num_computed + s.num_new
+def step_order(num_computed: int, num_new: int) -> tuple[bool, int]:
+    """Sort key of a scheduled sequence: single-token decodes first, shortest context first, so the paged cache
+    attends to neighbouring lengths together."""
+    return num_new != 1, num_computed + num_new
 
 
 class ModelRunner:
@@ -23,7 +24,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         """Forward the step; return (logits [S, V] fp32, the S scheduled sequences that sample, in that order)."""
-        items = sorted(batch.scheduled, key=step_order)
+        items = sorted(batch.scheduled, key=lambda s: step_order(s.seq.num_computed, s.num_new))
         bs = self.cache.block_size
         input_ids: list[int] = []
         positions: list[int] = []
