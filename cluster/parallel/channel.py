@@ -52,6 +52,7 @@ class ChannelSpec:
     exact_sizes: bool = False  # header and body as two messages; NCCL needs it, gloo can do either
     timeout_s: float = 120.0  # the replica's longest wait for a shard's reply
     connect_timeout_s: float = 120.0
+    spin_s: float = 300e-6  # the "shm" replica's longest spin for a round's replies before it sleeps
 
     @property
     def torch_dtype(self) -> torch.dtype:
