@@ -2,8 +2,8 @@
 
 Same frames as `cluster.parallel.channel` (header | x | topk_ids | topk_weights, reply [rows, D] fp32), but each
 message costs one wake-up instead of gloo's two (its socket thread, then the waiting thread). Measured on 2 cores
-between Ray actors: a 2-shard round trip of 0.11 ms against 0.5-0.6 ms over gloo. The unit uses it when every shard
-shares the replica's machine and the tensors live in host memory.
+between Ray actors: a 2-shard round trip of 0.23 ms at batch 32 against 0.78 ms over gloo (benchmarks/RESULTS.md).
+The unit uses it when every shard shares the replica's machine and the tensors live in host memory.
 
 Waiting for a reply, the replica first spins a little (a non-blocking read, then `sched_yield`, so a shard sharing
 its core runs) and only then sleeps in `select`. Sleeping costs a wake-up per round (~0.1 ms on 2 vCPUs, for the
