@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--tokenizer", choices=["v1", "v2", "v3"], help="default: from the checkpoint")
-    p.add_argument("--moe-backend", choices=["auto", "torch", "triton"], default="auto")
+    p.add_argument("--moe-backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
     p.add_argument("--raw", action="store_true", help="encode the prompt as plain text, without the chat template")
     p.set_defaults(run=_generate)
 
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 where the hardware multiplies bf16 natively, else fp32")
-    p.add_argument("--moe-backend", choices=["auto", "torch", "triton"], default="auto")
+    p.add_argument("--moe-backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
     p.add_argument("--tokenizer", choices=["v1", "v2", "v3"], help="default: from the checkpoint")
     p.add_argument("--kv-cache", type=parse_size,
                    help="KV-cache memory (default: 1GiB on CPU, 90%% of free GPU memory)")

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 import time
 from concurrent.futures import Future
 
@@ -34,9 +35,15 @@ def _args(tiny_dir, shards: int, **kw) -> ServeArgs:
                      shard_cpus=0.5, **kw)
 
 
+# The test thread plays the engine thread: the supervisor's transport swaps and the test's calls take turns, as
+# they do on a real engine thread (a close racing a step would stop a live shard mid-round).
+_ENGINE_TURN = threading.Lock()
+
+
 def _run_now(fn) -> Future:
     done: Future = Future()
-    done.set_result(fn(None))
+    with _ENGINE_TURN:
+        done.set_result(fn(None))
     return done
 
 
@@ -130,8 +137,9 @@ def test_a_killed_shard_fails_the_step_fast_then_the_unit_recovers(local_ray, ti
         t0 = time.monotonic()
         with pytest.raises(UnavailableError):
             for _ in range(50):  # the step that meets the dead shard raises instead of hanging
-                unit.executor(0, torch.randn(4, 64), torch.tensor([[3, 5]] * 4, dtype=torch.int32),
-                              torch.full((4, 2), 0.5))
+                with _ENGINE_TURN:
+                    unit.executor(0, torch.randn(4, 64), torch.tensor([[3, 5]] * 4, dtype=torch.int32),
+                                  torch.full((4, 2), 0.5))
                 time.sleep(0.1)
         assert time.monotonic() - t0 < 15
         deadline = time.monotonic() + 90

@@ -1,5 +1,7 @@
-"""Fused-MoE kernels for the expert shards.
+"""Expert kernels.
 
-`align` groups (token, expert) pairs by local expert (torch, any device), `fused_moe` holds the raw Triton kernels
-and their launchers, `tuning` picks block sizes. Importing this package does not import Triton.
+GPU: `align` groups (token, expert) pairs by local expert (torch, any device), `fused_moe` holds the raw Triton
+kernels and their launchers, `tuning` picks block sizes. Importing this package does not import Triton.
+CPU: `cpu/expert_ffn.c`, a packed-weight AVX2 kernel for a layer's experts, built by `cpu_build` with the machine's
+C compiler on first use.
 """

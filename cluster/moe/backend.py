@@ -111,15 +111,29 @@ def _pad_rows(index: torch.Tensor, bucket: int) -> torch.Tensor:
     return torch.cat([index, index[:1].expand(extra)]) if extra else index
 
 
+def prepare_layers(backend: MoEBackend, layers: list[ExpertWeights]) -> None:
+    """A backend with its own weight layout (the CPU kernel's panels) lays out every layer at load, not on a request."""
+    prepare = getattr(backend, "prepare", None)
+    if prepare is not None:
+        for weights in layers:
+            prepare(weights)
+
+
 def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> MoEBackend:
-    """`auto` picks Triton on CUDA and torch elsewhere."""
+    """`auto` picks Triton on CUDA, the C kernel on x86 CPUs that can build it, and torch elsewhere."""
     device = torch.device(device)
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        from cluster.kernels.cpu_build import expert_ffn_library
+
+        name = "triton" if device.type == "cuda" else "cpu" if expert_ffn_library() is not None else "torch"
     if name == "torch":
         return TorchMoEBackend()
+    if name == "cpu":
+        from cluster.moe.cpu_backend import CpuMoEBackend
+
+        return CpuMoEBackend()
     if name == "triton":
         from cluster.moe.triton_backend import TritonMoEBackend
 
         return TritonMoEBackend()
-    raise ValueError(f"unknown MoE backend {name!r} (choose auto, torch or triton)")
+    raise ValueError(f"unknown MoE backend {name!r} (choose auto, cpu, torch or triton)")

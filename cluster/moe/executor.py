@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from cluster.moe.backend import MoEBackend, get_backend
+from cluster.moe.backend import MoEBackend, get_backend, prepare_layers
 from cluster.moe.weights import ExpertWeights
 
 
@@ -24,6 +24,7 @@ class LocalExpertExecutor:
         self.layers = layers
         self.num_experts = num_experts
         self.backend = backend or get_backend("auto", layers[0].w13.device if layers else "cpu")
+        prepare_layers(self.backend, layers)
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from cluster.checkpoint.progress import ProgressCallback
 from cluster.checkpoint.reader import CheckpointReader, parse_dtype
 from cluster.config import ModelConfig
 from cluster.model.loader import load_experts
-from cluster.moe.backend import MoEBackend, get_backend
+from cluster.moe.backend import MoEBackend, get_backend, prepare_layers
 from cluster.moe.weights import ExpertWeights
 from cluster.parallel.dispatch import RoutedBatch
 
@@ -20,6 +20,7 @@ class ShardWorker:
         self.layers = layers  # [num_layers], each this shard's experts of that layer
         self.num_experts = num_experts
         self.backend = backend
+        prepare_layers(backend, layers)
 
     @classmethod
     def load(cls, directory: str | Path, experts: tuple[int, ...], dtype: str | torch.dtype = "fp32",

@@ -25,7 +25,7 @@ class ServeArgs(BaseModel):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the hardware multiplies bf16 natively (GPUs, CPUs with AVX512/AMX), "
                             "else fp32")
-    moe_backend: Literal["auto", "torch", "triton"] = "auto"
+    moe_backend: Literal["auto", "cpu", "torch", "triton"] = "auto"
     channel: Literal["auto", "shm", "gloo", "nccl"] = Field(
         "auto", description="the per-layer token channel; auto: shm when a unit shares one machine on CPU, "
                             "else gloo on CPU and NCCL on GPU")
