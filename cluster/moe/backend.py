@@ -51,10 +51,7 @@ class TorchMoEBackend:
         out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)  # [T, D] fp32 accumulator
         if t == 0 or n_local == 0:
             return out.to(out_dtype or x.dtype)
-        local = weights.expert_map(num_experts)[topk_ids.flatten().long()].long()  # [P] local index or -1
-        key = torch.where(local >= 0, local, n_local)  # held elsewhere -> sorts last
-        order = torch.argsort(key, stable=True)  # [P] pair ids grouped by expert
-        counts = torch.bincount(key, minlength=n_local + 1)[:n_local]  # [E]
+        key, order, counts = group_pairs(weights, topk_ids, num_experts)
         pair_weight = torch.cat([topk_weights.flatten().float(), topk_weights.new_zeros(1, dtype=torch.float32)])
         if int(counts.max()) <= self.batched_max_rows and bool((counts > 0).all()):
             self._batched(x, weights, order, key, counts, pair_weight, k, out)
@@ -95,6 +92,18 @@ class TorchMoEBackend:
             h = F.silu(h[:, :ffn]) * h[:, ffn:]
             y = (h @ weights.w2[e].t())[:n].float() * pair_weight[pairs].unsqueeze(1)
             out.index_add_(0, tokens, y)
+
+
+def group_pairs(weights: ExpertWeights, topk_ids: torch.Tensor,
+                num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token, expert) pairs by local expert: key [P] (local index; E for experts held elsewhere), order [P] (pair
+    ids sorted by key, stable), counts [E] (pairs per local expert). Legend: P = T*K pairs, E = local experts."""
+    n_local = len(weights.expert_ids)
+    local = weights.expert_map(num_experts)[topk_ids.flatten().long()].long()
+    key = torch.where(local >= 0, local, n_local)  # held elsewhere -> sorts last
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=n_local + 1)[:n_local]
+    return key, order, counts
 
 
 def _pads(x: torch.Tensor) -> bool:

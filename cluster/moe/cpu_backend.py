@@ -14,7 +14,7 @@ import ctypes
 import torch
 
 from cluster.kernels.cpu_build import expert_ffn_library
-from cluster.moe.backend import TorchMoEBackend
+from cluster.moe.backend import TorchMoEBackend, group_pairs
 from cluster.moe.weights import ExpertWeights
 
 PANEL = 16  # output columns per packed panel (the kernel's NR)
@@ -54,16 +54,13 @@ class CpuMoEBackend:
         t, k = topk_ids.shape
         n_local, f2, d = weights.w13.shape
         out = torch.zeros(t, d, dtype=torch.float32)
-        local = weights.expert_map(num_experts)[topk_ids.flatten().long()].long()  # [T*K] local index or -1
-        key = torch.where(local >= 0, local, n_local)
-        order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=n_local + 1)[:n_local].contiguous()  # [E]
+        _, order, counts = group_pairs(weights, topk_ids, num_experts)
         order = order[:int(counts.sum())]  # [P]: pairs held elsewhere sorted last, dropped
         if order.numel() == 0:
             return out.to(out_dtype or x.dtype)
-        tokens = (order // k).contiguous()
-        xs = x.index_select(0, tokens).contiguous()  # [P, D]
-        pair_weight = topk_weights.flatten().float()[order].contiguous()
+        tokens = order // k
+        xs = x.index_select(0, tokens)  # [P, D]
+        pair_weight = topk_weights.flatten().float()[order]
         p, f = order.numel(), f2 // 2
         h, act, y = self._workspace([(p, f2), (p, f), (p, d)])
         packed = self._pack(weights)
