@@ -1,36 +1,41 @@
-"""The paged cache must attend exactly like the contiguous one: scattered blocks, mixed steps, grouped decodes."""
+"""The paged cache must attend exactly like the contiguous one: scattered blocks, mixed steps, grouped decodes, and
+decodes through the C kernel."""
 
 import pytest
 import torch
 
 from cluster.engine.paged_cache import AttentionMetadata, PagedKVCache
+from cluster.kernels.cpu_build import cpu_supports_kernels
 from cluster.model.kv_cache import ContiguousKVCache
 from cluster.model.loader import load_model
 
-BLOCK = 4
+NUM_BLOCKS = 256
 
 
 class PagedRun:
     """Sequences laid out in blocks taken from a shuffled free list, as the block manager may hand them out."""
 
-    def __init__(self, config, decode_groups: int, min_group: int):
-        self.cache = PagedKVCache(config, 96, BLOCK, torch.float32)
+    def __init__(self, config, block: int, decode_groups: int, min_group: int, kernel: bool):
+        self.block = block
+        self.cache = PagedKVCache(config, NUM_BLOCKS, block, torch.float32, use_kernel=kernel)
+        assert (self.cache.kernel is not None) == kernel
         self.cache.decode_groups, self.cache.min_group = decode_groups, min_group
-        self.free = torch.randperm(96, generator=torch.Generator().manual_seed(1)).tolist()
+        self.free = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(1)).tolist()
         self.tables: dict[int, list[int]] = {}
         self.lens: dict[int, int] = {}
 
     def step(self, model, tokens: dict[int, torch.Tensor], plan: list[tuple[int, int]]) -> torch.Tensor:
         """plan: (sequence, new tokens) in flat-batch order, decodes first -> logits of every new token."""
         ids, positions, slots = [], [], []
+        block = self.block
         for seq, n in plan:
             start = self.lens.get(seq, 0)
             table = self.tables.setdefault(seq, [])
-            while len(table) * BLOCK < start + n:
+            while len(table) * block < start + n:
                 table.append(self.free.pop())
             ids.append(tokens[seq][start:start + n])
             positions += range(start, start + n)
-            slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, start + n)]
+            slots += [table[p // block] * block + p % block for p in range(start, start + n)]
             self.lens[seq] = start + n
         width = max(len(self.tables[s]) for s, _ in plan)
         tables = torch.tensor([self.tables[s] + [0] * (width - len(self.tables[s])) for s, _ in plan])
@@ -51,14 +56,19 @@ def _schedule(prompts: dict[int, int]) -> list[list[tuple[int, int]]]:
     return steps
 
 
-@pytest.mark.parametrize("decode_groups, min_group", [(1, 16), (4, 2)])
-def test_paged_attention_equals_contiguous(tiny_dir, decode_groups, min_group):
+KERNEL = pytest.mark.skipif(not cpu_supports_kernels(), reason="the C kernels need AVX2 and FMA")
+
+
+@pytest.mark.parametrize("block, decode_groups, min_group, kernel", [
+    (4, 1, 16, False), (4, 4, 2, False),
+    pytest.param(8, 1, 16, True, marks=KERNEL), pytest.param(16, 1, 16, True, marks=KERNEL)])
+def test_paged_attention_equals_contiguous(tiny_dir, block, decode_groups, min_group, kernel):
     lm = load_model(tiny_dir, "fp32")
     model, c = lm.model, lm.config
     prompts = {0: 3, 1: 61, 2: 17, 3: 40, 4: 6, 5: 33, 6: 2, 7: 50}
     g = torch.Generator().manual_seed(0)
     tokens = {s: torch.randint(0, c.vocab_size, (120,), generator=g) for s in range(len(prompts) + 1)}
-    paged = PagedRun(c, decode_groups, min_group)
+    paged = PagedRun(c, block, decode_groups, min_group, kernel)
     contiguous = ContiguousKVCache(c.num_layers, len(tokens), 128, c.num_kv_heads, c.head_dim)
     for plan in _schedule(prompts):
         plan.sort(key=lambda step: step[1] != 1)  # single tokens first, as the model runner orders them

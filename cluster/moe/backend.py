@@ -132,9 +132,9 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> MoEBa
     """`auto` picks Triton on CUDA, the C kernel on x86 CPUs that can build it, and torch elsewhere."""
     device = torch.device(device)
     if name == "auto":
-        from cluster.kernels.cpu_build import expert_ffn_library
+        from cluster.kernels.cpu_build import cpu_kernel_library
 
-        name = "triton" if device.type == "cuda" else "cpu" if expert_ffn_library() is not None else "torch"
+        name = "triton" if device.type == "cuda" else "cpu" if cpu_kernel_library() is not None else "torch"
     if name == "torch":
         return TorchMoEBackend()
     if name == "cpu":

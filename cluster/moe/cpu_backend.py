@@ -13,7 +13,7 @@ import ctypes
 
 import torch
 
-from cluster.kernels.cpu_build import expert_ffn_library
+from cluster.kernels.cpu_build import cpu_kernel_library
 from cluster.moe.backend import TorchMoEBackend, group_pairs
 from cluster.moe.weights import ExpertWeights
 
@@ -35,7 +35,7 @@ class CpuMoEBackend:
     name = "cpu"
 
     def __init__(self, library: ctypes.CDLL | None = None):
-        self.library = library or expert_ffn_library()
+        self.library = library or cpu_kernel_library()
         if self.library is None:
             raise RuntimeError("the CPU expert kernels need an x86 CPU with AVX2 and FMA, and a C compiler")
         self.fallback = TorchMoEBackend()
