@@ -5,7 +5,7 @@ Implements the model's `KVCache` interface. Before each forward the model runner
 chunks follow and are attended one by one (each is many tokens, so the loop costs little).
 
 Decodes on x86 CPUs in fp32 go to the C kernel `cluster/kernels/cpu/paged_attention.c`, which reads every key and
-value row once where it lives (2-3x the torch path below at batch 64). Elsewhere they are attended in torch, in up to
+value row once where it lives (~3x the torch path below). Elsewhere they are attended in torch, in up to
 `decode_groups` groups of neighbouring lengths, each gathered and padded only to its own longest context: one group
 padded to the batch's longest wastes about half the gathers and matmuls when lengths spread from 32 to 768 tokens.
 
@@ -17,9 +17,8 @@ kept across steps: a fresh tensor of this size costs more in page faults than th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import ctypes
 
 import torch
 
@@ -155,7 +154,7 @@ class PagedKVCache:
         return work.view(kv_heads, b, nb * bs, head_dim)
 
 
-def _decode_kernel(config: ModelConfig, block_size: int, cache: torch.Tensor) -> ctypes._CFuncPtr | None:
+def _decode_kernel(config: ModelConfig, block_size: int, cache: torch.Tensor) -> Callable[..., None] | None:
     """The C decode kernel where it applies (its limits are in its source), else None."""
     group = config.num_heads // config.num_kv_heads
     fits = (group <= 16 and config.head_dim % 16 == 0 and config.head_dim <= 256 and block_size % 8 == 0

@@ -1,4 +1,5 @@
-/* Decode attention straight from the paged KV cache on x86 CPUs (AVX2 + FMA, fp32): one new query token per sequence.
+/* Decode attention straight from the paged KV cache on x86 CPUs (AVX2 + FMA, fp32): one new query token per
+ * sequence.
  *
  * Each (sequence, kv head) is one work item: its G query heads walk the sequence's blocks in table order, so every
  * key and value row is read once, from where it lives, with no gather into a contiguous copy. Softmax is online
@@ -54,14 +55,15 @@ static inline __m256 exp_nonpositive(__m256 x) {
 }
 
 /* scores[t] = q . k[t] for the block's rows t < n rounded up to 8 (the block holds bs rows, so the tail rows exist;
- * their scores are never used). */
+ * the caller masks their scores). */
 static inline void block_scores(int n, int head_dim, const float *q, const float *k, float *scores) {
   for (int t = 0; t < n; t += 8) {
     __m256 acc[8];
     for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
     for (int i = 0; i < head_dim; i += 8) {
       const __m256 qv = _mm256_loadu_ps(q + i);
-      for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (int64_t)(t + r) * head_dim + i), acc[r]);
+      for (int r = 0; r < 8; r++)
+        acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (int64_t)(t + r) * head_dim + i), acc[r]);
     }
     _mm256_store_ps(scores + t, lane_sums8(acc));
   }
@@ -74,7 +76,8 @@ static inline void weighted_rows(int width, int n, int head_dim, const float *p,
   for (int i = 0; i < width; i++) a[i] = _mm256_load_ps(acc + 8 * i);
   for (int t = 0; t < n; t++) {
     const __m256 w = _mm256_broadcast_ss(p + t);
-    for (int i = 0; i < width; i++) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + (int64_t)t * head_dim + 8 * i), a[i]);
+    for (int i = 0; i < width; i++)
+      a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + (int64_t)t * head_dim + 8 * i), a[i]);
   }
   for (int i = 0; i < width; i++) _mm256_store_ps(acc + 8 * i, a[i]);
 }
@@ -97,7 +100,7 @@ static void attend_one(int group, int head_dim, int block_size, const float *q, 
       float *s = scores[g];
       block_scores(n, head_dim, q + g * head_dim, k + base, s);
       const int padded = (n + 7) & ~7;
-      for (int t = n; t < padded; t++) s[t] = -INFINITY; /* rows past the context: their exp adds ~1e-38 to a sum >= 1 */
+      for (int t = n; t < padded; t++) s[t] = -INFINITY; /* rows past the context: exp adds ~1e-38 to a sum >= 1 */
       __m256 vmax = _mm256_set1_ps(running_max[g]);
       for (int t = 0; t < padded; t += 8) vmax = _mm256_max_ps(vmax, _mm256_load_ps(s + t));
       const float block_max = lane_max(vmax);
