@@ -1,6 +1,7 @@
 """The C paged decode-attention kernel against attention computed in float64 from the same cache rows."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from cluster.checkpoint.presets import preset
 from cluster.engine.paged_cache import AttentionMetadata, PagedKVCache
 from cluster.kernels.cpu_build import cpu_supports_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_supports_kernels(), reason="needs an x86 CPU with AVX2 and FMA")
+pytestmark = pytest.mark.skipif(not cpu_supports_kernels() or shutil.which("gcc") is None,
+                                reason="needs an x86 CPU with AVX2 and FMA, and gcc")
 
 
 def _reference(q: torch.Tensor, cache: PagedKVCache, tables: list[list[int]], contexts: list[int]) -> torch.Tensor:

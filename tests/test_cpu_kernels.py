@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from cluster.kernels.cpu_build import cpu_supports_kernels, cpu_kernel_library
+from cluster.kernels.cpu_build import cpu_kernel_library, cpu_supports_kernels
 from cluster.moe.backend import TorchMoEBackend, get_backend
 from cluster.moe.weights import ExpertWeights
 

@@ -1,6 +1,8 @@
 """The paged cache must attend exactly like the contiguous one: scattered blocks, mixed steps, grouped decodes, and
 decodes through the C kernel."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -56,7 +58,8 @@ def _schedule(prompts: dict[int, int]) -> list[list[tuple[int, int]]]:
     return steps
 
 
-KERNEL = pytest.mark.skipif(not cpu_supports_kernels(), reason="the C kernels need AVX2 and FMA")
+KERNEL = pytest.mark.skipif(not cpu_supports_kernels() or shutil.which("gcc") is None,
+                            reason="the C kernels need AVX2, FMA and gcc")
 
 
 @pytest.mark.parametrize("block, decode_groups, min_group, kernel", [

@@ -68,7 +68,8 @@ def _build(compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True,
+                                text=True)
         if result.returncode != 0:
             raise OSError(f"{compiler} exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
         os.replace(built, target)  # atomic: a concurrent builder's file is identical
