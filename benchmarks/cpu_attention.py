@@ -12,11 +12,8 @@ measurements, each in alternating rounds, median reported:
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster.checkpoint.default import ensure_default_checkpoint  # noqa: E402
 from cluster.engine.paged_cache import AttentionMetadata, PagedKVCache  # noqa: E402
 from cluster.model.loader import load_model  # noqa: E402
+from side_by_side import median_rounds, write_rows  # noqa: E402
 
 BLOCK = 16
 
@@ -40,18 +38,6 @@ def layout(batch: int, num_blocks: int, seed: int) -> AttentionMetadata:
     slots = [t[(n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK for t, n in zip(tables, contexts)]
     return AttentionMetadata(torch.tensor(slots), torch.tensor([t + [0] * (width - len(t)) for t in tables]),
                              [1] * batch, contexts, batch)
-
-
-def median_rounds(runs: dict[str, callable], rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for name, run in runs.items():
-        run()  # warm
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 @torch.inference_mode()
@@ -106,9 +92,7 @@ def main() -> None:
         print(f"{batch:>5} {row['attention_kernel_ms']:>15.2f} {row['attention_torch_ms']:>14.2f} "
               f"{row['attention_speedup']:>12.2f}x {row['kernel_kv_gb_s']:>8.1f} {row['step_kernel_ms']:>15.2f} "
               f"{row['step_torch_ms']:>14.2f} {row['step_speedup']:>12.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

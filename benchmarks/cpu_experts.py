@@ -3,22 +3,20 @@
     python benchmarks/cpu_experts.py [--hidden 512 --ffn 1024 --layers 8] [--tokens 1 16 64 128 336 1024]
 
 Each token count runs both backends over every layer (weights cold: the stack is larger than the cache), in
-alternating rounds; the median round is reported. Routing is top-2 of 8 with a skew like a trained router's
-(the busiest expert gets ~1.5x the average).
+alternating rounds after one warm-up each; the median round is reported. Routing is top-2 of 8 with a skew like a
+trained router's (the busiest expert gets ~1.5x the average).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import torch
 
 from cluster.moe.backend import TorchMoEBackend
 from cluster.moe.cpu_backend import CpuMoEBackend
 from cluster.moe.weights import ExpertWeights
+from side_by_side import median_rounds, write_rows  # benchmarks/, this script's folder
 
 EXPERTS, TOP_K = 8, 2
 
@@ -61,23 +59,17 @@ def main() -> None:
         ids, weights = routing(tokens)
         torch.testing.assert_close(backends["kernel"](x, stack[0], ids, weights, EXPERTS),
                                    backends["torch"](x, stack[0], ids, weights, EXPERTS), rtol=1e-4, atol=1e-4)
-        times: dict[str, list[float]] = {name: [] for name in backends}
-        for _ in range(args.rounds):
-            for name, backend in backends.items():
-                start = time.perf_counter()
-                for layer in stack:
-                    backend(x, layer, ids, weights, EXPERTS)
-                times[name].append(time.perf_counter() - start)
-        kernel, reference = statistics.median(times["kernel"]), statistics.median(times["torch"])
+        runs = {name: (lambda backend=backend: [backend(x, layer, ids, weights, EXPERTS) for layer in stack])
+                for name, backend in backends.items()}
+        times = median_rounds(runs, args.rounds)
+        kernel, reference = times["kernel"], times["torch"]
         flops = 2 * tokens * TOP_K * 3 * args.ffn * args.hidden * args.layers
         row = dict(tokens=tokens, kernel_ms=kernel * 1e3, torch_ms=reference * 1e3, kernel_gflops=flops / kernel / 1e9,
                    torch_gflops=flops / reference / 1e9, speedup=reference / kernel)
         rows.append(row)
         print(f"{tokens:>6} {row['kernel_ms']:>10.2f} {row['torch_ms']:>9.2f} {row['kernel_gflops']:>15.1f} "
               f"{row['torch_gflops']:>14.1f} {row['speedup']:>12.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_heads = config.num_heads
         self.scale = config.head_dim ** -0.5
-        self.kernel = _decode_kernel(config, block_size, self.k) if use_kernel else None
+        self.kernel = _load_decode_kernel(config, block_size, self.k) if use_kernel else None
         self.meta: AttentionMetadata | None = None
         self.groups: list[DecodeGroup] = []
         self.decode_contexts = torch.empty(0, dtype=torch.long)  # [num_decodes], for the kernel
@@ -154,7 +154,8 @@ class PagedKVCache:
         return work.view(kv_heads, b, nb * bs, head_dim)
 
 
-def _decode_kernel(config: ModelConfig, block_size: int, cache: torch.Tensor) -> Callable[..., None] | None:
+def _load_decode_kernel(config: ModelConfig, block_size: int,
+                        cache: torch.Tensor) -> Callable[..., None] | None:
     """The C decode kernel where it applies (its limits are in its source), else None."""
     group = config.num_heads // config.num_kv_heads
     fits = (group <= 16 and config.head_dim % 16 == 0 and config.head_dim <= 256 and block_size % 8 == 0

@@ -63,7 +63,7 @@ class CpuMoEBackend:
         pair_weight = topk_weights.flatten().float()[order]
         p, f = order.numel(), f2 // 2
         h, act, y = self._workspace([(p, f2), (p, f), (p, d)])
-        packed = self._pack(weights)
+        packed = self._packed_layer(weights)
         self.library.expert_ffn(n_local, counts.data_ptr(), d, f, xs.data_ptr(), packed.w13.data_ptr(),
                                 packed.w2.data_ptr(), tokens.data_ptr(), pair_weight.data_ptr(), h.data_ptr(),
                                 act.data_ptr(), y.data_ptr(), out.data_ptr(), torch.get_num_threads())
@@ -72,9 +72,9 @@ class CpuMoEBackend:
     def prepare(self, weights: ExpertWeights) -> None:
         """Pack a layer ahead of its first call (the executor does this at load)."""
         if weights.w13.device.type == "cpu" and weights.w13.dtype == torch.float32:
-            self._pack(weights)
+            self._packed_layer(weights)
 
-    def _pack(self, weights: ExpertWeights) -> PackedExperts:
+    def _packed_layer(self, weights: ExpertWeights) -> PackedExperts:
         packed = self._packed.get(id(weights))
         if packed is None or packed.source is not weights:
             packed = self._packed[id(weights)] = PackedExperts(weights)
