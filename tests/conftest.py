@@ -13,6 +13,16 @@ from cluster.checkpoint.writer import write_random_checkpoint
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Kernel tests run where the kernels would: compiled on a GPU when there is one, else under the interpreter.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device kernel and attention tests build their tensors on (see KERNEL_DEVICE)."""
+    return KERNEL_DEVICE
+
+
 # A Mistral-7B-shaped (dense, v1 tokenizer) config small enough for tests.
 TINY_DENSE = dataclasses.replace(preset("tiny"), vocab_size=32000, num_experts=0, experts_per_token=0,
                                  tokenizer_version="v1")
