@@ -135,11 +135,22 @@ def test_allowed_tokens_are_respected_even_at_high_temperature():
     assert Sampler()(torch.tensor([logits]), [unrestricted]).token_ids == [0]
 
 
-def test_a_mask_allowing_nothing_and_a_sampled_row_without_generator_are_errors():
+def test_a_mask_allowing_nothing_is_an_error():
     with pytest.raises(ValueError, match="allows no token"):
         Sampler()(torch.tensor([LOGITS]), [SamplingRow(SamplingParams(), [], make_generator(0), _allow())])
-    with pytest.raises(ValueError, match="generator"):
-        Sampler()(torch.tensor([LOGITS]), [SamplingRow(SamplingParams(), [], None)])
+
+
+def test_unseeded_rows_share_one_draw_with_the_right_distribution():
+    """Rows without a generator of their own draw from the sampler's: the frequencies are still the softmax's,
+    next to seeded rows too, and two samplers (two processes) do not repeat each other."""
+    unseeded = SamplingRow(SamplingParams(temperature=1.0), [], None)
+    _check(LOGITS, unseeded, P)
+    mixed = [unseeded, _row(temperature=1.0, seed=3)] * (DRAWS // 2)  # the seeded rows share one generator
+    counts = Counter(Sampler()(torch.tensor([LOGITS] * DRAWS), mixed).token_ids)
+    for t, p in enumerate(P):
+        assert abs(counts[t] / DRAWS - p) < TOL, (t, counts[t] / DRAWS, p)
+    many = torch.tensor([LOGITS] * 64)
+    assert Sampler()(many, [unseeded] * 64).token_ids != Sampler()(many, [unseeded] * 64).token_ids
 
 
 V = 32768

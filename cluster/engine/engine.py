@@ -51,7 +51,7 @@ class LLMEngine:
         self.token_mask = token_mask
         mc = model.config
         self.context_len = mc.max_position_embeddings
-        device = model.lm_head.weight.device
+        self.device = device = model.lm_head.weight.device
         dtype = model.lm_head.weight.dtype
         num_blocks = _num_blocks(config, kv_bytes_per_block(mc, config.block_size, dtype), device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -89,9 +89,10 @@ class LLMEngine:
         self.validate(prompt, params)
         seqs = []
         for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i
+            # Only a seeded choice needs a generator of its own; the others share the sampler's batched draw.
+            seeded = params.seed is not None and not params.greedy
             seq = Sequence(next(self._ids), request_id, i, list(prompt), params,
-                           generator=None if params.greedy else make_generator(seed))
+                           generator=make_generator(params.seed + i, self.device) if seeded else None)
             self.outputs[seq.seq_id] = _SeqOutput(seq, self.decode)
             seqs.append(seq)
         self.requests[request_id] = seqs

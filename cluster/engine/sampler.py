@@ -1,7 +1,9 @@
 """The batched sampler: allowed-token masks, penalties, temperature, top-k/top-p/min-p and seeded draws.
 
-Each sampled row draws its randomness from its own generator, one fixed-size draw per step, so a seeded request
-gets the same tokens whatever else shares its batch.
+Randomness is drawn on the logits' device. Unseeded rows share one batched draw from the sampler's own generator
+(seeded from the OS); a seeded row draws from its own generator, one fixed-size draw per step, so a seeded request
+gets the same tokens whatever else shares its batch. Per-step parameters reach the device through pinned,
+non-blocking copies; the one sync of a step is reading the chosen tokens back.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class SamplingRow:
 
     params: SamplingParams
     output_token_ids: list[int]  # generated so far; the penalties count these
-    generator: torch.Generator | None  # the request's own, seeded from params.seed; None only for greedy
+    generator: torch.Generator | None  # the request's own, seeded from params.seed; None: greedy or unseeded
     # Returns a bool [V] tensor of allowed tokens (structured output), or None for no restriction.
     allowed_tokens: Callable[[], torch.Tensor | None] | None = None
 
@@ -58,20 +60,42 @@ class Sampler:
     penalties and temperature), as vLLM reports them by default.
     """
 
+    def __init__(self) -> None:
+        self._shared: dict[torch.device, torch.Generator] = {}  # the unseeded rows' generator, per device
+
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         _check(logits, rows)
         processed = _mask_and_penalise(logits, rows)  # [B, V]
         tokens = processed.argmax(dim=-1)  # [B]; greedy rows keep this
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
-            idx = torch.tensor(sampled, device=logits.device)
+            idx = _on_device(sampled, torch.long, logits.device)
             probs = _sampling_probs(processed[idx], [rows[i].params for i in sampled])  # [S, V]
-            gens = [_generator(rows[i]) for i in sampled]
-            noise = _exponential_noise(gens, logits.shape[-1], logits.device)  # [S, V]
+            noise = self._exponential_noise([rows[i].generator for i in sampled], logits.shape[-1], logits.device)
             # argmax(p / E) with E ~ Exp(1) i.i.d. picks token t with probability p[t].
             tokens[idx] = (probs / noise).argmax(dim=-1)
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, _logprobs(logits, rows, token_ids))
+
+    def _exponential_noise(self, gens: list[torch.Generator | None], V: int, device: torch.device) -> torch.Tensor:
+        """[S, V] Exp(1) draws on `device`: one batched draw for the rows without a generator of their own, and one
+        draw of V values from each row's own generator (on that generator's device)."""
+        noise = torch.empty(len(gens), V, device=device)
+        shared = [j for j, g in enumerate(gens) if g is None]
+        if len(shared) == len(gens):
+            noise.exponential_(generator=self._shared_generator(device))
+        elif shared:
+            draw = torch.empty(len(shared), V, device=device).exponential_(generator=self._shared_generator(device))
+            noise[_on_device(shared, torch.long, device)] = draw
+        for j, g in enumerate(gens):
+            if g is not None:
+                noise[j] = torch.empty(V, device=g.device).exponential_(generator=g).to(device, non_blocking=True)
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._shared:
+            self._shared[device] = make_generator(None, device)
+        return self._shared[device]
 
     def probabilities(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The [B, V] distribution each row samples from this step (one-hot at the argmax for greedy rows)."""
@@ -80,7 +104,7 @@ class Sampler:
         out = torch.zeros_like(processed).scatter_(-1, processed.argmax(dim=-1, keepdim=True), 1.0)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
-            idx = torch.tensor(sampled, device=logits.device)
+            idx = _on_device(sampled, torch.long, logits.device)
             out[idx] = _sampling_probs(processed[idx], [rows[i].params for i in sampled])
         return out
 
@@ -90,10 +114,11 @@ def _check(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         raise ValueError(f"logits must be [B, V] with B = {len(rows)} rows, got {tuple(logits.shape)}")
 
 
-def _generator(row: SamplingRow) -> torch.Generator:
-    if row.generator is None:
-        raise ValueError("a row sampled with temperature > 0 needs its own generator")
-    return row.generator
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device`: through pinned memory and a non-blocking copy on CUDA (no host sync)."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -105,7 +130,7 @@ def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
     masks = [(i, m) for i, r in enumerate(rows) if r.allowed_tokens is not None
              and (m := r.allowed_tokens()) is not None]
     if masks:
-        idx = torch.tensor([i for i, _ in masks], device=device)
+        idx = _on_device([i for i, _ in masks], torch.long, device)
         allowed = torch.stack([m.to(device=device, dtype=torch.bool) for _, m in masks])  # [M, V]
         if not bool(allowed.any(dim=-1).all()):
             raise ValueError("an allowed-token mask allows no token at all")
@@ -116,14 +141,14 @@ def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
     if pen:
         longest = max(len(rows[i].output_token_ids) for i in pen)
         # Padded with V, an extra bucket that is dropped after counting.
-        padded = torch.tensor([rows[i].output_token_ids + [V] * (longest - len(rows[i].output_token_ids))
-                               for i in pen], device=device)  # [P, L]
+        padded = _on_device([rows[i].output_token_ids + [V] * (longest - len(rows[i].output_token_ids))
+                             for i in pen], torch.long, device)  # [P, L]
         counts = torch.zeros(len(pen), V + 1, device=device)
         counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
         counts = counts[:, :V]  # [P, V]
-        freq = torch.tensor([rows[i].params.frequency_penalty for i in pen], device=device)[:, None]  # [P, 1]
-        pres = torch.tensor([rows[i].params.presence_penalty for i in pen], device=device)[:, None]
-        idx = torch.tensor(pen, device=device)
+        freq = _on_device([rows[i].params.frequency_penalty for i in pen], torch.float32, device)[:, None]  # [P, 1]
+        pres = _on_device([rows[i].params.presence_penalty for i in pen], torch.float32, device)[:, None]
+        idx = _on_device(pen, torch.long, device)
         out[idx] = out[idx] - freq * counts - pres * (counts > 0).float()
     return out
 
@@ -132,20 +157,20 @@ def _sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     """Temperature, top_k, top_p and min_p on [S, V] masked and penalised logits of sampled rows; [S, V] probs."""
     S, V = logits.shape
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]  # [S, 1]
+    temperature = _on_device([p.temperature for p in params], torch.float32, device)[:, None]  # [S, 1]
     logits = logits / temperature
 
     trunc = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
     if trunc:
-        idx = torch.tensor(trunc, device=device)
-        top_k = torch.tensor([min(params[i].top_k, V) or V for i in trunc], device=device)
+        idx = _on_device(trunc, torch.long, device)
+        top_k = _on_device([min(params[i].top_k, V) or V for i in trunc], torch.long, device)
         # top_p == 1 never cuts: rounding in the cumulative sum must not drop the tail.
-        top_p = torch.tensor([params[i].top_p if params[i].top_p < 1 else 2.0 for i in trunc], device=device)
+        top_p = _on_device([params[i].top_p if params[i].top_p < 1 else 2.0 for i in trunc], torch.float32, device)
         logits[idx] = _top_k_top_p(logits[idx], top_k, top_p)
 
     probs = logits.softmax(dim=-1)  # [S, V]
-    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]  # [S, 1]
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):  # decided on the host: no sync
+        min_p = _on_device([p.min_p for p in params], torch.float32, device)[:, None]  # [S, 1]
         probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
@@ -163,21 +188,14 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.full_like(logits, _NEG_INF).scatter(-1, order, sorted_logits)
 
 
-def _exponential_noise(gens: list[torch.Generator], V: int, device: torch.device) -> torch.Tensor:
-    """One Exp(1) draw of V values per generator, on the generator's own device; [len(gens), V] on `device`."""
-    draws = [torch.empty(V, device=g.device).exponential_(generator=g) for g in gens]
-    noise = torch.stack([d.to(draws[0].device) for d in draws]).to(device)  # one copy when all share a device
-    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-
-
 def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], token_ids: list[int]) -> list[TokenLogprobs | None]:
     out: list[TokenLogprobs | None] = [None] * len(rows)
     want = [i for i, r in enumerate(rows) if r.params.logprobs]
     if not want:
         return out
     device = logits.device
-    raw = logits[torch.tensor(want, device=device)].float().log_softmax(dim=-1)  # [W, V]
-    chosen = raw.gather(1, torch.tensor([[token_ids[i]] for i in want], device=device))[:, 0].tolist()  # [W]
+    raw = logits[_on_device(want, torch.long, device)].float().log_softmax(dim=-1)  # [W, V]
+    chosen = raw.gather(1, _on_device([[token_ids[i]] for i in want], torch.long, device))[:, 0].tolist()  # [W]
     k = max(rows[i].params.top_logprobs for i in want)
     top_vals, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())  # [W, k]
     top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
