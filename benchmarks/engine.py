@@ -1,12 +1,13 @@
 """Engine throughput and latency against transformers' static batching and the forward-only bound, side by side.
 
-    python benchmarks/engine.py [--requests 256] [--concurrency 1 16 64] [--model DIR]
+    python benchmarks/engine.py [--requests 256] [--concurrency 1 16 64] [--model DIR] [--device cpu|cuda]
 
 One run, one process, the same seeded requests for every system:
   engine       the async engine (continuous batching, paged KV cache), clients keeping `c` requests in flight;
   transformers `MixtralForCausalLM.generate` on static, left-padded batches of 32 requests (greedy, no EOS);
-  bound        the model's forward passes alone, replaying the engine's own step shapes (same tokens per step,
-               same context lengths) with no scheduler, sampler or detokenizer: what the engine could reach.
+  bound        the model runner alone, replaying the engine's own step shapes (same tokens per step, same context
+               lengths, the same attention and graph paths) with no scheduler, sampler or detokenizer: what the
+               engine could reach.
 Prints output tokens/s, TTFT and inter-token latency p50/p99 per system and the ratios engine/transformers and
 engine/bound. Goals: engine >= 3x transformers, and >= 0.8x the bound, at concurrency 64.
 """
@@ -21,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -30,12 +32,11 @@ from cluster.checkpoint.default import ensure_default_checkpoint  # noqa: E402
 from cluster.config import ModelConfig  # noqa: E402
 from cluster.engine.async_engine import AsyncEngine  # noqa: E402
 from cluster.engine.engine import EngineConfig, LLMEngine  # noqa: E402
-from cluster.engine.model_runner import step_order  # noqa: E402
-from cluster.engine.paged_cache import AttentionMetadata  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
+from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput  # noqa: E402
+from cluster.engine.sequence import Sequence  # noqa: E402
 from cluster.model.dtype import resolve_dtype  # noqa: E402
 from cluster.model.loader import load_model  # noqa: E402
-from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version  # noqa: E402
 
 
 @dataclass
@@ -121,29 +122,29 @@ def run_engine(front: AsyncEngine, requests: list[tuple[list[int], int]], concur
 @torch.inference_mode()
 def run_bound(engine: LLMEngine, steps: list[list[tuple[int, int, bool]]], output_tokens: int,
               concurrency: int) -> Result:
-    """Replay the step shapes through the model alone: synthetic block tables, random token ids."""
+    """Replay the step shapes through the engine's model runner: synthetic sequences with their own block tables
+    and random token ids, every sampled row's logits reduced on the device, one sync per step as the engine."""
     runner, bs = engine.runner, engine.config.block_size
     vocab = engine.model.config.vocab_size
     per_seq = engine.blocks.num_blocks // max(len(s) for s in steps if s)
+    rng = random.Random(0)
     t0 = time.perf_counter()
     for step in steps:
         if not step:
             continue
-        order = sorted(range(len(step)), key=lambda j: step_order(step[j][0], step[j][1]))  # as the runner
-        shapes = [step[j] for j in order]
-        width = max(-(-(c + n) // bs) for c, n, _ in shapes)
-        tables = torch.tensor([[j * per_seq + b for b in range(width)] for j in range(len(shapes))])
-        slots = torch.cat([tables[j, torch.arange(c, c + n) // bs] * bs + torch.arange(c, c + n) % bs
-                           for j, (c, n, _) in enumerate(shapes)])
-        positions = torch.cat([torch.arange(c, c + n) for c, n, _ in shapes])
-        runner.cache.begin_step(AttentionMetadata(slots, tables, [n for _, n, _ in shapes],
-                                                  [c + n for c, n, _ in shapes],
-                                                  sum(1 for _, n, _ in shapes if n == 1)))
-        hidden = engine.model(torch.randint(0, vocab, (len(positions),)), positions, runner.cache)
-        ends = torch.tensor([n for _, n, _ in shapes]).cumsum(0) - 1
-        sampling = [i for i, (_, _, s) in enumerate(shapes) if s]
-        engine.model.compute_logits(hidden[ends[sampling]]).argmax(-1)
+        scheduled = []
+        for j, (computed, new, samples) in enumerate(step):
+            length = computed + new + (0 if samples else 1)  # a chunk that does not sample leaves tokens behind
+            seq = Sequence(j, f"bound-{j}", 0, [rng.randrange(vocab) for _ in range(length)], _GREEDY)
+            seq.num_computed = computed
+            seq.block_table = [j * per_seq + b for b in range(-(-(computed + new) // bs))]
+            scheduled.append(ScheduledSeq(seq, new))
+        logits, _ = runner.run(SchedulerOutput(scheduled))
+        logits.argmax(-1).tolist()
     return Result(f"bound c={concurrency}", output_tokens, time.perf_counter() - t0)
+
+
+_GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
 
 @torch.inference_mode()
@@ -189,8 +190,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--hf-batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="for every system alike; auto: bf16 where the CPU multiplies it natively, else fp32")
+                        help="for every system alike; auto: bf16 where the device multiplies it natively, else fp32")
+    parser.add_argument("--moe-backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -199,16 +202,17 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    args.dtype = resolve_dtype(args.dtype, "cpu")
+    args.dtype = resolve_dtype(args.dtype, args.device)
     model_dir = Path(args.model) if args.model else ensure_default_checkpoint("mini")
     config = ModelConfig.from_file(model_dir)
-    tok = load_tokenizer(resolve_tokenizer_version(config))
+    decode, eos_id = text_decoder(config)
     engine_config = EngineConfig(max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens)
 
     def build() -> LLMEngine:
         if args.threads:
             torch.set_num_threads(args.threads)
-        return LLMEngine(load_model(model_dir, args.dtype).model, tok.decode, tok.eos_id, engine_config)
+        model = load_model(model_dir, args.dtype, args.device, args.moe_backend).model
+        return LLMEngine(model, decode, eos_id, engine_config)
 
     # All torch work (engine, bound, transformers) runs on the engine thread, one OpenMP pool for the process.
     front = AsyncEngine(build)
@@ -260,6 +264,18 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
+
+
+def text_decoder(config: ModelConfig) -> tuple[Callable[[list[int]], str], int]:
+    """(decode, eos id): the checkpoint's tokenizer, or token ids as text where mistral-common is not installed
+    (the GPU check's machine); the benchmark ignores EOS either way."""
+    try:
+        from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version
+
+        tok = load_tokenizer(resolve_tokenizer_version(config))
+        return tok.decode, tok.eos_id
+    except ImportError:
+        return (lambda ids: "".join(f" {i}" for i in ids)), 2
 
 
 if __name__ == "__main__":
