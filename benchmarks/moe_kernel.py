@@ -1,156 +1,257 @@
-"""Fused-MoE Triton backend vs the per-expert torch/cuBLAS loop on Mixtral shapes, against measured ceilings.
+"""The fused-MoE Triton backend on Mixtral 8x22B expert shapes, against ceilings measured in the same run.
 
-Legend: M = tokens, K = experts per token, D = hidden, F = ffn, E = experts.
-Per (shape, M): check the Triton output against the loop, time both with triton.testing.do_bench (median), and
-report achieved HBM bandwidth (weights of the experts actually touched + activations) and bf16 FLOP rate
-(2 * 3 * M * K * D * F) as a fraction of the copy bandwidth and matmul peak measured in the same run.
+Legend: M = tokens, K = experts per token (2), D = hidden (6144), F = ffn (16384), E = local experts, P = M*K pairs.
+Two shards of one layer, bf16: "1 local" holds expert 0 of 8 (expert parallel over eight GPUs; every token routes
+to it and to one expert held elsewhere, so it runs M rows and drops M pairs) and "8 local" holds all eight (random
+Mixtral-like top-2 routing). Per case and M:
+  ms          median of `triton.testing.do_bench` (L2 flushed before each call), rotating among a few input sets
+  bytes       the weights of the local experts the routing touches + x read + the output written (bf16); the
+              kernels' own scratch traffic (h [C, F] bf16 and y [P, D] fp32, each written and read) is `scratch_bytes`
+  flops       2 * 3 * D * F per local pair
+  bw_pct      bytes / ms against the device-to-device copy bandwidth measured here (bytes read + written)
+  peak_pct    flops / ms against the median 8192^3 bf16 torch.matmul measured here
+  rel_err     ||triton - torch backend|| / ||torch backend|| in fp32 (check: below CHECK_TOL)
+  torch_ms, align_ms, align_torch_ms: the torch backend, and the Triton align kernel against the torch align
+Each case starts with `TritonMoEBackend.warm_up` (every kernel compiled once, timed as `warm_up_s`).
 
-    python benchmarks/moe_kernel.py [--quick] [--out results.json]
+    python benchmarks/moe_kernel.py [--out results.json]    # on a GPU
+    python benchmarks/moe_kernel.py --dry-run               # tiny shapes under the CPU interpreter, in seconds
+A GPU check script can import it (repository root on sys.path) and call `run(dry_run=False) -> dict` (the dry
+run and the GPU run each in a process of their own: Triton fixes interpreter or compiler at kernel import).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-DEVICE = "cuda"  # the only device these are meant for; a CPU dry run under TRITON_INTERPRET may patch it
-
-SHAPES = {"8x7B": (8, 4096, 14336), "8x22B": (8, 6144, 16384)}  # name: (E, D, F)
-TOKENS = [1, 16, 64, 256, 1024, 4096]
-QUICK_SHAPES, QUICK_TOKENS = ["8x7B"], [1, 64, 4096]
-TOP_K = 2
-# Goals: bandwidth-bound decode, compute-bound prefill, and the win over the loop at small batches.
-BW_GOAL, BW_MAX_M = 0.75, 16
-FLOP_GOAL, FLOP_MIN_M = 0.70, 4096
-SPEEDUP_GOAL, SPEEDUP_MAX_M = 1.3, 64
-CHECK_TOL = 2e-2  # bf16 relative error, Triton vs loop
+NUM_EXPERTS, TOP_K = 8, 2
+CHECK_TOL = 2e-2  # bf16 relative error, Triton vs the torch backend
+INPUT_SETS = 3  # x at M = 4096 is 50 MB, inside the 60 MB L2: rotate sets (do_bench also flushes L2)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"only {QUICK_SHAPES} at M in {QUICK_TOKENS}")
-    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="shapes to run (default: all)")
-    p.add_argument("--tokens", type=int, nargs="+", help=f"token counts M (default: {TOKENS})")
-    p.add_argument("--rep", type=int, default=200, help="do_bench repetition time per measurement, ms")
-    p.add_argument("--out", type=Path, help="also write the results as JSON here")
-    return p.parse_args(argv)
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures, and where."""
+
+    device: str
+    hidden: int
+    ffn: int
+    tokens: tuple[int, ...]
+    copy_bytes: int  # size of the bandwidth probe's copy
+    matmul_n: int  # side of the peak probe's square matmul
 
 
-def measure_bandwidth(bench) -> float:
-    """Bytes/s of a 2 GiB device-to-device copy, counting read + write."""
-    n = 2 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+GPU = Plan("cuda", 6144, 16384, (1, 16, 64, 512, 4096), 1 << 30, 8192)
+DRY = Plan("cpu", 64, 128, (1, 16, 64), 16 << 20, 256)
+
+
+def make_bench(plan: Plan) -> Callable[..., float]:
+    """(fn, rep ms) -> median ms: do_bench on a GPU (few repeats: the run stays short; tiny kernels get a short
+    `rep`, since do_bench repeats a call rep / its time times, each after an L2 flush); a wall clock on CPU."""
+    if plan.device == "cuda":
+        import triton.testing
+
+        return lambda fn, rep=40: triton.testing.do_bench(fn, warmup=min(10, rep), rep=rep, return_mode="median")
+
+    def wall(fn: Callable[[], object], rep: int = 0) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    return wall
+
+
+def measure_copy(plan: Plan, bench) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read + written."""
+    src = torch.randint(0, 255, (plan.copy_bytes,), dtype=torch.uint8, device=plan.device)
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    return 2 * n / (ms * 1e-3)
+    return 2 * plan.copy_bytes / (bench(lambda: dst.copy_(src)) * 1e-3)
 
 
-def measure_peak(bench) -> float:
-    """FLOP/s of an 8192^3 bf16 torch.matmul."""
-    n = 8192
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=DEVICE)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=DEVICE)
-    ms = bench(lambda: a @ b)
-    return 2 * n**3 / (ms * 1e-3)
+def measure_peak(plan: Plan, bench) -> float:
+    """FLOP/s of a square bf16 torch.matmul on random data."""
+    n = plan.matmul_n
+    a = torch.randn(n, n, device=plan.device).to(torch.bfloat16)
+    b = torch.randn(n, n, device=plan.device).to(torch.bfloat16)
+    return 2 * n**3 / (bench(lambda: a @ b) * 1e-3)
 
 
-def make_weights(e: int, d: int, f: int):
+def make_experts(plan: Plan, g: torch.Generator):
+    """All eight experts of one layer, bf16, random (scaled so activations stay O(1))."""
     from cluster.moe.weights import ExpertWeights
 
-    w13 = torch.randn(e, 2 * f, d, dtype=torch.bfloat16, device=DEVICE).mul_(d**-0.5)  # [E, 2F, D]
-    w2 = torch.randn(e, d, f, dtype=torch.bfloat16, device=DEVICE).mul_(f**-0.5)  # [E, D, F]
+    e, d, f = NUM_EXPERTS, plan.hidden, plan.ffn
+    w13 = torch.empty(e, 2 * f, d, dtype=torch.bfloat16, device=plan.device)  # [E, 2F, D]
+    w2 = torch.empty(e, d, f, dtype=torch.bfloat16, device=plan.device)  # [E, D, F]
+    for w, fan_in in ((w13, d), (w2, f)):
+        for i in range(e):  # per expert: an fp32 randn of all eight at once would be 9.7 GB
+            w[i].copy_(torch.randn(w.shape[1:], generator=g, device=plan.device).mul_(fan_in**-0.5))
     return ExpertWeights(w13, w2, tuple(range(e)))
 
 
-def route(m: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixtral-style routing of random logits: top-K of the softmax, renormalised. -> ids, weights [M, K]."""
-    probs = torch.softmax(torch.randn(m, e, device=DEVICE), dim=-1)
-    w, ids = probs.topk(TOP_K, dim=-1)
-    return ids, (w / w.sum(-1, keepdim=True))
+def make_inputs(case: str, m: int, plan: Plan, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """x [M, D] bf16, topk_ids [M, K] int64, topk_weights [M, K] fp32 (the router's), random."""
+    x = torch.randn(m, plan.hidden, generator=g, device=plan.device).to(torch.bfloat16)
+    logits = torch.randn(m, NUM_EXPERTS, generator=g, device=plan.device)
+    if case == "1 local":
+        logits[:, 0] = float("inf")  # expert 0 (the local one) and the best of the other seven
+    _, ids = logits.topk(TOP_K, dim=-1)
+    tw = torch.softmax(torch.randn(m, TOP_K, generator=g, device=plan.device), dim=-1)
+    return x, ids, tw
 
 
-def run_case(name: str, weights, m: int, bench, bw: float, peak: float) -> dict:
+def run_m(case: str, weights, m: int, plan: Plan, bench, copy_bw: float, peak: float,
+          g: torch.Generator) -> dict:
+    from cluster.kernels.align import align_pairs_torch, align_pairs_triton
     from cluster.moe.backend import TorchMoEBackend
     from cluster.moe.triton_backend import TritonMoEBackend
 
-    e, d, f = weights.w13.shape[0], weights.w13.shape[2], weights.w2.shape[2]
-    x = torch.randn(m, d, dtype=torch.bfloat16, device=DEVICE)  # [M, D]
-    ids, tw = route(m, e)
-    triton_moe, loop = TritonMoEBackend(), TorchMoEBackend()
+    triton_moe, torch_moe = TritonMoEBackend(), TorchMoEBackend()
+    num_local, f2, d = weights.w13.shape
+    sets = [make_inputs(case, m, plan, g) for _ in range(INPUT_SETS)]
+    emap = weights.expert_map(NUM_EXPERTS)
 
-    ref = loop(x, weights, ids, tw, e).float()
-    err = ((triton_moe(x, weights, ids, tw, e).float() - ref).norm() / ref.norm()).item()
-    t_ms = bench(lambda: triton_moe(x, weights, ids, tw, e))
-    l_ms = bench(lambda: loop(x, weights, ids, tw, e))
+    x, ids, tw = sets[0]
+    want = torch_moe(x, weights, ids, tw, NUM_EXPERTS).float()
+    got = triton_moe(x, weights, ids, tw, NUM_EXPERTS).float()
+    rel_err = ((got - want).norm() / want.norm()).item()
 
-    touched = ids.unique().numel()
-    nbytes = touched * weights.nbytes // e + 2 * x.nbytes  # touched experts' weights + x read + out written
-    flops = 2 * 3 * m * TOP_K * d * f
-    row = {"shape": name, "M": m, "triton_ms": t_ms, "loop_ms": l_ms, "speedup": l_ms / t_ms,
-           "bw_frac": nbytes / (t_ms * 1e-3) / bw, "flop_frac": flops / (t_ms * 1e-3) / peak,
-           "experts_touched": touched, "rel_err": err, "check": err < CHECK_TOL,
-           "config": triton_moe.config(m, weights).to_json()}
-    goals = {}
-    if m <= BW_MAX_M:
-        goals[f"bw>={BW_GOAL:.0%}"] = row["bw_frac"] >= BW_GOAL
-    if m >= FLOP_MIN_M:
-        goals[f"peak>={FLOP_GOAL:.0%}"] = row["flop_frac"] >= FLOP_GOAL
-    if m <= SPEEDUP_MAX_M:
-        goals[f"x{SPEEDUP_GOAL}"] = row["speedup"] >= SPEEDUP_GOAL
-    row["goals"] = goals
-    return row
+    def rotating(fn):
+        cycle = itertools.cycle(sets)
+        return lambda: fn(*next(cycle))
+
+    ms = bench(rotating(lambda x, ids, tw: triton_moe(x, weights, ids, tw, NUM_EXPERTS)))
+    torch_ms = bench(rotating(lambda x, ids, tw: torch_moe(x, weights, ids, tw, NUM_EXPERTS)))
+    block_m = triton_moe.config(m, weights).block_m
+    align_ms = bench(rotating(lambda x, ids, tw: align_pairs_triton(ids, emap, num_local, block_m)), rep=5)
+    align_torch_ms = bench(rotating(lambda x, ids, tw: align_pairs_torch(ids, emap, num_local, block_m)), rep=5)
+
+    # Averages over the input sets: what the timed calls did.
+    local = [emap[ids.flatten()] for _, ids, _ in sets]  # [P] local expert or -1, per set
+    touched = statistics.mean(int(torch.unique(loc[loc >= 0]).numel()) for loc in local)
+    pairs = statistics.mean(int((loc >= 0).sum()) for loc in local)
+    per_expert = weights.nbytes // num_local
+    nbytes = touched * per_expert + 2 * m * d * x.element_size()  # weights touched + x in + out
+    padded = statistics.mean(int(align_pairs_torch(ids, emap, num_local, block_m).total) for _, ids, _ in sets)
+    scratch = 2 * padded * (f2 // 2) * x.element_size() + 2 * m * TOP_K * d * 4  # h and y, written + read
+    flops = 2 * 3 * d * (f2 // 2) * pairs
+    return {"M": m, "ms": ms, "bytes": nbytes, "scratch_bytes": scratch, "flops": flops,
+            "bw_pct": 100 * nbytes / (ms * 1e-3) / copy_bw, "peak_pct": 100 * flops / (ms * 1e-3) / peak,
+            "experts_touched": touched, "local_pairs": pairs, "rel_err": rel_err, "check": rel_err < CHECK_TOL,
+            "torch_ms": torch_ms, "align_ms": align_ms, "align_torch_ms": align_torch_ms,
+            "config": triton_moe.config(m, weights).to_json()}
 
 
-def format_row(r: dict) -> str:
-    goals = " ".join(f"{g}:{'PASS' if ok else 'FAIL'}" for g, ok in r["goals"].items())
-    check = "ok" if r["check"] else f"WRONG({r['rel_err']:.1e})"
-    return (f"{r['M']:>5} {r['shape']:>6} {r['triton_ms']:>9.3f} {r['loop_ms']:>9.3f} {r['speedup']:>7.2f}x "
-            f"{r['bw_frac']:>6.1%} {r['flop_frac']:>6.1%} {check:>6}  {goals}")
+def format_row(case: str, r: dict) -> str:
+    check = "ok" if r["check"] else "WRONG"
+    return (f"{case:>8} {r['M']:>5} {r['ms']:>9.3f} {r['bytes'] / 1e9:>7.3f} {r['flops'] / 1e9:>8.1f} "
+            f"{r['bw_pct']:>6.1f} {r['peak_pct']:>7.1f} {r['rel_err']:>8.1e} {check:>5} {r['torch_ms']:>9.3f} "
+            f"{r['align_ms']:>8.4f} {r['align_torch_ms']:>9.4f}")
+
+
+HEADER = (f"{'case':>8} {'M':>5} {'ms':>9} {'GB':>7} {'GFLOP':>8} {'bw %':>6} {'peak %':>7} {'rel err':>8} "
+          f"{'check':>5} {'torch ms':>9} {'align ms':>8} {'align(t)':>9}")
+
+
+def _check_mode(dry_run: bool) -> None:
+    """Triton picks interpreter or compiler when a kernel is defined (imported), once per process: the dry run sets
+    the interpreter before that, and each mode refuses kernels defined in the other (run each in its own process)."""
+    if dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        raise RuntimeError("the moe_kernel benchmark needs a CUDA GPU (or --dry-run)")
+    if (os.environ.get("TRITON_INTERPRET") == "1") != dry_run or _kernels_interpreted() != dry_run:
+        raise RuntimeError(f"{'the dry run needs' if dry_run else 'a GPU run cannot have'} the Triton "
+                           "interpreter (TRITON_INTERPRET=1, before the kernels are imported); use a fresh process")
+
+
+def _kernels_interpreted() -> bool:
+    from cluster.kernels import fused_moe
+
+    return type(fused_moe._down_kernel).__name__ == "InterpretedFunction"
+
+
+def run(dry_run: bool, tokens: tuple[int, ...] | None = None) -> dict:
+    """Measure everything; -> the results (see the module docstring). `dry_run`: tiny shapes, CPU interpreter."""
+    plan = DRY if dry_run else GPU
+    _check_mode(dry_run)
+    from cluster.kernels.tuning import device_name, triton_version
+    from cluster.moe.triton_backend import TritonMoEBackend
+
+    start = time.perf_counter()
+    tokens = tuple(tokens or plan.tokens)
+    bench = make_bench(plan)
+    copy_bw, peak = measure_copy(plan, bench), measure_peak(plan, bench)
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu (interpreter)"
+    print(f"{name}, triton {triton_version()}: copy {copy_bw / 1e9:.0f} GB/s (read + write), "
+          f"bf16 matmul {peak / 1e12:.1f} TFLOP/s; D={plan.hidden} F={plan.ffn} top-{TOP_K}", flush=True)
+    print(HEADER, flush=True)
+
+    g = torch.Generator(device=plan.device).manual_seed(0)
+    experts = make_experts(plan, g)
+    one = type(experts)(experts.w13[:1], experts.w2[:1], (0,))  # a view: expert 0 alone
+    cases = []
+    for case, weights in (("1 local", one), ("8 local", experts)):
+        t0 = time.perf_counter()
+        TritonMoEBackend().warm_up(weights, max(tokens), top_k=TOP_K, num_experts=NUM_EXPERTS)
+        warm_s = time.perf_counter() - t0
+        rows = []
+        for m in tokens:
+            rows.append(run_m(case, weights, m, plan, bench, copy_bw, peak, g))
+            print(format_row(case, rows[-1]), flush=True)
+        cases.append({"case": case, "local_experts": weights.w13.shape[0], "warm_up_s": warm_s, "rows": rows})
+    ok = all(r["check"] for c in cases for r in c["rows"])
+    wall = time.perf_counter() - start
+    print(f"{'all rows match' if ok else 'MISMATCH against'} the torch backend; {wall:.1f} s", flush=True)
+    return {"device": name, "config_device": device_name(plan.device), "triton": triton_version(),
+            "torch": torch.__version__, "dry_run": dry_run, "hidden": plan.hidden, "ffn": plan.ffn, "top_k": TOP_K,
+            "dtype": "bf16", "copy_bytes_per_s": copy_bw, "bf16_flops_per_s": peak, "cases": cases, "ok": ok,
+            "passed": ok, "headline": headline(cases, ok), "wall_s": wall}
+
+
+def headline(cases: list[dict], ok: bool) -> str:
+    """One line: the smallest M's share of bandwidth and the largest M's share of peak, per case."""
+    parts = []
+    for c in cases:
+        lo, hi = c["rows"][0], c["rows"][-1]
+        parts.append(f"{c['case']}: M={lo['M']} {lo['ms']:.3f} ms {lo['bw_pct']:.0f}% HBM, "
+                     f"M={hi['M']} {hi['ms']:.3f} ms {hi['peak_pct']:.0f}% peak")
+    return "; ".join(parts) + ("; all match torch" if ok else "; MISMATCH against torch")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("moe_kernel benchmark needs a CUDA GPU", file=sys.stderr)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes under the CPU Triton interpreter")
+    p.add_argument("--tokens", type=int, nargs="+", help="token counts M (default: 1 16 64 512 4096)")
+    p.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("the moe_kernel benchmark needs a CUDA GPU (or --dry-run)", file=sys.stderr)
         return 1
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("warning: TRITON_INTERPRET=1, timings are of the interpreter", file=sys.stderr)
-    import triton.testing
-
-    def bench(fn) -> float:
-        return triton.testing.do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
-
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else list(SHAPES))
-    tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
-    bw, peak = measure_bandwidth(bench), measure_peak(bench)
-    torch.cuda.empty_cache()
-    device = torch.cuda.get_device_name()
-    print(f"{device}: copy bandwidth {bw / 1e9:.0f} GB/s, bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
-    print(f"{'M':>5} {'shape':>6} {'triton ms':>9} {'loop ms':>9} {'speedup':>8} {'bw %':>6} {'peak %':>6} "
-          f"{'check':>6}  goals")
-    rows = []
-    for name in shapes:
-        weights = make_weights(*SHAPES[name])
-        for m in tokens:
-            rows.append(run_case(name, weights, m, bench, bw, peak))
-            print(format_row(rows[-1]), flush=True)
-        del weights
-        torch.cuda.empty_cache()
-
-    failed = [r for r in rows if not r["check"] or not all(r["goals"].values())]
-    print(f"{len(rows) - len(failed)}/{len(rows)} rows meet every goal and match the loop")
+    results = run(args.dry_run, tuple(args.tokens) if args.tokens else None)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"device": device, "hbm_bytes_per_s": bw, "bf16_flops_per_s": peak,
-                                        "top_k": TOP_K, "rows": rows}, indent=2))
-    return 0 if all(r["check"] for r in rows) else 2
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if results["ok"] else 2
 
 
 if __name__ == "__main__":

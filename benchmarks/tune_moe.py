@@ -5,7 +5,7 @@ For each M and each BLOCK_M, the gate_up and down kernels are timed separately o
 share BLOCK_M); the BLOCK_M with the smallest best-gate_up + best-down time wins.
 
     python benchmarks/tune_moe.py --experts 8 --hidden 4096 --ffn 14336 [--quick]
-    -> cluster/kernels/configs/E=8,N=14336,device=<gpu>.json
+    -> cluster/kernels/configs/E=8,N=14336,device=<gpu>,triton=<major.minor>.json  (the key `tuning` looks up)
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import triton.testing
 
-    from cluster.kernels.tuning import CONFIG_DIR, config_file_name, device_name
+    from cluster.kernels.tuning import CONFIG_DIR, config_file_name, device_name, triton_version
 
     def bench(fn) -> float:
         return triton.testing.do_bench(fn, warmup=10, rep=args.rep, return_mode="median")
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     e, d, f = args.experts, args.hidden, args.ffn
     w13 = torch.randn(e, 2 * f, d, dtype=dtype, device=DEVICE).mul_(d**-0.5)  # [E, 2F, D]
     w2 = torch.randn(e, d, f, dtype=dtype, device=DEVICE).mul_(f**-0.5)  # [E, D, F]
-    out = (args.out_dir or CONFIG_DIR) / config_file_name(e, f, device_name("cuda"))
+    out = (args.out_dir or CONFIG_DIR) / config_file_name(e, f, device_name("cuda"), triton_version())
     table = {}
     for m in args.tokens or (QUICK_TOKENS if args.quick else TOKENS):
         start = time.time()

@@ -79,3 +79,22 @@ def test_dtypes_and_shapes_the_kernel_does_not_take_go_to_torch():
     x = torch.randn(5, 40)
     torch.testing.assert_close(CpuMoEBackend()(x, odd, ids, topk_weights, 8),
                                TorchMoEBackend()(x, odd, ids, topk_weights, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp32_router_weights_are_not_rounded(dtype):
+    """fp32 router weights with fp32 (the C kernel) or bf16 (the torch fallback) activations: scaling the weights by
+    1 + 2^-10, below bf16's 2^-8 step, scales the fp32 output by exactly that, so no path rounds them to bf16."""
+    from cluster.moe.cpu_backend import CpuMoEBackend
+
+    layer = _layer(tuple(range(8)), seed=6)
+    weights = ExpertWeights(layer.w13.to(dtype), layer.w2.to(dtype), layer.expert_ids)
+    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(7)).to(dtype)
+    ids, topk_weights = _routing(12, 1.0, seed=8)
+    assert topk_weights.dtype == torch.float32
+    kernel = CpuMoEBackend()
+    base = kernel(x, weights, ids, topk_weights, 8, out_dtype=torch.float32)
+    scaled = kernel(x, weights, ids, topk_weights * (1 + 2**-10), 8, out_dtype=torch.float32)
+    torch.testing.assert_close(scaled, base * (1 + 2**-10), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(base, TorchMoEBackend()(x, weights, ids, topk_weights, 8, out_dtype=torch.float32),
+                               rtol=1e-5, atol=1e-5)

@@ -6,7 +6,11 @@ E = local experts, C = padded pair capacity (see `align`), BM/BN/BK = BLOCK_M/N/
 Each program owns BLOCK_M consecutive slots of the aligned pair list (all of one expert) and a column tile:
   gate_up: h[slot] = silu(x[token] @ w1[e]^T) * (x[token] @ w3[e]^T)   -> h [C, F], indexed by slot
   down:    y[pair] = topk_weight[pair] * (h[slot] @ w2[e]^T)           -> y [P, D] fp32
-and the top-K sum y.view(T, K, D).sum(1) runs in torch (see `fused_experts`).
+and the top-K sum y.view(T, K, D).sum(1) runs in torch (see `fused_experts`). Router weights stay fp32 (the
+multiply happens on the fp32 accumulator, so a weight is never rounded to the activations' dtype).
+
+Sizes that change every step (pairs, blocks) are not specialised on, so the compiled variants are exactly one per
+(block config, dtype): `TritonMoEBackend.warm_up` compiles them all before serving.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def _tile_coords(pid, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks_m"])
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr,
     num_pairs, top_k, D, F, num_blocks_m,
@@ -78,7 +82,7 @@ def _gate_up_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks_m"])
 def _down_kernel(
     h_ptr, w_ptr, y_ptr, topk_w_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr,
     num_pairs, D, F, num_blocks_m,
@@ -112,7 +116,7 @@ def _down_kernel(
         a_ptrs += BLOCK_K * stride_hf
         b_ptrs += BLOCK_K * stride_wf
 
-    w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)  # [BM] router weight of each pair
+    w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)  # [BM] fp32 router weight of each pair
     acc = acc * w[:, None]
     y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_d[None, :] * stride_yd
     tl.store(y_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
@@ -146,7 +150,9 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, aligned: Aligne
 def down(h: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, topk_weights: torch.Tensor, aligned: AlignedPairs,
          cfg: KernelConfig) -> None:
     """y [P, D] (row = pair) <- topk_weight[pair] * (h[slot] @ w2[e]^T) for local pairs; other rows untouched.
-    h [C, F], w2 [E, D, F], topk_weights [T, K] contiguous."""
+    h [C, F], w2 [E, D, F], topk_weights [T, K] fp32 contiguous."""
+    if topk_weights.dtype != torch.float32 or not topk_weights.is_contiguous():
+        raise ValueError(f"topk_weights must be contiguous fp32, got {topk_weights.dtype}")
     num_blocks_m = aligned.block_expert.numel()
     d, f = w2.shape[1], w2.shape[2]
     if num_blocks_m == 0:
@@ -165,7 +171,7 @@ def down(h: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, topk_weights: torch
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   aligned: AlignedPairs, cfg: MoEConfig) -> torch.Tensor:
     """[T, D] fp32: sum over each token's aligned (local) pairs of topk_weight * expert(x). x and weights share a
-    dtype; topk_weights [T, K]; `aligned` from `align_pairs` with BLOCK_M = cfg.block_m."""
+    dtype; topk_weights [T, K] (used in fp32); `aligned` from `align_pairs` with BLOCK_M = cfg.block_m."""
     t, k = topk_weights.shape
     f = w13.shape[1] // 2
     h = torch.empty(aligned.sorted_ids.numel(), f, dtype=x.dtype, device=x.device)  # [C, F]
@@ -174,5 +180,5 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     # traffic are small next to the expert weights. Zeroed because pairs routed elsewhere are never written.
     y = torch.zeros(t * k, x.shape[1], dtype=torch.float32, device=x.device)  # [P, D]
     gate_up(x, w13, h, aligned, k, cfg.gate_up)
-    down(h, w2, y, topk_weights.contiguous(), aligned, cfg.down)
+    down(h, w2, y, topk_weights.to(torch.float32).contiguous(), aligned, cfg.down)
     return y.view(t, k, -1).sum(dim=1)

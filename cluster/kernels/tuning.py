@@ -1,15 +1,25 @@
 """Block configs for the fused-MoE kernels, chosen by token count M.
 
-Tuned configs live in `configs/E=<E>,N=<N>,device=<name>.json` (E = local experts, N = ffn size F, name =
-`torch.cuda.get_device_name()` with spaces as underscores), mapping M (tokens, as a string) to either one flat
-config used by both kernels or `{"gate_up": {...}, "down": {...}}`; the nearest M is used. `benchmarks/tune_moe.py`
-writes them. Without a file, `default_config` applies.
+Tuned configs live in `configs/E=<E>,N=<N>,device=<name>,triton=<major.minor>.json` (E = local experts, N = ffn
+size F, name = `torch.cuda.get_device_name()` with spaces as underscores), mapping M (tokens, as a string) to either
+one flat config used by both kernels or `{"gate_up": {...}, "down": {...}}`; the nearest M is used.
+`benchmarks/tune_moe.py` writes them. The Triton version is part of the key because the best blocks (and whether a
+block fits in shared memory at all) move with the compiler's pipelining. Lookup: this Triton's file, else the same
+shape and device tuned under the nearest other Triton version (tuned for this GPU and shape, so likely nearer the
+best than the generic defaults; warm-up compiles every one before serving, so one that no longer fits fails at
+start, not mid-request), else an unversioned file, else `default_config`.
+
+M buckets: a bucket is a run of token counts that get the same config (with a table, the Ms nearest each tuned
+entry; without one, `default_config`'s ranges). The kernels compile once per distinct config (block sizes are
+constexpr), so running one M of each bucket compiles everything serving can launch (`config_buckets`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +27,8 @@ from pathlib import Path
 import torch
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,15 +88,53 @@ def _cuda_name(index: int) -> str:
     return torch.cuda.get_device_name(index).replace(" ", "_")
 
 
-def config_file_name(num_experts: int, ffn: int, device: str) -> str:
-    return f"E={num_experts},N={ffn},device={device.replace(' ', '_')}.json"
+def triton_version() -> str:
+    """The installed Triton as "major.minor" (what the config key records)."""
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def config_file_name(num_experts: int, ffn: int, device: str, triton: str | None = None) -> str:
+    """The tuned-config file for this shape, device and Triton version (default: the installed one)."""
+    return f"E={num_experts},N={ffn},device={device.replace(' ', '_')},triton={triton or triton_version()}.json"
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def find_config_file(num_experts: int, ffn: int, device: str, triton: str | None = None) -> Path | None:
+    """This Triton's file; else the nearest other version's (the newer on a tie); else the unversioned one."""
+    triton = triton or triton_version()
+    stem = f"E={num_experts},N={ffn},device={device.replace(' ', '_')}"
+    exact = CONFIG_DIR / config_file_name(num_experts, ffn, device, triton)
+    if exact.is_file():
+        return exact
+    pattern = re.compile(re.escape(stem) + r",triton=(\d+(?:\.\d+)*)\.json")
+    versions = {m.group(1): path for path in CONFIG_DIR.glob(f"{stem},triton=*.json")
+                if (m := pattern.fullmatch(path.name))}
+    if versions:
+        want = _version_key(triton)
+        pick = min(versions, key=lambda v: (_distance(_version_key(v), want), [-x for x in _version_key(v)]))
+        log.warning("no MoE configs tuned under Triton %s for %s; using Triton %s's", triton, stem, pick)
+        return versions[pick]
+    legacy = CONFIG_DIR / f"{stem}.json"
+    return legacy if legacy.is_file() else None
+
+
+def _distance(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Version distance, major first: 3.5 is nearer 3.6 than 4.6 is."""
+    width = max(len(a), len(b))
+    a, b = a + (0,) * (width - len(a)), b + (0,) * (width - len(b))
+    return tuple(abs(x - y) for x, y in zip(a, b))
 
 
 @lru_cache(maxsize=None)
 def load_configs(num_experts: int, ffn: int, device: str) -> dict[int, MoEConfig] | None:
-    """Tuned configs {M: MoEConfig} for this shape and device, or None if there is no file."""
-    path = CONFIG_DIR / config_file_name(num_experts, ffn, device)
-    if not path.is_file():
+    """Tuned configs {M: MoEConfig} for this shape and device (see `find_config_file`), or None if there is none."""
+    path = find_config_file(num_experts, ffn, device)
+    if path is None:
         return None
     return {int(m): parse_config(c) for m, c in json.loads(path.read_text()).items()}
 
@@ -110,3 +160,16 @@ def get_config(m: int, num_experts: int, ffn: int, device: torch.device | str) -
     if not table:
         return default_config(m)
     return table[min(table, key=lambda k: (abs(k - m), k))]
+
+
+def config_buckets(max_tokens: int, num_experts: int, ffn: int,
+                   device: torch.device | str) -> list[tuple[int, int, MoEConfig]]:
+    """The M buckets up to `max_tokens`: (first M, last M, config) for each run of token counts with one config."""
+    buckets: list[tuple[int, int, MoEConfig]] = []
+    for m in range(1, max_tokens + 1):
+        cfg = get_config(m, num_experts, ffn, device)
+        if buckets and buckets[-1][2] == cfg:
+            buckets[-1] = (buckets[-1][0], m, cfg)
+        else:
+            buckets.append((m, m, cfg))
+    return buckets

@@ -1,4 +1,9 @@
-"""The sparse MoE block: a router gate here, the experts wherever the executor keeps them."""
+"""The sparse MoE block: a router gate here, the experts wherever the executor keeps them.
+
+The router weights go to the experts in fp32 whatever the activations' dtype: every backend scales each expert's
+output by its weight on an fp32 accumulator, so a weight is never rounded to bf16 (2^-8 relative) first. (transformers
+rounds the weights to the activations' dtype, so in bf16 the two differ by that rounding; in fp32 they agree.)
+"""
 
 from __future__ import annotations
 
@@ -18,8 +23,8 @@ class MoELayer(nn.Module):
         self.executor: ExpertExecutor | None = None  # set by the loader; may be local or remote
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> [T, D]."""
+        """x [T, D] -> [T, D]. Legend: T = tokens, D = hidden, K = experts per token."""
         if self.executor is None:
             raise RuntimeError(f"layer {self.layer}: no expert executor attached")
         weights, ids = route(self.gate(x), self.top_k)  # [T, K], [T, K]
-        return self.executor(self.layer, x, ids, weights.to(x.dtype))
+        return self.executor(self.layer, x, ids, weights)  # weights [T, K] fp32

@@ -22,8 +22,10 @@ class MoEBackend(Protocol):
         """Weighted sum over each token's routed experts that `weights` holds; others contribute zero.
 
         Legend: T = tokens, D = hidden, K = experts per token.
-        x [T, D]; topk_ids [T, K] global expert ids; topk_weights [T, K] -> [T, D] in `out_dtype` (default x's).
-        The sum is accumulated in fp32: a shard returns fp32 partials so that combining shards rounds once.
+        x [T, D]; topk_ids [T, K] global expert ids; topk_weights [T, K] (fp32 from the router; any float dtype is
+        accepted and used in fp32) -> [T, D] in `out_dtype` (default x's).
+        Weights multiply and the sum accumulates in fp32: a shard returns fp32 partials so that combining shards
+        rounds once.
         """
         ...
 
