@@ -1,5 +1,8 @@
-"""Expert shards as Ray actors behind the gloo token channel: same tokens as one process, loss and recovery."""
+"""Expert shards as Ray actors behind the token channel: same tokens as one process (every shard its own process,
+or shard 0 in the replica's process as on GPUs), loss, hang and recovery."""
 
+import asyncio
+import itertools
 import os
 import signal
 import threading
@@ -10,10 +13,12 @@ import pytest
 import torch
 
 from cluster.config import ModelConfig
-from cluster.engine.outputs import UnavailableError
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.outputs import RequestOutput, UnavailableError
 from cluster.engine.sampling_params import SamplingParams
 from cluster.parallel.channel import ChannelSpec, ReplicaChannel
 from cluster.parallel.dispatch import RoutedBatch
+from cluster.parallel.layout import UnitLayout
 from cluster.parallel.shard_worker import ShardWorker
 from cluster.parallel.shm_channel import ShmReplicaChannel, create_files, shm_directory
 from cluster.serve.args import ServeArgs
@@ -151,3 +156,99 @@ def test_a_killed_shard_fails_the_step_fast_then_the_unit_recovers(local_ray, ti
         assert _drive(engine, _prompts(12), GREEDY) == reference["greedy"]
     finally:
         unit.close()
+
+
+# The GPU layout on CPU: shard 0 runs in the replica's process, the others are channel ranks 1..S-1.
+def _in_replica(shards: int) -> UnitLayout:
+    return UnitLayout("cpu", None, (None,) * shards, (None,) + tuple(range(1, shards)))
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_a_shard_in_the_replica_process_beside_channel_shards_generates_the_single_process_tokens(
+        local_ray, tiny_dir, reference, shards):
+    from cluster.serve.unit import ShardedUnit
+
+    args = _args(tiny_dir, shards, channel="gloo")
+    unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir), _in_replica(shards))
+    try:
+        assert type(unit.executor.transport).__name__ == "HybridTransport"
+        assert unit.executor.transport.remote.num_shards == shards - 1  # the channel connects only the others
+        info = unit.shard_info()
+        assert [i["channel_rank"] for i in info] == [None] + list(range(1, shards))
+        assert info[0]["pid"] == os.getpid() and len({i["pid"] for i in info}) == shards
+        assert sorted(e for i in info for e in i["experts"]) == list(range(8))
+        for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
+            engine = build_engine(args, "cpu", unit.executor)
+            assert _drive(engine, _prompts(12), params) == reference[name], name
+    finally:
+        unit.close()
+
+
+_REQUEST_IDS = itertools.count()
+
+
+def _ask(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+    """The requests sent together through the async engine (as the replica runs them) -> each one's last output."""
+    async def one(prompt: list[int]) -> RequestOutput:
+        outputs = [out async for out in await engine.add_request(f"r{next(_REQUEST_IDS)}", prompt, params)]
+        return outputs[-1]
+
+    async def every() -> list[RequestOutput]:
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    return asyncio.run(every())
+
+
+@pytest.mark.parametrize("layout", ["own-process", "in-replica"])
+def test_a_hung_shard_gives_503s_within_the_step_timeout_then_the_unit_recovers(local_ray, tiny_dir, reference,
+                                                                                layout):
+    """A shard that stops answering (SIGSTOP) fails the step at the deadline, not never; the unit kills it, Ray
+    restarts it, and the unit serves the single-process tokens again."""
+    from cluster.serve.unit import ShardedUnit
+
+    step_timeout_s = 3.0
+    args = _args(tiny_dir, 2, channel="gloo", step_timeout_s=step_timeout_s, recovery_timeout_s=120)
+    unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir), _in_replica(2) if layout == "in-replica" else None)
+    engine = AsyncEngine(lambda: build_engine(args, "cpu", unit.executor))
+    victim = unit.shard_info()[1]["pid"]
+    try:
+        unit.supervise(engine.call)
+        os.kill(victim, signal.SIGSTOP)
+        t0 = time.monotonic()
+        outputs = _ask(engine, _prompts(4), GREEDY)
+        elapsed = time.monotonic() - t0
+        assert [(o.finish_reason, o.error_status) for o in outputs] == [("error", 503)] * 4, outputs
+        assert "missed" in outputs[0].error or "no reply" in outputs[0].error, outputs[0].error
+        assert step_timeout_s <= elapsed < step_timeout_s + 5, elapsed
+        deadline = time.monotonic() + 90
+        while unit.health().status != "ok" or unit.recoveries == 0:
+            assert unit.health().status != "failed", unit.health().detail
+            assert time.monotonic() < deadline, f"not recovered: {unit.health()}"
+            time.sleep(0.2)
+        assert unit.shard_info()[1]["pid"] != victim  # killed for missing the deadline; Ray restarted it
+        outputs = _ask(engine, _prompts(4), GREEDY)
+        assert [(o.finish_reason, o.error) for o in outputs] == [("length", None)] * 4
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)  # if it is still there (a failed test): let Ray end it
+        except ProcessLookupError:
+            pass
+        engine.shutdown()
+    try:
+        assert _drive(build_engine(args, "cpu", unit.executor), _prompts(12), GREEDY) == reference["greedy"]
+    finally:
+        unit.close()
+
+
+def test_recovery_waits_on_the_engine_thread_for_a_bounded_time():
+    """A step holds the engine thread at most `step_timeout_s`; the supervisor gives up on a longer wait, and a call
+    that failed on the engine thread does not end it."""
+    from cluster.serve.unit import ShardedUnit
+
+    unit = ShardedUnit.__new__(ShardedUnit)  # only the engine-thread calls, no shards
+    unit._run_on_engine = lambda fn: Future()  # an engine thread that never takes the call
+    t0 = time.monotonic()
+    assert unit._on_engine(lambda _: None, 0.3) is False
+    assert 0.3 <= time.monotonic() - t0 < 2
+    unit._run_on_engine = _run_now
+    assert unit._on_engine(lambda _: 1 / 0, 0.3) is True

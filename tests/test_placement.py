@@ -1,5 +1,6 @@
 """The placement planner: expert -> shard -> GPU maps and memory per GPU for the released configs, checked against
-byte counts computed here from config.json numbers, refusals with their reasons, and `moe-cluster plan`."""
+byte counts computed here from config.json numbers, refusals with their reasons, `moe-cluster plan`, and the unit
+layout it shares with Serve's bundles (no GPU holding two channel ranks)."""
 
 import dataclasses
 import json
@@ -12,6 +13,7 @@ import torch
 from cluster.cli import main
 from cluster.config import ModelConfig
 from cluster.engine.paged_cache import kv_bytes_per_block
+from cluster.parallel.layout import unit_layout
 from cluster.parallel.placement import (PlacementError, assign_experts, expert_owners, kv_bytes_per_token,
                                         plan_placement)
 
@@ -88,6 +90,7 @@ def test_mixtral_8x7b_on_2_gpus():
     expert, dense = _expert_bytes(X7B), _dense_bytes(X7B)
     assert [s.experts for s in p.shards] == [(0, 1, 2, 3), (4, 5, 6, 7)] and [s.gpu for s in p.shards] == [0, 1]
     assert p.expert_owners() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [s.channel_rank for s in p.shards] == [None, 1]  # shard 0 shares GPU 0: it runs in the replica's process
     assert [s.weight_bytes for s in p.shards] == [4 * expert] * 2 and p.replica_gpu == 0
     assert [m.weight_bytes for m in p.memory] == [4 * expert + dense, 4 * expert]
     assert p.kv_tokens == (int(80 * GiB * 0.9) - 4 * expert - dense) // _kv_per_token(X7B)
@@ -140,6 +143,7 @@ def test_the_replica_takes_the_first_free_gpu():
     p = plan_placement(ModelConfig.from_file(X22B), 8, 80 * GiB, num_shards=4)
     expert, dense, usable = _expert_bytes(X22B), _dense_bytes(X22B), int(80 * GiB * 0.9)
     assert [s.experts for s in p.shards] == [(0, 1), (2, 3), (4, 5), (6, 7)] and p.replica_gpu == 4
+    assert [s.channel_rank for s in p.shards] == [1, 2, 3, 4] and p.layout.local_shards == ()  # all their own GPU
     assert [(m.expert_bytes, m.replica_bytes) for m in p.memory] == [(2 * expert, 0)] * 4 + [(0, dense)] + [(0, 0)] * 3
     assert p.memory[4].kv_bytes == usable - dense and p.kv_tokens == (usable - dense) // _kv_per_token(X22B)
 
@@ -270,3 +274,106 @@ def test_cli_plan_options(args, code, text, capsys):
     assert main(["plan", *args]) == code
     out, err = capsys.readouterr()
     assert text in (out if code == 0 else err)
+
+
+# --- the unit layout: the planner and Serve's reservation agree -------------------------------------------------------
+
+@pytest.mark.parametrize("shards", range(1, 9))
+@pytest.mark.parametrize("spare", [False, True], ids=["replica-shares-gpu0", "replica-on-its-own-gpu"])
+def test_serve_bundles_reserve_what_the_planner_plans(shards, spare):
+    pytest.importorskip("ray")
+    from cluster.serve.args import ServeArgs
+    from cluster.serve.unit import replica_gpus, shard_options, unit_bundles
+
+    config = ModelConfig.from_file(X7B)
+    gpus = shards + spare
+    plan = plan_placement(config, gpus, 200 * GiB, num_shards=shards, min_kv_tokens=0)
+    args = ServeArgs(shards=shards, gpus=gpus if spare else None)
+    layout = args.layout(config, "cuda")
+    assert layout == plan.layout and layout.strategy == "STRICT_PACK"
+    bundles = unit_bundles(args, layout)
+
+    # Which bundle holds which shard: the replica's bundle 0 (a shard in its process), else the one of its rank.
+    expected_ranks = list(range(1, shards + 1)) if spare else [None] + list(range(1, shards))
+    assert [s.channel_rank for s in plan.shards] == expected_ranks
+    gpu_asks = {0: [replica_gpus(layout)]}  # bundle -> the GPUs its processes ask for
+    bundle_gpu = {0: plan.replica_gpu}  # bundle -> the planned GPU it stands for
+    for s in plan.shards:
+        if s.channel_rank is None:
+            assert s.gpu == plan.replica_gpu and layout.bundle_index(s.index) == 0
+            with pytest.raises(ValueError, match="replica's process"):
+                shard_options(args, layout, s.index)
+        else:
+            options = shard_options(args, layout, s.index)
+            assert options["bundle"] == s.channel_rank == layout.bundle_index(s.index)
+            assert options["bundle"] not in bundle_gpu, "two shards in one bundle"
+            gpu_asks[options["bundle"]] = [options["num_gpus"]]
+            bundle_gpu[options["bundle"]] = s.gpu
+
+    # GPU count per bundle: one whole GPU, asked for by exactly one process (NCCL rank) in it.
+    assert sorted(gpu_asks) == list(range(len(bundles)))
+    assert all(b["GPU"] == 1 and gpu_asks[i] == [1] for i, b in enumerate(bundles))
+    assert bundles[0]["CPU"] == args.replica_cpus and all(b["CPU"] == args.shard_cpus for b in bundles[1:])
+    # No GPU holds two channel ranks, and the bundles cover exactly the GPUs the plan puts weights on.
+    rank_gpus = list(bundle_gpu.values())
+    assert len(set(rank_gpus)) == len(rank_gpus) == len(bundles) == layout.num_gpus == gpus
+    assert sorted(rank_gpus) == [m.gpu for m in plan.memory if m.weight_bytes]
+    replica_row = plan.memory[plan.replica_gpu]
+    assert replica_row.replica_bytes == plan.replica_bytes
+    assert replica_row.expert_bytes == sum(s.weight_bytes for s in plan.shards if s.channel_rank is None)
+
+
+@pytest.mark.parametrize("shards", range(1, 9))
+def test_cpu_units_keep_every_shard_in_its_own_process(shards):
+    pytest.importorskip("ray")
+    from cluster.serve.args import ServeArgs
+    from cluster.serve.unit import replica_gpus, shard_options, unit_bundles
+
+    config = ModelConfig.from_file(X7B)
+    args = ServeArgs(shards=shards, gpus=3)  # gpus applies to CUDA only
+    layout = args.layout(config, "cpu")
+    plan = plan_placement(config, 0, num_shards=shards)
+    assert layout == plan.layout and layout.strategy == "PACK" and layout.local_shards == ()
+    assert [s.channel_rank for s in plan.shards] == list(range(1, shards + 1))
+    assert unit_bundles(args, layout) == [{"CPU": args.replica_cpus}] + [{"CPU": args.shard_cpus}] * shards
+    assert replica_gpus(layout) == 0
+    assert [shard_options(args, layout, s) for s in range(shards)] == [
+        {"num_cpus": args.shard_cpus, "num_gpus": 0, "bundle": s + 1} for s in range(shards)]
+
+
+def test_a_dense_unit_is_the_replica_on_one_gpu():
+    pytest.importorskip("ray")
+    from cluster.serve.args import ServeArgs
+    from cluster.serve.unit import unit_bundles
+
+    config = ModelConfig.from_file(M7B)
+    layout = ServeArgs().layout(config, "cuda")
+    assert layout == plan_placement(config, 1, 80 * GiB).layout
+    assert unit_bundles(ServeArgs(), layout) == [{"CPU": 0.5, "GPU": 1}]
+
+
+@pytest.mark.parametrize("shards, gpus", [(4, 3), (4, 6), (2, 1)])
+def test_serve_args_refuse_gpu_counts_no_layout_uses(shards, gpus):
+    from cluster.serve.args import ServeArgs
+
+    with pytest.raises(ValueError, match=re.escape(f"a unit uses {shards} GPUs (the replica sharing GPU 0) or "
+                                                   f"{shards + 1} (the replica on its own)")):
+        ServeArgs(shards=shards, gpus=gpus).layout(ModelConfig.from_file(X7B), "cuda")
+    with pytest.raises(ValueError, match="a dense model"):
+        ServeArgs(gpus=2).layout(ModelConfig.from_file(M7B), "cuda")
+
+
+def test_the_layout_rule_refuses_fewer_gpus_than_shards():
+    with pytest.raises(ValueError, match="4 shards on 3 GPUs: each shard needs a GPU of its own"):
+        unit_layout(4, "cuda", 3)
+    with pytest.raises(ValueError, match="num_shards must be >= 0"):
+        unit_layout(-1, "cpu")
+
+
+def test_the_plan_names_the_channel_ranks():
+    shared = plan_placement(ModelConfig.from_file(X7B), 2, 80 * GiB).format()
+    assert "rank   0 -> attention/router replica + the experts of shard 0 (same process) -> GPU 0\n" in shared
+    assert "rank   1 -> shard 1 -> GPU 1\n" in shared and "rank   2" not in shared
+    spare = plan_placement(ModelConfig.from_file(X7B), 3, 80 * GiB, num_shards=2).format()
+    assert "rank   0 -> attention/router replica -> GPU 2\n" in spare
+    assert "rank   1 -> shard 0 -> GPU 0\n" in spare and "rank   2 -> shard 1 -> GPU 1\n" in spare

@@ -133,3 +133,21 @@ def test_auto_dtype_follows_the_hardware_and_explicit_ones_stay(monkeypatch, nat
     monkeypatch.setattr(dtype, "native_bf16", lambda device: native)  # the probe: this machine's CPU is what it is
     assert ServeArgs().resolved_dtype("cpu") == expected
     assert ServeArgs(dtype="fp16").resolved_dtype("cpu") == "fp16"
+
+
+@pytest.mark.parametrize("gpus, bundles", [(None, [{"CPU": 0.5, "GPU": 1}, {"CPU": 0.25, "GPU": 1}]),
+                                           (3, [{"CPU": 0.5, "GPU": 1}] + [{"CPU": 0.25, "GPU": 1}] * 2)],
+                         ids=["shard-0-in-the-replica", "replica-on-its-own-gpu"])
+def test_build_app_reserves_the_planned_unit_on_gpus(tiny_dir, gpus, bundles):
+    """What Serve is asked for on GPUs (no Ray needed to build it): the layout's bundles, packed on one node."""
+    from cluster.config import ModelConfig
+    from cluster.parallel.placement import plan_placement
+    from cluster.serve.app import build_app
+
+    args = ServeArgs(model=str(tiny_dir), shards=2, device="cuda", dtype="fp32", gpus=gpus)
+    router = build_app(args)._bound_deployment.init_args[0]._bound_deployment  # Ingress(router, ...) -> the router
+    assert router.ray_actor_options["num_gpus"] == 1
+    assert router._replica_config.placement_group_bundles == bundles  # Ray keeps the reservation here
+    assert router._replica_config.placement_group_strategy == "STRICT_PACK"
+    plan = plan_placement(ModelConfig.from_file(tiny_dir), gpus or 2, 2**34, num_shards=2, min_kv_tokens=0)
+    assert len(bundles) == plan.layout.num_gpus

@@ -18,7 +18,7 @@ class RoutedBatch:
     layer: int
     x: torch.Tensor  # [N, D]
     topk_ids: torch.Tensor  # [N, K] int32 global expert ids; the shard skips those it does not hold
-    topk_weights: torch.Tensor  # [N, K] x's dtype
+    topk_weights: torch.Tensor  # [N, K] fp32: the router's weights, unrounded (they scale fp32 partial sums)
 
 
 class ExpertTransport(Protocol):
@@ -35,6 +35,27 @@ class ExpertTransport(Protocol):
         ...
 
     def close(self) -> None:
+        ...
+
+
+class SplitPhaseTransport(ExpertTransport, Protocol):
+    """A transport whose round can be split: `post` sends, `collect` waits for the replies (`run` = both), so the
+    caller can work in between (`cluster.parallel.hybrid` computes the replica's own shard there).
+
+    A failed round marks it `broken` (it is never reused) and raises `UnavailableError`; `late_ranks` then holds the
+    channel ranks (1..num_shards) that missed the deadline, hung rather than gone. `abort` marks it broken and tears it
+    down without waiting for any peer, from any thread."""
+
+    broken: bool
+    late_ranks: tuple[int, ...]
+
+    def post(self, batches: list[RoutedBatch | None]) -> None:
+        ...
+
+    def collect(self) -> list[torch.Tensor | None]:
+        ...
+
+    def abort(self) -> None:
         ...
 
 
@@ -59,6 +80,7 @@ class ExpertParallelExecutor:
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
+        topk_weights = topk_weights.float()  # RoutedBatch's contract (free when the router already gives fp32)
         limit = self.transport.max_rows or x.shape[0]
         if x.shape[0] <= limit:
             return self._round(layer, x, topk_ids, topk_weights)

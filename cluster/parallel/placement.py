@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from cluster.checkpoint.names import dense_tensor_shapes, expert_tensor_shapes
 from cluster.config import ModelConfig
 from cluster.engine.paged_cache import kv_bytes_per_token
+from cluster.parallel.layout import UnitLayout, unit_layout
 
 
 def assign_experts(num_experts: int, num_shards: int) -> list[tuple[int, ...]]:
@@ -55,6 +56,7 @@ class Shard:
     experts: tuple[int, ...]
     gpu: int | None  # None: a CPU shard
     weight_bytes: int
+    channel_rank: int | None = None  # None: its experts run in the replica's process (sharing the replica's GPU)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,11 @@ class DeviceMemory:
 
 @dataclass(frozen=True)
 class Placement:
-    """One serving unit: the attention/router replica + expert shards, and the memory each device needs."""
+    """One serving unit: the attention/router replica + expert shards, and the memory each device needs.
+
+    `layout` is the rule Serve reserves the unit by (`cluster.parallel.layout`): which shard runs in the replica's
+    process and which processes are channel ranks, on which GPU.
+    """
 
     config: ModelConfig
     dtype_bytes: int
@@ -92,6 +98,7 @@ class Placement:
     kv_tokens: int | None  # tokens the KV room holds; None on CPU (sized by the engine config)
     gpu_memory: int | None
     gpu_memory_utilization: float
+    layout: UnitLayout
 
     @property
     def num_gpus(self) -> int:
@@ -103,7 +110,7 @@ class Placement:
 
     def format(self) -> str:
         """A readable table: expert -> shard -> device, then memory per device in GB."""
-        return "\n".join(_header(self) + _expert_map(self) + _memory_table(self) + _kv_line(self))
+        return "\n".join(_header(self) + _expert_map(self) + _processes(self) + _memory_table(self) + _kv_line(self))
 
 
 def dense_weight_bytes(config: ModelConfig, dtype_bytes: int = 2) -> int:
@@ -121,8 +128,9 @@ def plan_placement(config: ModelConfig, num_gpus: int, gpu_memory: int | None = 
                    min_kv_tokens: int | None = None) -> Placement:
     """Place one serving unit on `num_gpus` GPUs of `gpu_memory` bytes each, or refuse with PlacementError.
 
-    Shards default to min(num_gpus, num_experts), shard i on GPU i; the replica shares GPU 0 with shard 0 unless a
-    GPU is left free, then it takes the first free one. A dense model has no shards: the replica holds it on GPU 0.
+    Shards default to min(num_gpus, num_experts), shard i on GPU i; the replica shares GPU 0 with shard 0 (whose
+    experts then run in the replica's process: no GPU holds two channel ranks) unless a GPU is left free, then it
+    takes the first free one (`cluster.parallel.layout`). A dense model has no shards: the replica holds it on GPU 0.
     The KV cache gets all usable room left on the replica's GPU and must hold `min_kv_tokens` (default: one full
     context). Activations are not counted: they live in the (1 - utilization) headroom.
     num_gpus=0 plans `num_shards` CPU shards instead, reporting host bytes and never refusing for memory.
@@ -133,13 +141,15 @@ def plan_placement(config: ModelConfig, num_gpus: int, gpu_memory: int | None = 
     groups = assign_experts(config.num_experts, num_shards) if config.is_moe else []
     replica_bytes = dense_weight_bytes(config, dtype_bytes)
     per_token = kv_bytes_per_token(config, dtype_bytes)
+    layout = unit_layout(len(groups), "cuda" if num_gpus else "cpu", num_gpus or None)
+    shards = tuple(Shard(i, g, layout.shard_gpus[i], expert_weight_bytes(config, g, dtype_bytes),
+                         layout.channel_ranks[i]) for i, g in enumerate(groups))
     if num_gpus == 0:
-        return _cpu_plan(config, dtype_bytes, groups, replica_bytes, per_token)
+        return _cpu_plan(config, dtype_bytes, shards, replica_bytes, per_token, layout)
 
-    assert gpu_memory is not None  # _check_args
+    assert gpu_memory is not None and layout.replica_gpu is not None  # _check_args; a GPU layout
     usable = int(gpu_memory * gpu_memory_utilization)
-    shards = tuple(Shard(i, g, i, expert_weight_bytes(config, g, dtype_bytes)) for i, g in enumerate(groups))
-    replica_gpu = len(shards) if num_gpus > len(shards) else 0  # first free GPU, else share GPU 0 with shard 0
+    replica_gpu = layout.replica_gpu
     memory = []
     for gpu in range(num_gpus):
         experts = sum(s.weight_bytes for s in shards if s.gpu == gpu)
@@ -152,16 +162,15 @@ def plan_placement(config: ModelConfig, num_gpus: int, gpu_memory: int | None = 
     kv_tokens = memory[replica_gpu].kv_bytes // per_token
     _check_kv_fits(config, replica_gpu, memory[replica_gpu].kv_bytes, kv_tokens, per_token, min_kv_tokens)
     return Placement(config, dtype_bytes, shards, replica_gpu, replica_bytes, tuple(memory), per_token, kv_tokens,
-                     gpu_memory, gpu_memory_utilization)
+                     gpu_memory, gpu_memory_utilization, layout)
 
 
-def _cpu_plan(config: ModelConfig, dtype_bytes: int, groups: list[tuple[int, ...]], replica_bytes: int,
-              per_token: int) -> Placement:
+def _cpu_plan(config: ModelConfig, dtype_bytes: int, shards: tuple[Shard, ...], replica_bytes: int,
+              per_token: int, layout: UnitLayout) -> Placement:
     """CPU shards (gpu None): host bytes per shard and for the replica; nothing is refused for memory."""
-    shards = tuple(Shard(i, g, None, expert_weight_bytes(config, g, dtype_bytes)) for i, g in enumerate(groups))
     memory = tuple(DeviceMemory(f"CPU shard {s.index}", None, s.weight_bytes, 0, None) for s in shards)
     memory += (DeviceMemory("CPU replica", None, 0, replica_bytes, None),)
-    return Placement(config, dtype_bytes, shards, None, replica_bytes, memory, per_token, None, None, 1.0)
+    return Placement(config, dtype_bytes, shards, None, replica_bytes, memory, per_token, None, None, 1.0, layout)
 
 
 def _check_args(config: ModelConfig, num_gpus: int, gpu_memory: int | None, dtype_bytes: int,
@@ -241,6 +250,18 @@ def _expert_map(p: Placement) -> list[str]:
     lines = ["", "expert -> shard -> device"]
     lines += [f"  expert {e:>3} -> shard {s.index:>3} -> {dev.format(s.gpu)}" for s in p.shards for e in s.experts]
     lines.append(f"  attention/router replica ({_gb(p.replica_bytes)}) -> {dev.format(p.replica_gpu)}")
+    return lines
+
+
+def _processes(p: Placement) -> list[str]:
+    """The channel's ranks: one process each, and no GPU holding two (NCCL refuses it)."""
+    dev = "CPU" if p.replica_gpu is None else "GPU {}"
+    local = [s.index for s in p.shards if s.channel_rank is None]
+    within = f" + the experts of shard {_ids(local)} (same process)" if local else ""
+    lines = ["", "channel rank -> process -> device",
+             f"  rank {0:>3} -> attention/router replica{within} -> {dev.format(p.replica_gpu)}"]
+    lines += [f"  rank {s.channel_rank:>3} -> shard {s.index} -> {dev.format(s.gpu)}"
+              for s in sorted(p.shards, key=lambda s: s.channel_rank or 0) if s.channel_rank is not None]
     return lines
 
 

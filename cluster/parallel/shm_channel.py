@@ -1,9 +1,10 @@
 """The token channel within one machine: frames in shared memory, a one-byte FIFO message to wake the other side.
 
-Same frames as `cluster.parallel.channel` (header | x | topk_ids | topk_weights, reply [rows, D] fp32), but each
-message costs one wake-up instead of gloo's two (its socket thread, then the waiting thread). Measured on 2 cores
-between Ray actors: a 2-shard round trip of 0.23 ms at batch 32 against 0.78 ms over gloo (benchmarks/RESULTS.md).
-The unit uses it when every shard shares the replica's machine and the tensors live in host memory.
+Same frames as `cluster.parallel.channel` (`frames.py`: header | x | topk_ids | topk_weights fp32, reply [rows, D]
+fp32), but each message costs one wake-up instead of gloo's two (its socket thread, then the waiting thread).
+Measured on 2 cores between Ray actors: a 2-shard round trip of 0.23 ms at batch 32 against 0.78 ms over gloo
+(benchmarks/RESULTS.md). The unit uses it when every shard shares the replica's machine and the tensors live in
+host memory.
 
 Waiting for a reply, the replica first spins a little (a non-blocking read, then `sched_yield`, so a shard sharing
 its core runs) and only then sleeps in `select`. Sleeping costs a wake-up per round (~0.1 ms on 2 vCPUs, for the
@@ -12,7 +13,8 @@ than the spin budget (ms-scale expert work) the replica sleeps at once, so it do
 
 Per shard i, in `spec.path`: `mem{i}` (the request frame, then the reply), `req{i}` and `rep{i}` (FIFOs), removed as
 soon as both sides have opened them. A side that dies closes its FIFO ends, so the other side reads end-of-file at
-once: a lost shard fails the step, never hangs it.
+once: a lost shard fails the step, never hangs it. A shard that hangs instead misses the round's deadline
+(`timeout_s` after its frames went out): the step fails with `UnavailableError` and `late_ranks` names it.
 """
 
 from __future__ import annotations
@@ -24,14 +26,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 
 from cluster.engine.outputs import UnavailableError
-from cluster.parallel.channel import (OP_RUN, OP_STOP, ChannelSpec, FrameReader, FrameWriter, _HEADER_BYTES,
-                                      read_header)
 from cluster.parallel.dispatch import RoutedBatch
+from cluster.parallel.frames import HEADER_BYTES, OP_RUN, OP_STOP, ChannelSpec, FrameReader, FrameWriter, read_header
 from cluster.parallel.shard_worker import ShardWorker
 
 
@@ -43,7 +45,7 @@ def shm_directory() -> str:
 
 def _sizes(spec: ChannelSpec) -> tuple[int, int]:
     """(request bytes, reply bytes) of one shard's region."""
-    return _HEADER_BYTES + spec.body_bytes(spec.max_rows), spec.max_rows * spec.hidden * 4
+    return spec.frame_bytes(spec.max_rows), spec.max_rows * spec.hidden * 4
 
 
 def create_files(spec: ChannelSpec) -> None:
@@ -78,13 +80,15 @@ class _Region:
 
 
 class ShmReplicaChannel:
-    """The replica's end: an `ExpertTransport`. Opening blocks until every shard has opened its end."""
+    """The replica's end: a `SplitPhaseTransport`. Opening blocks until every shard has opened its end."""
 
     def __init__(self, spec: ChannelSpec):
         self.spec = spec
         self.num_shards = spec.num_shards
         self.max_rows = spec.max_rows
         self.broken = False
+        self.late_ranks: tuple[int, ...] = ()  # the ranks (shard + 1) that missed the deadline of the failed round
+        self._round: tuple[float, list[RoutedBatch | None]] | None = None
         self.waits = ReplyWaits(spec.spin_s)
         self.regions = [_Region(spec, i) for i in range(spec.num_shards)]
         self.writers = [FrameWriter(region.request, spec) for region in self.regions]
@@ -106,6 +110,11 @@ class ShmReplicaChannel:
             shutil.rmtree(spec.path, ignore_errors=True)
 
     def run(self, batches: list[RoutedBatch | None]) -> list[torch.Tensor | None]:
+        self.post(batches)
+        return self.collect()
+
+    def post(self, batches: list[RoutedBatch | None]) -> None:
+        """Write every busy shard's frame and wake it; `collect` waits for the replies."""
         if self.broken:
             raise UnavailableError("the expert shards are reconnecting")
         try:
@@ -120,28 +129,58 @@ class ShmReplicaChannel:
                 else:
                     packed[id(batch)] = request, self.writers[s].write(batch)
                 os.write(self.requests[s], b"q")
-            self.waits.begin()
-            replies = [None if batch is None else self._reply(s, batch) for s, batch in enumerate(batches)]
-            self.waits.end()
-            return replies
-        except (OSError, RuntimeError) as e:
-            self.broken = True
-            raise UnavailableError(f"an expert shard stopped answering: {e}") from e
+        except OSError as e:
+            self._fail(f"an expert shard stopped answering: {e}", e)
+        self.waits.begin()
+        self._round = (time.monotonic() + self.spec.timeout_s, batches)
 
-    def _reply(self, shard: int, batch: RoutedBatch) -> torch.Tensor:
-        wake = self.waits.read(self.replies[shard], self.spec.timeout_s)
-        if wake is None:
-            raise RuntimeError(f"expert shard {shard} sent no reply in {self.spec.timeout_s:.0f}s")
-        if not wake:
-            raise RuntimeError(f"expert shard {shard} closed the channel (its process ended)")
-        return self.regions[shard].reply_rows(batch.x.shape[0])  # a view of the region: valid until the next run
+    def collect(self) -> list[torch.Tensor | None]:
+        """The replies of the posted round, as views of the regions (valid until the next round)."""
+        if self._round is None:
+            raise UnavailableError("the expert shards are reconnecting")
+        (deadline, batches), self._round = self._round, None
+        replies: list[torch.Tensor | None] = []
+        try:
+            for s, batch in enumerate(batches):
+                if batch is None:
+                    replies.append(None)
+                    continue
+                wake = self.waits.read(self.replies[s], max(0.0, deadline - time.monotonic()))
+                if wake is None:
+                    late = (s + 1,) + tuple(r + 1 for r, b in enumerate(batches) if r > s and b is not None
+                                            and not self._replied(r))
+                    self._fail(f"expert shard rank(s) {', '.join(map(str, late))} sent no reply within the step "
+                               f"timeout of {self.spec.timeout_s:g}s", late=late)
+                if not wake:
+                    raise OSError(f"expert shard {s} closed the channel (its process ended)")
+                replies.append(self.regions[s].reply_rows(batch.x.shape[0]))
+        except OSError as e:
+            self._fail(f"an expert shard stopped answering: {e}", e)
+        self.waits.end()
+        return replies
+
+    def abort(self) -> None:
+        """Mark the channel broken (from any thread: a round in flight meets its deadline); `close` releases it."""
+        self.broken = True
+
+    def _replied(self, shard: int) -> bool:
+        """Whether `shard`'s wake-up byte is in (consumed: the channel is failing anyway)."""
+        try:
+            return bool(os.read(self.replies[shard], 1))
+        except BlockingIOError:
+            return False
+
+    def _fail(self, message: str, cause: BaseException | None = None, late: tuple[int, ...] = ()) -> NoReturn:
+        self.late_ranks = late
+        self.broken = True
+        raise UnavailableError(message) from cause
 
     def close(self) -> None:
         """Stop every shard's loop (or let it read end-of-file)."""
         for s, fd in enumerate(self.requests):
             try:
                 if not self.broken:
-                    self.regions[s].request[:_HEADER_BYTES].view(np.int64)[:] = (OP_STOP, 0, 0, 0)
+                    self.regions[s].request[:HEADER_BYTES].view(np.int64)[:] = (OP_STOP, 0, 0, 0)
                     os.write(fd, b"q")
             except OSError:
                 pass
@@ -218,7 +257,7 @@ def serve_shard_shm(spec: ChannelSpec, rank: int, worker: ShardWorker) -> str:
     request = os.open(Path(spec.path) / f"req{shard}", os.O_RDONLY)  # waits for the replica's end
     reply = os.open(Path(spec.path) / f"rep{shard}", os.O_WRONLY)  # the replica opened its end first
     os.write(reply, b"h")
-    frames = FrameReader(torch.from_numpy(region.request[_HEADER_BYTES:]), spec)
+    frames = FrameReader(torch.from_numpy(region.request[HEADER_BYTES:]), spec)
     try:
         while True:
             if not os.read(request, 1):

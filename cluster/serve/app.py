@@ -26,15 +26,15 @@ def build_app(args: ServeArgs | dict) -> Application:
     model_dir = args.model_dir().resolve()  # writes the embedded default on first use
     config = ModelConfig.from_file(model_dir)
     device = _device(args)
-    shards = args.num_shards(config)
     args = args.model_copy(update={"model": str(model_dir), "device": device})
+    layout = args.layout(config, device)  # the replica builds its unit from the same args: the same layout
     router = serve.deployment(AttentionRouter).options(
         name="AttentionRouter",
         num_replicas=args.units,
-        ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": replica_gpus(shards, device),
+        ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": replica_gpus(layout),
                            "runtime_env": {"env_vars": UNIT_ENV}},
-        placement_group_bundles=unit_bundles(args, shards, device),
-        placement_group_strategy="PACK",
+        placement_group_bundles=unit_bundles(args, layout),
+        placement_group_strategy=layout.strategy,
         max_ongoing_requests=MAX_ONGOING_REQUESTS,
         health_check_period_s=5,
         health_check_timeout_s=30,

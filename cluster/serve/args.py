@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.checkpoint.default import ensure_default_checkpoint
 from cluster.config import ModelConfig
 from cluster.model.dtype import resolve_dtype
+from cluster.parallel.layout import UnitLayout, unit_layout
 
 
 class ServeArgs(BaseModel):
@@ -21,6 +22,10 @@ class ServeArgs(BaseModel):
     tokenizer: Literal["v1", "v2", "v3"] | None = None
     shards: int = Field(2, ge=1, description="expert shards of one unit (at most the number of experts)")
     units: int = Field(1, ge=1, description="AttentionRouter replicas, each with its own shards")
+    gpus: int | None = Field(
+        None, ge=1, description="GPUs of one unit on CUDA: `shards` (default; the replica shares GPU 0 with shard 0, "
+                                "whose experts then run in the replica's process) or `shards` + 1 (the replica gets a "
+                                "GPU of its own); as `moe-cluster plan --gpus`")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the hardware multiplies bf16 natively (GPUs, CPUs with AVX512/AMX), "
@@ -36,7 +41,8 @@ class ServeArgs(BaseModel):
     shard_cpus: float = Field(0.25, gt=0, description="Ray CPUs reserved for each expert shard")
     ingress_cpus: float = Field(0.1, gt=0)
     shard_threads: int | None = Field(None, ge=1, description="torch threads per CPU shard; default: cores / shards")
-    step_timeout_s: float = Field(120.0, gt=0, description="longest wait for a shard's reply before it counts as lost")
+    step_timeout_s: float = Field(120.0, gt=0, description="longest wait for a layer's replies from the shards; "
+                                                            "a shard that misses it is restarted")
     recovery_timeout_s: float = Field(600.0, gt=0, description="how long a unit may take to bring a shard back")
 
     def model_dir(self) -> Path:
@@ -61,3 +67,12 @@ class ServeArgs(BaseModel):
         if self.shards > config.num_experts:
             raise ValueError(f"{self.shards} shards for {config.num_experts} experts: each shard needs an expert")
         return self.shards
+
+    def layout(self, config: ModelConfig, device: str) -> UnitLayout:
+        """Where the unit's replica and shards run (`cluster.parallel.layout`, the planner's rule too)."""
+        shards = self.num_shards(config)
+        if device == "cuda" and self.gpus not in (None, max(shards, 1), shards + 1):
+            raise ValueError(f"gpus={self.gpus} for {shards} shards: a unit uses {shards} GPUs (the replica sharing "
+                             f"GPU 0) or {shards + 1} (the replica on its own)" if shards else
+                             f"gpus={self.gpus} for a dense model: its unit is the replica, on one GPU")
+        return unit_layout(shards, device, self.gpus if device == "cuda" else None)

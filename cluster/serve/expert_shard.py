@@ -1,7 +1,8 @@
 """The ExpertShard Ray actor: loads its experts of every layer, then serves the token channel on a thread.
 
-Ray places it (a GPU each, or CPUs), restarts it when it dies and answers health pings; the per-layer tokens
-never travel through Ray, only through the channel opened by `connect`.
+Ray places it (a GPU each, or CPUs), restarts it when it dies (or when the unit kills it for missing a step
+deadline) and answers health pings; the per-layer tokens never travel through Ray, only through the channel opened
+by `connect`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import ray
 import torch
 
-from cluster.parallel.channel import ChannelSpec, open_group, serve_shard
+from cluster.parallel.channel import ChannelSpec, abort_group, open_group, serve_shard
 from cluster.parallel.shm_channel import serve_shard_shm
 from cluster.parallel.shard_worker import ShardWorker
 
@@ -30,6 +31,7 @@ class ExpertShard:
         self.worker = ShardWorker.load(model_dir, tuple(experts), dtype, self.device, backend)
         self.load_s = time.perf_counter() - t0
         self._loop: threading.Thread | None = None
+        self._group = None  # the torch.distributed group the loop serves (None: shm, or not connected)
         self.loop_exit = ""
 
     def info(self) -> dict:
@@ -46,10 +48,15 @@ class ExpertShard:
     def connect(self, spec: ChannelSpec, rank: int) -> None:
         """Join the replica's group (blocks until every rank joined), then serve it on a thread."""
         if self._loop is not None:
-            self._loop.join(timeout=spec.connect_timeout_s)  # the previous channel's loop ends when it closes
+            if self._loop.is_alive() and self._group is not None:
+                # The replica only reconnects after dropping the old channel. gloo's loop has seen the peer close;
+                # NCCL's may still wait on a receive from an aborted communicator: abort our end too.
+                abort_group(self._group)
+            self._loop.join(timeout=spec.connect_timeout_s)  # shm's loop ends when the replica closes its FIFOs
             if self._loop.is_alive():
                 raise RuntimeError("the previous channel is still being served")
         group = open_group(spec, rank) if spec.backend != "shm" else None  # shm: the loop opens its FIFOs
+        self._group = group
         self._loop = threading.Thread(target=self._serve, args=(spec, rank, group), name="expert-channel",
                                       daemon=True)
         self._loop.start()

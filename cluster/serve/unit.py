@@ -1,9 +1,15 @@
 """A serving unit's expert shards, seen from its AttentionRouter replica: start, connect, watch, bring back.
 
-The shards are Ray actors placed in the replica's placement-group bundles. The replica opens the token channel
-to them once; a supervisor thread then pings them. When a shard dies (or the channel fails mid-step, which fails
-the step's requests with 503), the unit closes the channel, waits for Ray to restart the shard (which reloads
-its experts), and reconnects every shard on a fresh channel. Meanwhile `health()` says "recovering".
+Where each shard runs follows `cluster.parallel.layout` (the planner's rule too): on GPUs the shard sharing GPU 0
+with the replica runs in this process (a local `ShardWorker`; NCCL refuses two ranks on one GPU) and the others are
+Ray actors, one GPU each; on CPU every shard is an actor. The actors sit in the replica's placement-group bundles.
+The replica opens the token channel to the actors once; a supervisor thread then pings them.
+
+When a shard dies, or the channel fails mid-step (the step's requests fail with 503), the unit drops the channel,
+kills the shards that missed the step deadline (hung, not dead: Ray restarts them), waits for Ray to bring every
+shard back (a restarted one reloads its experts), and reconnects them on a fresh channel. No wait of the recovery
+is unbounded: a step gives the engine thread back within `step_timeout_s`, and the engine thread that never does
+fails the unit after `recovery_timeout_s` (Serve then replaces it). Meanwhile `health()` says "recovering".
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import get_current_placement_group
@@ -24,9 +31,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.api.backend import Health
 from cluster.config import ModelConfig
 from cluster.parallel.channel import ChannelSpec, ReplicaChannel
-from cluster.parallel.shm_channel import ShmReplicaChannel, create_files, shm_directory
-from cluster.parallel.dispatch import ExpertParallelExecutor, ExpertTransport
+from cluster.parallel.dispatch import ExpertParallelExecutor, ExpertTransport, SplitPhaseTransport
+from cluster.parallel.hybrid import HybridTransport
+from cluster.parallel.layout import UnitLayout
 from cluster.parallel.placement import assign_experts, expert_owners
+from cluster.parallel.shard_worker import ShardWorker
+from cluster.parallel.shm_channel import ShmReplicaChannel, create_files, shm_directory
 from cluster.serve.args import ServeArgs
 from cluster.serve.expert_shard import ExpertShard
 
@@ -39,66 +49,89 @@ RunOnEngine = Callable[[Callable], Future]
 UNIT_ENV = {"GOMP_SPINCOUNT": "20000"}
 _PING_PERIOD_S = 0.5
 _PING_TIMEOUT_S = 10.0
+_ENGINE_SLACK_S = 5.0  # beyond the step timeout, for the engine thread to take a command
 
 
-def unit_bundles(args: ServeArgs, num_shards: int, device: str) -> list[dict[str, float]]:
-    """Placement-group bundles of one unit. On GPUs shard 0 shares bundle 0 (one GPU) with the replica."""
-    if device == "cuda":
-        if num_shards == 0:
-            return [{"CPU": args.replica_cpus, "GPU": 1}]
-        return ([{"CPU": args.replica_cpus + args.shard_cpus, "GPU": 1}]
-                + [{"CPU": args.shard_cpus, "GPU": 1} for _ in range(num_shards - 1)])
-    return [{"CPU": args.replica_cpus}] + [{"CPU": args.shard_cpus} for _ in range(num_shards)]
+def unit_bundles(args: ServeArgs, layout: UnitLayout) -> list[dict[str, float]]:
+    """Placement-group bundles of one unit: the replica's (with any shard running in its process), then one per
+    channel rank; a whole GPU each on CUDA (no GPU holds two NCCL ranks)."""
+    return layout.bundles(args.replica_cpus, args.shard_cpus)
 
 
-def replica_gpus(num_shards: int, device: str) -> float:
-    if device != "cuda":
-        return 0
-    return 0.5 if num_shards else 1
+def replica_gpus(layout: UnitLayout) -> float:
+    """The replica owns its GPU whole: a shard sharing it runs in the replica's process."""
+    return 1 if layout.device == "cuda" else 0
+
+
+def shard_options(args: ServeArgs, layout: UnitLayout, shard: int) -> dict[str, Any]:
+    """Ray actor options of a shard that runs as an actor (one with a channel rank), in its bundle."""
+    if layout.channel_ranks[shard] is None:
+        raise ValueError(f"shard {shard} runs in the replica's process, not as an actor")
+    return {"num_cpus": args.shard_cpus, "num_gpus": 1 if layout.device == "cuda" else 0,
+            "bundle": layout.bundle_index(shard)}
 
 
 class ShardedUnit:
-    def __init__(self, args: ServeArgs, device: str, config: ModelConfig):
+    def __init__(self, args: ServeArgs, device: str, config: ModelConfig, layout: UnitLayout | None = None):
+        """`layout` defaults to `args.layout(config, device)` (tests pass one to run the GPU layout on CPU)."""
         self.args = args
         self.device = device
         self.config = config
-        self.groups = assign_experts(config.num_experts, args.num_shards(config))
+        self.layout = layout or args.layout(config, device)
+        self.groups = assign_experts(config.num_experts, self.layout.num_shards)
         self.state, self.detail = "starting", "loading expert shards"
-        self.shards = [self._start_shard(i, g) for i, g in enumerate(self.groups)]
+        self.actors = {s: self._start_shard(s) for s in self.layout.remote_shards}
+        self.local = {s: self._load_local(s) for s in self.layout.local_shards}  # while the actors load theirs
         self._wait_loaded()
         self.executor = ExpertParallelExecutor(self._connect(), expert_owners(self.groups))
         self.state, self.detail = "ok", ""
         self.recoveries = 0
         self._stop = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._run_on_engine: RunOnEngine | None = None
 
     # -- start-up ----------------------------------------------------------------------------------------------
-    def _start_shard(self, index: int, experts: tuple[int, ...]):
-        cuda = self.device == "cuda"
-        options = {"num_cpus": self.args.shard_cpus, "num_gpus": (0.5 if index == 0 else 1) if cuda else 0,
-                   "max_restarts": -1, "max_concurrency": 4, "runtime_env": {"env_vars": UNIT_ENV}}
+    def _start_shard(self, shard: int):
+        options = shard_options(self.args, self.layout, shard)
+        bundle = options.pop("bundle")
+        options.update({"max_restarts": -1, "max_concurrency": 4, "runtime_env": {"env_vars": UNIT_ENV}})
         pg = get_current_placement_group()
         if pg is not None:
-            bundle = index if cuda else index + 1
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
-        threads = self.args.shard_threads or _default_shard_threads(len(self.groups), cuda)
+        threads = self.args.shard_threads or _default_shard_threads(self.layout.num_shards, self.device == "cuda")
         actor = ray.remote(ExpertShard).options(**options)
-        return actor.remote(str(self.args.model_dir()), experts, self.args.resolved_dtype(self.device), self.device,
-                            self.args.moe_backend, threads)
+        return actor.remote(str(self.args.model_dir()), self.groups[shard], self.args.resolved_dtype(self.device),
+                            self.device, self.args.moe_backend, threads)
+
+    def _load_local(self, shard: int) -> ShardWorker:
+        t0 = time.perf_counter()
+        worker = ShardWorker.load(self.args.model_dir(), self.groups[shard], self.args.resolved_dtype(self.device),
+                                  self.device, self.args.moe_backend)
+        print(f"expert shard {shard}: experts {list(worker.expert_ids)}, {worker.nbytes / 1e6:.1f} MB, loaded in "
+              f"{time.perf_counter() - t0:.2f}s in the replica's process", file=sys.stderr, flush=True)
+        return worker
 
     def _wait_loaded(self) -> None:
         t0 = time.perf_counter()
-        for i, shard in enumerate(self.shards):
-            info = ray.get(shard.info.remote())
-            print(f"expert shard {i}: experts {info['experts']}, {info['bytes'] / 1e6:.1f} MB, "
+        for shard, actor in self.actors.items():
+            info = ray.get(actor.info.remote())
+            print(f"expert shard {shard}: experts {info['experts']}, {info['bytes'] / 1e6:.1f} MB, "
                   f"loaded in {info['load_s']}s (pid {info['pid']})", file=sys.stderr, flush=True)
-        log.info("%d expert shards ready in %.1fs", len(self.shards), time.perf_counter() - t0)
+        log.info("%d expert shards ready in %.1fs", self.layout.num_shards, time.perf_counter() - t0)
 
     def _connect(self) -> ExpertTransport:
-        """Open a fresh channel: the shards join from their actors while this replica hosts the meeting point."""
+        """A fresh transport: a channel the actors join (this replica hosts the meeting point), with the local
+        shards beside it when there are any."""
+        channel = self._open_channel() if self.actors else None
+        if not self.local:
+            assert channel is not None
+            return channel
+        return HybridTransport(self.local, channel, self.layout.remote_shards)
+
+    def _open_channel(self) -> SplitPhaseTransport:
         address = ray.util.get_node_ip_address()
         backend = self._channel_backend()
-        spec = ChannelSpec(address=address, port=_free_port(address), num_shards=len(self.shards),
+        spec = ChannelSpec(address=address, port=_free_port(address), num_shards=len(self.actors),
                            hidden=self.config.hidden_size, top_k=self.config.experts_per_token,
                            dtype=self.args.resolved_dtype(self.device),
                            max_rows=self.args.max_num_batched_tokens, backend=backend,
@@ -106,7 +139,7 @@ class ShardedUnit:
                            exact_sizes=backend == "nccl", timeout_s=self.args.step_timeout_s)
         if backend == "shm":
             create_files(spec)
-        joined = [shard.connect.remote(spec, rank + 1) for rank, shard in enumerate(self.shards)]
+        joined = [self.actors[s].connect.remote(spec, self.layout.channel_ranks[s]) for s in self.layout.remote_shards]
         channel = ShmReplicaChannel(spec) if backend == "shm" else ReplicaChannel(spec, self.device)
         ray.get(joined, timeout=spec.connect_timeout_s)
         return channel
@@ -118,13 +151,15 @@ class ShardedUnit:
         if self.device == "cuda":
             return "nccl"
         here = ray.get_runtime_context().get_node_id()
-        nodes = ray.get([s.node_id.remote() for s in self.shards], timeout=_PING_TIMEOUT_S)
+        nodes = ray.get([a.node_id.remote() for a in self.actors.values()], timeout=_PING_TIMEOUT_S)
         return "shm" if all(n == here for n in nodes) else "gloo"
 
     # -- supervision -------------------------------------------------------------------------------------------
     def supervise(self, run_on_engine: RunOnEngine) -> None:
         """Start watching the shards; transports are swapped on the engine thread through `run_on_engine`."""
         self._run_on_engine = run_on_engine
+        if not self.actors:
+            return  # every shard runs in this process: nothing can be lost apart from it
         self._supervisor = threading.Thread(target=self._watch, name="shard-supervisor", daemon=True)
         self._supervisor.start()
 
@@ -132,64 +167,108 @@ class ShardedUnit:
         state, detail = self.state, self.detail
         if state == "ok" and self._channel_broken():  # failed mid-step; the supervisor is about to notice
             state, detail = "recovering", "the token channel failed; restarting the expert shards"
-        return Health(state, detail, {"shards": len(self.shards), "recoveries": self.recoveries})
+        return Health(state, detail, {"shards": self.layout.num_shards, "recoveries": self.recoveries})
 
     def shard_info(self) -> list[dict]:
-        return ray.get([s.info.remote() for s in self.shards], timeout=_PING_TIMEOUT_S)
+        """One entry per shard, in shard order (a local shard's pid is the replica's)."""
+        remote = ray.get([a.info.remote() for a in self.actors.values()], timeout=_PING_TIMEOUT_S)
+        info = dict(zip(self.actors, remote))
+        for s, worker in self.local.items():
+            info[s] = {"experts": list(worker.expert_ids), "bytes": worker.nbytes, "pid": os.getpid(),
+                       "device": self.device, "serving": True}
+        return [{**info[s], "channel_rank": self.layout.channel_ranks[s]} for s in range(self.layout.num_shards)]
 
     def close(self) -> None:
         self._stop.set()
         self.executor.transport.close()
-        for shard in self.shards:
-            ray.kill(shard, no_restart=True)
+        for actor in self.actors.values():
+            ray.kill(actor, no_restart=True)
 
     def _watch(self) -> None:
-        while not self._stop.wait(_PING_PERIOD_S):
-            lost = self._lost_shard()
+        while self.state != "failed" and not self._stop.wait(_PING_PERIOD_S):  # failed: Serve replaces the replica
+            lost = self._lost_shards()
             if lost is not None:
-                self._recover(lost)
+                self._recover(*lost)
 
     def _channel_broken(self) -> bool:
         return getattr(self.executor.transport, "broken", False)
 
-    def _lost_shard(self) -> str | None:
-        if self._channel_broken():
-            return "the token channel failed"
-        for i, shard in enumerate(self.shards):
-            try:
-                ray.get(shard.ping.remote(), timeout=_PING_TIMEOUT_S)
-            except ray.exceptions.GetTimeoutError:
-                continue  # busy, not dead: the channel's own timeout catches a hung shard
-            except ray.exceptions.RayError as e:
-                return f"expert shard {i} died ({type(e).__name__})"
-        return None
+    def _lost_shards(self) -> tuple[str, tuple[int, ...]] | None:
+        """(why, the shards that hung) when the unit must recover, else None. Pings every actor; an unanswered ping
+        is a busy or hung shard (the next step's deadline tells them apart), so it only waits while the channel
+        holds up."""
+        pings = {actor.ping.remote(): shard for shard, actor in self.actors.items()}
+        pending = list(pings)
+        give_up = time.monotonic() + _PING_TIMEOUT_S
+        while True:
+            broken = self._broken_channel()
+            if broken is not None:
+                return broken
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=_PING_PERIOD_S)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    return f"expert shard {pings[ref]} died ({type(e).__name__})", ()
+            if not pending or time.monotonic() > give_up or self._stop.is_set():
+                return None
 
-    def _recover(self, reason: str) -> None:
+    def _broken_channel(self) -> tuple[str, tuple[int, ...]] | None:
+        if not self._channel_broken():
+            return None
+        hung = tuple(self.layout.shard_at_rank(r) for r in getattr(self.executor.transport, "late_ranks", ()))
+        if hung:
+            return f"expert shard(s) {_ids(hung)} missed the step deadline of {self.args.step_timeout_s:g}s", hung
+        return "the token channel failed", ()
+
+    def _recover(self, reason: str, hung: tuple[int, ...]) -> None:
         self.state, self.detail = "recovering", f"{reason}; restarting the expert shards"
         log.warning("serving unit recovering: %s", reason)
-        old: ExpertTransport = self.executor.transport
-        self._run_on_engine(lambda _: old.close()).result()
         deadline = time.monotonic() + self.args.recovery_timeout_s
+        old: ExpertTransport = self.executor.transport
+        if not self._on_engine(lambda _: old.close(), self.args.step_timeout_s + _ENGINE_SLACK_S):
+            getattr(old, "abort", lambda: None)()  # a step still holds it: fail that step now (the close stays queued)
+        for shard in hung:  # Ray restarts it in a fresh process
+            ray.kill(self.actors[shard], no_restart=False)
         while not self._stop.is_set():
             try:
-                ray.get([s.ping.remote() for s in self.shards], timeout=_PING_TIMEOUT_S)  # restarted and reloaded
-                channel = self._connect()
-                self._run_on_engine(lambda _: setattr(self.executor, "transport", channel)).result()
-                self.recoveries += 1
-                self.state, self.detail = "ok", ""
-                log.warning("serving unit recovered (%d recoveries)", self.recoveries)
-                return
+                ray.get([a.ping.remote() for a in self.actors.values()], timeout=_PING_TIMEOUT_S)  # back and loaded
+                transport = self._connect()
             except Exception as e:  # still restarting, or the reconnect failed: try again until the deadline
                 if time.monotonic() > deadline:
-                    self.state, self.detail = "failed", f"{reason}; not back after " \
-                                                        f"{self.args.recovery_timeout_s:.0f}s: {e}"
-                    log.error("serving unit failed: %s", self.detail)
-                    return
+                    return self._fail(f"{reason}; not back after {self.args.recovery_timeout_s:.0f}s: {e}")
                 time.sleep(1.0)
+                continue
+            if not self._on_engine(lambda _: setattr(self.executor, "transport", transport),
+                                   max(0.0, deadline - time.monotonic())):
+                return self._fail(f"{reason}; the engine thread did not take the new channel in time")
+            self.recoveries += 1
+            self.state, self.detail = "ok", ""
+            log.warning("serving unit recovered (%d recoveries)", self.recoveries)
+            return
+
+    def _on_engine(self, fn: Callable, timeout_s: float) -> bool:
+        """Run `fn` on the engine thread between two steps; False if it did not run within `timeout_s`."""
+        assert self._run_on_engine is not None
+        try:
+            self._run_on_engine(fn).result(timeout=timeout_s)
+        except FutureTimeout:
+            return False
+        except Exception as e:  # it ran, and failed: the supervisor carries on
+            log.warning("on the engine thread: %s: %s", type(e).__name__, e)
+        return True
+
+    def _fail(self, detail: str) -> None:
+        self.state, self.detail = "failed", detail
+        log.error("serving unit failed: %s", detail)
 
 
 def _default_shard_threads(num_shards: int, cuda: bool) -> int:
     return 1 if cuda else max(1, (os.cpu_count() or 1) // max(1, num_shards))
+
+
+def _ids(shards: tuple[int, ...]) -> str:
+    return ", ".join(map(str, shards))
 
 
 def _free_port(address: str) -> int:
