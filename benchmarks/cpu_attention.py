@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.checkpoint.default import ensure_default_checkpoint  # noqa: E402
-from cluster.engine.paged_cache import AttentionMetadata, PagedKVCache  # noqa: E402
+from cluster.attention.metadata import AttentionMetadata  # noqa: E402
+from cluster.engine.paged_cache import PagedKVCache  # noqa: E402
 from cluster.model.loader import load_model  # noqa: E402
 from side_by_side import median_rounds, write_rows  # noqa: E402
 

@@ -20,7 +20,7 @@ def _reference(q: torch.Tensor, cache: PagedKVCache, tables: list[list[int]], co
     group = q.shape[1] // kv_heads
     out = []
     for b, (table, n) in enumerate(zip(tables, contexts)):
-        rows = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)])
+        rows = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)], dtype=torch.long)
         k = cache.k[0].reshape(kv_heads, -1, head_dim)[:, rows].double().repeat_interleave(group, 0)  # [H, n, Dh]
         v = cache.v[0].reshape(kv_heads, -1, head_dim)[:, rows].double().repeat_interleave(group, 0)
         probs = (torch.einsum("hd,hnd->hn", q[b].double(), k) * cache.scale).softmax(-1)
@@ -37,10 +37,11 @@ def test_decode_kernel_matches_float64_attention(heads, kv_heads, head_dim, bloc
                                  num_layers=1)
     g = torch.Generator().manual_seed(heads + head_dim + block)
     # A context of 1, ones ending just inside, at and past a block edge, and long ones over many blocks.
-    contexts = [1, block - 1, block, block + 1, 3 * block + 5, 300, 1000]
+    # A padding row (context 0, slot -1) must give zeros and write nothing the others read.
+    contexts = [1, block - 1, block, block + 1, 0, 3 * block + 5, 300, 1000]
     num_blocks = sum(-(-n // block) for n in contexts) + 3
     cache = PagedKVCache(config, num_blocks, block, torch.float32)
-    assert cache.kernel is not None
+    assert cache.backend.name == "cpu"
     free = torch.randperm(num_blocks, generator=g).tolist()  # scattered, in no order
     tables = [[free.pop() for _ in range(-(-n // block))] for n in contexts]
     # Keys of growing scale along each sequence: the running max rises block after block, so the kernel's
@@ -52,11 +53,12 @@ def test_decode_kernel_matches_float64_attention(heads, kv_heads, head_dim, bloc
     k_new = torch.randn(len(contexts), kv_heads, head_dim, generator=g)
     v_new = torch.randn(len(contexts), kv_heads, head_dim, generator=g)
     width = max(len(t) for t in tables)
-    slots = [t[(n - 1) // block] * block + (n - 1) % block for t, n in zip(tables, contexts)]
+    slots = [t[(n - 1) // block] * block + (n - 1) % block if n else -1 for t, n in zip(tables, contexts)]
     cache.begin_step(AttentionMetadata(torch.tensor(slots), torch.tensor([t + [0] * (width - len(t)) for t in tables]),
                                        [1] * len(contexts), contexts, len(contexts)))
     got = cache.attend(0, q, k_new, v_new)  # writes each sequence's newest row, then attends over all of them
     want = _reference(q, cache, tables, contexts)
+    assert torch.all(got[4] == 0)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
 
 
@@ -65,6 +67,7 @@ def test_decodes_next_to_prefill_chunks_use_the_kernel_only_for_the_decodes():
     block = 8
     cache = PagedKVCache(config, 16, block, torch.float32)
     torch_cache = PagedKVCache(config, 16, block, torch.float32, use_kernel=False)
+    assert (cache.backend.name, torch_cache.backend.name) == ("cpu", "torch")
     g = torch.Generator().manual_seed(3)
     for c in (cache, torch_cache):
         c.k.copy_(torch.randn(c.k.shape, generator=torch.Generator().manual_seed(4)))

@@ -1,10 +1,26 @@
-"""Turns a `SchedulerOutput` into one forward pass over the paged cache and returns the logits to sample."""
+"""Turns a `SchedulerOutput` into one forward pass over the paged cache and returns the logits to sample.
+
+A step's integer inputs (token ids, positions, slots, block tables, context lengths, query starts, logit rows) are
+laid out on the host in one persistent int32 buffer (pinned when CUDA is available) and reach the device in one
+non-blocking copy into a persistent device buffer: no per-step allocation, no host sync, no .tolist()/.item().
+
+Decode-only steps can also run over static buffers padded to a batch-size bucket (`prepare_decode` then
+`forward_decode`): the same device tensors every step of that bucket, so a CUDA graph can capture the forward once
+and replay it. Padding rows carry token 0 at position 0, slot -1 (its KV write is skipped) and context 0 (its
+attention output is zeros); their logits are computed and ignored. `decode_buckets` makes `run` take that path.
+
+Legend: T = new tokens, B = sequences, NB = block-table width, S = sequences that sample, V = vocab.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-from cluster.engine.paged_cache import AttentionMetadata, PagedKVCache
+from cluster.attention.metadata import AttentionMetadata
+from cluster.engine.paged_cache import PagedKVCache
 from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput
 from cluster.model.decoder import CausalLM
 
@@ -15,40 +31,166 @@ def step_order(num_computed: int, num_new: int) -> tuple[bool, int]:
     return num_new != 1, num_computed + num_new
 
 
+@dataclass
+class StepInputs:
+    """One forward's inputs, all on the device (views of persistent buffers)."""
+
+    input_ids: torch.Tensor  # [T] int32
+    positions: torch.Tensor  # [T] int32
+    meta: AttentionMetadata
+    logit_rows: torch.Tensor  # [S] int32: the hidden row whose logits each sampling sequence needs
+    sample_rows: torch.Tensor | None = None  # static decodes: [bucket] int32, rows of the logits that sample first
+
+
+class PackedInts:
+    """A persistent int32 host buffer and its device twin. `send` lays arrays end to end on the host and moves them
+    in one non-blocking copy; on a CPU device the host buffer is the device buffer."""
+
+    def __init__(self, device: torch.device, capacity: int = 1 << 14):
+        self.device = device
+        self.capacity = 0
+        self._copied: torch.cuda.Event | None = None
+        self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        self.capacity = capacity
+        on_cuda = self.device.type == "cuda"
+        self.host = torch.zeros(capacity, dtype=torch.int32, pin_memory=on_cuda and torch.cuda.is_available())
+        self.device_buffer = torch.zeros(capacity, dtype=torch.int32, device=self.device) if on_cuda else self.host
+        self._host_np = self.host.numpy()
+
+    def send(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
+        """Device views of `parts`, in order. The previous copy must be done before its host bytes are rewritten:
+        waiting on its event costs nothing once the step that used it has finished."""
+        total = sum(p.size for p in parts)
+        if self._copied is not None:
+            self._copied.synchronize()
+        if total > self.capacity:
+            self._grow(max(total, 2 * self.capacity))  # the old device buffer lives on in the views handed out
+        offset, views = 0, []
+        for p in parts:
+            self._host_np[offset:offset + p.size] = p.ravel()
+            views.append(self.device_buffer[offset:offset + p.size])
+            offset += p.size
+        if self.device_buffer is not self.host:
+            self.device_buffer[:total].copy_(self.host[:total], non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        return views
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, decode_buckets: tuple[int, ...] = ()):
+        """decode_buckets: batch sizes a decode-only step is padded up to (the smallest that holds it) and run over
+        static buffers; empty: every step runs exactly its own rows."""
         self.model = model
         self.cache = cache
         self.device = model.lm_head.weight.device
+        self.decode_buckets = tuple(sorted(decode_buckets))
+        # Static table width: no sequence outgrows the model's context or the cache.
+        self.max_blocks = min(-(-model.config.max_position_embeddings // cache.block_size), cache.num_blocks)
+        self._step = PackedInts(self.device)
+        self._static: dict[int, tuple[PackedInts, StepInputs]] = {}
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledSeq]]:
         """Forward the step; return (logits [S, V] fp32, the S scheduled sequences that sample, in that order)."""
         items = sorted(batch.scheduled, key=lambda s: step_order(s.seq.num_computed, s.num_new))
-        bs = self.cache.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        for s in items:
-            seq, start = s.seq, s.seq.num_computed
-            input_ids += seq.token_slice(start, start + s.num_new)
-            positions += range(start, start + s.num_new)
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + s.num_new)]
-        width = max(len(s.seq.block_table) for s in items)
-        tables = torch.tensor([s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in items],
-                              dtype=torch.long)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_tables=tables.to(self.device),
-            query_lens=[s.num_new for s in items],
-            context_lens=[s.seq.num_computed + s.num_new for s in items],
-            num_decodes=sum(1 for s in items if s.num_new == 1),
-        )
-        self.cache.begin_step(meta)
-        hidden = self.model(torch.tensor(input_ids, device=self.device),
-                            torch.tensor(positions, device=self.device), self.cache)  # [T, D]
-        ends = torch.tensor(meta.query_lens).cumsum(0) - 1
         sampling = [i for i, s in enumerate(items) if s.samples]
-        logits = self.model.compute_logits(hidden[ends[sampling].to(self.device)])
-        return logits, [items[i] for i in sampling]
+        bucket = self._bucket(items)
+        if bucket:
+            inputs = self.prepare_decode(items, bucket)
+            logits = self.forward_decode(bucket).index_select(0, inputs.sample_rows[:len(sampling)])
+            return logits, [items[i] for i in sampling]
+        inputs = self.prepare(items)
+        return self.forward(inputs), [items[i] for i in sampling]
+
+    def _bucket(self, items: list[ScheduledSeq]) -> int | None:
+        if not self.decode_buckets or any(s.num_new != 1 for s in items):
+            return None
+        return next((b for b in self.decode_buckets if b >= len(items)), None)
+
+    # -- any step ----------------------------------------------------------------------------------------------
+    def prepare(self, items: list[ScheduledSeq]) -> StepInputs:
+        """Lay out a step of sorted sequences (decodes first) and send it to the device."""
+        query_lens = [s.num_new for s in items]
+        context_lens = [s.seq.num_computed + s.num_new for s in items]
+        ids: list[int] = []
+        for s in items:
+            ids += s.seq.token_slice(s.seq.num_computed, s.seq.num_computed + s.num_new)
+        width = max(len(s.seq.block_table) for s in items)
+        tables = np.zeros((len(items), width), dtype=np.int32)
+        for i, s in enumerate(items):
+            tables[i, :len(s.seq.block_table)] = s.seq.block_table
+        q_lens = np.array(query_lens, dtype=np.int32)
+        qsl = np.zeros(len(items) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=qsl[1:])
+        positions, slots = self._positions_and_slots(tables, np.array(context_lens, dtype=np.int32), q_lens, qsl)
+        logit_rows = qsl[1:][[i for i, s in enumerate(items) if s.samples]] - 1
+        parts = [np.array(ids, dtype=np.int32), positions, slots, np.array(context_lens, dtype=np.int32), qsl,
+                 logit_rows.astype(np.int32), tables]
+        ids_t, pos_t, slots_t, lens_t, qsl_t, rows_t, tables_t = self._step.send(parts)
+        meta = AttentionMetadata(slots_t, tables_t.view(len(items), width), query_lens, context_lens,
+                                 sum(1 for n in query_lens if n == 1), lens_t, qsl_t)
+        return StepInputs(ids_t, pos_t, meta, rows_t)
+
+    def _positions_and_slots(self, tables: np.ndarray, context_lens: np.ndarray, q_lens: np.ndarray,
+                             qsl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """positions [T] and flat cache slots [T] of every new token."""
+        bs = self.cache.block_size
+        seq = np.repeat(np.arange(len(q_lens)), q_lens)  # [T] which sequence each token belongs to
+        positions = (np.arange(int(qsl[-1])) - qsl[:-1][seq] + (context_lens - q_lens)[seq]).astype(np.int32)
+        slots = tables[seq, positions // bs] * bs + positions % bs
+        return positions, slots.astype(np.int32)
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """logits [S, V] fp32 of the sampling rows."""
+        self.cache.begin_step(inputs.meta)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.cache)  # [T, D]
+        return self.model.compute_logits(hidden[inputs.logit_rows])
+
+    # -- decode-only steps over static buffers -----------------------------------------------------------------
+    def prepare_decode(self, items: list[ScheduledSeq], bucket: int) -> StepInputs:
+        """Write a decode batch (one new token per sequence, sorted) into `bucket`'s static buffers, padded to
+        `bucket` rows. Returns the static inputs: the same tensors for every call with this bucket."""
+        if len(items) > bucket or any(s.num_new != 1 for s in items):
+            raise ValueError(f"prepare_decode takes at most {bucket} single-token decodes, got "
+                             f"{[s.num_new for s in items]}")
+        packed, inputs = self._static_inputs(bucket)
+        n, bs = len(items), self.cache.block_size
+        context_lens = [s.seq.num_computed + 1 for s in items] + [0] * (bucket - n)
+        ids = np.zeros(bucket, dtype=np.int32)
+        ids[:n] = [s.seq.token_slice(s.seq.num_computed, s.seq.num_computed + 1)[0] for s in items]
+        tables = np.zeros((n, self.max_blocks), dtype=np.int32)
+        for i, s in enumerate(items):
+            tables[i, :len(s.seq.block_table)] = s.seq.block_table
+        lens = np.array(context_lens, dtype=np.int32)
+        positions = np.maximum(lens - 1, 0)
+        slots = np.full(bucket, -1, dtype=np.int32)
+        slots[:n] = tables[np.arange(n), positions[:n] // bs] * bs + positions[:n] % bs
+        qsl = np.arange(bucket + 1, dtype=np.int32)
+        sample_rows = np.zeros(bucket, dtype=np.int32)
+        sampling = [i for i, s in enumerate(items) if s.samples]
+        sample_rows[:len(sampling)] = sampling
+        # Only the real rows' tables travel: padding rows (context 0) and columns past a row's context are never
+        # read by a kernel, and what an earlier step left there is still valid block ids.
+        packed.send([ids, positions, slots, lens, qsl, qsl[:bucket], sample_rows, tables])
+        inputs.meta.context_lens = context_lens  # the host view, for backends that plan on the host
+        return inputs
+
+    @torch.inference_mode()
+    def forward_decode(self, bucket: int) -> torch.Tensor:
+        """logits [bucket, V] fp32 over `bucket`'s static buffers (as `prepare_decode` left them); padding rows'
+        logits are meaningless. Reads no host data besides shapes with a graph-safe backend."""
+        return self.forward(self._static[bucket][1])
+
+    def _static_inputs(self, bucket: int) -> tuple[PackedInts, StepInputs]:
+        if bucket not in self._static:
+            width = self.max_blocks
+            sizes = (bucket, bucket, bucket, bucket, bucket + 1, bucket, bucket, bucket * width)
+            packed = PackedInts(self.device, capacity=sum(sizes))
+            ids, pos, slots, lens, qsl, rows, sample, tables = packed.send([np.zeros(n, np.int32) for n in sizes])
+            meta = AttentionMetadata(slots, tables.view(bucket, width), [1] * bucket, [0] * bucket, bucket, lens, qsl)
+            self._static[bucket] = packed, StepInputs(ids, pos, meta, rows, sample)
+        return self._static[bucket]

@@ -123,13 +123,15 @@ static void attend_one(int group, int head_dim, int block_size, const float *q, 
         else for (int j = i; j < head_dim; j += 16) weighted_rows(2, n, head_dim, s, v + base + j, acc[g] + j);
     }
   }
-  for (int g = 0; g < group; g++)
-    for (int i = 0; i < head_dim; i++) out[g * head_dim + i] = acc[g][i] / running_sum[g];
+  for (int g = 0; g < group; g++) {
+    const float sum = running_sum[g] > 0.0f ? running_sum[g] : 1.0f; /* context 0 (a padding row): zeros */
+    for (int i = 0; i < head_dim; i++) out[g * head_dim + i] = acc[g][i] / sum;
+  }
 }
 
 /* q [B, H, Dh]; k_cache, v_cache [KV, N, bs, Dh] (one layer); tables [B, table_stride] block ids; contexts [B]
- * tokens cached per sequence, this step's included -> out [B, H, Dh]. Needs G <= 16, Dh <= 256 and a multiple of
- * 16, bs <= 64 and a multiple of 8 (the caller checks). */
+ * tokens cached per sequence, this step's included (0, a padding row: its output is zeros) -> out [B, H, Dh].
+ * Needs G <= 16, Dh <= 256 and a multiple of 16, bs <= 64 and a multiple of 8 (the caller checks). */
 void paged_decode_attention(int batch, int heads, int kv_heads, int head_dim, int block_size, int64_t num_blocks,
                             const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
                             int64_t table_stride, const int64_t *contexts, float scale, float *out, int threads) {
