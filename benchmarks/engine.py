@@ -33,8 +33,7 @@ from cluster.config import ModelConfig  # noqa: E402
 from cluster.engine.async_engine import AsyncEngine  # noqa: E402
 from cluster.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
-from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput  # noqa: E402
-from cluster.engine.sequence import Sequence  # noqa: E402
+from cluster.engine.warm_up import synthetic_step  # noqa: E402
 from cluster.model.dtype import resolve_dtype  # noqa: E402
 from cluster.model.loader import load_model  # noqa: E402
 
@@ -125,26 +124,15 @@ def run_bound(engine: LLMEngine, steps: list[list[tuple[int, int, bool]]], outpu
     """Replay the step shapes through the engine's model runner: synthetic sequences with their own block tables
     and random token ids, every sampled row's logits reduced on the device, one sync per step as the engine."""
     runner, bs = engine.runner, engine.config.block_size
-    vocab = engine.model.config.vocab_size
-    per_seq = engine.blocks.num_blocks // max(len(s) for s in steps if s)
+    vocab, num_blocks = engine.model.config.vocab_size, engine.blocks.num_blocks
+    per_seq = num_blocks // max(len(s) for s in steps if s)
     rng = random.Random(0)
     t0 = time.perf_counter()
     for step in steps:
-        if not step:
-            continue
-        scheduled = []
-        for j, (computed, new, samples) in enumerate(step):
-            length = computed + new + (0 if samples else 1)  # a chunk that does not sample leaves tokens behind
-            seq = Sequence(j, f"bound-{j}", 0, [rng.randrange(vocab) for _ in range(length)], _GREEDY)
-            seq.num_computed = computed
-            seq.block_table = [j * per_seq + b for b in range(-(-(computed + new) // bs))]
-            scheduled.append(ScheduledSeq(seq, new))
-        logits, _ = runner.run(SchedulerOutput(scheduled))
-        logits.argmax(-1).tolist()
+        if step:
+            logits, _ = runner.run(synthetic_step(step, bs, per_seq, num_blocks, vocab, rng))
+            logits.argmax(-1).tolist()
     return Result(f"bound c={concurrency}", output_tokens, time.perf_counter() - t0)
-
-
-_GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
 
 @torch.inference_mode()

@@ -78,7 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve_args = ServeArgs(model=args.model, served_model_name=args.served_model_name, tokenizer=args.tokenizer,
                            shards=args.shards, device=args.device, dtype=args.dtype, moe_backend=args.moe_backend,
-                           kv_cache_bytes=args.kv_cache, max_num_seqs=args.max_num_seqs)
+                           kv_cache_bytes=args.kv_cache, max_num_seqs=args.max_num_seqs,
+                           attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs)
     if args.no_ray:
         from cluster.serve.standalone import run_standalone
 
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache", type=parse_size,
                    help="KV-cache memory (default: 1GiB on CPU, 90%% of free GPU memory)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences batched in one step (default 64)")
+    p.add_argument("--attention-backend", choices=["auto", "triton", "cpu", "torch"], default="auto")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="decode steps replayed from CUDA graphs (auto: on for CUDA, never on CPU)")
     p.set_defaults(run=_serve)
     return parser
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from cluster.engine.block_manager import BlockManager
+from cluster.engine.cuda_graphs import decode_buckets, graph_blocker
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.outputs import ContextLengthError, RequestError, RequestOutput
 from cluster.engine.paged_cache import PagedKVCache, kv_bytes_per_block
@@ -17,8 +19,11 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from cluster.engine.sequence import Sequence
 from cluster.engine.stop import StopStringFilter
+from cluster.engine.warm_up import warm_up
 from cluster.model.decoder import CausalLM
 from cluster.tokenizer.detokenizer import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
 
 TokenMaskFactory = Callable[[Sequence], Callable[[], torch.Tensor | None]]
 
@@ -31,6 +36,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # see `cluster.attention.selector`
+    cuda_graphs: bool = False  # capture decode steps per batch bucket (CUDA only; see `cluster.engine.cuda_graphs`)
 
 
 class _SeqOutput:
@@ -53,10 +60,20 @@ class LLMEngine:
         self.context_len = mc.max_position_embeddings
         self.device = device = model.lm_head.weight.device
         dtype = model.lm_head.weight.dtype
+        if config.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {device}")
         num_blocks = _num_blocks(config, kv_bytes_per_block(mc, config.block_size, dtype), device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
-        self.runner = ModelRunner(model, PagedKVCache(mc, num_blocks, config.block_size, dtype, device))
+        cache = PagedKVCache(mc, num_blocks, config.block_size, dtype, device, backend=config.attention_backend)
+        graphs = config.cuda_graphs and graph_blocker(model, cache) is None
+        if config.cuda_graphs and not graphs:
+            log.warning("decode steps run eagerly: %s", graph_blocker(model, cache))
+        self.runner = ModelRunner(model, cache, decode_buckets(config.max_num_seqs) if graphs else ())
+        if device.type == "cuda":
+            warm_up(self.runner, config.max_num_batched_tokens, num_blocks)
+        if graphs:
+            self.runner.capture_graphs()
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         self.siblings: dict[str, list[Sequence]] = {}  # choices 1..n-1, admitted once choice 0 has its prompt KV
@@ -199,7 +216,7 @@ def _num_blocks(config: EngineConfig, block_bytes: int, device: torch.device) ->
             budget = int(free * config.gpu_memory_utilization)
         else:
             budget = 2**30
-    num = budget // block_bytes
+    num = budget // block_bytes  # (the cache adds one block of scratch for padding rows' writes)
     if num < 1:
         raise ValueError(f"a KV-cache budget of {budget} bytes holds no block of {block_bytes} bytes")
     return num

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cluster.attention.metadata import AttentionMetadata
+from cluster.engine.cuda_graphs import DecodeGraphs
 from cluster.engine.paged_cache import PagedKVCache
 from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput
 from cluster.model.decoder import CausalLM
@@ -91,6 +92,14 @@ class ModelRunner:
         self.max_blocks = min(-(-model.config.max_position_embeddings // cache.block_size), cache.num_blocks)
         self._step = PackedInts(self.device)
         self._static: dict[int, tuple[PackedInts, StepInputs]] = {}
+        self.graphs: DecodeGraphs | None = None  # set by `capture_graphs`
+        self.use_graphs = False  # replay captured graphs for decode steps (off: the same buffers, eagerly)
+
+    def capture_graphs(self) -> None:
+        """Capture a CUDA graph of the decode forward for every bucket; decode steps then replay them."""
+        self.graphs = DecodeGraphs(self)
+        self.graphs.capture()
+        self.use_graphs = True
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledSeq]]:
@@ -100,8 +109,9 @@ class ModelRunner:
         bucket = self._bucket(items)
         if bucket:
             inputs = self.prepare_decode(items, bucket)
-            logits = self.forward_decode(bucket).index_select(0, inputs.sample_rows[:len(sampling)])
-            return logits, [items[i] for i in sampling]
+            replay = self.use_graphs and self.graphs is not None and bucket in self.graphs
+            logits = self.graphs.replay(bucket) if replay else self.forward_decode(bucket)
+            return logits.index_select(0, inputs.sample_rows[:len(sampling)]), [items[i] for i in sampling]
         inputs = self.prepare(items)
         return self.forward(inputs), [items[i] for i in sampling]
 

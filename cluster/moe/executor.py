@@ -30,6 +30,11 @@ class LocalExpertExecutor:
                  topk_weights: torch.Tensor) -> torch.Tensor:
         return self.backend(x, self.layers[layer], topk_ids, topk_weights, self.num_experts)
 
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a CUDA graph can capture these experts (a backend that never syncs with the host)."""
+        return getattr(self.backend, "graph_safe", False)
+
     def warm_up(self, max_tokens: int, top_k: int) -> None:
         """Compile what a backend compiles (the Triton kernels) before serving; see `TritonMoEBackend.warm_up`."""
         warm_up_layers(self.backend, self.layers, max_tokens, top_k, self.num_experts)

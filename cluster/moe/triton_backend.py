@@ -15,6 +15,7 @@ class TritonMoEBackend:
     Router weights are used in fp32 whatever the activations' dtype."""
 
     name = "triton"
+    graph_safe = True  # no host sync, sizes from shapes only: a decode step through it can be captured
 
     def config(self, tokens: int, weights: ExpertWeights) -> MoEConfig:
         return get_config(tokens, weights.w13.shape[0], weights.w2.shape[2], weights.w13.device)

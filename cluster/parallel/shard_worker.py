@@ -11,6 +11,7 @@ from cluster.checkpoint.reader import CheckpointReader, parse_dtype
 from cluster.config import ModelConfig
 from cluster.model.loader import load_experts
 from cluster.moe.backend import MoEBackend, get_backend, prepare_layers
+from cluster.moe.executor import warm_up_layers
 from cluster.moe.weights import ExpertWeights
 from cluster.parallel.dispatch import RoutedBatch
 
@@ -30,6 +31,11 @@ class ShardWorker:
         config = ModelConfig.from_file(directory)
         layers = load_experts(CheckpointReader(directory), config, parse_dtype(dtype), device, list(experts), progress)
         return cls(layers, config.num_experts, get_backend(backend, device))
+
+    def warm_up(self, max_tokens: int, top_k: int) -> None:
+        """Compile the backend's kernels for every batch size up to `max_tokens` before serving (on a GPU; a no-op
+        for backends that compile nothing). See `cluster.moe.executor.warm_up_layers`."""
+        warm_up_layers(self.backend, self.layers, max_tokens, top_k, self.num_experts)
 
     @property
     def expert_ids(self) -> tuple[int, ...]:

@@ -31,6 +31,11 @@ class ServeArgs(BaseModel):
         "auto", description="auto: bf16 where the hardware multiplies bf16 natively (GPUs, CPUs with AVX512/AMX), "
                             "else fp32")
     moe_backend: Literal["auto", "cpu", "torch", "triton"] = "auto"
+    attention_backend: Literal["auto", "triton", "cpu", "torch"] = Field(
+        "auto", description="auto: triton on CUDA, the C decode kernel on x86 CPUs in fp32, else torch")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="capture decode steps in CUDA graphs per batch bucket; auto: on for CUDA when the "
+                            "experts run in the replica's process, never on CPU")
     channel: Literal["auto", "shm", "gloo", "nccl"] = Field(
         "auto", description="the per-layer token channel; auto: shm when a unit shares one machine on CPU, "
                             "else gloo on CPU and NCCL on GPU")
@@ -56,6 +61,11 @@ class ServeArgs(BaseModel):
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def resolved_cuda_graphs(self, device: str) -> bool:
+        if self.cuda_graphs == "on" and device != "cuda":
+            raise ValueError("cuda_graphs=on needs a CUDA device")
+        return self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and device == "cuda")
 
     def resolved_dtype(self, device: str) -> str:
         return resolve_dtype(self.dtype, device)

@@ -55,6 +55,8 @@ class ExpertShard:
             self._loop.join(timeout=spec.connect_timeout_s)  # shm's loop ends when the replica closes its FIFOs
             if self._loop.is_alive():
                 raise RuntimeError("the previous channel is still being served")
+        if self.device == "cuda":
+            self.worker.warm_up(spec.max_rows, spec.top_k)  # compiled once; a reconnect finds them cached
         group = open_group(spec, rank) if spec.backend != "shm" else None  # shm: the loop opens its FIFOs
         self._group = group
         self._loop = threading.Thread(target=self._serve, args=(spec, rank, group), name="expert-channel",

@@ -107,6 +107,8 @@ class ShardedUnit:
         t0 = time.perf_counter()
         worker = ShardWorker.load(self.args.model_dir(), self.groups[shard], self.args.resolved_dtype(self.device),
                                   self.device, self.args.moe_backend)
+        if self.device == "cuda":
+            worker.warm_up(self.args.max_num_batched_tokens, self.config.experts_per_token)
         print(f"expert shard {shard}: experts {list(worker.expert_ids)}, {worker.nbytes / 1e6:.1f} MB, loaded in "
               f"{time.perf_counter() - t0:.2f}s in the replica's process", file=sys.stderr, flush=True)
         return worker

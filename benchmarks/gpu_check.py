@@ -1,0 +1,150 @@
+"""The GPU check: everything the first minutes on a GPU must prove, in one run that writes one JSON.
+
+    python benchmarks/gpu_check.py [--dry-run] [--out gpu_check.json] [--only SECTION ...]
+
+Sections, each timed and recorded on its own (a crash is recorded with its traceback, a missed check as "failed";
+the rest still run):
+  ceilings         device-to-device copy bandwidth and bf16 matmul rate, measured here (the denominators below)
+  kernel_tests     the kernel and attention test files under pytest, on this device
+  moe_kernel       fused MoE on Mixtral 8x22B expert shapes: % of HBM bandwidth and of bf16 peak per M
+  paged_attention  paged decode attention at batch 64 x 4K context against the HBM bound
+  engine_mini      the engine (Triton MoE, Triton attention, CUDA graphs) on `mini`: tok/s at concurrency 64,
+                   the forward-only bound, launches per decode step, eager and graph outputs equal
+  engine_8x7b      the same on a random Mixtral-8x7B-shaped checkpoint with 2 layers
+  tiny_vs_cpu      greedy tokens on `tiny`, this device against CPU fp32
+
+Needs only torch, triton, numpy, safetensors and pytest (no Ray, pydantic or mistral-common). `--dry-run` runs
+every section on the CPU with the Triton interpreter and tiny shapes, so the script is known to work before a GPU
+sees it (tests/test_gpu_check.py); its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_align.py", "tests/test_triton_attention.py"]
+
+
+def environment(dry_run: bool) -> dict:
+    import torch
+    import triton
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "dry_run": dry_run}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=props.name, sms=props.multi_processor_count, memory_gb=round(props.total_memory / 1e9, 1))
+    else:
+        info["device"] = "cpu (Triton interpreter)"
+    return info
+
+
+def ceilings(dry_run: bool) -> dict:
+    from ceilings import measure_ceilings
+
+    return measure_ceilings(dry_run)
+
+
+def kernel_tests(dry_run: bool) -> dict:
+    files = [f for f in KERNEL_TESTS if (ROOT / f).is_file()]
+    # The dry run only collects: the suite runs these files under the interpreter anyway.
+    # no:warnings: pyproject's warning filters name pydantic, which the GPU machine lacks.
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings",
+               *(["--collect-only"] if dry_run else []), *files]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    result = {"files": files, "returncode": done.returncode, "summary": tail, "headline": tail,
+              "passed": done.returncode == 0}
+    if done.returncode != 0:
+        result["output_tail"] = (done.stdout + done.stderr)[-6000:]
+    return result
+
+
+def moe_kernel(dry_run: bool) -> dict:
+    import moe_kernel as bench
+
+    return bench.run(dry_run)
+
+
+def paged_attention(dry_run: bool) -> dict:
+    import paged_attention as bench
+
+    return bench.run(dry_run)
+
+
+def engine_mini(dry_run: bool) -> dict:
+    import gpu_engine
+
+    return gpu_engine.run("tiny" if dry_run else "mini", dry_run)
+
+
+def engine_8x7b(dry_run: bool) -> dict:
+    import gpu_engine
+
+    return gpu_engine.run("tiny" if dry_run else "8x7b-2layers", dry_run)
+
+
+def tiny_vs_cpu(dry_run: bool) -> dict:
+    import gpu_engine
+
+    return gpu_engine.compare_with_cpu(dry_run)
+
+
+SECTIONS: dict[str, Callable[[bool], dict]] = {
+    "ceilings": ceilings, "kernel_tests": kernel_tests, "moe_kernel": moe_kernel, "paged_attention": paged_attention,
+    "engine_mini": engine_mini, "engine_8x7b": engine_8x7b, "tiny_vs_cpu": tiny_vs_cpu,
+}
+
+
+def run_section(name: str, dry_run: bool) -> dict:
+    t0 = time.perf_counter()
+    try:
+        measured = SECTIONS[name](dry_run)  # a section that ran but missed its check says "passed": False
+        record = {"status": "ok" if measured.get("passed", True) else "failed", **measured}
+    except Exception as e:  # a crash is a finding: record it and go on to the next section
+        record = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-6000:]}
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+    results = {"environment": environment(args.dry_run), "sections": {}}
+    for name in args.only or list(SECTIONS):
+        print(f"== {name}", flush=True)
+        results["sections"][name] = run_section(name, args.dry_run)
+        record = results["sections"][name]
+        print(f"   {record['status']} in {record['seconds']}s" + (f": {record['error']}" if "error" in record else ""),
+              flush=True)
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")  # partial results survive a timeout
+
+    print(f"\n{'section':<18}{'status':<8}{'s':>7}  headline")
+    for name, record in results["sections"].items():
+        print(f"{name:<18}{record['status']:<8}{record['seconds']:>7}  {record.get('headline', '')}")
+    print(f"\nwrote {args.out}")
+    return 0 if all(r["status"] == "ok" for r in results["sections"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The engine on a GPU, for the GPU check: throughput against its own forward-only bound, kernel launches per
+decode step, CUDA-graph outputs against eager ones, and greedy tokens against CPU fp32.
+
+Runs without Ray or mistral-common: the model is loaded in this process (experts on the Triton backend behind the
+local executor) and driven by the async engine of `benchmarks/engine.py`. A dry run does the same on the CPU with
+the Triton interpreter and the `tiny` checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import torch
+
+from cluster.checkpoint.default import cache_root
+from cluster.checkpoint.presets import preset
+from cluster.checkpoint.writer import write_random_checkpoint
+from cluster.config import ModelConfig
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.cuda_graphs import decode_buckets
+from cluster.engine.engine import EngineConfig, LLMEngine
+from cluster.engine.sampling_params import SamplingParams
+from cluster.model.loader import load_model
+from engine import make_requests, run_bound, run_engine, text_decoder
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCURRENCY = 64
+GPU_REQUESTS = 128  # prompts of 32..512 tokens, outputs of 16..256: about 17K output tokens
+GPU_KV_BYTES = 16 * 2**30
+
+
+def model_config(name: str) -> ModelConfig:
+    if name == "8x7b-2layers":  # Mixtral 8x7B's shapes, two layers: the real expert matmuls, a short load
+        full = ModelConfig.from_file(ROOT / "tests/data/configs/mixtral-8x7b-instruct")
+        return dataclasses.replace(full, num_layers=2)
+    return preset(name)
+
+
+def checkpoint(name: str) -> Path:
+    """A random checkpoint of `name`'s shape in the HF layout, written once per machine."""
+    target = cache_root() / "gpu-check" / name  # the user's own cache, not a shared temporary directory
+    if not (target / "config.json").is_file():
+        print(f"   writing the {name} checkpoint to {target}", flush=True)
+        write_random_checkpoint(target, model_config(name), seed=0)
+    return target
+
+
+def device_and_dtype(dry_run: bool) -> tuple[str, str]:
+    return ("cpu", "fp32") if dry_run else ("cuda", "bf16")
+
+
+def build(model_dir: Path, device: str, dtype: str, cuda_graphs: bool, max_num_seqs: int = CONCURRENCY,
+          moe_backend: str = "triton", attention: str = "auto") -> LLMEngine:
+    config = ModelConfig.from_file(model_dir)
+    decode, eos_id = text_decoder(config)
+    model = load_model(model_dir, dtype, device, moe_backend).model
+    engine_config = EngineConfig(max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, attention_backend=attention,
+                                 kv_cache_bytes=GPU_KV_BYTES if device == "cuda" else 2**28)
+    return LLMEngine(model, decode, eos_id, engine_config)
+
+
+def set_graphs(engine: LLMEngine, on: bool) -> None:
+    """Graph mode: decode steps padded to buckets over static buffers, replayed from CUDA graphs where captured (on
+    the CPU the same padded path, eagerly). Off: every step eager over exactly its own rows."""
+    runner = engine.runner
+    runner.decode_buckets = decode_buckets(engine.config.max_num_seqs) if on else ()
+    runner.use_graphs = on and runner.graphs is not None
+
+
+def greedy_tokens(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Every prompt at once, greedy, EOS ignored: each one's tokens."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    return [tokens[str(i)] for i in range(len(prompts))]
+
+
+def launches_per_decode_step(engine: LLMEngine, batch: int) -> dict:
+    """Kernel and graph launches (CUDA API calls) of one decode step of `batch` sequences, with graphs as the
+    engine has them; the same step eager for comparison. None on CPU (nothing is launched)."""
+    if engine.device.type != "cuda":
+        return {"graphs": None, "eager": None}
+    prompts = [[random.Random(i).randrange(3, 1000) for _ in range(40)] for i in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    counts = {}
+    for mode in ("graphs", "eager"):
+        set_graphs(engine, mode == "graphs")
+        for i, p in enumerate(prompts):
+            engine.add_request(f"{mode}-{i}", p, params)
+        engine.step()  # the prefill
+        engine.step()  # a decode, warm
+        counts[mode] = _count_launches(engine.step)
+        for i in range(batch):
+            engine.abort(f"{mode}-{i}")
+    set_graphs(engine, True)
+    return counts
+
+
+def _count_launches(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cudaGraphLaunch")
+    return sum(e.count for e in prof.key_averages() if e.key in names)
+
+
+def run(name: str, dry_run: bool) -> dict:
+    device, dtype = device_and_dtype(dry_run)
+    model_dir = checkpoint(name)
+    config = ModelConfig.from_file(model_dir)
+    result: dict = {"model": name, "device": device, "dtype": dtype}
+
+    def build_in_graph_mode() -> LLMEngine:
+        engine = build(model_dir, device, dtype, cuda_graphs=device == "cuda", attention="triton")
+        set_graphs(engine, True)  # on the CPU: the padded static-buffer path that graphs replay on a GPU
+        return engine
+
+    front = AsyncEngine(build_in_graph_mode)
+    rng = random.Random(1)
+    count, new_tokens = (3, 4) if dry_run else (8, 16)  # the interpreter runs a tiny step in about 0.3 s
+    prompts = [[rng.randrange(3, config.vocab_size) for _ in range(rng.randint(5, 60))] for _ in range(count)]
+
+    def eager_and_graph(e: LLMEngine) -> dict:
+        set_graphs(e, False)
+        eager = greedy_tokens(e, prompts, new_tokens)
+        set_graphs(e, True)
+        replayed = greedy_tokens(e, prompts, new_tokens)
+        same = sum(a == b for a, b in zip(eager, replayed))
+        return {"sequences_equal": same, "sequences": len(prompts)}
+
+    result["eager_vs_graphs"] = front.call(eager_and_graph).result()
+    result["launches_per_decode_step"] = front.call(lambda e: launches_per_decode_step(e, CONCURRENCY)).result()
+
+    requests = make_requests(4 if dry_run else GPU_REQUESTS, config.vocab_size, seed=0)
+    if dry_run:
+        requests = [(p[:24], min(o, 4)) for p, o in requests]
+    concurrency = 2 if dry_run else CONCURRENCY
+    served, steps = run_engine(front, requests, concurrency)
+    bound = front.call(lambda e: run_bound(e, steps, served.output_tokens, concurrency)).result()
+    front.shutdown()
+    ratio = served.tokens_per_s / bound.tokens_per_s
+    result.update(concurrency=concurrency, engine=served.row(), bound=bound.row(), engine_over_bound=round(ratio, 3))
+    launches = result["launches_per_decode_step"]
+    result["headline"] = (f"{served.tokens_per_s:.0f} tok/s at c={concurrency}, {ratio:.2f} of the bound; "
+                          f"launches/step {launches['graphs']} (eager {launches['eager']}); "
+                          f"graph==eager {result['eager_vs_graphs']['sequences_equal']}/{len(prompts)}")
+    result["passed"] = result["eager_vs_graphs"]["sequences_equal"] == len(prompts)
+    return result
+
+
+def compare_with_cpu(dry_run: bool) -> dict:
+    """Greedy tokens of `tiny` in fp32: this device (Triton kernels, graphs) against the CPU's default path."""
+    device = "cpu" if dry_run else "cuda"
+    model_dir = checkpoint("tiny")
+    config = ModelConfig.from_file(model_dir)
+    rng = random.Random(2)
+    count, new_tokens = (3, 6) if dry_run else (8, 32)
+    prompts = [[rng.randrange(3, config.vocab_size) for _ in range(rng.randint(5, 80))] for _ in range(count)]
+    engine = build(model_dir, device, "fp32", cuda_graphs=device == "cuda", max_num_seqs=8, attention="triton")
+    set_graphs(engine, True)
+    here = greedy_tokens(engine, prompts, new_tokens)
+    cpu = greedy_tokens(build(model_dir, "cpu", "fp32", cuda_graphs=False, max_num_seqs=8, moe_backend="auto"),
+                        prompts, new_tokens)
+    same = sum(a == b for a, b in zip(here, cpu))
+    first_diff = [next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(here, cpu)]
+    result = {"device": device, "sequences_equal": same, "sequences": len(prompts), "first_difference": first_diff,
+              "headline": f"{same}/{len(prompts)} greedy sequences equal to CPU fp32"}
+    result["passed"] = same == len(prompts)
+    return result
