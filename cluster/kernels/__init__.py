@@ -1,7 +1,9 @@
-"""Expert kernels.
+"""Raw kernels; the layers and backends that choose between them live in `cluster.moe` and `cluster.attention`.
 
-GPU: `align` groups (token, expert) pairs by local expert (torch, any device), `fused_moe` holds the raw Triton
-kernels and their launchers, `tuning` picks block sizes. Importing this package does not import Triton.
+GPU (Triton): `align` groups (token, expert) pairs by local expert (one Triton program; a torch reference),
+`fused_moe` holds the grouped gate_up/down kernels and their launchers, `tuning` picks their block sizes,
+`paged_attention` holds paged decode (split-K over the context), causal prefill and the KV write. Importing this
+package does not import Triton.
 CPU: `cpu/expert_ffn.c`, a packed-weight AVX2 kernel for a layer's experts, and `cpu/paged_attention.c`, decode
 attention read straight from the paged KV cache; `cpu_build` builds both with the machine's C compiler on first use.
 """
