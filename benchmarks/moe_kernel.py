@@ -37,6 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ceilings import copy_bandwidth, matmul_peak  # noqa: E402
+
 NUM_EXPERTS, TOP_K = 8, 2
 CHECK_TOL = 2e-2  # bf16 relative error, Triton vs the torch backend
 INPUT_SETS = 3  # x at M = 4096 is 50 MB, inside the 60 MB L2: rotate sets (do_bench also flushes L2)
@@ -76,21 +78,6 @@ def make_bench(plan: Plan) -> Callable[..., float]:
         return statistics.median(times)
 
     return wall
-
-
-def measure_copy(plan: Plan, bench) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read + written."""
-    src = torch.randint(0, 255, (plan.copy_bytes,), dtype=torch.uint8, device=plan.device)
-    dst = torch.empty_like(src)
-    return 2 * plan.copy_bytes / (bench(lambda: dst.copy_(src)) * 1e-3)
-
-
-def measure_peak(plan: Plan, bench) -> float:
-    """FLOP/s of a square bf16 torch.matmul on random data."""
-    n = plan.matmul_n
-    a = torch.randn(n, n, device=plan.device).to(torch.bfloat16)
-    b = torch.randn(n, n, device=plan.device).to(torch.bfloat16)
-    return 2 * n**3 / (bench(lambda: a @ b) * 1e-3)
 
 
 def make_experts(plan: Plan, g: torch.Generator):
@@ -198,7 +185,8 @@ def run(dry_run: bool, tokens: tuple[int, ...] | None = None) -> dict:
     start = time.perf_counter()
     tokens = tuple(tokens or plan.tokens)
     bench = make_bench(plan)
-    copy_bw, peak = measure_copy(plan, bench), measure_peak(plan, bench)
+    device = torch.device(plan.device)
+    copy_bw, peak = copy_bandwidth(bench, device, plan.copy_bytes), matmul_peak(bench, device, plan.matmul_n)
     if plan.device == "cuda":
         torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu (interpreter)"

@@ -25,21 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ceilings import copy_bandwidth, median_timer  # noqa: E402
+
 # (batch, context, query heads, kv heads, head dim, block size)
 FULL = (64, 4096, 48, 8, 128, 16)
 DRY = (4, 80, 8, 2, 64, 16)
 CHECK_ROWS = 4
 CHECK_TOL = 2e-2  # bf16, relative to the float64 reference
-
-
-def copy_bandwidth(bench, device: torch.device) -> float:
-    """Bytes/s of a 2 GiB device-to-device copy, counting read + write."""
-    n = 2 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * n / (ms * 1e-3)
 
 
 def build(shape: tuple[int, ...], device: torch.device, seed: int = 0):
@@ -80,8 +72,6 @@ def run(dry_run: bool) -> dict:
         raise SystemExit("paged_attention: needs a CUDA device (or --dry-run)")
     if not on_gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module defines its kernels
-    import triton.testing
-
     from cluster.kernels.paged_attention import decode_splits, paged_decode
 
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -112,9 +102,7 @@ def run(dry_run: bool) -> dict:
                       headline=f"dry run ran (rel err {err:.1e}); no GPU numbers")
         return result
 
-    def bench(fn) -> float:
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
+    bench = median_timer(device)
     hbm = copy_bandwidth(bench, device)
     per_split = {s: bench(decode(s)) for s in sorted({1, 2, 4, 8, chosen})}
     ms = per_split[chosen]
