@@ -15,18 +15,19 @@ from typing import Callable
 
 import torch
 
-Bench = Callable[[Callable[[], object]], float]
+Bench = Callable[..., float]  # (fn, rep ms = default) -> median ms of fn()
 
 
-def median_timer(device: torch.device) -> Bench:
-    """triton.testing.do_bench's median on a GPU (device events, L2 flushed between calls); a wall clock over three
-    calls after a warm-up on the CPU, where the numbers only show that the code runs."""
+def median_timer(device: torch.device, rep: int = 200) -> Bench:
+    """triton.testing.do_bench's median on a GPU (device events, L2 flushed between calls; it repeats a call about
+    `rep` ms worth, so tiny kernels want a short `rep`); on the CPU a wall clock over three calls after a warm-up,
+    where the numbers only show that the code runs."""
     if device.type == "cuda":
         import triton.testing
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        return lambda fn, rep=rep: triton.testing.do_bench(fn, warmup=min(25, rep), rep=rep, return_mode="median")
 
-    def wall(fn: Callable[[], object]) -> float:
+    def wall(fn: Callable[[], object], rep: int = rep) -> float:
         fn()
         times = []
         for _ in range(3):

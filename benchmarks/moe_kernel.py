@@ -29,7 +29,6 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ceilings import copy_bandwidth, matmul_peak  # noqa: E402
+from ceilings import copy_bandwidth, matmul_peak, median_timer  # noqa: E402
 
 NUM_EXPERTS, TOP_K = 8, 2
 CHECK_TOL = 2e-2  # bf16 relative error, Triton vs the torch backend
@@ -58,26 +57,6 @@ class Plan:
 
 GPU = Plan("cuda", 6144, 16384, (1, 16, 64, 512, 4096), 1 << 30, 8192)
 DRY = Plan("cpu", 64, 128, (1, 16, 64), 16 << 20, 256)
-
-
-def make_bench(plan: Plan) -> Callable[..., float]:
-    """(fn, rep ms) -> median ms: do_bench on a GPU (few repeats: the run stays short; tiny kernels get a short
-    `rep`, since do_bench repeats a call rep / its time times, each after an L2 flush); a wall clock on CPU."""
-    if plan.device == "cuda":
-        import triton.testing
-
-        return lambda fn, rep=40: triton.testing.do_bench(fn, warmup=min(10, rep), rep=rep, return_mode="median")
-
-    def wall(fn: Callable[[], object], rep: int = 0) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return wall
 
 
 def make_experts(plan: Plan, g: torch.Generator):
@@ -184,7 +163,7 @@ def run(dry_run: bool, tokens: tuple[int, ...] | None = None) -> dict:
 
     start = time.perf_counter()
     tokens = tuple(tokens or plan.tokens)
-    bench = make_bench(plan)
+    bench = median_timer(torch.device(plan.device), rep=40)  # few repeats: the whole GPU run stays short
     device = torch.device(plan.device)
     copy_bw, peak = copy_bandwidth(bench, device, plan.copy_bytes), matmul_peak(bench, device, plan.matmul_n)
     if plan.device == "cuda":

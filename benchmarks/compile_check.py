@@ -1,0 +1,451 @@
+"""Compile every Triton kernel of the project ahead of time for a GPU target, on a machine without a GPU.
+
+    python benchmarks/compile_check.py [--quick] [--arch 90] [--out FILE] [--groups 1,2,4,6,8] ...
+
+Why: the kernels otherwise only ever run under the CPU interpreter, which neither compiles them nor enforces what a
+GPU does (tl.dot shapes and dtypes, register and shared-memory budgets), and device time is scarce. This finds a
+compile error, a register spill or a block that does not fit in shared memory here, for the Triton that is installed.
+
+How: the launchers themselves run (`paged_decode`, `paged_prefill`, `store_kv`, `fused_experts`,
+`align_pairs_triton`), on meta tensors of the real models' shapes (no memory, no data), so what compiles is what they
+would launch: the same constexprs, the same int and alignment specialisation of every argument (meta tensors sit at
+address 0, aligned like fresh CUDA allocations). A stub driver answers the target, and Triton's `jit_cache_hook`
+takes each launch's (signature, constexprs, attributes, options) instead of letting it compile and run; each one is
+then compiled through the public ahead-of-time path, `triton.compile(ASTSource(...), target=GPUTarget(...))`, and the
+PTX is put through the ptxas Triton bundles (`-v`) for registers and spills. Shared memory is the compiled metadata's.
+
+Fails (exit 1) on a compile error, a spill, shared memory over the target's per-block limit, or more registers than
+one SM holds for the block. Needs no GPU, no Ray, no interpreter (TRITON_INTERPRET is cleared before any kernel is
+defined). `--quick` compiles a handful of variants (the fast test runs it).
+
+Legend: G = query heads per kv head, Dh = head dim, S = decode context splits, E = local experts, M = tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.pop("TRITON_INTERPRET", None)  # before any @triton.jit runs: compiled kernels, not interpreted ones
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.kernels.align import align_pairs_torch, align_pairs_triton  # noqa: E402
+from cluster.kernels.fused_moe import fused_experts  # noqa: E402
+from cluster.kernels.paged_attention import decode_splits, paged_decode, paged_prefill, store_kv  # noqa: E402
+from cluster.kernels.tuning import MoEConfig, config_buckets, load_configs  # noqa: E402
+
+META = torch.device("meta")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Per-block shared memory a kernel may opt into, by compute capability (CUDA's documented limits).
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+REGS_PER_SM = 65536
+
+
+# -- capture: run a launcher, keep what it would compile -----------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    """One distinct compiled variant a launcher asked for (picklable: the kernel travels by module and name)."""
+
+    module: str
+    kernel: str
+    case: str  # the launcher call that first asked for it
+    signature: dict
+    constexprs: dict  # {(arg index,): value}, as the JIT passes them to ASTSource
+    attrs: dict  # {(arg index,): [[attr, value]]}: the divisibility specialisation
+    options: dict
+
+    @property
+    def fn(self):
+        return getattr(importlib.import_module(self.module), self.kernel)
+
+    def constexpr_names(self) -> dict:
+        names = self.fn.arg_names
+        return {names[path[0]]: value for path, value in self.constexprs.items()}
+
+
+class _TargetDriver:
+    """Just enough of a Triton driver for `JITFunction.run` to bind arguments for `target` (it never launches)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def capture(target) -> Iterator[Callable[[str, Callable[[], object]], None]]:
+    """Within: `run(case, thunk)` calls a launcher; every kernel launch in it is recorded into the list returned by
+    `run.launches` (one entry per distinct JIT key) and skipped."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    launches: list[Launch] = []
+    seen: set[tuple[str, str]] = set()
+    state = {"case": ""}
+
+    def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002 (Triton's names)
+        jit_fn = fn.jit_function
+        ident = (jit_fn.__name__, str(key))
+        if ident not in seen:
+            seen.add(ident)
+            opts = json.loads(compile["specialization_data"])["options"]
+            # Scalars only: the lists (fp8 dtypes, dot precisions) are re-derived by the backend from the target.
+            options = {k: v for k, v in opts.items() if not isinstance(v, (list, dict))}
+            options["extern_libs"] = compile["extern_libs"]
+            launches.append(Launch(jit_fn.module, jit_fn.__name__, state["case"], dict(compile["signature"]),
+                                   dict(compile["constants"]), dict(compile["configs"][0]), options))
+        return True  # skip the JIT's own compile and the launch
+
+    def run(case: str, thunk: Callable[[], object]) -> None:
+        state["case"] = case
+        thunk()
+
+    run.launches = launches  # type: ignore[attr-defined]
+    previous_driver, previous_hook = getattr(driver, "_active", None), knobs.runtime.jit_cache_hook
+    driver.set_active(_TargetDriver(target))
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        yield run
+    finally:
+        knobs.runtime.jit_cache_hook = previous_hook
+        driver._active = previous_driver  # no public way back to "not chosen yet" (the default raises on CPU)
+
+
+# -- the variants the launchers can ask for -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to compile. Defaults: every dtype and head dim the models use, GQA 1..8, Mixtral's shapes."""
+
+    dtypes: tuple[str, ...] = ("bf16", "fp16", "fp32")
+    head_dims: tuple[int, ...] = (64, 128)
+    groups: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+    kv_heads: int = 8
+    block_size: int = 16
+    max_context: int = 65536
+    cache_gib: float = 100.0  # KV cache size the strides are taken from (all layers, K and V)
+    layers: int = 56
+    splits: tuple[int, ...] | None = None  # None: every count `decode_splits` picks (see split_counts)
+    num_sms: int = 132
+    max_decode_batch: int = 512
+    hidden: int = 6144
+    ffn: int = 16384
+    experts: int = 8  # local experts of the shard (E)
+    top_k: int = 2
+    moe_max_tokens: int = 8192
+    tuned_device: str | None = None  # also compile the tuned configs stored for this device name
+    align_experts: tuple[int, ...] = (1, 2, 4, 8)
+
+
+QUICK = Plan(dtypes=("bf16",), head_dims=(128,), groups=(6,), splits=(1, 3), moe_max_tokens=32,
+             align_experts=(8,))
+
+
+def split_counts(plan: Plan) -> list[int]:
+    """Every split count the decode launcher can pick for this GPU and cache (batch 1..max_decode_batch)."""
+    if plan.splits is not None:
+        return sorted(set(plan.splits))
+    max_blocks = -(-plan.max_context // plan.block_size)
+    return sorted({decode_splits(b, plan.kv_heads, max_blocks, plan.block_size, plan.num_sms)
+                   for b in range(1, plan.max_decode_batch + 1)})
+
+
+def _cache(plan: Plan, dtype: torch.dtype, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's k/v views of the engine's [L, KV, N + 1, bs, Dh] cache, sized like a `cache_gib` cache."""
+    per_block = 2 * plan.layers * plan.kv_heads * plan.block_size * head_dim * dtype.itemsize
+    blocks = max(1, int(plan.cache_gib * 2**30) // per_block)
+    shape = (plan.layers, plan.kv_heads, blocks + 1, plan.block_size, head_dim)
+    k, v = torch.empty(shape, dtype=dtype, device=META), torch.empty(shape, dtype=dtype, device=META)
+    return k[1], v[1]
+
+
+def _packed(shape: tuple[int, ...], offset: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """A view `offset` elements into a packed buffer, the way the model runner hands out step metadata (and the token
+    channel router weights): its address is only as aligned as the offset makes it."""
+    return torch.empty(math.prod(shape) + offset, dtype=dtype, device=META)[offset:].view(shape)
+
+
+def attention_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
+    """(label, launcher call) for decode (each split count), prefill (pure and after decodes, one sequence or
+    several, as TritonAttentionBackend launches it) and the KV write, per dtype x head dim x group; each with its
+    metadata at the layouts a step can give it (table width: static, odd or 1; views aligned or not), which must
+    not add variants."""
+    static = -(-plan.max_context // plan.block_size)  # the model runner's static table width
+    layouts = ((static, 0), (7, 1), (1, 3))  # (table width, metadata offset in int32 elements)
+    splits = split_counts(plan)
+    for name in plan.dtypes:
+        dtype = DTYPES[name]
+        for head_dim in plan.head_dims:
+            kc, vc = _cache(plan, dtype, head_dim)
+            scale = head_dim ** -0.5
+            for group in plan.groups:
+                heads = group * plan.kv_heads
+                tag = f"{name} Dh={head_dim} G={group}"
+                for s, (width, off) in ((s, lay) for s in splits for lay in layouts):
+                    q = torch.empty(4, heads, head_dim, dtype=dtype, device=META)
+                    tables, lens = _packed((4, width), off), _packed((4,), off)
+                    yield (f"{tag} S={s} width={width} offset={off}", lambda q=q, t=tables, n=lens, s=s:
+                           paged_decode(q, kc, vc, t, n, scale, torch.empty_like(q), s))
+                for (first, seqs), (width, off) in ((fs, lay) for fs in ((0, 3), (0, 1), (2, 3), (1, 1))
+                                                    for lay in layouts):
+                    q = torch.empty(first + 64 * seqs, heads, head_dim, dtype=dtype, device=META)
+                    b = first + seqs
+                    tables, lens, qsl = _packed((b, width), off), _packed((b,), off), _packed((b + 1,), off)
+                    yield (f"{tag} first={first} seqs={seqs} width={width} offset={off}",
+                           lambda q=q, t=tables, n=lens, l=qsl, f=first, m=seqs:
+                           paged_prefill(q, kc, vc, t, n, l, scale, torch.empty_like(q), first_seq=f, num_seqs=m))
+            for off in (0, 1):
+                k = torch.empty(5, plan.kv_heads, head_dim, dtype=dtype, device=META)
+                yield (f"{name} Dh={head_dim} store offset={off}",
+                       lambda k=k, s=_packed((5,), off): store_kv(k, torch.empty_like(k), kc, vc, s))
+
+
+def moe_configs(plan: Plan) -> list[tuple[int, MoEConfig]]:
+    """(first M, config) of every distinct config serving up to `moe_max_tokens` can use: the M buckets of
+    `tuning.config_buckets` (what `TritonMoEBackend.warm_up` compiles), plus a device's tuned table if asked."""
+    out: list[tuple[int, MoEConfig]] = []
+    for m, _, cfg in config_buckets(plan.moe_max_tokens, plan.experts, plan.ffn, META):
+        if all(cfg != seen for _, seen in out):
+            out.append((m, cfg))
+    if plan.tuned_device:
+        for m, cfg in sorted((load_configs(plan.experts, plan.ffn, plan.tuned_device) or {}).items()):
+            if all(cfg != seen for _, seen in out):
+                out.append((m, cfg))
+    return out
+
+
+def moe_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
+    """fused_experts (gate_up + down) per dtype x config, with the backend's argument dtypes: activations in the
+    weights' dtype, int64 router ids, fp32 router weights."""
+    e, d, f, k = plan.experts, plan.hidden, plan.ffn, plan.top_k
+    expert_map = torch.empty(e, dtype=torch.int32, device=META)
+    for name in plan.dtypes:
+        dtype = DTYPES[name]
+        w13 = torch.empty(e, 2 * f, d, dtype=dtype, device=META)  # [E, 2F, D]
+        w2 = torch.empty(e, d, f, dtype=dtype, device=META)  # [E, D, F]
+        for (m, cfg), off in ((mc, off) for mc in moe_configs(plan) for off in (0, 1)):
+            x = torch.empty(m, d, dtype=dtype, device=META)
+            ids = torch.empty(m, k, dtype=torch.int64, device=META)
+            weights = _packed((m, k), off, torch.float32)  # a frame's router weights: aligned or not
+            label = f"{name} M={m} gate_up={_cfg(cfg.gate_up)} down={_cfg(cfg.down)} offset={off}"
+            yield label, lambda x=x, w13=w13, w2=w2, ids=ids, w=weights, cfg=cfg: fused_experts(
+                x, w13, w2, w, align_pairs_torch(ids, expert_map, e, cfg.block_m), cfg)
+
+
+def align_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
+    """align_pairs_triton per local-expert count x BLOCK_M of the configs x id dtype (router int64, channel int32)."""
+    block_ms = sorted({cfg.block_m for _, cfg in moe_configs(plan)})
+    for e in plan.align_experts:
+        expert_map = torch.empty(max(e, plan.experts), dtype=torch.int32, device=META)
+        for bm in block_ms:
+            for id_dtype in (torch.int64, torch.int32):
+                ids = torch.empty(7, plan.top_k, dtype=id_dtype, device=META)
+                label = f"E={e} BLOCK_M={bm} ids={str(id_dtype).removeprefix('torch.')}"
+                yield label, lambda ids=ids, m=expert_map, e=e, bm=bm: align_pairs_triton(ids, m, e, bm)
+
+
+def _cfg(c) -> str:
+    return f"{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}/w{c.num_warps}s{c.num_stages}"
+
+
+# -- compile and measure --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    kernel: str
+    case: str
+    num_warps: int
+    num_stages: int
+    registers: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    stack: int | None = None
+    shared: int | None = None
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    signature: dict = field(default_factory=dict)
+    constexprs: dict = field(default_factory=dict)
+
+
+_PTXAS = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+}
+
+
+def ptxas_stats(ptx: str, arch: int, fp_fusion: bool) -> dict[str, int]:
+    """Registers, stack and spills of the kernel in `ptx`, from the ptxas Triton uses for `arch`, with its flags."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", *([] if fp_fusion else ["--fmad=false"]),
+               f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src.with_suffix(".cubin"))]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    stats = {}
+    for key, pattern in _PTXAS.items():
+        found = pattern.findall(log)
+        if not found:
+            raise RuntimeError(f"no '{key}' in the ptxas log:\n{log}")
+        stats[key] = max(int(x) for x in found)
+    return stats
+
+
+def compile_launch(launch: Launch, target) -> Row:
+    from triton.compiler import ASTSource
+
+    row = Row(launch.kernel, launch.case, launch.options.get("num_warps", 4), launch.options.get("num_stages", 3),
+              signature={k: v for k, v in launch.signature.items() if v != "constexpr"},
+              constexprs={k: repr(v) for k, v in launch.constexpr_names().items()})
+    start = time.perf_counter()
+    try:
+        src = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
+        compiled = triton.compile(src, target=target, options=launch.options)
+        row.shared = compiled.metadata.shared
+        if target.backend == "cuda":
+            stats = ptxas_stats(compiled.asm["ptx"], target.arch, launch.options.get("enable_fp_fusion", True))
+            for key, value in stats.items():
+                setattr(row, key, value)
+    except Exception as exc:  # a compile error is a result here, reported with the others
+        row.problems.append(f"compile error: {type(exc).__name__}: {str(exc).strip()[:2000]}")
+    row.seconds = time.perf_counter() - start
+    if row.spill_stores or row.spill_loads:
+        row.problems.append(f"spills: {row.spill_stores} B stored, {row.spill_loads} B loaded")
+    limit = SMEM_LIMIT.get(target.arch)
+    if row.shared is not None and limit is not None and row.shared > limit:
+        row.problems.append(f"shared memory {row.shared} B > {limit} B per block on sm_{target.arch}")
+    if row.registers is not None and row.registers * row.num_warps * target.warp_size > REGS_PER_SM:
+        row.problems.append(f"{row.registers} registers x {row.num_warps * target.warp_size} threads > {REGS_PER_SM}")
+    return row
+
+
+def collect(plan: Plan, target, kernels: set[str]) -> tuple[list[Launch], list[Row]]:
+    """Run the launchers of the chosen kernel families; -> (distinct launches, rows for launchers that failed)."""
+    families = {"attention": attention_cases, "moe": moe_cases, "align": align_cases}
+    failed: list[Row] = []
+    with capture(target) as run:
+        for family, cases in families.items():
+            if family not in kernels:
+                continue
+            for label, thunk in cases(plan):
+                try:
+                    run(label, thunk)
+                except Exception as exc:  # the launcher itself refused: as loud as a compile error
+                    failed.append(Row(f"<{family} launcher>", label, 0, 0,
+                                      problems=[f"launcher error: {type(exc).__name__}: {exc}"]))
+        return list(run.launches), failed
+
+
+def print_table(rows: list[Row]) -> None:
+    width = max([len("variant"), *(len(r.case) for r in rows)])
+    head = f"{'kernel':<16} {'variant':<{width}} {'w/s':>4} {'regs':>4} {'spill st/ld':>11} {'smem':>7} {'s':>5}  status"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        spill = "-" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
+        print(f"{r.kernel:<16} {r.case:<{width}} {r.num_warps}/{r.num_stages:<2} {_n(r.registers):>4} {spill:>11} "
+              f"{_n(r.shared):>7} {r.seconds:>5.1f}  {'FAIL: ' + '; '.join(r.problems) if r.problems else 'ok'}")
+
+
+def _n(x: int | None) -> str:
+    return "-" if x is None else str(x)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", default="cuda")
+    p.add_argument("--arch", type=int, default=90, help="compute capability as an int (H200: 90)")
+    p.add_argument("--warp-size", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="a handful of variants (bf16, Dh 128, G 6, S 1 and 3)")
+    p.add_argument("--kernels", default="attention,moe,align", help="families to compile")
+    p.add_argument("--dtypes", help="comma list of bf16,fp16,fp32")
+    p.add_argument("--head-dims", type=_int_list)
+    p.add_argument("--groups", type=_int_list, help="query heads per kv head")
+    p.add_argument("--splits", type=_int_list, help="decode split counts (default: all the launcher can pick)")
+    p.add_argument("--num-sms", type=int, help="SMs the split choice assumes (H200: 132)")
+    p.add_argument("--moe-max-tokens", type=int)
+    p.add_argument("--tuned-device", help="also compile the tuned MoE configs stored for this device name")
+    p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    base = QUICK if args.quick else Plan()
+    overrides = {"dtypes": tuple(args.dtypes.split(",")) if args.dtypes else None, "head_dims": args.head_dims,
+                 "groups": args.groups, "splits": args.splits, "num_sms": args.num_sms,
+                 "moe_max_tokens": args.moe_max_tokens, "tuned_device": args.tuned_device}
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(fields.get("dtypes", ())) - set(DTYPES)
+    if unknown:
+        raise SystemExit(f"unknown dtypes {sorted(unknown)}: choose from {', '.join(DTYPES)}")
+    return Plan(**{**asdict(base), **fields})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from triton.backends.compiler import GPUTarget
+
+    args = parse_args(argv)
+    plan = make_plan(args)
+    target = GPUTarget(args.backend, args.arch, args.warp_size)
+    kernels = set(args.kernels.split(","))
+    start = time.perf_counter()
+    launches, rows = collect(plan, target, kernels)
+    print(f"Triton {triton.__version__}, target {args.backend} sm_{args.arch} (warp {args.warp_size}): "
+          f"{len(launches)} distinct kernel variants from the launchers; decode splits {split_counts(plan)}",
+          flush=True)
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) as pool:  # fork: no kernel is redefined
+        for row in pool.map(compile_launch, launches, [target] * len(launches)):
+            rows.append(row)
+            if row.problems:
+                print(f"FAIL {row.kernel} [{row.case}]: {'; '.join(row.problems)}", flush=True)
+    print_table(rows)
+    failed = [r for r in rows if r.problems]
+    print(f"{len(rows) - len(failed)} ok, {len(failed)} failed, {time.perf_counter() - start:.0f} s")
+    if args.out:
+        env = {"triton": triton.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+               "target": {"backend": args.backend, "arch": args.arch, "warp_size": args.warp_size}}
+        args.out.write_text(json.dumps({"environment": env, "plan": asdict(plan), "decode_splits": split_counts(plan),
+                                        "rows": [asdict(r) for r in rows]}, indent=1, default=str))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
