@@ -1,21 +1,31 @@
-"""Decode steps replayed from CUDA graphs: one graph per batch-size bucket, captured once at start-up.
+"""Decode steps replayed from CUDA graphs, captured once per batch-size bucket at start-up.
 
 A decode step of a Mixtral is a few hundred small kernels per layer; launched one by one from Python, the launches
 cost more than an H200 takes to read the weights. The model runner lays a decode batch into static buffers padded
 to a bucket (`ModelRunner.prepare_decode`), so the forward over them (`forward_decode`) touches the same device
-memory every step: captured once per bucket, a step is then one graph launch.
+memory every step: captured once per bucket, the step is replayed instead of launched.
+
+Two kinds (`choose_graphs` picks one and says why):
+- whole: every layer's experts are graph-safe (in this process, on a backend that never syncs with the host), so
+  the step is one graph (`DecodeGraphs`), one launch.
+- piecewise: some layers' experts cannot be captured (shards in other processes behind a channel: NCCL rounds and
+  host-side waits), so the step is split at those layers' executor calls, the crossings: C crossings give C + 1
+  graphs, and each crossing runs eagerly between two of them (`cluster.engine.piecewise_graphs`).
+Attention must be graph-safe for either kind; otherwise decode steps run eagerly.
 
 Capture needs every kernel compiled and every lazily built tensor (rotary frequencies, expert maps) made before
-it: each bucket's forward runs eagerly on a side stream first. Graphs share one memory pool, largest bucket first,
-so the smaller ones reuse its activations' memory. Only a forward whose experts live in this process can be
-captured: a step that crosses to shards in other processes runs eagerly (`graph_blocker` says why).
+it: each bucket's step runs eagerly on the capture stream first. All graphs of a runner share one memory pool,
+largest bucket first, so the smaller ones reuse its activations' memory.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -26,19 +36,45 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+GraphKind = Literal["whole", "piecewise"]
 
-def graph_blocker(model: CausalLM, cache: PagedKVCache) -> str | None:
-    """Why a decode step of `model` over `cache` cannot be captured, or None when it can."""
+
+@dataclass(frozen=True)
+class GraphChoice:
+    kind: GraphKind | None  # None: decode steps run eagerly
+    reason: str
+
+
+def crossing_layers(model: CausalLM) -> tuple[int, ...]:
+    """The MoE layers whose experts a CUDA graph cannot capture (the executor is not `graph_safe`): a decode step
+    crosses to them eagerly. Dense layers and graph-safe experts stay inside the graphs."""
+    return tuple(i for i, layer in enumerate(model.model.layers)
+                 if (moe := getattr(layer, "block_sparse_moe", None)) is not None
+                 and not getattr(moe.executor, "graph_safe", False))
+
+
+def choose_graphs(model: CausalLM, cache: PagedKVCache) -> GraphChoice:
+    """Which kind of CUDA graph can replay a decode step of `model` over `cache`, and why."""
     if cache.k.device.type != "cuda":
-        return f"CUDA graphs need a CUDA device, not {cache.k.device}"
+        return GraphChoice(None, f"CUDA graphs need a CUDA device, not {cache.k.device}")
+    attention = cache.backend.name
     if not cache.backend.graph_safe:
-        return f"the {cache.backend.name} attention backend plans on the host"
-    for layer in model.model.layers:
-        moe = getattr(layer, "block_sparse_moe", None)
-        if moe is not None and not getattr(moe.executor, "graph_safe", False):
-            return (f"the experts ({type(moe.executor).__name__}) run in other processes or on a backend that "
-                    "syncs with the host")
-    return None
+        return GraphChoice(None, f"the {attention} attention backend plans on the host")
+    crossings = crossing_layers(model)
+    if not crossings:
+        return GraphChoice("whole", f"one graph a step: the {attention} attention and every layer's experts are "
+                                    "graph-safe")
+    layers = model.model.layers
+    executors = sorted({type(layers[i].block_sparse_moe.executor).__name__ for i in crossings})
+    return GraphChoice("piecewise", f"{len(crossings) + 1} graphs a step around {len(crossings)} eager crossings: "
+                                    f"the experts of {_layer_span(crossings, len(layers))} ({', '.join(executors)}) "
+                                    "run in other processes or on a backend that syncs with the host")
+
+
+def _layer_span(layers: tuple[int, ...], num_layers: int) -> str:
+    if len(layers) == num_layers:
+        return f"all {num_layers} layers"
+    return f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
 
 
 def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -48,39 +84,83 @@ def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
     return tuple(small + list(range(8, max_num_seqs, 8)) + [max_num_seqs])
 
 
+@dataclass(frozen=True)
+class CapturedPiece:
+    """A captured graph and the output its capture returned (a tensor of the pool every replay rewrites)."""
+
+    graph: torch.cuda.CUDAGraph
+    out: torch.Tensor | None
+
+    def __call__(self) -> torch.Tensor | None:
+        self.graph.replay()
+        return self.out
+
+
+class GraphCapture:
+    """One capture stream and one memory pool for every graph a runner captures.
+
+    Does what `torch.cuda.graph` does (capture on a side stream, never the legacy default one; synchronize and
+    release cached memory before capturing) but leaves each graph's begin and end to the caller, so a step can be
+    captured as several graphs sharing one pool. They must then replay in the order they were captured: a later
+    graph may reuse memory an earlier one freed. Warm-up runs on the capture stream itself, so lazily made
+    per-stream state (cuBLAS workspaces) exists before capture.
+    """
+
+    def __init__(self) -> None:
+        self.stream = torch.cuda.Stream()
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def warm(self, fn: Callable[[], object], times: int = 2) -> None:
+        """Run `fn` eagerly on the capture stream: compiles kernels, builds cached tensors, settles the allocator."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for _ in range(times):
+                fn()
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def settle(self) -> None:
+        """Before a step's captures: nothing in flight, cached blocks back to the device."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+    def capture(self, fn: Callable[[], torch.Tensor | None]) -> CapturedPiece:
+        """Capture the kernels `fn` launches. thread_local: only this thread's unsafe calls break the capture, not
+        another thread's legal ones (a channel's NCCL watchdog)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            finally:
+                graph.capture_end()
+        return CapturedPiece(graph, out)
+
+
 class DecodeGraphs:
+    """The whole decode step of each bucket as one graph."""
+
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
+        self._steps: dict[int, CapturedPiece] = {}  # bucket -> its step, returning logits [bucket, V]
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket of the runner; call before serving (it runs each bucket's forward twice eagerly)."""
         t0 = time.perf_counter()
-        pool = None
+        capture = GraphCapture()
         for bucket in sorted(self.runner.decode_buckets, reverse=True):
             self.runner.prepare_decode([], bucket)  # all padding: a valid step that writes no KV
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compiles kernels, builds cached tensors, settles the allocator
-                    self.runner.forward_decode(bucket)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.runner.forward_decode(bucket)
-            pool = graph.pool()
-            self._graphs[bucket] = graph, logits
+            step = functools.partial(self.runner.forward_decode, bucket)
+            capture.warm(step)
+            capture.settle()
+            self._steps[bucket] = capture.capture(step)
         torch.cuda.synchronize()
-        log.info("captured decode graphs for batch sizes %s in %.1fs", sorted(self._graphs),
-                 time.perf_counter() - t0)
+        log.info("captured decode graphs for batch sizes %s in %.1fs", sorted(self._steps), time.perf_counter() - t0)
 
     def replay(self, bucket: int) -> torch.Tensor:
         """logits [bucket, V] of the step `prepare_decode` laid into `bucket`'s buffers (a view the next replay
         overwrites)."""
-        graph, logits = self._graphs[bucket]
-        graph.replay()
-        return logits
+        return self._steps[bucket]()
 
     def __contains__(self, bucket: int) -> bool:
-        return bucket in self._graphs
+        return bucket in self._steps

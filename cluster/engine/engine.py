@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from cluster.engine.block_manager import BlockManager
-from cluster.engine.cuda_graphs import decode_buckets, graph_blocker
+from cluster.engine.cuda_graphs import choose_graphs, decode_buckets
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.outputs import ContextLengthError, RequestError, RequestOutput
 from cluster.engine.paged_cache import PagedKVCache, kv_bytes_per_block
@@ -66,14 +66,17 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         cache = PagedKVCache(mc, num_blocks, config.block_size, dtype, device, backend=config.attention_backend)
-        graphs = config.cuda_graphs and graph_blocker(model, cache) is None
-        if config.cuda_graphs and not graphs:
-            log.warning("decode steps run eagerly: %s", graph_blocker(model, cache))
-        self.runner = ModelRunner(model, cache, decode_buckets(config.max_num_seqs) if graphs else ())
+        graphs = choose_graphs(model, cache) if config.cuda_graphs else None
+        if graphs is not None and graphs.kind is None:
+            log.warning("decode steps run eagerly: %s", graphs.reason)
+        elif graphs is not None:
+            log.info("decode steps replay %s CUDA graphs: %s", graphs.kind, graphs.reason)
+        kind = graphs.kind if graphs is not None else None
+        self.runner = ModelRunner(model, cache, decode_buckets(config.max_num_seqs) if kind else ())
         if device.type == "cuda":
             warm_up(self.runner, config.max_num_batched_tokens, num_blocks)
-        if graphs:
-            self.runner.capture_graphs()
+        if kind:
+            self.runner.capture_graphs(kind)
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         self.siblings: dict[str, list[Sequence]] = {}  # choices 1..n-1, admitted once choice 0 has its prompt KV

@@ -5,9 +5,10 @@ laid out on the host in one persistent int32 buffer (pinned when CUDA is availab
 non-blocking copy into a persistent device buffer: no per-step allocation, no host sync, no .tolist()/.item().
 
 Decode-only steps can also run over static buffers padded to a batch-size bucket (`prepare_decode` then
-`forward_decode`): the same device tensors every step of that bucket, so a CUDA graph can capture the forward once
-and replay it. Padding rows carry token 0 at position 0, slot -1 (its KV write is skipped) and context 0 (its
-attention output is zeros); their logits are computed and ignored. `decode_buckets` makes `run` take that path.
+`forward_decode`): the same device tensors every step of that bucket, so CUDA graphs can capture the forward once
+and replay it (whole, or in pieces around experts in other processes: `cluster.engine.cuda_graphs`). Padding rows
+carry token 0 at position 0, slot -1 (its KV write is skipped) and context 0 (its attention output is zeros); their
+logits are computed and ignored. `decode_buckets` makes `run` take that path.
 
 Legend: T = new tokens, B = sequences, NB = block-table width, S = sequences that sample, V = vocab.
 """
@@ -20,8 +21,9 @@ import numpy as np
 import torch
 
 from cluster.attention.metadata import AttentionMetadata
-from cluster.engine.cuda_graphs import DecodeGraphs
+from cluster.engine.cuda_graphs import DecodeGraphs, GraphKind, choose_graphs
 from cluster.engine.paged_cache import PagedKVCache
+from cluster.engine.piecewise_graphs import PiecewiseGraphs
 from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput
 from cluster.model.decoder import CausalLM
 
@@ -92,12 +94,16 @@ class ModelRunner:
         self.max_blocks = min(-(-model.config.max_position_embeddings // cache.block_size), cache.num_blocks)
         self._step = PackedInts(self.device)
         self._static: dict[int, tuple[PackedInts, StepInputs]] = {}
-        self.graphs: DecodeGraphs | None = None  # set by `capture_graphs`
+        self.graphs: DecodeGraphs | PiecewiseGraphs | None = None  # set by `capture_graphs`
         self.use_graphs = False  # replay captured graphs for decode steps (off: the same buffers, eagerly)
 
-    def capture_graphs(self) -> None:
-        """Capture a CUDA graph of the decode forward for every bucket; decode steps then replay them."""
-        self.graphs = DecodeGraphs(self)
+    def capture_graphs(self, kind: GraphKind = "whole") -> None:
+        """Capture the decode forward of every bucket (`cluster.engine.cuda_graphs.choose_graphs` says which kind
+        the model allows); decode steps then replay it."""
+        allowed = choose_graphs(self.model, self.cache)
+        if allowed.kind is None or (kind, allowed.kind) == ("whole", "piecewise"):
+            raise ValueError(f"cannot capture {kind} decode graphs: {allowed.reason}")
+        self.graphs = PiecewiseGraphs(self) if kind == "piecewise" else DecodeGraphs(self)
         self.graphs.capture()
         self.use_graphs = True
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cluster.model.router import route
+from cluster.model.router import route as top_k_route
 from cluster.moe.executor import ExpertExecutor
 
 
@@ -26,5 +26,10 @@ class MoELayer(nn.Module):
         """x [T, D] -> [T, D]. Legend: T = tokens, D = hidden, K = experts per token."""
         if self.executor is None:
             raise RuntimeError(f"layer {self.layer}: no expert executor attached")
-        weights, ids = route(self.gate(x), self.top_k)  # [T, K], [T, K]
+        weights, ids = self.route(x)  # [T, K], [T, K]
         return self.executor(self.layer, x, ids, weights)  # weights [T, K] fp32
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (topk_weights [T, K] fp32, topk_ids [T, K]): what the executor is handed. Apart from
+        `forward` so a decode step split at the executor (`cluster.engine.piecewise_graphs`) routes the same way."""
+        return top_k_route(self.gate(x), self.top_k)
