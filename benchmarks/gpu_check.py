@@ -11,6 +11,8 @@ the rest still run):
   engine_mini      the engine (Triton MoE, Triton attention, CUDA graphs) on `mini`: tok/s at concurrency 64,
                    the forward-only bound, launches per decode step, eager and graph outputs equal
   engine_8x7b      the same on a random Mixtral-8x7B-shaped checkpoint with 2 layers
+  engine_piecewise `mini` with its experts on 2 shard workers behind the expert-parallel executor, as a serving
+                   unit drives them: decode graphs captured piecewise around each layer's experts
   tiny_vs_cpu      greedy tokens on `tiny`, this device against CPU fp32
 
 Needs only torch, triton, numpy, safetensors and pytest (no Ray, pydantic or mistral-common). `--dry-run` runs
@@ -35,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_align.py", "tests/test_triton_attention.py"]
+KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_align.py", "tests/test_triton_attention.py",
+                "tests/test_paged_cache.py", "tests/test_cuda_graphs.py", "tests/test_kernel_hazards.py"]
 
 
 def environment(dry_run: bool) -> dict:
@@ -97,6 +100,12 @@ def engine_8x7b(dry_run: bool) -> dict:
     return gpu_engine.run("tiny" if dry_run else "8x7b-2layers", dry_run)
 
 
+def engine_piecewise(dry_run: bool) -> dict:
+    import gpu_engine
+
+    return gpu_engine.run("tiny" if dry_run else "mini", dry_run, shards=2)
+
+
 def tiny_vs_cpu(dry_run: bool) -> dict:
     import gpu_engine
 
@@ -105,7 +114,8 @@ def tiny_vs_cpu(dry_run: bool) -> dict:
 
 SECTIONS: dict[str, Callable[[bool], dict]] = {
     "ceilings": ceilings, "kernel_tests": kernel_tests, "moe_kernel": moe_kernel, "paged_attention": paged_attention,
-    "engine_mini": engine_mini, "engine_8x7b": engine_8x7b, "tiny_vs_cpu": tiny_vs_cpu,
+    "engine_mini": engine_mini, "engine_8x7b": engine_8x7b, "engine_piecewise": engine_piecewise,
+    "tiny_vs_cpu": tiny_vs_cpu,
 }
 
 

@@ -23,6 +23,10 @@ from cluster.engine.cuda_graphs import decode_buckets
 from cluster.engine.engine import EngineConfig, LLMEngine
 from cluster.engine.sampling_params import SamplingParams
 from cluster.model.loader import load_model
+from cluster.parallel.dispatch import ExpertParallelExecutor
+from cluster.parallel.in_process import InProcessTransport
+from cluster.parallel.placement import assign_experts, expert_owners
+from cluster.parallel.shard_worker import ShardWorker
 from engine import make_requests, run_bound, run_engine, text_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,10 +56,16 @@ def device_and_dtype(dry_run: bool) -> tuple[str, str]:
 
 
 def build(model_dir: Path, device: str, dtype: str, cuda_graphs: bool, max_num_seqs: int = CONCURRENCY,
-          moe_backend: str = "triton", attention: str = "auto") -> LLMEngine:
+          moe_backend: str = "triton", attention: str = "auto", shards: int = 0) -> LLMEngine:
+    """shards > 0: the experts split over that many shard workers behind the expert-parallel executor, as a unit
+    drives them, in this process (so decode graphs are captured piecewise around each layer's experts)."""
     config = ModelConfig.from_file(model_dir)
     decode, eos_id = text_decoder(config)
     model = load_model(model_dir, dtype, device, moe_backend).model
+    if shards:
+        groups = assign_experts(config.num_experts, shards)
+        workers = [ShardWorker.load(model_dir, g, dtype, device, moe_backend) for g in groups]
+        model.attach_experts(ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups)))
     engine_config = EngineConfig(max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, attention_backend=attention,
                                  kv_cache_bytes=GPU_KV_BYTES if device == "cuda" else 2**28)
     return LLMEngine(model, decode, eos_id, engine_config)
@@ -112,14 +122,16 @@ def _count_launches(fn) -> int:
     return sum(e.count for e in prof.key_averages() if e.key in names)
 
 
-def run(name: str, dry_run: bool) -> dict:
+def run(name: str, dry_run: bool, shards: int = 0) -> dict:
+    """shards > 0: experts behind the expert-parallel executor (piecewise graphs), see `build`."""
     device, dtype = device_and_dtype(dry_run)
     model_dir = checkpoint(name)
     config = ModelConfig.from_file(model_dir)
-    result: dict = {"model": name, "device": device, "dtype": dtype}
+    result: dict = {"model": name, "device": device, "dtype": dtype, "shards": shards}
 
     def build_in_graph_mode() -> LLMEngine:
-        engine = build(model_dir, device, dtype, cuda_graphs=device == "cuda", attention="triton")
+        engine = build(model_dir, device, dtype, cuda_graphs=device == "cuda", attention="triton", shards=shards)
+        result["graphs"] = type(engine.runner.graphs).__name__ if engine.runner.graphs else "none"
         set_graphs(engine, True)  # on the CPU: the padded static-buffer path that graphs replay on a GPU
         return engine
 
@@ -149,7 +161,8 @@ def run(name: str, dry_run: bool) -> dict:
     ratio = served.tokens_per_s / bound.tokens_per_s
     result.update(concurrency=concurrency, engine=served.row(), bound=bound.row(), engine_over_bound=round(ratio, 3))
     launches = result["launches_per_decode_step"]
-    result["headline"] = (f"{served.tokens_per_s:.0f} tok/s at c={concurrency}, {ratio:.2f} of the bound; "
+    result["headline"] = (f"{result['graphs']}: {served.tokens_per_s:.0f} tok/s at c={concurrency}, "
+                          f"{ratio:.2f} of the bound; "
                           f"launches/step {launches['graphs']} (eager {launches['eager']}); "
                           f"graph==eager {result['eager_vs_graphs']['sequences_equal']}/{len(prompts)}")
     result["passed"] = result["eager_vs_graphs"]["sequences_equal"] == len(prompts)

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"ceilings", "kernel_tests", "moe_kernel", "paged_attention", "engine_mini", "engine_8x7b", "tiny_vs_cpu"}
+SECTIONS = {"ceilings", "kernel_tests", "moe_kernel", "paged_attention", "engine_mini", "engine_8x7b", "engine_piecewise",
+            "tiny_vs_cpu"}
 
 
 def test_gpu_check_dry_run(tmp_path: Path):

@@ -122,9 +122,7 @@ class DecodePieces:
         if stop == len(self.layers):
             return self.model.compute_logits(self.model.model.norm(x)[inputs.logit_rows])  # [B, V]
         layer = self.layers[stop]
-        # DecoderLayer.forward up to its experts.
-        x = x + layer.self_attn(layer.input_layernorm(x), inputs.positions, self.cache)
-        h = layer.post_attention_layernorm(x)
+        x, h = layer.attend(x, inputs.positions, self.cache)  # DecoderLayer.forward up to its experts
         weights, ids = layer.block_sparse_moe.route(h)  # [B, K] fp32, [B, K]
         b.residual.copy_(x)
         b.moe_in.copy_(h)

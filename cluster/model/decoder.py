@@ -26,9 +26,15 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+        x, h = self.attend(x, positions, cache)
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
-        return x + ffn(self.post_attention_layernorm(x))
+        return x + ffn(h)
+
+    def attend(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to its feed-forward: (the residual after attention, the feed-forward's normed input), both
+        [T, D]. Apart from `forward` so a decode step split before the experts computes the same."""
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+        return x, self.post_attention_layernorm(x)
 
 
 class DecoderStack(nn.Module):
