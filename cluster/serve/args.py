@@ -34,8 +34,8 @@ class ServeArgs(BaseModel):
     attention_backend: Literal["auto", "triton", "cpu", "torch"] = Field(
         "auto", description="auto: triton on CUDA, the C decode kernel on x86 CPUs in fp32, else torch")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
-        "auto", description="capture decode steps in CUDA graphs per batch bucket; auto: on for CUDA when the "
-                            "experts run in the replica's process, never on CPU")
+        "auto", description="capture decode steps in CUDA graphs per batch bucket (whole, or in pieces around "
+                            "experts in other processes); auto: on for CUDA, never on CPU")
     channel: Literal["auto", "shm", "gloo", "nccl"] = Field(
         "auto", description="the per-layer token channel; auto: shm when a unit shares one machine on CPU, "
                             "else gloo on CPU and NCCL on GPU")
