@@ -66,8 +66,10 @@ def build(model_dir: Path, device: str, dtype: str, cuda_graphs: bool, max_num_s
         groups = assign_experts(config.num_experts, shards)
         workers = [ShardWorker.load(model_dir, g, dtype, device, moe_backend) for g in groups]
         model.attach_experts(ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups)))
+    # No prefix cache: a prompt run twice (eager, then graphs) must be computed the same way both times.
     engine_config = EngineConfig(max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, attention_backend=attention,
-                                 kv_cache_bytes=GPU_KV_BYTES if device == "cuda" else 2**28)
+                                 kv_cache_bytes=GPU_KV_BYTES if device == "cuda" else 2**28,
+                                 enable_prefix_caching=False)
     return LLMEngine(model, decode, eos_id, engine_config)
 
 
@@ -96,18 +98,21 @@ def launches_per_decode_step(engine: LLMEngine, batch: int) -> dict:
     engine has them; the same step eager for comparison. None on CPU (nothing is launched)."""
     if engine.device.type != "cuda":
         return {"graphs": None, "eager": None}
-    prompts = [[random.Random(i).randrange(3, 1000) for _ in range(40)] for i in range(batch)]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 1000) for _ in range(8)] for _ in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     counts = {}
     for mode in ("graphs", "eager"):
         set_graphs(engine, mode == "graphs")
-        for i, p in enumerate(prompts):
-            engine.add_request(f"{mode}-{i}", p, params)
-        engine.step()  # the prefill
-        engine.step()  # a decode, warm
+        ids = [f"{mode}-{i}" for i in range(batch)]
+        for request_id, p in zip(ids, prompts):
+            engine.add_request(request_id, p, params)
+        while any(not engine.requests[r][0].output for r in ids):  # prefills, chunked as the budget allows
+            engine.step()
+        engine.step()  # every sequence decodes from here on: one warm decode step, then the counted one
         counts[mode] = _count_launches(engine.step)
-        for i in range(batch):
-            engine.abort(f"{mode}-{i}")
+        for request_id in ids:
+            engine.abort(request_id)
     set_graphs(engine, True)
     return counts
 

@@ -52,14 +52,17 @@ class PackedInts:
     def __init__(self, device: torch.device, capacity: int = 1 << 14):
         self.device = device
         self.capacity = 0
-        self._copied: torch.cuda.Event | None = None
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None  # recorded after each copy
         self._grow(capacity)
 
     def _grow(self, capacity: int) -> None:
         self.capacity = capacity
         on_cuda = self.device.type == "cuda"
-        self.host = torch.zeros(capacity, dtype=torch.int32, pin_memory=on_cuda and torch.cuda.is_available())
-        self.device_buffer = torch.zeros(capacity, dtype=torch.int32, device=self.device) if on_cuda else self.host
+        # Normal tensors even when built under inference mode (graph capture is): `send` writes them in place later,
+        # which torch refuses on an inference tensor outside inference mode.
+        with torch.inference_mode(False):
+            self.host = torch.zeros(capacity, dtype=torch.int32, pin_memory=on_cuda and torch.cuda.is_available())
+            self.device_buffer = torch.zeros(capacity, dtype=torch.int32, device=self.device) if on_cuda else self.host
         self._host_np = self.host.numpy()
 
     def send(self, parts: list[np.ndarray]) -> list[torch.Tensor]:
@@ -75,9 +78,8 @@ class PackedInts:
             self._host_np[offset:offset + p.size] = p.ravel()
             views.append(self.device_buffer[offset:offset + p.size])
             offset += p.size
-        if self.device_buffer is not self.host:
+        if self._copied is not None:
             self.device_buffer[:total].copy_(self.host[:total], non_blocking=True)
-            self._copied = torch.cuda.Event()
             self._copied.record()
         return views
 

@@ -110,7 +110,7 @@ class FrameWriter:
 class FrameReader:
     """Frames landing in one fixed buffer, read as batches of views (no copies).
 
-    The views for each (rows, top_k) are made once: making them costs ~20 us a frame, on the round trip's path.
+    The views for each (rows, top_k) are made once: making them per frame would sit on the round trip's path.
     """
 
     def __init__(self, body: torch.Tensor, spec: ChannelSpec):

@@ -39,7 +39,7 @@ def in_process_executor(args: ServeArgs, device: str,
                         progress: ProgressCallback | None = None) -> ExpertExecutor | None:
     """Single-process mode: `args.shards` shard workers in this process, behind the in-process transport; on a GPU
     every expert behind one local executor (one device has nothing to split, and its decode steps can be captured
-    in CUDA graphs)."""
+    in CUDA graphs), which the engine warms up."""
     directory = args.model_dir()
     config = ModelConfig.from_file(directory)
     shards = args.num_shards(config)
@@ -48,9 +48,7 @@ def in_process_executor(args: ServeArgs, device: str,
     if device == "cuda":
         layers = load_experts(CheckpointReader(directory), config, parse_dtype(args.resolved_dtype(device)), device,
                               progress=progress)
-        executor = LocalExpertExecutor(layers, config.num_experts, get_backend(args.moe_backend, device))
-        executor.warm_up(args.max_num_batched_tokens, config.experts_per_token)
-        return executor
+        return LocalExpertExecutor(layers, config.num_experts, get_backend(args.moe_backend, device))
     groups = assign_experts(config.num_experts, shards)
     dtype = args.resolved_dtype(device)
     workers = [ShardWorker.load(directory, g, dtype, device, args.moe_backend, progress) for g in groups]

@@ -6,10 +6,12 @@ Ray actors, one GPU each; on CPU every shard is an actor. The actors sit in the 
 The replica opens the token channel to the actors once; a supervisor thread then pings them.
 
 When a shard dies, or the channel fails mid-step (the step's requests fail with 503), the unit drops the channel,
-kills the shards that missed the step deadline (hung, not dead: Ray restarts them), waits for Ray to bring every
-shard back (a restarted one reloads its experts), and reconnects them on a fresh channel. No wait of the recovery
-is unbounded: a step gives the engine thread back within `step_timeout_s`, and the engine thread that never does
-fails the unit after `recovery_timeout_s` (Serve then replaces it). Meanwhile `health()` says "recovering".
+kills the shards that missed a round's deadline (hung, not dead: Ray restarts them; on NCCL every remote shard, since
+a shard blocked on an aborted communicator may never return), waits for Ray to bring every shard back (a restarted
+one reloads its experts), and reconnects them on a fresh channel. No wait of the recovery is unbounded: each layer's
+round waits at most `step_timeout_s` for its replies, so a hung shard gives the engine thread back within that, and
+an engine thread that never does fails the unit after `recovery_timeout_s` (Serve then replaces it). Meanwhile
+`health()` says "recovering".
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class ShardedUnit:
 
     def _open_channel(self) -> SplitPhaseTransport:
         address = ray.util.get_node_ip_address()
-        backend = self._channel_backend()
+        backend = self.channel_backend = self._channel_backend()
         spec = ChannelSpec(address=address, port=_free_port(address), num_shards=len(self.actors),
                            hidden=self.config.hidden_size, top_k=self.config.experts_per_token,
                            dtype=self.args.resolved_dtype(self.device),
@@ -220,7 +222,7 @@ class ShardedUnit:
             return None
         hung = tuple(self.layout.shard_at_rank(r) for r in getattr(self.executor.transport, "late_ranks", ()))
         if hung:
-            return f"expert shard(s) {_ids(hung)} missed the step deadline of {self.args.step_timeout_s:g}s", hung
+            return f"expert shard(s) {_ids(hung)} missed the round deadline of {self.args.step_timeout_s:g}s", hung
         return "the token channel failed", ()
 
     def _recover(self, reason: str, hung: tuple[int, ...]) -> None:
@@ -230,6 +232,8 @@ class ShardedUnit:
         old: ExpertTransport = self.executor.transport
         if not self._on_engine(lambda _: old.close(), self.args.step_timeout_s + _ENGINE_SLACK_S):
             getattr(old, "abort", lambda: None)()  # a step still holds it: fail that step now (the close stays queued)
+        if hung and self.channel_backend == "nccl":
+            hung = self.layout.remote_shards  # a peer of a hung rank may be stuck inside NCCL too: restart them all
         for shard in hung:  # Ray restarts it in a fresh process
             ray.kill(self.actors[shard], no_restart=False)
         while not self._stop.is_set():
