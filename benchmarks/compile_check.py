@@ -11,8 +11,8 @@ How: the launchers themselves run (`paged_decode`, `paged_prefill`, `store_kv`, 
 would launch: the same constexprs, the same int and alignment specialisation of every argument (meta tensors sit at
 address 0, aligned like fresh CUDA allocations). A stub driver answers the target, and Triton's `jit_cache_hook`
 takes each launch's (signature, constexprs, attributes, options) instead of letting it compile and run; each one is
-then compiled through the public ahead-of-time path, `triton.compile(ASTSource(...), target=GPUTarget(...))`, and the
-PTX is put through the ptxas Triton bundles (`-v`) for registers and spills. Shared memory is the compiled metadata's.
+then compiled through the public ahead-of-time path, `triton.compile(ASTSource(...), target=GPUTarget(...))`; the
+registers and spills are read from the `ptxas -v` log of that compile. Shared memory is the compiled metadata's.
 
 Fails (exit 1) on a compile error, a spill, shared memory over the target's per-block limit, or more registers than
 one SM holds for the block. Needs no GPU, no Ray, no interpreter (TRITON_INTERPRET is cleared before any kernel is
@@ -30,12 +30,11 @@ os.environ.pop("TRITON_INTERPRET", None)  # before any @triton.jit runs: compile
 import argparse
 import contextlib
 import importlib
+import io
 import json
 import math
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -50,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.kernels.align import align_pairs_torch, align_pairs_triton  # noqa: E402
 from cluster.kernels.fused_moe import fused_experts  # noqa: E402
-from cluster.kernels.paged_attention import decode_splits, paged_decode, paged_prefill, store_kv  # noqa: E402
+from cluster.kernels.paged_attention import (decode_split_counts, paged_decode, paged_prefill,  # noqa: E402
+                                            store_kv)
 from cluster.kernels.tuning import MoEConfig, config_buckets, load_configs  # noqa: E402
 
 META = torch.device("meta")
@@ -100,40 +100,45 @@ class _TargetDriver:
         return 0
 
 
-@contextlib.contextmanager
-def capture(target) -> Iterator[Callable[[str, Callable[[], object]], None]]:
-    """Within: `run(case, thunk)` calls a launcher; every kernel launch in it is recorded into the list returned by
-    `run.launches` (one entry per distinct JIT key) and skipped."""
-    from triton import knobs
-    from triton.runtime.driver import driver
+class Recorder:
+    """Runs launchers inside `capture`; keeps one `Launch` per distinct JIT key they ask for."""
 
-    launches: list[Launch] = []
-    seen: set[tuple[str, str]] = set()
-    state = {"case": ""}
+    def __init__(self) -> None:
+        self.launches: list[Launch] = []
+        self.case = ""
+        self._seen: set[tuple[str, str]] = set()
 
-    def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002 (Triton's names)
+    def run(self, case: str, thunk: Callable[[], object]) -> None:
+        self.case = case
+        thunk()
+
+    def hook(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled) -> bool:  # noqa: A002 (Triton's)
+        """Triton's jit_cache_hook: called where the JIT would compile; True skips the compile and the launch."""
         jit_fn = fn.jit_function
         ident = (jit_fn.__name__, str(key))
-        if ident not in seen:
-            seen.add(ident)
+        if ident not in self._seen:
+            self._seen.add(ident)
             opts = json.loads(compile["specialization_data"])["options"]
             # Scalars only: the lists (fp8 dtypes, dot precisions) are re-derived by the backend from the target.
             options = {k: v for k, v in opts.items() if not isinstance(v, (list, dict))}
             options["extern_libs"] = compile["extern_libs"]
-            launches.append(Launch(jit_fn.module, jit_fn.__name__, state["case"], dict(compile["signature"]),
-                                   dict(compile["constants"]), dict(compile["configs"][0]), options))
-        return True  # skip the JIT's own compile and the launch
+            self.launches.append(Launch(jit_fn.module, jit_fn.__name__, self.case, dict(compile["signature"]),
+                                        dict(compile["constants"]), dict(compile["configs"][0]), options))
+        return True
 
-    def run(case: str, thunk: Callable[[], object]) -> None:
-        state["case"] = case
-        thunk()
 
-    run.launches = launches  # type: ignore[attr-defined]
+@contextlib.contextmanager
+def capture(target) -> Iterator[Recorder]:
+    """Within: kernel launches bind their arguments for `target` and are recorded instead of compiled and run."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    recorder = Recorder()
     previous_driver, previous_hook = getattr(driver, "_active", None), knobs.runtime.jit_cache_hook
     driver.set_active(_TargetDriver(target))
-    knobs.runtime.jit_cache_hook = hook
+    knobs.runtime.jit_cache_hook = recorder.hook
     try:
-        yield run
+        yield recorder
     finally:
         knobs.runtime.jit_cache_hook = previous_hook
         driver._active = previous_driver  # no public way back to "not chosen yet" (the default raises on CPU)
@@ -156,7 +161,6 @@ class Plan:
     layers: int = 56
     splits: tuple[int, ...] | None = None  # None: every count `decode_splits` picks (see split_counts)
     num_sms: int = 132
-    max_decode_batch: int = 512
     hidden: int = 6144
     ffn: int = 16384
     experts: int = 8  # local experts of the shard (E)
@@ -171,12 +175,11 @@ QUICK = Plan(dtypes=("bf16",), head_dims=(128,), groups=(6,), splits=(1, 3), moe
 
 
 def split_counts(plan: Plan) -> list[int]:
-    """Every split count the decode launcher can pick for this GPU and cache (batch 1..max_decode_batch)."""
+    """Every split count the decode launcher can pick for this GPU and context (or the ones asked for)."""
     if plan.splits is not None:
         return sorted(set(plan.splits))
     max_blocks = -(-plan.max_context // plan.block_size)
-    return sorted({decode_splits(b, plan.kv_heads, max_blocks, plan.block_size, plan.num_sms)
-                   for b in range(1, plan.max_decode_batch + 1)})
+    return list(decode_split_counts(plan.kv_heads, max_blocks, plan.block_size, plan.num_sms))
 
 
 def _cache(plan: Plan, dtype: torch.dtype, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,16 +308,8 @@ _PTXAS = {
 }
 
 
-def ptxas_stats(ptx: str, arch: int, fp_fusion: bool) -> dict[str, int]:
-    """Registers, stack and spills of the kernel in `ptx`, from the ptxas Triton uses for `arch`, with its flags."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", *([] if fp_fusion else ["--fmad=false"]),
-               f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(src.with_suffix(".cubin"))]
-        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+def parse_ptxas_log(log: str) -> dict[str, int]:
+    """Registers, stack and spills from a `ptxas -v` log (the largest over its functions)."""
     stats = {}
     for key, pattern in _PTXAS.items():
         found = pattern.findall(log)
@@ -325,19 +320,26 @@ def ptxas_stats(ptx: str, arch: int, fp_fusion: bool) -> dict[str, int]:
 
 
 def compile_launch(launch: Launch, target) -> Row:
+    """Compile one variant through the public AOT path. Triton itself runs ptxas (with whatever flags this version
+    passes it, e.g. 3.9's --regAllocOptLevel=2) and prints its -v log when asked; always_compile makes it run even for
+    a variant in Triton's cache, so the numbers are this compiler's."""
+    from triton import knobs
     from triton.compiler import ASTSource
 
     row = Row(launch.kernel, launch.case, launch.options.get("num_warps", 4), launch.options.get("num_stages", 3),
               signature={k: v for k, v in launch.signature.items() if v != "constexpr"},
               constexprs={k: repr(v) for k, v in launch.constexpr_names().items()})
     start = time.perf_counter()
+    log = io.StringIO()
     try:
         src = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
-        compiled = triton.compile(src, target=target, options=launch.options)
+        with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+            knobs.compilation.always_compile = True
+            knobs.nvidia.dump_ptxas_log = True
+            compiled = triton.compile(src, target=target, options=launch.options)
         row.shared = compiled.metadata.shared
         if target.backend == "cuda":
-            stats = ptxas_stats(compiled.asm["ptx"], target.arch, launch.options.get("enable_fp_fusion", True))
-            for key, value in stats.items():
+            for key, value in parse_ptxas_log(log.getvalue()).items():
                 setattr(row, key, value)
     except Exception as exc:  # a compile error is a result here, reported with the others
         row.problems.append(f"compile error: {type(exc).__name__}: {str(exc).strip()[:2000]}")
@@ -356,22 +358,23 @@ def collect(plan: Plan, target, kernels: set[str]) -> tuple[list[Launch], list[R
     """Run the launchers of the chosen kernel families; -> (distinct launches, rows for launchers that failed)."""
     families = {"attention": attention_cases, "moe": moe_cases, "align": align_cases}
     failed: list[Row] = []
-    with capture(target) as run:
+    with capture(target) as recorder:
         for family, cases in families.items():
             if family not in kernels:
                 continue
             for label, thunk in cases(plan):
                 try:
-                    run(label, thunk)
+                    recorder.run(label, thunk)
                 except Exception as exc:  # the launcher itself refused: as loud as a compile error
                     failed.append(Row(f"<{family} launcher>", label, 0, 0,
                                       problems=[f"launcher error: {type(exc).__name__}: {exc}"]))
-        return list(run.launches), failed
+    return recorder.launches, failed
 
 
 def print_table(rows: list[Row]) -> None:
     width = max([len("variant"), *(len(r.case) for r in rows)])
-    head = f"{'kernel':<16} {'variant':<{width}} {'w/s':>4} {'regs':>4} {'spill st/ld':>11} {'smem':>7} {'s':>5}  status"
+    head = (f"{'kernel':<16} {'variant':<{width}} {'w/s':>4} {'regs':>4} {'spill st/ld':>11} {'smem':>7} {'s':>5}"
+            "  status")
     print(head)
     print("-" * len(head))
     for r in rows:

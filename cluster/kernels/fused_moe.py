@@ -58,8 +58,10 @@ def _gate_up_kernel(
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
 
     a_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xd  # [BM, BK]
-    g_ptrs = w_ptr + e * stride_we + offs_f[None, :] * stride_wn + offs_k[:, None] * stride_wd  # [BK, HALF] w1 rows
-    u_ptrs = g_ptrs + F * stride_wn  # [BK, HALF] w3 rows
+    # Row offsets in int64: row * stride passes 2^31 once an expert's [2F, D] does (any layout, e.g. a strided view).
+    w_e = w_ptr + e * stride_we
+    g_ptrs = w_e + offs_f[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wd  # [BK, HALF] w1 rows
+    u_ptrs = w_e + (F + offs_f)[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wd  # [BK, HALF] w3 rows
     acc_g = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -82,7 +84,9 @@ def _gate_up_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["num_pairs", "num_blocks_m"])
+# Router weights may arrive as a view at any offset of a received frame; their loads are gathers anyway, so their
+# alignment is not specialised on (each parity of a frame's rows would otherwise compile a variant of its own).
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks_m"], do_not_specialize_on_alignment=["topk_w_ptr"])
 def _down_kernel(
     h_ptr, w_ptr, y_ptr, topk_w_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr,
     num_pairs, D, F, num_blocks_m,
@@ -103,7 +107,7 @@ def _down_kernel(
     offs_k = tl.arange(0, BLOCK_K)  # [BK] over F
 
     a_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hc + offs_k[None, :] * stride_hf  # [BM, BK]
-    b_ptrs = w_ptr + e * stride_we + offs_d[None, :] * stride_wd + offs_k[:, None] * stride_wf  # [BK, BN]
+    b_ptrs = w_ptr + e * stride_we + offs_d[None, :].to(tl.int64) * stride_wd + offs_k[:, None] * stride_wf  # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):
         k_ok = offs_k < F - k0
@@ -129,6 +133,20 @@ def _dot_flags(dtype: torch.dtype) -> tuple[bool, str | None]:
     return False, "ieee" if dtype == torch.float32 else None
 
 
+def _check_launch(a: torch.Tensor, w: torch.Tensor, aligned: AlignedPairs, cfg: KernelConfig, half_n: bool) -> None:
+    """What a GPU would refuse or misread but the interpreter lets pass (it runs every dot in fp32, enforces no dot
+    shape, and does not fault on reads past a buffer): one operand dtype, dot tiles >= 16, and an alignment made
+    with this config's BLOCK_M (a larger BLOCK_M would read past `sorted_ids`)."""
+    if a.dtype != w.dtype:
+        raise ValueError(f"activations ({a.dtype}) and weights ({w.dtype}) must share a dtype: tl.dot takes one")
+    n = cfg.BLOCK_N // 2 if half_n else cfg.BLOCK_N
+    if min(cfg.BLOCK_M, n, cfg.BLOCK_K) < 16:
+        raise ValueError(f"tl.dot needs tiles of at least 16 per side, {cfg} gives {cfg.BLOCK_M}x{n}x{cfg.BLOCK_K}")
+    if aligned.sorted_ids.numel() != aligned.block_expert.numel() * cfg.BLOCK_M:
+        raise ValueError(f"pairs aligned to {aligned.sorted_ids.numel()} slots in {aligned.block_expert.numel()} "
+                         f"blocks, but the config's BLOCK_M is {cfg.BLOCK_M}")
+
+
 def gate_up(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, aligned: AlignedPairs, top_k: int,
             cfg: KernelConfig) -> None:
     """h [C, F] (row = aligned slot) <- SiLU(x[tok] @ w1[e]^T) * (x[tok] @ w3[e]^T). x [T, D], w13 [E, 2F, D]."""
@@ -136,6 +154,9 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, aligned: Aligne
     d, f = x.shape[1], w13.shape[1] // 2
     if num_blocks_m == 0:
         return
+    _check_launch(x, w13, aligned, cfg, half_n=True)
+    if w13.shape[2] != d or h.shape != (aligned.sorted_ids.numel(), f):
+        raise ValueError(f"x {tuple(x.shape)}, w13 {tuple(w13.shape)} and h {tuple(h.shape)} do not fit")
     fp32_dot, precision = _dot_flags(w13.dtype)
     grid = (num_blocks_m * triton.cdiv(f, cfg.BLOCK_N // 2),)
     _gate_up_kernel[grid](
@@ -157,6 +178,10 @@ def down(h: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, topk_weights: torch
     d, f = w2.shape[1], w2.shape[2]
     if num_blocks_m == 0:
         return
+    _check_launch(h, w2, aligned, cfg, half_n=False)
+    if h.shape != (aligned.sorted_ids.numel(), f) or y.shape != (topk_weights.numel(), d):
+        raise ValueError(f"h {tuple(h.shape)}, w2 {tuple(w2.shape)} and y {tuple(y.shape)} do not fit "
+                         f"{topk_weights.numel()} pairs")
     fp32_dot, precision = _dot_flags(w2.dtype)
     grid = (num_blocks_m * triton.cdiv(d, cfg.BLOCK_N),)
     _down_kernel[grid](

@@ -18,10 +18,15 @@ The cache of one layer is k, v [KV, N, bs, Dh] (any strides, unit along Dh); a s
 - store_kv: writes the step's new K/V rows into their slots; slot < 0 (padding) writes nothing.
 
 Every launcher reads only shapes on the host (no .item(), no .tolist()), so all of them can be captured in a CUDA
-graph. Softmax is online, in fp32, in the log2 domain. A row with context 0 (a padded decode row) outputs zeros.
+graph. Nothing that changes from step to step is specialised on (the metadata's alignment, the table width, which
+sequences a prefill launch covers), so the compiled variants are one per (dtype, head dim, group, splits), and
+`benchmarks/compile_check.py` compiles them all ahead of time. Softmax is online, in fp32, in the log2 domain. A row
+with context 0 (a padded decode row) outputs zeros.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -32,7 +37,9 @@ from cluster.kernels.tuning import interpreting
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Metadata (tables, lengths, slots, query starts) arrive as views into one packed int32 buffer at any offset, and the
+# table width changes with the step: specialising on their alignment or value would compile new variants mid-serving.
+@triton.jit(do_not_specialize=["stride_tb"], do_not_specialize_on_alignment=["tables_ptr", "seq_lens_ptr"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_ptr, stats_ptr,
     qk_scale,
@@ -125,7 +132,8 @@ def _reduce_kernel(
              mask=offs_d < HEAD_DIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_seq", "num_seqs", "stride_tb"],
+            do_not_specialize_on_alignment=["tables_ptr", "seq_lens_ptr", "qsl_ptr"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, qsl_ptr, out_ptr,
     qk_scale, first_seq, num_seqs,
@@ -138,7 +146,7 @@ def _prefill_kernel(
     kvh = tl.program_id(1)
     # Sequence i owns tiles from (qsl[i] - qsl[0]) // BQ + i on: the last sequence whose first tile <= ours.
     q0 = tl.load(qsl_ptr + first_seq)
-    lo: tl.int32 = 0  # annotated: loop-carried values must be tensors, never constexprs (an int arg of 1 is one)
+    lo: tl.int32 = 0  # annotated: loop-carried values must be tensors, never constexprs (a literal is one)
     hi: tl.int32 = num_seqs
     while lo < hi:  # lo ends one past the last sequence whose first tile is <= ours (sequence 0's is tile 0)
         mid = (lo + hi) // 2
@@ -202,7 +210,7 @@ def _prefill_kernel(
              + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["slots_ptr"])
 def _store_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -236,14 +244,45 @@ def _dot_flags(dtype: torch.dtype) -> tuple[bool, str | None]:
     return False, "ieee" if dtype == torch.float32 else None
 
 
-def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
-    """(G, KV, Dh) after checking q [*, H, Dh] against k/v caches [KV, N, bs, Dh] with unit stride along Dh."""
+class _Tiles(NamedTuple):
+    decode_n: int  # keys per decode step
+    prefill_rows: int  # (token, head) rows per prefill tile
+    prefill_n: int  # keys per prefill step
+    num_warps: int
+
+
+def _tiles(dtype: torch.dtype) -> _Tiles:
+    """Tile sizes by where the kernel runs. fp32 on a GPU takes exact (ieee) dots, which run on FMA units with whole
+    tiles in registers: the smallest tiles tl.dot takes keep every variant from spilling (larger ones, or 8 warps,
+    spill in some: benchmarks/compile_check.py measures registers and spills per variant). The interpreter runs each
+    program in Python: few big tiles are faster there."""
+    if interpreting():
+        return _Tiles(32, 64, 32, 4)
+    if dtype == torch.float32:
+        return _Tiles(16, 16, 16, 4)
+    return _Tiles(64, 64, 32, 4)
+
+
+def _head_pad(head_dim: int) -> int:
+    """Head dim padded to a power of two of at least 16 (tl.dot's smallest K; the padding is masked)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 out: torch.Tensor) -> tuple[int, int, int]:
+    """(G, KV, Dh) after checking q, out [*, H, Dh] against k/v caches [KV, N, bs, Dh] with unit stride along Dh.
+    Checked here because the interpreter forgives both: it runs every dot in fp32 (a GPU refuses mixed operand
+    dtypes at compile time) and never faults on a stride it was not told about."""
     heads, head_dim = q.shape[-2], q.shape[-1]
     kv_heads = k_cache.shape[0]
-    if k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim or heads % kv_heads:
-        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
-    if q.stride(-1) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise ValueError("q and the caches need unit stride along the head dim")
+    if k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim or heads % kv_heads or out.shape != q.shape:
+        raise ValueError(f"q {tuple(q.shape)} / out {tuple(out.shape)} do not fit caches {tuple(k_cache.shape)} / "
+                         f"{tuple(v_cache.shape)}")
+    if q.stride(-1) != 1 or out.stride(-1) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("q, out and the caches need unit stride along the head dim")
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"q ({q.dtype}) and the caches ({k_cache.dtype}, {v_cache.dtype}) must share a dtype: "
+                         "tl.dot takes operands of one dtype")
     return heads // kv_heads, kv_heads, head_dim
 
 
@@ -257,6 +296,13 @@ def decode_splits(batch: int, kv_heads: int, max_blocks: int, block_size: int, n
     return max(1, min(wanted, longest, 16))
 
 
+def decode_split_counts(kv_heads: int, max_blocks: int, block_size: int, num_sms: int) -> range:
+    """Every split count `decode_splits` can pick on this GPU for tables up to `max_blocks` wide, whatever the batch
+    and width: 1 up to its largest (batch 1, widest table), since the length cap takes every value below. Each is a
+    compiled variant, so a warm-up that runs them all leaves no decode launch to compile while serving."""
+    return range(1, decode_splits(1, kv_heads, max_blocks, block_size, num_sms) + 1)
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, out: torch.Tensor, num_splits: int = 1,
                  block_n: int | None = None) -> torch.Tensor:
@@ -268,11 +314,15 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     batch = q.shape[0]
     if batch == 0:
         return out
-    group, kv_heads, head_dim = _check_cache(q, k_cache, v_cache)
+    group, kv_heads, head_dim = _check_cache(q, k_cache, v_cache, out)
+    if block_tables.shape[0] < batch or seq_lens.shape[0] < batch:
+        raise ValueError(f"{batch} rows need as many block tables and lengths, got {tuple(block_tables.shape)} / "
+                         f"{tuple(seq_lens.shape)}")
     block_size = k_cache.shape[2]
-    d_pad = triton.next_power_of_2(head_dim)
+    d_pad = _head_pad(head_dim)
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
-    block_n = block_n or (32 if interpreting() else 64)
+    tiles = _tiles(k_cache.dtype)
+    block_n = block_n or tiles.decode_n
     fp32_dot, precision = _dot_flags(k_cache.dtype)
     if num_splits > 1:
         part = torch.empty(batch, group * kv_heads, num_splits, d_pad, dtype=torch.float32, device=q.device)
@@ -285,7 +335,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         G=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, FP32_DOT=fp32_dot, PRECISION=precision, num_warps=4, num_stages=2,
+        NUM_SPLITS=num_splits, FP32_DOT=fp32_dot, PRECISION=precision, num_warps=tiles.num_warps, num_stages=2,
     )
     if num_splits > 1:
         _reduce_kernel[(batch, group * kv_heads)](
@@ -309,12 +359,17 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     num_seqs = block_tables.shape[0] - first_seq if num_seqs is None else num_seqs
     if num_seqs == 0:
         return out
-    group, kv_heads, head_dim = _check_cache(q, k_cache, v_cache)
+    group, kv_heads, head_dim = _check_cache(q, k_cache, v_cache, out)
+    end = first_seq + num_seqs
+    if block_tables.shape[0] < end or seq_lens.shape[0] < end or query_start_loc.shape[0] < end + 1:
+        raise ValueError(f"sequences {first_seq}..{end - 1} need tables, lengths and query starts: got "
+                         f"{tuple(block_tables.shape)} / {tuple(seq_lens.shape)} / {tuple(query_start_loc.shape)}")
     block_size = k_cache.shape[2]
-    d_pad = triton.next_power_of_2(head_dim)
+    d_pad = _head_pad(head_dim)
     g_pad = triton.next_power_of_2(group)
-    block_q = block_q or max(1, 64 // g_pad)  # tiles of 64 (token, head) rows
-    block_n = block_n or 32
+    tiles = _tiles(k_cache.dtype)
+    block_q = block_q or max(1, tiles.prefill_rows // g_pad)  # at least 16 rows: tl.dot's smallest M
+    block_n = block_n or tiles.prefill_n
     fp32_dot, precision = _dot_flags(k_cache.dtype)
     # T bounds these sequences' tokens, so T // BQ + their number bounds their tiles; spare ones return at once.
     grid = (q.shape[0] // block_q + num_seqs, kv_heads)
@@ -324,7 +379,7 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         G=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
-        BLOCK_N=block_n, FP32_DOT=fp32_dot, PRECISION=precision, num_warps=4, num_stages=2,
+        BLOCK_N=block_n, FP32_DOT=fp32_dot, PRECISION=precision, num_warps=tiles.num_warps, num_stages=2,
     )
     return out
 
@@ -335,6 +390,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     tokens, kv_heads, head_dim = k.shape
     if tokens == 0:
         return
+    fits = (k_cache.shape[0], k_cache.shape[3]) == (kv_heads, head_dim) and slot_mapping.shape[0] >= tokens
+    if v.shape != k.shape or k_cache.shape != v_cache.shape or not fits:
+        raise ValueError(f"k/v {tuple(k.shape)} / {tuple(v.shape)} and {slot_mapping.shape[0]} slots do not fit "
+                         f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
     if k.stride(2) != 1 or v.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("k, v and the caches need unit stride along the head dim")
     _store_kv_kernel[(tokens, kv_heads)](
