@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from cluster.attention.metadata import AttentionMetadata
-from cluster.kernels.paged_attention import decode_splits, paged_decode, paged_prefill
+from cluster.kernels.paged_attention import decode_split_counts, decode_splits, paged_decode, paged_prefill
 
 
 class TritonAttentionBackend:
@@ -25,6 +25,20 @@ class TritonAttentionBackend:
 
     def plan(self, meta: AttentionMetadata) -> None:
         pass
+
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, max_blocks: int) -> None:
+        """Compile the decode kernel for every context-split count a step can pick (`decode_split_counts`): the
+        count is a compile-time constant, and an eager step's depends on its batch and table width.
+        k_cache, v_cache: one layer's [KV, N, bs, Dh]; max_blocks: the widest block table a step can have."""
+        kv_heads, _, block_size, head_dim = k_cache.shape
+        device = k_cache.device
+        q = torch.zeros(1, num_heads, head_dim, dtype=k_cache.dtype, device=device)
+        out = torch.empty_like(q)
+        tables = torch.zeros(1, max_blocks, dtype=torch.int32, device=device)
+        lens = torch.ones(1, dtype=torch.int32, device=device)
+        for splits in (decode_split_counts(kv_heads, max_blocks, block_size, self.num_sms)
+                       if self.num_splits is None else (self.num_splits,)):
+            paged_decode(q, k_cache, v_cache, tables, lens, self.scale, out, splits)
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Every kernel compiled before serving starts: a Triton JIT compile mid-serving stalls the whole batch for seconds.
 
 The experts' backends compile one variant per block config (`warm_up` on the executor, every M bucket up to the
-step's token budget). Attention, rotary and the dense layers compile on a few synthetic steps run through the model
-runner itself: a prefill step, a mixed step of decodes and a chunk, a decode step. The synthetic sequences write
-their KV into blocks no request holds yet (nothing is admitted before the engine is built).
+step's token budget); the attention backend compiles its decode kernel for every context-split count it can pick.
+Attention, rotary and the dense layers then compile on a few synthetic steps run through the model runner itself: a
+prefill step, a mixed step of decodes and a chunk, a decode step. The synthetic sequences write their KV into blocks
+no request holds yet (nothing is admitted before the engine is built).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ log = logging.getLogger(__name__)
 
 Shape = tuple[int, int, bool]  # (tokens already computed, new tokens, whether the step samples it)
 
-# Lengths on and off the block size, so both of Triton's integer specialisations (multiple of 16 or not) compile.
 WARM_UP_STEPS: tuple[tuple[Shape, ...], ...] = (
     ((0, 17, True), (0, 32, True)),
     ((17, 1, True), (32, 1, True), (0, 5, False)),
@@ -57,6 +57,9 @@ def warm_up(runner: ModelRunner, max_tokens: int, num_blocks: int) -> None:
     for executor in executors.values():
         if hasattr(executor, "warm_up"):
             executor.warm_up(max_tokens, model.config.experts_per_token)
+    cache = runner.cache
+    if hasattr(cache.backend, "warm_up"):
+        cache.backend.warm_up(cache.k[0], cache.v[0], model.config.num_heads, runner.max_blocks)
     rng = random.Random(0)
     for shapes in WARM_UP_STEPS:
         batch = synthetic_step(shapes, runner.cache.block_size, 4, num_blocks, model.config.vocab_size, rng)
