@@ -232,11 +232,11 @@ def attention_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
                        lambda k=k, s=_packed((5,), off): store_kv(k, torch.empty_like(k), kc, vc, s))
 
 
-def moe_configs(plan: Plan) -> list[tuple[int, MoEConfig]]:
-    """(first M, config) of every distinct config serving up to `moe_max_tokens` can use: the M buckets of
-    `tuning.config_buckets` (what `TritonMoEBackend.warm_up` compiles), plus a device's tuned table if asked."""
+def moe_configs(plan: Plan, dtype: torch.dtype) -> list[tuple[int, MoEConfig]]:
+    """(first M, config) of every distinct config serving up to `moe_max_tokens` in `dtype` can use: the M buckets
+    of `tuning.config_buckets` (what `TritonMoEBackend.warm_up` compiles), plus a device's tuned table if asked."""
     out: list[tuple[int, MoEConfig]] = []
-    for m, _, cfg in config_buckets(plan.moe_max_tokens, plan.experts, plan.ffn, META):
+    for m, _, cfg in config_buckets(plan.moe_max_tokens, plan.experts, plan.ffn, META, dtype):
         if all(cfg != seen for _, seen in out):
             out.append((m, cfg))
     if plan.tuned_device:
@@ -255,7 +255,7 @@ def moe_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
         dtype = DTYPES[name]
         w13 = torch.empty(e, 2 * f, d, dtype=dtype, device=META)  # [E, 2F, D]
         w2 = torch.empty(e, d, f, dtype=dtype, device=META)  # [E, D, F]
-        for (m, cfg), off in ((mc, off) for mc in moe_configs(plan) for off in (0, 1)):
+        for (m, cfg), off in ((mc, off) for mc in moe_configs(plan, dtype) for off in (0, 1)):
             x = torch.empty(m, d, dtype=dtype, device=META)
             ids = torch.empty(m, k, dtype=torch.int64, device=META)
             weights = _packed((m, k), off, torch.float32)  # a frame's router weights: aligned or not
@@ -266,7 +266,7 @@ def moe_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
 
 def align_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
     """align_pairs_triton per local-expert count x BLOCK_M of the configs x id dtype (router int64, channel int32)."""
-    block_ms = sorted({cfg.block_m for _, cfg in moe_configs(plan)})
+    block_ms = sorted({cfg.block_m for name in plan.dtypes for _, cfg in moe_configs(plan, DTYPES[name])})
     for e in plan.align_experts:
         expert_map = torch.empty(max(e, plan.experts), dtype=torch.int32, device=META)
         for bm in block_ms:

@@ -85,6 +85,16 @@ def test_compile_check_fp32_attention_does_not_spill(tmp_path: Path) -> None:
                                                    "_store_kv_kernel": 1}
 
 
+def test_compile_check_fp32_moe_does_not_spill(tmp_path: Path) -> None:
+    """fp32 takes its own default MoE tiles past M = 32 (the 16-bit ones spill in fp32): every bucket compiles
+    without spills."""
+    missing = _cuda_compiler_missing()
+    if missing:
+        pytest.skip(missing)
+    rows = _run(tmp_path, "--kernels", "moe", "--dtypes", "fp32", "--jobs", "2")
+    assert Counter(r["kernel"] for r in rows) == {"_gate_up_kernel": 3, "_down_kernel": 3}  # M <= 32, <= 256, more
+
+
 def test_compile_check_head_dim_below_16(tmp_path: Path) -> None:
     """tl.dot needs K >= 16: a head dim of 8 (padded to 16 and masked) compiles."""
     missing = _cuda_compiler_missing()

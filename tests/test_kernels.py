@@ -229,6 +229,9 @@ def test_tuning_table(config_dir) -> None:
     big = tuning.get_config(1000, 8, 512, "cuda")
     assert big.block_m == 64 and big.down.BLOCK_N == 256 and big.down.num_warps == 8
     assert tuning.get_config(3, 8, 1024, "cuda") == tuning.default_config(3)  # no file for this shape
+    # Tables are tuned in 16-bit: fp32 keeps its own defaults, whose tiles past M = 32 are smaller than bf16's.
+    assert tuning.get_config(1000, 8, 512, "cuda", torch.float32) == tuning.default_config(1000, torch.float32)
+    assert tuning.default_config(1000, torch.float32).block_m < tuning.default_config(1000).block_m
     with pytest.raises(ValueError):
         tuning.MoEConfig(tuning.KernelConfig(16, 64, 64), tuning.KernelConfig(32, 64, 64))
 

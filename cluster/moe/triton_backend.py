@@ -18,7 +18,7 @@ class TritonMoEBackend:
     graph_safe = True  # no host sync, sizes from shapes only: a decode step through it can be captured
 
     def config(self, tokens: int, weights: ExpertWeights) -> MoEConfig:
-        return get_config(tokens, weights.w13.shape[0], weights.w2.shape[2], weights.w13.device)
+        return get_config(tokens, weights.w13.shape[0], weights.w2.shape[2], weights.w13.device, weights.w13.dtype)
 
     def __call__(self, x: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor, num_experts: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -51,7 +51,7 @@ class TritonMoEBackend:
         held = torch.tensor(weights.expert_ids, device=dev)  # [E] global ids of the local experts
         g = torch.Generator(device=dev).manual_seed(0)  # the process's own random state is left alone
         ran: list[tuple[int, MoEConfig]] = []
-        for m, _, cfg in config_buckets(max_tokens, num_local, weights.w2.shape[2], dev):
+        for m, _, cfg in config_buckets(max_tokens, num_local, weights.w2.shape[2], dev, weights.w13.dtype):
             if any(cfg == seen for _, seen in ran):
                 continue
             # Every local expert busy (when M * K allows), distinct experts per token where E >= K.
