@@ -223,7 +223,8 @@ def config_dir(tmp_path, monkeypatch):
     tuning.load_configs.cache_clear()
 
 
-def test_tuning_table(config_dir) -> None:
+def test_tuning_table(config_dir, monkeypatch) -> None:
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)  # the GPU's defaults, not the interpreter's
     (config_dir / tuning.config_file_name(8, 512, "Fake GPU")).write_text(json.dumps(TABLE))
     assert tuning.get_config(3, 8, 512, "cuda").block_m == 16
     big = tuning.get_config(1000, 8, 512, "cuda")
@@ -231,7 +232,8 @@ def test_tuning_table(config_dir) -> None:
     assert tuning.get_config(3, 8, 1024, "cuda") == tuning.default_config(3)  # no file for this shape
     # Tables are tuned in 16-bit: fp32 keeps its own defaults, whose tiles past M = 32 are smaller than bf16's.
     assert tuning.get_config(1000, 8, 512, "cuda", torch.float32) == tuning.default_config(1000, torch.float32)
-    assert tuning.default_config(1000, torch.float32).block_m < tuning.default_config(1000).block_m
+    fp32, bf16 = tuning.default_config(1000, torch.float32).gate_up, tuning.default_config(1000).gate_up
+    assert fp32.BLOCK_M * fp32.BLOCK_N < bf16.BLOCK_M * bf16.BLOCK_N
     with pytest.raises(ValueError):
         tuning.MoEConfig(tuning.KernelConfig(16, 64, 64), tuning.KernelConfig(32, 64, 64))
 
