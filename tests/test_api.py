@@ -161,14 +161,21 @@ def test_greedy_completion_equals_the_engine_and_streams_the_same(served):
 def test_default_max_tokens_fit_the_context(served):
     # No max_tokens: min(1024, context - prompt), so a long prompt still fits; a fixed 1024 would be refused.
     messages = [{"role": "user", "content": "word " * (served.context_len - 40)}]
-    room = served.context_len - len(served.tok.encode_chat(messages))
+    prompt = served.tok.encode_chat(messages)
+    room = served.context_len - len(prompt)
     assert 0 < room < 1024
-    response = asyncio.run(_post(served.app, {"messages": messages, "temperature": 0}))
+
+    async def scenario():
+        direct = await _engine_direct(served.front, prompt, SamplingParams(max_tokens=room, temperature=0))
+        return direct[0], await _post(served.app, {"messages": messages, "temperature": 0})
+
+    direct, response = asyncio.run(scenario())
     assert response.status_code == 200, response.text
-    usage = response.json()["usage"]
-    assert usage["completion_tokens"] <= room and usage["total_tokens"] <= served.context_len
-    if response.json()["choices"][0]["finish_reason"] == "length":
-        assert usage["completion_tokens"] == room
+    usage, choice = response.json()["usage"], response.json()["choices"][0]
+    # The API ran exactly the engine's greedy request with max_tokens = room: same length, same ending.
+    assert (usage["completion_tokens"], choice["finish_reason"]) == (len(direct["tokens"]), direct["finish"])
+    assert usage["total_tokens"] <= served.context_len
+    assert direct["finish"] == "stop" or len(direct["tokens"]) == room
 
 
 def test_default_temperature_by_model_family():

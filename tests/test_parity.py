@@ -28,12 +28,6 @@ def pair(request, tiny_dir, tiny_dense_dir):
     return load_model(directory, "fp32"), _reference(directory)
 
 
-def test_reference_class_matches_shape(pair):
-    ours, ref = pair
-    expected = "MixtralForCausalLM" if ours.config.is_moe else "MistralForCausalLM"
-    assert type(ref).__name__ == expected
-
-
 def test_batched_logits_match_reference(pair):
     ours, ref = pair
     c = ours.config

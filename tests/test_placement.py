@@ -2,7 +2,6 @@
 byte counts computed here from config.json numbers, refusals with their reasons, `moe-cluster plan`, and the unit
 layout it shares with Serve's bundles (no GPU holding two channel ranks)."""
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -154,10 +153,6 @@ def test_more_gpus_than_experts_default_to_one_shard_per_expert():
     assert [m.weight_bytes for m in p.memory[9:]] == [0, 0, 0]
 
 
-def test_placement_is_frozen():
-    p = plan_placement(ModelConfig.from_file(X7B), 2, 80 * GiB)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        p.replica_gpu = 1  # type: ignore[misc]
 
 
 def test_cpu_shards_report_host_memory_and_never_refuse():
