@@ -1,14 +1,20 @@
 """Paged KV blocks: a free list, reference counts, and a prefix cache keyed by a hash chain of block tokens.
 
-A full block whose KV has been computed is registered under hash(parent hash, its tokens). A later sequence whose
+A full block whose KV has been computed is registered under sha256(parent hash, its tokens). A later sequence whose
 tokens start the same way reuses those blocks (ref count + 1) instead of recomputing them. Freed blocks keep their
 hash and stay findable until the free list hands them out again (least recently freed first).
+
+The cache is shared by every request, so its keys are a cryptographic hash chain: with Python's `hash()` one user
+could craft tokens whose block collides with another's prefix and be served (or poison) that user's KV.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+
+import numpy as np
 
 from cluster.engine.sequence import Sequence
 
@@ -17,7 +23,12 @@ from cluster.engine.sequence import Sequence
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
+
+
+def block_hash(parent: bytes, tokens: list[int]) -> bytes:
+    """sha256 of the parent block's hash and this block's token ids (little-endian int32): the chain's next link."""
+    return hashlib.sha256(parent + np.asarray(tokens, dtype="<i4").tobytes()).digest()
 
 
 class BlockManager:
@@ -25,7 +36,7 @@ class BlockManager:
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # FIFO with O(1) removal
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.cached: dict[bytes, int] = {}  # hash -> block id
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix_hit_tokens = 0  # prompt tokens served from the prefix cache
         self.prefix_query_tokens = 0  # prompt tokens looked up
@@ -41,14 +52,14 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _hashes(self, seq: Sequence, num_full_blocks: int) -> list[int]:
+    def _hashes(self, seq: Sequence, num_full_blocks: int) -> list[bytes]:
         """The first `num_full_blocks` hashes of the chain, extending the sequence's memo as needed."""
         bs, chain = self.block_size, seq.block_hashes
         if len(chain) < num_full_blocks:
             tokens = seq.tokens
-            parent = chain[-1] if chain else 0
+            parent = chain[-1] if chain else b""
             for i in range(len(chain), num_full_blocks):
-                parent = hash((parent, tuple(tokens[i * bs:(i + 1) * bs])))
+                parent = block_hash(parent, tokens[i * bs:(i + 1) * bs])
                 chain.append(parent)
         return chain[:num_full_blocks]
 
