@@ -163,6 +163,18 @@ def _in_replica(shards: int) -> UnitLayout:
     return UnitLayout("cpu", None, (None,) * shards, (None,) + tuple(range(1, shards)))
 
 
+def test_one_shard_sharing_the_replicas_gpu_needs_no_channel(local_ray, tiny_dir, reference):
+    from cluster.serve.unit import ShardedUnit
+
+    args = _args(tiny_dir, 1, channel="gloo")
+    unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir), _in_replica(1))
+    try:
+        assert type(unit.executor.transport).__name__ == "InProcessTransport" and not unit.actors
+        assert _drive(build_engine(args, "cpu", unit.executor), _prompts(12), GREEDY) == reference["greedy"]
+    finally:
+        unit.close()
+
+
 @pytest.mark.parametrize("shards", [2, 3])
 def test_a_shard_in_the_replica_process_beside_channel_shards_generates_the_single_process_tokens(
         local_ray, tiny_dir, reference, shards):

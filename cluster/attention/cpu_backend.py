@@ -1,7 +1,7 @@
 """The CPU backend: decodes through the C kernel `cluster/kernels/cpu/paged_attention.c`, prefill chunks in torch.
 
-The kernel reads every key and value row once where it lives (~3x the torch path's gathers on x86 in fp32); it
-needs AVX2 + FMA, a C compiler, fp32 and the shape limits below (they mirror its source).
+The kernel reads every key and value row once where it lives, where the torch path gathers them first (timings in
+benchmarks/RESULTS.md); it needs AVX2 + FMA, a C compiler, fp32 and the shape limits below (they mirror its source).
 """
 
 from __future__ import annotations

@@ -22,8 +22,6 @@ from cluster.attention.selector import select_backend
 from cluster.attention.torch_backend import DEFAULT_WORKSPACE_BYTES
 from cluster.config import ModelConfig
 
-__all__ = ["AttentionMetadata", "PagedKVCache", "kv_bytes_per_block", "kv_bytes_per_token"]
-
 
 def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:
     """K and V of every layer for one token."""

@@ -17,14 +17,12 @@ from cluster.parallel.shard_worker import ShardWorker
 
 class HybridTransport:
     """An `ExpertTransport` over S shards: `local` ones (shard -> worker in this process) and `remote_shards`, the
-    others in the order of `remote`'s ranks (`remote_shards[i]` is channel rank i + 1). `remote` may be None when
-    every shard is local."""
+    others in the order of `remote`'s ranks (`remote_shards[i]` is channel rank i + 1). With no remote shard at all
+    a unit uses `InProcessTransport` instead."""
 
-    def __init__(self, local: dict[int, ShardWorker], remote: SplitPhaseTransport | None,
-                 remote_shards: tuple[int, ...]):
-        if (remote.num_shards if remote is not None else 0) != len(remote_shards):
-            raise ValueError(f"{len(remote_shards)} remote shards on a channel of "
-                             f"{remote.num_shards if remote is not None else 0}")
+    def __init__(self, local: dict[int, ShardWorker], remote: SplitPhaseTransport, remote_shards: tuple[int, ...]):
+        if remote.num_shards != len(remote_shards):
+            raise ValueError(f"{len(remote_shards)} remote shards on a channel of {remote.num_shards}")
         if set(local) & set(remote_shards):
             raise ValueError(f"shards {sorted(set(local) & set(remote_shards))} are both local and remote")
         self.local = local
@@ -33,22 +31,18 @@ class HybridTransport:
         self.num_shards = len(local) + len(remote_shards)
         if sorted([*local, *remote_shards]) != list(range(self.num_shards)):
             raise ValueError(f"shards {sorted([*local, *remote_shards])} do not cover 0..{self.num_shards - 1}")
-        self.max_rows = remote.max_rows if remote is not None else None
+        self.max_rows = remote.max_rows
 
     @property
     def broken(self) -> bool:
-        return self.remote is not None and self.remote.broken
+        return self.remote.broken
 
     @property
     def late_ranks(self) -> tuple[int, ...]:
-        return self.remote.late_ranks if self.remote is not None else ()
+        return self.remote.late_ranks
 
     def run(self, batches: list[RoutedBatch | None]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = [None] * self.num_shards
-        if self.remote is None:
-            for s, worker in self.local.items():
-                out[s] = _run(worker, batches[s])
-            return out
         self.remote.post([batches[s] for s in self.remote_shards])  # the remote shards start now ...
         try:
             for s, worker in self.local.items():  # ... while this process computes its own
@@ -60,12 +54,10 @@ class HybridTransport:
         return out
 
     def abort(self) -> None:
-        if self.remote is not None:
-            self.remote.abort()
+        self.remote.abort()
 
     def close(self) -> None:
-        if self.remote is not None:
-            self.remote.close()
+        self.remote.close()
 
 
 def _run(worker: ShardWorker, batch: RoutedBatch | None) -> torch.Tensor | None:

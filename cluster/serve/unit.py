@@ -35,6 +35,7 @@ from cluster.config import ModelConfig
 from cluster.parallel.channel import ChannelSpec, ReplicaChannel
 from cluster.parallel.dispatch import ExpertParallelExecutor, ExpertTransport, SplitPhaseTransport
 from cluster.parallel.hybrid import HybridTransport
+from cluster.parallel.in_process import InProcessTransport
 from cluster.parallel.layout import UnitLayout
 from cluster.parallel.placement import assign_experts, expert_owners
 from cluster.parallel.shard_worker import ShardWorker
@@ -126,11 +127,10 @@ class ShardedUnit:
     def _connect(self) -> ExpertTransport:
         """A fresh transport: a channel the actors join (this replica hosts the meeting point), with the local
         shards beside it when there are any."""
-        channel = self._open_channel() if self.actors else None
-        if not self.local:
-            assert channel is not None
-            return channel
-        return HybridTransport(self.local, channel, self.layout.remote_shards)
+        if not self.actors:  # one shard on one GPU, in this process
+            return InProcessTransport([self.local[s] for s in range(len(self.local))])
+        channel = self._open_channel()
+        return HybridTransport(self.local, channel, self.layout.remote_shards) if self.local else channel
 
     def _open_channel(self) -> SplitPhaseTransport:
         address = ray.util.get_node_ip_address()
