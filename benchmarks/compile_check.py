@@ -47,6 +47,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cluster.dtype import DTYPE_CHOICES, parse_dtype  # noqa: E402
 from cluster.kernels.align import align_pairs_torch, align_pairs_triton  # noqa: E402
 from cluster.kernels.fused_moe import fused_experts  # noqa: E402
 from cluster.kernels.paged_attention import (decode_split_counts, paged_decode, paged_prefill,  # noqa: E402
@@ -54,7 +55,6 @@ from cluster.kernels.paged_attention import (decode_split_counts, paged_decode, 
 from cluster.kernels.tuning import MoEConfig, config_buckets, load_configs  # noqa: E402
 
 META = torch.device("meta")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Per-block shared memory a kernel may opt into, by compute capability (CUDA's documented limits).
 SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 REGS_PER_SM = 65536
@@ -206,7 +206,7 @@ def attention_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
     layouts = ((static, 0), (7, 1), (1, 3))  # (table width, metadata offset in int32 elements)
     splits = split_counts(plan)
     for name in plan.dtypes:
-        dtype = DTYPES[name]
+        dtype = parse_dtype(name)
         for head_dim in plan.head_dims:
             kc, vc = _cache(plan, dtype, head_dim)
             scale = head_dim ** -0.5
@@ -252,7 +252,7 @@ def moe_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
     e, d, f, k = plan.experts, plan.hidden, plan.ffn, plan.top_k
     expert_map = torch.empty(e, dtype=torch.int32, device=META)
     for name in plan.dtypes:
-        dtype = DTYPES[name]
+        dtype = parse_dtype(name)
         w13 = torch.empty(e, 2 * f, d, dtype=dtype, device=META)  # [E, 2F, D]
         w2 = torch.empty(e, d, f, dtype=dtype, device=META)  # [E, D, F]
         for (m, cfg), off in ((mc, off) for mc in moe_configs(plan, dtype) for off in (0, 1)):
@@ -266,7 +266,7 @@ def moe_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
 
 def align_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
     """align_pairs_triton per local-expert count x BLOCK_M of the configs x id dtype (router int64, channel int32)."""
-    block_ms = sorted({cfg.block_m for name in plan.dtypes for _, cfg in moe_configs(plan, DTYPES[name])})
+    block_ms = sorted({cfg.block_m for name in plan.dtypes for _, cfg in moe_configs(plan, parse_dtype(name))})
     for e in plan.align_experts:
         expert_map = torch.empty(max(e, plan.experts), dtype=torch.int32, device=META)
         for bm in block_ms:
@@ -416,9 +416,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
                  "groups": args.groups, "splits": args.splits, "num_sms": args.num_sms,
                  "moe_max_tokens": args.moe_max_tokens, "tuned_device": args.tuned_device}
     fields = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(fields.get("dtypes", ())) - set(DTYPES)
+    unknown = set(fields.get("dtypes", ())) - set(DTYPE_CHOICES)
     if unknown:
-        raise SystemExit(f"unknown dtypes {sorted(unknown)}: choose from {', '.join(DTYPES)}")
+        raise SystemExit(f"unknown dtypes {sorted(unknown)}: choose from {', '.join(DTYPE_CHOICES)}")
     return Plan(**{**asdict(base), **fields})
 
 

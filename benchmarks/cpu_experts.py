@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
-from cluster.moe.backend import TorchMoEBackend
 from cluster.moe.cpu_backend import CpuMoEBackend
+from cluster.moe.torch_backend import TorchMoEBackend
 from cluster.moe.weights import ExpertWeights
 from side_by_side import median_rounds, write_rows  # benchmarks/, this script's folder
 
@@ -47,8 +47,7 @@ def main() -> None:
 
     stack = layer_stack(args.layers, args.hidden, args.ffn)
     backends = {"kernel": CpuMoEBackend(), "torch": TorchMoEBackend()}
-    for weights in stack:
-        backends["kernel"].prepare(weights)
+    prepared = {name: [backend.prepare(w) for w in stack] for name, backend in backends.items()}  # once, at load
     print(f"{args.layers} layers of {EXPERTS} experts, hidden {args.hidden}, ffn {args.ffn}, fp32, "
           f"torch threads {torch.get_num_threads()}")
     print(f"{'tokens':>6} {'kernel ms':>10} {'torch ms':>9} {'kernel GFLOP/s':>15} {'torch GFLOP/s':>14} "
@@ -57,9 +56,11 @@ def main() -> None:
     for tokens in args.tokens:
         x = torch.randn(tokens, args.hidden)
         ids, weights = routing(tokens)
-        torch.testing.assert_close(backends["kernel"](x, stack[0], ids, weights, EXPERTS),
-                                   backends["torch"](x, stack[0], ids, weights, EXPERTS), rtol=1e-4, atol=1e-4)
-        runs = {name: (lambda backend=backend: [backend(x, layer, ids, weights, EXPERTS) for layer in stack])
+        torch.testing.assert_close(backends["kernel"](x, prepared["kernel"][0], ids, weights, EXPERTS),
+                                   backends["torch"](x, prepared["torch"][0], ids, weights, EXPERTS),
+                                   rtol=1e-4, atol=1e-4)
+        runs = {name: (lambda backend=backend, layers=prepared[name]: [backend(x, layer, ids, weights, EXPERTS)
+                                                                       for layer in layers])
                 for name, backend in backends.items()}
         times = median_rounds(runs, args.rounds)
         kernel, reference = times["kernel"], times["torch"]

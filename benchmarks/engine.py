@@ -34,7 +34,7 @@ from cluster.engine.async_engine import AsyncEngine  # noqa: E402
 from cluster.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
 from cluster.engine.warm_up import synthetic_step  # noqa: E402
-from cluster.model.dtype import resolve_dtype  # noqa: E402
+from cluster.dtype import dtype_name, resolve_dtype  # noqa: E402
 from cluster.model.loader import load_model  # noqa: E402
 
 
@@ -180,7 +180,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="for every system alike; auto: bf16 where the device multiplies it natively, else fp32")
+                        help="for every system alike; auto: bf16 on CUDA and on CPUs with AMX, else fp32")
     parser.add_argument("--moe-backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -207,7 +207,8 @@ def main() -> int:
     requests = make_requests(args.requests, config.vocab_size, args.seed)
     threads = front.call(lambda e: torch.get_num_threads()).result()
     print(f"{len(requests)} requests, {sum(len(p) for p, _ in requests)} prompt and "
-          f"{sum(o for _, o in requests)} output tokens; model {model_dir} in {args.dtype}; torch threads {threads}",
+          f"{sum(o for _, o in requests)} output tokens; model {model_dir} in {dtype_name(args.dtype)}; "
+          f"torch threads {threads}",
           flush=True)
 
     rows: list[dict] = []

@@ -34,9 +34,8 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from cluster.checkpoint.default import ensure_default_checkpoint  # noqa: E402
-from cluster.checkpoint.reader import parse_dtype  # noqa: E402
 from cluster.config import ModelConfig  # noqa: E402
-from cluster.model.dtype import resolve_dtype  # noqa: E402
+from cluster.dtype import dtype_name, parse_dtype, resolve_dtype  # noqa: E402
 from cluster.parallel.channel import ChannelSpec, ReplicaChannel, open_group, serve_shard  # noqa: E402
 from cluster.parallel.dispatch import ExpertParallelExecutor, ExpertTransport, RoutedBatch  # noqa: E402
 from cluster.parallel.placement import assign_experts, expert_owners  # noqa: E402
@@ -180,7 +179,7 @@ async def drive(client: httpx.AsyncClient, requests: list[dict]) -> tuple[int, f
 
 
 def single_process_throughput(args: ServeArgs, requests: list[dict]) -> dict:
-    app, engine = build_standalone_app(args.model_copy(update={"shards": 1}))
+    app, engine = build_standalone_app(args.model_copy(update={"shards": 1}).resolve())
 
     async def run() -> tuple[int, float]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=600) as c:
@@ -217,12 +216,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--round-trips-only", action="store_true", help="part 1 only")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="for both parts; auto: bf16 where the CPU multiplies it natively, else fp32")
+                        help="for both parts; auto: bf16 on CPUs with AMX, else fp32")
     parser.add_argument("--out", help="write the rows as JSON here")
     opts = parser.parse_args()
     model_dir = Path(opts.model) if opts.model else ensure_default_checkpoint("mini")
     config = ModelConfig.from_file(model_dir)
-    dtype = resolve_dtype(opts.dtype, "cpu")
+    dtype = dtype_name(resolve_dtype(opts.dtype, "cpu"))
     args = ServeArgs(model=str(model_dir), dtype=dtype, max_num_seqs=max(64, opts.requests))
     ray.init(num_cpus=8, include_dashboard=False, configure_logging=False)  # logical CPUs: actors are mostly idle
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from cluster.checkpoint.default import cache_root
 from cluster.checkpoint.presets import preset
 from cluster.checkpoint.writer import write_random_checkpoint
 from cluster.config import ModelConfig
+from cluster.dtype import resolve_dtype
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.cuda_graphs import decode_buckets
 from cluster.engine.engine import EngineConfig, LLMEngine
@@ -27,6 +27,7 @@ from cluster.parallel.dispatch import ExpertParallelExecutor
 from cluster.parallel.in_process import InProcessTransport
 from cluster.parallel.placement import assign_experts, expert_owners
 from cluster.parallel.shard_worker import ShardWorker
+from cluster.user_cache import cache_root, private_directory
 from engine import make_requests, run_bound, run_engine, text_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def model_config(name: str) -> ModelConfig:
 
 def checkpoint(name: str) -> Path:
     """A random checkpoint of `name`'s shape in the HF layout, written once per machine."""
-    target = cache_root() / "gpu-check" / name  # the user's own cache, not a shared temporary directory
+    target = private_directory(cache_root() / "gpu-check") / name  # the user's checked cache, not a shared /tmp
     if not (target / "config.json").is_file():
         print(f"   writing the {name} checkpoint to {target}", flush=True)
         write_random_checkpoint(target, model_config(name), seed=0)
@@ -64,7 +65,8 @@ def build(model_dir: Path, device: str, dtype: str, cuda_graphs: bool, max_num_s
     model = load_model(model_dir, dtype, device, moe_backend).model
     if shards:
         groups = assign_experts(config.num_experts, shards)
-        workers = [ShardWorker.load(model_dir, g, dtype, device, moe_backend) for g in groups]
+        workers = [ShardWorker.load(model_dir, config, g, resolve_dtype(dtype, device), device, moe_backend)
+                   for g in groups]
         model.attach_experts(ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups)))
     # No prefix cache: a prompt run twice (eager, then graphs) must be computed the same way both times.
     engine_config = EngineConfig(max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, attention_backend=attention,

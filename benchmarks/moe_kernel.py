@@ -86,7 +86,7 @@ def make_inputs(case: str, m: int, plan: Plan, g: torch.Generator) -> tuple[torc
 def run_m(case: str, weights, m: int, plan: Plan, bench, copy_bw: float, peak: float,
           g: torch.Generator) -> dict:
     from cluster.kernels.align import align_pairs_torch, align_pairs_triton
-    from cluster.moe.backend import TorchMoEBackend
+    from cluster.moe.torch_backend import TorchMoEBackend
     from cluster.moe.triton_backend import TritonMoEBackend
 
     triton_moe, torch_moe = TritonMoEBackend(), TorchMoEBackend()
@@ -94,17 +94,18 @@ def run_m(case: str, weights, m: int, plan: Plan, bench, copy_bw: float, peak: f
     sets = [make_inputs(case, m, plan, g) for _ in range(INPUT_SETS)]
     emap = weights.expert_map(NUM_EXPERTS)
 
+    layer, torch_layer = triton_moe.prepare(weights), torch_moe.prepare(weights)
     x, ids, tw = sets[0]
-    want = torch_moe(x, weights, ids, tw, NUM_EXPERTS).float()
-    got = triton_moe(x, weights, ids, tw, NUM_EXPERTS).float()
+    want = torch_moe(x, torch_layer, ids, tw, NUM_EXPERTS).float()
+    got = triton_moe(x, layer, ids, tw, NUM_EXPERTS).float()
     rel_err = ((got - want).norm() / want.norm()).item()
 
     def rotating(fn):
         cycle = itertools.cycle(sets)
         return lambda: fn(*next(cycle))
 
-    ms = bench(rotating(lambda x, ids, tw: triton_moe(x, weights, ids, tw, NUM_EXPERTS)))
-    torch_ms = bench(rotating(lambda x, ids, tw: torch_moe(x, weights, ids, tw, NUM_EXPERTS)))
+    ms = bench(rotating(lambda x, ids, tw: triton_moe(x, layer, ids, tw, NUM_EXPERTS)))
+    torch_ms = bench(rotating(lambda x, ids, tw: torch_moe(x, torch_layer, ids, tw, NUM_EXPERTS)))
     block_m = triton_moe.config(m, weights).block_m
     align_ms = bench(rotating(lambda x, ids, tw: align_pairs_triton(ids, emap, num_local, block_m)), rep=5)
     align_torch_ms = bench(rotating(lambda x, ids, tw: align_pairs_torch(ids, emap, num_local, block_m)), rep=5)
@@ -179,7 +180,8 @@ def run(dry_run: bool, tokens: tuple[int, ...] | None = None) -> dict:
     cases = []
     for case, weights in (("1 local", one), ("8 local", experts)):
         t0 = time.perf_counter()
-        TritonMoEBackend().warm_up(weights, max(tokens), top_k=TOP_K, num_experts=NUM_EXPERTS)
+        backend = TritonMoEBackend()
+        backend.warm_up(backend.prepare(weights), max(tokens), top_k=TOP_K, num_experts=NUM_EXPERTS)
         warm_s = time.perf_counter() - t0
         rows = []
         for m in tokens:

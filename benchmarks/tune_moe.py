@@ -109,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import triton.testing
 
+    from cluster.dtype import parse_dtype
     from cluster.kernels.tuning import CONFIG_DIR, config_file_name, device_name, triton_version
 
     def bench(fn) -> float:
         return triton.testing.do_bench(fn, warmup=10, rep=args.rep, return_mode="median")
 
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    dtype = parse_dtype(args.dtype)
     e, d, f = args.experts, args.hidden, args.ffn
     w13 = torch.randn(e, 2 * f, d, dtype=dtype, device=DEVICE).mul_(d**-0.5)  # [E, 2F, D]
     w2 = torch.randn(e, d, f, dtype=dtype, device=DEVICE).mul_(f**-0.5)  # [E, D, F]

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -22,11 +24,10 @@ def parse_size(text: str) -> int:
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from cluster.checkpoint.presets import preset
-    from cluster.checkpoint.reader import parse_dtype
     from cluster.checkpoint.writer import write_random_checkpoint
 
     t0 = time.perf_counter()
-    out = write_random_checkpoint(args.directory, preset(args.preset), seed=args.seed, dtype=parse_dtype(args.dtype),
+    out = write_random_checkpoint(args.directory, preset(args.preset), seed=args.seed, dtype=args.dtype,
                                   max_shard_bytes=args.shard_size)
     print(f"wrote the {args.preset} checkpoint (seed {args.seed}) to {out} in {time.perf_counter() - t0:.1f}s")
     return 0
@@ -61,7 +62,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from cluster.checkpoint.reader import parse_dtype
+    from cluster.dtype import parse_dtype
     from cluster.config import ModelConfig
     from cluster.parallel.placement import plan_placement
 
@@ -76,14 +77,11 @@ def _plan(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from cluster.serve.args import ServeArgs
 
-    serve_args = ServeArgs(model=args.model, served_model_name=args.served_model_name, tokenizer=args.tokenizer,
-                           shards=args.shards, device=args.device, dtype=args.dtype, moe_backend=args.moe_backend,
-                           kv_cache_bytes=args.kv_cache, max_num_seqs=args.max_num_seqs,
-                           attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs)
+    serve_args = ServeArgs(**{name: getattr(args, name) for name in ServeArgs.model_fields if hasattr(args, name)})
     if args.no_ray:
         from cluster.serve.standalone import run_standalone
 
-        run_standalone(serve_args, args.host, args.port)
+        run_standalone(serve_args.resolve(), args.host, args.port)
     else:
         from cluster.serve.local_ray import run_on_ray
 
@@ -91,7 +89,38 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_options(parser: argparse.ArgumentParser, model: type) -> None:
+    """One option per field of the pydantic `model`, named, typed and described by the field. Options left out
+    are not set, so the model's own defaults apply (they have one owner)."""
+    for name, field in model.model_fields.items():
+        kind, choices = _option_type(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        described = (field.description or "").replace("%", "%%")
+        shown = "" if default is None or "default" in described else f" (default: {default})"
+        option = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=described + shown)
+            continue
+        parser.add_argument(option, type=parse_size if name.endswith("_bytes") else kind, choices=choices,
+                            default=argparse.SUPPRESS, help=described + shown,
+                            metavar="SIZE" if name.endswith("_bytes") else None)
+
+
+def _option_type(annotation: Any) -> tuple[Any, list | None]:
+    """(argparse type, choices) of a field annotation such as `int | None` or `Literal["a", "b"]`."""
+    args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) \
+        else [annotation]
+    inner = args[0]
+    if get_origin(inner) is Literal:
+        return str, list(get_args(inner))
+    return inner, None
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cluster.dtype import DTYPE_CHOICES
+    from cluster.serve.args import ServeArgs
+
     parser = argparse.ArgumentParser(prog="moe-cluster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -99,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--preset", choices=["tiny", "mini"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("2GB"),
                    help="largest safetensors file; bigger checkpoints are sharded with an index (default 2GB)")
     p.set_defaults(run=_make_checkpoint)
@@ -108,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory (default: the embedded mini checkpoint)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--dtype", choices=["auto", *DTYPE_CHOICES], default="fp32")
     p.add_argument("--tokenizer", choices=["v1", "v2", "v3"], help="default: from the checkpoint")
     p.add_argument("--moe-backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
     p.add_argument("--raw", action="store_true", help="encode the prompt as plain text, without the chat template")
@@ -119,29 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True, help="GPUs for one serving unit (0: CPU shards, with --shards)")
     p.add_argument("--gpu-memory", type=parse_size, default=parse_size("80GiB"), help="per GPU (default 80GiB)")
     p.add_argument("--shards", type=int, help="expert shards (default: min(GPUs, experts))")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--min-kv-tokens", type=int, help="KV-cache tokens the replica's GPU must hold (default: context)")
     p.set_defaults(run=_plan)
 
     p = sub.add_parser("serve", help="serve the OpenAI chat-completions API (Ray Serve, or one process)")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded mini checkpoint)")
-    p.add_argument("--served-model-name", help="the model name clients send (default: the directory name)")
-    p.add_argument("--shards", type=int, default=2, help="expert shards (default 2)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     p.add_argument("--no-ray", action="store_true", help="one process, same API: experts run in this process")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 where the hardware multiplies bf16 natively, else fp32")
-    p.add_argument("--moe-backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
-    p.add_argument("--tokenizer", choices=["v1", "v2", "v3"], help="default: from the checkpoint")
-    p.add_argument("--kv-cache", type=parse_size,
-                   help="KV-cache memory (default: 1GiB on CPU, 90%% of free GPU memory)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences batched in one step (default 64)")
-    p.add_argument("--attention-backend", choices=["auto", "triton", "cpu", "torch"], default="auto")
-    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
-                   help="decode steps replayed from CUDA graphs (auto: on for CUDA, never on CPU)")
+    add_model_options(p, ServeArgs)
     p.set_defaults(run=_serve)
     return parser
 

@@ -1,12 +1,15 @@
 import dataclasses
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from cluster.checkpoint.presets import preset
 from cluster.checkpoint.writer import write_random_checkpoint
+from cluster.kernels.cpu_build import cpu_kernel_library, cpu_supports_kernels, find_compiler, load_cpu_kernels
 
 # Triton kernels run under the interpreter on machines without a GPU; this must be set before any kernel is defined
 # (no module imported above defines one).
@@ -15,6 +18,15 @@ if not torch.cuda.is_available():
 
 # Kernel tests run where the kernels would: compiled on a GPU when there is one, else under the interpreter.
 KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seeds() -> None:
+    """Every test starts from the same global random state (seed 0), so it reproduces alone as in the suite; tests
+    that draw their inputs use their own seeded generators on top of this."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture
@@ -55,8 +67,36 @@ def local_ray():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def cpu_kernel_skip_reason(supports_kernels: bool, compiler: str | None, in_ci: bool) -> str | None:
+    """Why the C kernel tests may skip here, or None: they must run, and fail if the kernels do not load. Only a CPU
+    without AVX2/FMA excuses them, or a machine without a C compiler outside CI (where a compiler must exist)."""
+    if not supports_kernels:
+        return "the C kernels need an x86 CPU with AVX2 and FMA"
+    if compiler is None and not in_ci:
+        return "no C compiler ($CC, gcc or cc) to build the C kernels (in CI this is a failure)"
+    return None
+
+
+def require_cpu_kernels() -> None:
+    """Skip per `cpu_kernel_skip_reason` on this machine, else fail unless the C kernels load."""
+    reason = cpu_kernel_skip_reason(cpu_supports_kernels(), find_compiler(), bool(os.environ.get("CI")))
+    if reason is not None:
+        pytest.skip(reason)
+    if cpu_kernel_library() is None:
+        pytest.fail(f"the C kernels did not load: {load_cpu_kernels()[1]}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kernels_rule(request: pytest.FixtureRequest) -> None:
+    """Tests marked `cpu_kernels` run under `require_cpu_kernels` (one rule for every kernel suite)."""
+    if request.node.get_closest_marker("cpu_kernels") is not None:
+        require_cpu_kernels()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that start the local Ray carry the `ray` marker: `pytest -m "not ray"` runs the fast rest."""
+    """Every test that starts the local Ray (the fixture, however deep) gets the `ray` and `e2e` markers here; tests
+    that start a server, a CLI or a benchmark process carry `e2e` themselves. `pytest -m "not e2e"`: the fast rest."""
     for item in items:
         if "local_ray" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.e2e)

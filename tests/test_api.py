@@ -14,17 +14,20 @@ import openai
 import pytest
 import torch
 
-from cluster.api.backend import EngineBackend, Health
-from cluster.api.protocol import default_temperature
+from cluster.api.backend import EngineBackend
 from cluster.api.server import build_api
 from cluster.config import ModelConfig
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import EngineConfig, LLMEngine
-from cluster.engine.outputs import RequestOutput, UnavailableError
+from cluster.engine.outputs import RequestOutput
 from cluster.engine.paged_cache import kv_bytes_per_block
-from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.sampling_params import SamplingDefaults, SamplingParams
 from cluster.model.loader import load_model
+from cluster.parallel.dispatch import UnavailableError
+from cluster.serve.health import Health
 from cluster.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_version
+
+pytestmark = pytest.mark.e2e  # the whole HTTP stack, from requests through the app to a real engine
 
 MODEL = "mixtral-tiny"
 HELLO = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Say hello in French."}]
@@ -58,7 +61,8 @@ def _serve(loaded, tok, run_wrapper=None) -> Served:
 
     front = AsyncEngine(factory)
     context_len = loaded.config.max_position_embeddings
-    return Served(build_api(EngineBackend(front), tok, MODEL, context_len), front, tok, context_len)
+    defaults = SamplingDefaults.for_model(loaded.config)
+    return Served(build_api(EngineBackend(front), tok, MODEL, context_len, defaults), front, tok, context_len)
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +163,11 @@ def test_greedy_completion_equals_the_engine_and_streams_the_same(served):
 
 
 def test_default_max_tokens_fit_the_context(served):
-    # No max_tokens: min(1024, context - prompt), so a long prompt still fits; a fixed 1024 would be refused.
+    # No max_tokens: min(the default, context - prompt), so a long prompt still fits; the default alone would not.
     messages = [{"role": "user", "content": "word " * (served.context_len - 40)}]
     prompt = served.tok.encode_chat(messages)
     room = served.context_len - len(prompt)
-    assert 0 < room < 1024
+    assert 0 < room < SamplingDefaults(temperature=0).max_tokens
 
     async def scenario():
         direct = await _engine_direct(served.front, prompt, SamplingParams(max_tokens=room, temperature=0))
@@ -180,9 +184,13 @@ def test_default_max_tokens_fit_the_context(served):
 
 def test_default_temperature_by_model_family():
     configs = Path(__file__).parent / "data" / "configs"
-    assert default_temperature(ModelConfig.from_file(configs / "mistral-7b-instruct-v0.2")) == 0.3
-    assert default_temperature(ModelConfig.from_file(configs / "mixtral-8x22b-instruct")) == 0.5
-    assert default_temperature(ModelConfig.from_file(configs / "mixtral-8x7b-instruct")) == 0.5
+
+    def temperature(name: str) -> float:
+        return SamplingDefaults.for_model(ModelConfig.from_file(configs / name)).temperature
+
+    assert temperature("mistral-7b-instruct-v0.2") == 0.3
+    assert temperature("mixtral-8x22b-instruct") == 0.5
+    assert temperature("mixtral-8x7b-instruct") == 0.5
 
 
 def test_n_choices_with_a_seed_are_reproducible_and_match_the_engine(served):
@@ -229,8 +237,8 @@ def test_stop_strings_are_never_returned(served):
 
 
 def test_usage_counts_cached_prompt_tokens_and_the_usage_chunk(served):
-    # A unique start, so no earlier test's prompt shares a cached block with this one.
-    messages = [{"role": "user", "content": f"{uuid.uuid4().hex} " + "tell me about the sea " * 12}]
+    # A start of its own, so no earlier test's prompt shares a cached block with this one.
+    messages = [{"role": "user", "content": "usage-test 3f9a: " + "tell me about the sea " * 12}]
     prompt = served.tok.encode_chat(messages)
     assert len(prompt) > 48
     body = {"messages": messages, "max_tokens": 6, "temperature": 0}
@@ -355,7 +363,7 @@ class _UnavailableBackend:
 
 def test_an_unavailable_backend_gets_503_with_retry_after(tok):
     backend = _UnavailableBackend()
-    app = build_api(backend, tok, MODEL, 4096)
+    app = build_api(backend, tok, MODEL, 4096, SamplingDefaults(temperature=0.5))
 
     async def scenario():
         async with _client(app) as client:

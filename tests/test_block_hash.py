@@ -4,6 +4,8 @@ import hashlib
 import subprocess
 import sys
 
+import pytest
+
 from cluster.engine.block_manager import BlockManager, block_hash
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import Sequence
@@ -23,6 +25,7 @@ def test_the_chain_depends_on_every_earlier_block():
     assert block_hash(b"", a) != block_hash(b"", a[:-1] + [7])
 
 
+@pytest.mark.e2e  # a second interpreter
 def test_keys_are_the_same_in_another_process():
     """Replicas and restarts compute the same keys."""
     code = "from cluster.engine.block_manager import block_hash; print(block_hash(b'', list(range(16))).hex())"

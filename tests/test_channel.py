@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cluster.engine.outputs import UnavailableError
+from cluster.parallel.dispatch import UnavailableError
 from cluster.moe.executor import LocalExpertExecutor
 from cluster.parallel.channel import ReplicaChannel, abort_group, open_group, serve_shard, wait_works
 from cluster.parallel.dispatch import ExpertParallelExecutor, RoutedBatch
@@ -112,8 +112,9 @@ def test_a_frame_round_trip_keeps_fp32_router_weights_exact(dtype):
     assert got.topk_weights.dtype == torch.float32 and torch.equal(got.topk_weights, batch.topk_weights)
     assert got.x.dtype == spec.torch_dtype and torch.equal(got.x, batch.x)
     assert got.topk_ids.dtype == torch.int32 and torch.equal(got.topk_ids, batch.topk_ids)
-    if dtype != "fp32":  # the old frames rounded the weights to the activations' dtype: that loses bits
-        assert not torch.equal(batch.topk_weights.to(spec.torch_dtype).float(), batch.topk_weights)
+    # The old frames rounded the weights to the activations' dtype: that loses bits in every dtype but fp32.
+    rounded = batch.topk_weights.to(spec.torch_dtype).float()
+    assert torch.equal(rounded, batch.topk_weights) == (dtype == "fp32")
 
 
 def test_bf16_router_weights_are_widened_on_the_wire():

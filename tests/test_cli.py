@@ -44,6 +44,7 @@ def test_missing_model_directory(tmp_path, capsys):
     assert "error: no config.json" in capsys.readouterr().err
 
 
+@pytest.mark.e2e  # a CLI process
 def test_console_script_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "make-checkpoint", str(tmp_path / "ck")],
                             capture_output=True, text=True, timeout=120)
@@ -54,3 +55,52 @@ def test_console_script_entry_point(tmp_path):
 @pytest.mark.parametrize("text, size", [("2GB", 2 * 10**9), ("512MiB", 512 * 2**20), ("1000", 1000), ("1.5kb", 1500)])
 def test_parse_size(text, size):
     assert parse_size(text) == size
+
+
+def test_serve_has_one_option_per_serve_arg_and_leaves_the_defaults_to_it(tmp_path, monkeypatch):
+    import cluster.serve.standalone as standalone
+    from cluster.cli import build_parser
+    from cluster.serve.args import ServeArgs
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    dests = {a.dest for a in serve._actions} - {"help", "host", "port", "no_ray"}
+    assert dests == set(ServeArgs.model_fields)
+    started = []
+    monkeypatch.setattr(standalone, "run_standalone", lambda resolved, host, port: started.append(resolved))
+    monkeypatch.setattr(ServeArgs, "resolve", lambda self: self)  # what the CLI hands over, unresolved
+    assert main(["serve", "--no-ray", "--model", str(tmp_path), "--max-num-seqs", "3", "--kv-cache-bytes", "2MiB",
+                 "--dtype", "fp32", "--shard-threads", "2"]) == 0
+    assert started == [ServeArgs(model=str(tmp_path), max_num_seqs=3, kv_cache_bytes=2 * 2**20, dtype="fp32",
+                                 shard_threads=2)]
+    assert main(["serve", "--no-ray", "--max-num-seqs", "0"]) == 2  # ServeArgs' own checks apply
+
+
+# Starts `moe-cluster serve --no-ray` with uvicorn replaced by one chat request through the app, and counts every
+# open() of a config.json (Python's audit hook sees each, whichever module does it).
+_COUNT_CONFIG_READS = """
+import sys
+import uvicorn
+from starlette.testclient import TestClient
+
+reads = []
+sys.addaudithook(lambda event, args: event == "open" and str(args[0]).endswith("config.json") and reads.append(args[0]))
+
+def one_request(app, **_):
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+uvicorn.run = one_request
+from cluster.cli import main
+assert main(["serve", "--no-ray", "--model", sys.argv[1], "--shards", "2", "--kv-cache-bytes", "16MiB"]) == 0
+print(len(reads))
+"""
+
+
+@pytest.mark.e2e  # a `moe-cluster serve` process
+def test_a_no_ray_serve_start_reads_config_json_once(tiny_dir):
+    result = subprocess.run([sys.executable, "-c", _COUNT_CONFIG_READS, str(tiny_dir)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "1", result.stdout

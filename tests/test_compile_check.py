@@ -55,6 +55,7 @@ def _run(tmp_path: Path, *args: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.e2e  # the compile check's own process, end to end
 def test_compile_check_sm90(tmp_path: Path) -> None:
     missing = _cuda_compiler_missing()
     if missing:
@@ -73,6 +74,7 @@ def test_compile_check_sm90(tmp_path: Path) -> None:
     assert per_kernel["_align_kernel"] == 2, per_kernel  # int64 router ids and int32 channel ids
 
 
+@pytest.mark.e2e  # the compile check's own process, end to end
 def test_compile_check_fp32_attention_does_not_spill(tmp_path: Path) -> None:
     """Exact fp32 dots run on FMA units with whole tiles in registers: the variant that spilled with the bf16 tiles
     (one query head per kv head, Dh 128, an odd split count) compiles without spills."""
@@ -85,6 +87,7 @@ def test_compile_check_fp32_attention_does_not_spill(tmp_path: Path) -> None:
                                                    "_store_kv_kernel": 1}
 
 
+@pytest.mark.e2e  # the compile check's own process, end to end
 def test_compile_check_fp32_moe_does_not_spill(tmp_path: Path) -> None:
     """fp32 takes its own default MoE tiles past M = 32 (the 16-bit ones spill in fp32): every bucket compiles
     without spills."""
@@ -95,6 +98,7 @@ def test_compile_check_fp32_moe_does_not_spill(tmp_path: Path) -> None:
     assert Counter(r["kernel"] for r in rows) == {"_gate_up_kernel": 3, "_down_kernel": 3}  # M <= 32, <= 256, more
 
 
+@pytest.mark.e2e  # the compile check's own process, end to end
 def test_compile_check_head_dim_below_16(tmp_path: Path) -> None:
     """tl.dot needs K >= 16: a head dim of 8 (padded to 16 and masked) compiles."""
     missing = _cuda_compiler_missing()

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import cluster
+
+pytestmark = pytest.mark.e2e  # fresh interpreters
 
 SERVING_STACK = ("ray", "pydantic", "starlette", "uvicorn", "mistral_common")
 CORE = ("cluster.model", "cluster.engine", "cluster.kernels", "cluster.moe", "cluster.checkpoint", "cluster.attention")

@@ -1,17 +1,14 @@
 """The C paged decode-attention kernel against attention computed in float64 from the same cache rows."""
 
 import dataclasses
-import shutil
 
 import pytest
 import torch
 
 from cluster.checkpoint.presets import preset
 from cluster.engine.paged_cache import AttentionMetadata, PagedKVCache
-from cluster.kernels.cpu_build import cpu_supports_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_supports_kernels() or shutil.which("gcc") is None,
-                                reason="needs an x86 CPU with AVX2 and FMA, and gcc")
+pytestmark = pytest.mark.cpu_kernels  # the rule in conftest.py: skips only without AVX2/FMA or a compiler outside CI
 
 
 def _reference(q: torch.Tensor, cache: PagedKVCache, tables: list[list[int]], contexts: list[int]) -> torch.Tensor:

@@ -41,7 +41,7 @@ def _sharded_experts(tiny_dir, transport: str, device: str = "cpu", backend: str
     """The tiny model's experts on two shards: both in this process, or shard 1 over gloo (a thread serving it)."""
     config = ModelConfig.from_file(tiny_dir)
     groups = assign_experts(config.num_experts, 2)
-    workers = [ShardWorker.load(tiny_dir, g, "fp32", device, backend) for g in groups]
+    workers = [ShardWorker.load(tiny_dir, config, g, torch.float32, device, backend) for g in groups]
     if transport == "in-process":
         yield ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups))
         return
@@ -65,6 +65,8 @@ def _sharded_experts(tiny_dir, transport: str, device: str = "cpu", backend: str
 
 class _Watched:
     """The executor it wraps, unchanged, noting each call's layer and the storage of its inputs."""
+
+    graph_safe = False
 
     def __init__(self, executor):
         self.executor = executor

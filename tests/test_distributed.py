@@ -2,6 +2,7 @@
 or shard 0 in the replica's process as on GPUs), loss, hang and recovery."""
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import signal
@@ -14,15 +15,16 @@ import torch
 
 from cluster.config import ModelConfig
 from cluster.engine.async_engine import AsyncEngine
-from cluster.engine.outputs import RequestOutput, UnavailableError
+from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.parallel.channel import ChannelSpec, ReplicaChannel
-from cluster.parallel.dispatch import RoutedBatch
+from cluster.parallel.dispatch import RoutedBatch, UnavailableError
 from cluster.parallel.layout import UnitLayout
 from cluster.parallel.shard_worker import ShardWorker
 from cluster.parallel.shm_channel import ShmReplicaChannel, create_files, shm_directory
 from cluster.serve.args import ServeArgs
 from cluster.serve.engine_builder import build_engine, in_process_executor
+from cluster.serve.resolved import ResolvedArgs
 from tests.test_expert_parallel import _drive
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -35,9 +37,11 @@ def _prompts(count: int, seed: int = 5) -> list[list[int]]:
     return [torch.randint(3, 32768, (int(n),), generator=g).tolist() for n in lengths]
 
 
-def _args(tiny_dir, shards: int, **kw) -> ServeArgs:
-    return ServeArgs(model=str(tiny_dir), shards=shards, dtype="fp32", kv_cache_bytes=2**24, max_num_batched_tokens=48,
-                     shard_cpus=0.5, **kw)
+def _args(tiny_dir, shards: int, layout: UnitLayout | None = None, **kw) -> ResolvedArgs:
+    """The unit's resolved settings on CPU; `layout` replaces the CPU one (to run the GPU layout here)."""
+    resolved = ServeArgs(model=str(tiny_dir), shards=shards, device="cpu", dtype="fp32", kv_cache_bytes=2**24,
+                         max_num_batched_tokens=48, shard_cpus=0.5, **kw).resolve()
+    return dataclasses.replace(resolved, layout=layout) if layout else resolved
 
 
 # The test thread plays the engine thread: the supervisor's transport swaps and the test's calls take turns, as
@@ -58,7 +62,7 @@ def reference(tiny_dir):
     args = _args(tiny_dir, 1)
     results = {}
     for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
-        engine = build_engine(args, "cpu", in_process_executor(args, "cpu"))
+        engine = build_engine(args, in_process_executor(args))
         results[name] = _drive(engine, _prompts(12), params)
     return results
 
@@ -69,14 +73,14 @@ def test_distributed_engine_generates_the_single_process_tokens(local_ray, tiny_
     from cluster.serve.unit import ShardedUnit
 
     args = _args(tiny_dir, shards, channel=channel)
-    unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir))
+    unit = ShardedUnit(args)
     try:
         assert type(unit.executor.transport).__name__ == {"shm": "ShmReplicaChannel", "gloo": "ReplicaChannel"}[channel]
         info = unit.shard_info()
         assert sorted(e for i in info for e in i["experts"]) == list(range(8))
         assert len({i["pid"] for i in info} | {os.getpid()}) == shards + 1  # each shard its own process
         for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
-            engine = build_engine(args, "cpu", unit.executor)
+            engine = build_engine(args, unit.executor)
             assert _drive(engine, _prompts(12), params) == reference[name], name
     finally:
         unit.close()
@@ -93,8 +97,8 @@ def test_channel_frames_carry_batches_both_ways(local_ray, tiny_dir, backend, ex
 
     groups = [(0, 1, 2), (3, 4, 5, 6, 7)]
     actor = ray.remote(ExpertShard).options(num_cpus=0.5)
-    shards = [actor.remote(str(tiny_dir), g, "fp32", "cpu", "torch", 1) for g in groups]
     config = ModelConfig.from_file(tiny_dir)
+    shards = [actor.remote(str(tiny_dir), config, g, torch.float32, "cpu", "torch", 1) for g in groups]
     spec = ChannelSpec("127.0.0.1", _free_port("127.0.0.1"), 2, config.hidden_size, 2, "fp32", max_rows=40,
                        backend=backend, exact_sizes=exact_sizes, path=shm_directory() if backend == "shm" else "")
     if backend == "shm":
@@ -103,7 +107,7 @@ def test_channel_frames_carry_batches_both_ways(local_ray, tiny_dir, backend, ex
     channel = ShmReplicaChannel(spec) if backend == "shm" else ReplicaChannel(spec)
     ray.get(joined)
     assert not spec.path or not os.path.exists(spec.path)  # shm names are gone once both sides hold them
-    local = [ShardWorker.load(tiny_dir, g, "fp32") for g in groups]
+    local = [ShardWorker.load(tiny_dir, config, g, torch.float32, "cpu") for g in groups]
     g = torch.Generator().manual_seed(0)
     for layer, rows, shared in [(0, 1, False), (1, 40, False), (0, 17, True), (1, 0, False), (1, 5, True)]:
         batches = []
@@ -133,12 +137,12 @@ def test_a_killed_shard_fails_the_step_fast_then_the_unit_recovers(local_ray, ti
     from cluster.serve.unit import ShardedUnit
 
     args = _args(tiny_dir, 2, recovery_timeout_s=120, channel=channel)
-    unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir))
+    unit = ShardedUnit(args)
     try:
         unit.supervise(_run_now)
         victim = unit.shard_info()[1]["pid"]
         os.kill(victim, signal.SIGKILL)
-        engine = build_engine(args, "cpu", unit.executor)
+        engine = build_engine(args, unit.executor)
         t0 = time.monotonic()
         with pytest.raises(UnavailableError):
             for _ in range(50):  # the step that meets the dead shard raises instead of hanging
@@ -166,11 +170,11 @@ def _in_replica(shards: int) -> UnitLayout:
 def test_one_shard_sharing_the_replicas_gpu_needs_no_channel(local_ray, tiny_dir, reference):
     from cluster.serve.unit import ShardedUnit
 
-    args = _args(tiny_dir, 1, channel="gloo")
-    unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir), _in_replica(1))
+    args = _args(tiny_dir, 1, _in_replica(1), channel="gloo")
+    unit = ShardedUnit(args)
     try:
         assert type(unit.executor.transport).__name__ == "InProcessTransport" and not unit.actors
-        assert _drive(build_engine(args, "cpu", unit.executor), _prompts(12), GREEDY) == reference["greedy"]
+        assert _drive(build_engine(args, unit.executor), _prompts(12), GREEDY) == reference["greedy"]
     finally:
         unit.close()
 
@@ -180,8 +184,8 @@ def test_a_shard_in_the_replica_process_beside_channel_shards_generates_the_sing
         local_ray, tiny_dir, reference, shards):
     from cluster.serve.unit import ShardedUnit
 
-    args = _args(tiny_dir, shards, channel="gloo")
-    unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir), _in_replica(shards))
+    args = _args(tiny_dir, shards, _in_replica(shards), channel="gloo")
+    unit = ShardedUnit(args)
     try:
         assert type(unit.executor.transport).__name__ == "HybridTransport"
         assert unit.executor.transport.remote.num_shards == shards - 1  # the channel connects only the others
@@ -190,7 +194,7 @@ def test_a_shard_in_the_replica_process_beside_channel_shards_generates_the_sing
         assert info[0]["pid"] == os.getpid() and len({i["pid"] for i in info}) == shards
         assert sorted(e for i in info for e in i["experts"]) == list(range(8))
         for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
-            engine = build_engine(args, "cpu", unit.executor)
+            engine = build_engine(args, unit.executor)
             assert _drive(engine, _prompts(12), params) == reference[name], name
     finally:
         unit.close()
@@ -219,9 +223,10 @@ def test_a_hung_shard_gives_503s_within_the_step_timeout_then_the_unit_recovers(
     from cluster.serve.unit import ShardedUnit
 
     step_timeout_s = 3.0
-    args = _args(tiny_dir, 2, channel="gloo", step_timeout_s=step_timeout_s, recovery_timeout_s=120)
-    unit = ShardedUnit(args, "cpu", ModelConfig.from_file(tiny_dir), _in_replica(2) if layout == "in-replica" else None)
-    engine = AsyncEngine(lambda: build_engine(args, "cpu", unit.executor))
+    args = _args(tiny_dir, 2, _in_replica(2) if layout == "in-replica" else None, channel="gloo",
+                 step_timeout_s=step_timeout_s, recovery_timeout_s=120)
+    unit = ShardedUnit(args)
+    engine = AsyncEngine(lambda: build_engine(args, unit.executor))
     victim = unit.shard_info()[1]["pid"]
     try:
         unit.supervise(engine.call)
@@ -247,7 +252,7 @@ def test_a_hung_shard_gives_503s_within_the_step_timeout_then_the_unit_recovers(
             pass
         engine.shutdown()
     try:
-        assert _drive(build_engine(args, "cpu", unit.executor), _prompts(12), GREEDY) == reference["greedy"]
+        assert _drive(build_engine(args, unit.executor), _prompts(12), GREEDY) == reference["greedy"]
     finally:
         unit.close()
 

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+from cluster.config import ModelConfig
 from cluster.engine.engine import EngineConfig, LLMEngine
 from cluster.engine.sampling_params import SamplingParams
 from cluster.model.loader import load_model
-from cluster.moe.backend import TorchMoEBackend
 from cluster.moe.executor import LocalExpertExecutor
+from cluster.moe.torch_backend import TorchMoEBackend
 from cluster.moe.weights import ExpertWeights
 from cluster.parallel.dispatch import ExpertParallelExecutor
 from cluster.parallel.in_process import InProcessTransport
@@ -89,7 +90,7 @@ def test_split_batches_send_a_shard_only_its_tokens_and_small_ones_go_whole_to_a
 
 
 def test_shard_worker_loads_only_its_experts(tiny_dir):
-    worker = ShardWorker.load(tiny_dir, (2, 5), "fp32")
+    worker = ShardWorker.load(tiny_dir, ModelConfig.from_file(tiny_dir), (2, 5), torch.float32, "cpu")
     whole = load_model(tiny_dir, "fp32").model.model.layers[1].block_sparse_moe.executor.layers[1]
     assert worker.expert_ids == (2, 5) and len(worker.layers) == 2
     assert torch.equal(worker.layers[1].w13, whole.w13[[2, 5]])
@@ -123,8 +124,8 @@ def test_in_process_shards_generate_what_one_executor_generates(tiny_dir, shards
     lengths = torch.randint(1, 60, (10,), generator=g)
     prompts = [torch.randint(3, 32768, (int(n),), generator=g).tolist() for n in lengths]
     single = LLMEngine(load_model(tiny_dir, "fp32").model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=2**24))
-    args = ServeArgs(model=str(tiny_dir), shards=shards, dtype="fp32", kv_cache_bytes=2**24)
-    sharded = build_engine(args, "cpu", in_process_executor(args, "cpu"))
+    args = ServeArgs(model=str(tiny_dir), shards=shards, device="cpu", dtype="fp32", kv_cache_bytes=2**24).resolve()
+    sharded = build_engine(args, in_process_executor(args))
     expected = _drive(single, prompts, params)
     assert len(expected) == 10 and all(len(t) == 20 for t in expected.values())
     assert _drive(sharded, prompts, params) == expected

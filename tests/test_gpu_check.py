@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # the whole check in subprocesses: engines, benchmarks, kernel tests
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"ceilings", "kernel_tests", "moe_kernel", "paged_attention", "engine_mini", "engine_8x7b", "engine_piecewise",
             "tiny_vs_cpu"}

@@ -125,7 +125,8 @@ def test_moe_weight_offsets_past_int32(far: str, device: torch.device) -> None:
     x = torch.randn(t, d, generator=g).to(DTYPE)
     ids = torch.zeros(t, 1, dtype=torch.int64)
     tw = torch.rand(t, 1, generator=g) + 0.5  # fp32 router weights
-    out = TritonMoEBackend()(x.to(device), weights, ids.to(device), tw.to(device), 1, out_dtype=torch.float32)
+    backend = TritonMoEBackend()
+    out = backend(x.to(device), backend.prepare(weights), ids.to(device), tw.to(device), 1, out_dtype=torch.float32)
     xd = x.double()
     want = tw.double() * ((F.silu(xd @ w13[0, :f].double().T) * (xd @ w13[0, f:].double().T)) @ w2[0].double().T)
     err = _rel(out, want)

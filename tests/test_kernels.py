@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 from cluster.kernels import tuning  # noqa: E402
 from cluster.kernels.align import align_pairs  # noqa: E402
 from cluster.kernels.fused_moe import down, gate_up  # noqa: E402
-from cluster.moe.backend import TorchMoEBackend  # noqa: E402
+from cluster.moe.torch_backend import TorchMoEBackend  # noqa: E402
 from cluster.moe.triton_backend import TritonMoEBackend  # noqa: E402
 from cluster.moe.weights import ExpertWeights, _expert_map  # noqa: E402
 
@@ -82,7 +82,8 @@ def test_torch_backend_matches_reference(t: int, held: list[int], dtype: torch.d
     w = make_weights(held, 64, 96, dtype, device, g)
     x = torch.randn(t, 64, generator=g).to(device, dtype)
     ids, tw = route(t, 2, 8, g, skew=0.3)
-    out = TorchMoEBackend()(x, w, ids.to(device), tw.to(device), 8)
+    run = TorchMoEBackend()
+    out = run(x, run.prepare(w), ids.to(device), tw.to(device), 8)
     err = rel_err(out, reference(x, w, ids, tw))
     assert err < TOL[dtype], f"seed {seed}: rel err {err}"
 
@@ -106,7 +107,8 @@ def test_triton_backend(case: str, dtype: torch.dtype, seed: int, device: torch.
     w = make_weights(held, d, f, dtype, device, g)
     x = torch.randn(t, d + 16, generator=g).to(device, dtype)[:, 8:8 + d]  # non-contiguous rows
     ids, tw = route(t, k, 8, g, allowed, skew)
-    out = TritonMoEBackend()(x, w, ids.to(device), tw.to(device), 8)
+    run = TritonMoEBackend()
+    out = run(x, run.prepare(w), ids.to(device), tw.to(device), 8)
     assert out.shape == (t, d) and out.dtype == dtype and out.device.type == device.type
     err = rel_err(out, reference(x, w, ids, tw))
     assert err < TOL[dtype], f"{case} seed {seed}: rel err {err} >= {TOL[dtype]}"
@@ -119,7 +121,8 @@ def test_triton_fp16_int32_ids_low_precision_router_weights(seed: int, device: t
     w = make_weights(list(range(8)), 64, 96, torch.float16, device, g)
     x = torch.randn(9, 64, generator=g).to(device, torch.float16)
     ids, tw = route(9, 2, 8, g)
-    out = TritonMoEBackend()(x, w, ids.to(device, torch.int32), tw.to(device, torch.float16), 8)
+    run = TritonMoEBackend()
+    out = run(x, run.prepare(w), ids.to(device, torch.int32), tw.to(device, torch.float16), 8)
     err = rel_err(out, reference(x, w, ids, tw.half()))
     assert err < TOL[torch.float16], f"seed {seed}: rel err {err}"
 
@@ -134,8 +137,9 @@ def test_router_weights_are_used_in_fp32(backend: str, device: torch.device) -> 
     ids, tw = route(12, 2, 8, g)
     ids, tw = ids.to(device), tw.to(device)
     run = TorchMoEBackend() if backend == "torch" else TritonMoEBackend()
-    base = run(x, w, ids, tw, 8, out_dtype=torch.float32)
-    scaled = run(x, w, ids, tw * (1 + 2**-10), 8, out_dtype=torch.float32)
+    layer = run.prepare(w)
+    base = run(x, layer, ids, tw, 8, out_dtype=torch.float32)
+    scaled = run(x, layer, ids, tw * (1 + 2**-10), 8, out_dtype=torch.float32)
     err = rel_err(scaled, base.cpu().double() * (1 + 2**-10))
     assert err < 1e-6, f"{backend}: rel err {err} (2^-10 = {2**-10:.1e} if the weights were rounded)"
 
@@ -156,9 +160,11 @@ def test_triton_no_local_tokens(seed: int, device: torch.device) -> None:
     w = make_weights([1, 4, 6], 64, 96, torch.float32, device, g)
     ids, tw = route(7, 2, 8, g, allowed=[0, 2, 3, 5, 7])
     ids, tw = ids.to(device), tw.to(device)
-    out = TritonMoEBackend()(torch.randn(7, 64, generator=g).to(device), w, ids, tw, 8)
+    run = TritonMoEBackend()
+    layer = run.prepare(w)
+    out = run(torch.randn(7, 64, generator=g).to(device), layer, ids, tw, 8)
     assert out.shape == (7, 64) and (out == 0).all(), seed
-    empty = TritonMoEBackend()(torch.randn(0, 64, device=device), w, ids[:0], tw[:0], 8)
+    empty = run(torch.randn(0, 64, device=device), layer, ids[:0], tw[:0], 8)
     assert empty.shape == (0, 64)
 
 
@@ -301,14 +307,16 @@ def test_warm_up_runs_every_distinct_config_once(config_dir, monkeypatch, device
 
     g = torch.Generator().manual_seed(0)
     w = make_weights([1, 4, 6], 32, 32, torch.bfloat16, device, g)
-    ran = TritonMoEBackend().warm_up(w, max_tokens=30, top_k=2, num_experts=8)
+    backend = TritonMoEBackend()
+    ran = backend.warm_up(backend.prepare(w), max_tokens=30, top_k=2, num_experts=8)
     wanted = {tuning.get_config(m, 3, 32, "cuda") for m in range(1, 31)}
     assert len(wanted) == 2 and len(ran) == 2 and {cfg for _, cfg in ran} == wanted
     assert launched == ran  # the kernels ran, once per config, each at a token count that picks it
     assert all(tuning.get_config(m, 3, 32, "cuda") == cfg for m, cfg in ran)
-    assert TritonMoEBackend().warm_up(w, max_tokens=0) == []
+    assert backend.warm_up(backend.prepare(w), max_tokens=0) == []
 
 
+@pytest.mark.e2e  # the whole model on the Triton path
 def test_model_on_the_triton_backend_matches_torch(tiny_dir, device: torch.device) -> None:
     """The whole tiny model with its experts on the Triton kernels gives the torch backend's logits."""
     from cluster.model.kv_cache import ContiguousKVCache
@@ -331,12 +339,13 @@ def test_triton_backend_in_a_cuda_graph(device: torch.device) -> None:
     g = torch.Generator().manual_seed(0)
     w = make_weights(list(range(8)), 128, 256, torch.bfloat16, device, g)
     backend = TritonMoEBackend()
-    backend.warm_up(w, max_tokens=16, num_experts=8)
+    layer = backend.prepare(w)
+    backend.warm_up(layer, max_tokens=16, num_experts=8)
     x = torch.randn(16, 128, generator=g).to(device, torch.bfloat16)
     ids, tw = (t.to(device) for t in route(16, 2, 8, g))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = backend(x, w, ids, tw, 8)
+        out = backend(x, layer, ids, tw, 8)
     for seed in (1, 2):
         g2 = torch.Generator().manual_seed(seed)
         new_ids, new_tw = route(16, 2, 8, g2, skew=float(seed))

@@ -10,11 +10,12 @@ from safetensors.torch import load_file, save_file
 
 from cluster.checkpoint.names import expert_tensor, expert_tensor_shapes
 from cluster.checkpoint.presets import preset
-from cluster.checkpoint.reader import INDEX_FILE, CheckpointError, CheckpointReader, parse_dtype
+from cluster.checkpoint.reader import INDEX_FILE, CheckpointError, CheckpointReader
 from cluster.checkpoint.writer import write_random_checkpoint
 from cluster.config import ConfigError, ModelConfig
+from cluster.dtype import parse_dtype
 from cluster.model.loader import load_experts, load_model
-from cluster.moe.backend import TorchMoEBackend
+from cluster.moe.torch_backend import TorchMoEBackend
 
 TINY = preset("tiny")
 
@@ -44,8 +45,8 @@ def test_expert_subset_gives_the_same_expert_outputs(tiny_dir):
     ids = torch.tensor([[2, 5]] * 9)
     weights = torch.softmax(torch.randn(9, 2), -1)
     backend = TorchMoEBackend()
-    full = backend(x, all_layers[1], ids, weights, TINY.num_experts)
-    part = backend(x, subset[1], ids, weights, TINY.num_experts)
+    full = backend(x, backend.prepare(all_layers[1]), ids, weights, TINY.num_experts)
+    part = backend(x, backend.prepare(subset[1]), ids, weights, TINY.num_experts)
     torch.testing.assert_close(part, full, rtol=1e-6, atol=1e-6)
 
 
@@ -166,7 +167,7 @@ def test_missing_or_broken_config(tmp_path, tiny_dir):
 
 
 def test_unknown_dtype_and_bad_expert_ids(tiny_dir):
-    with pytest.raises(CheckpointError, match="unsupported dtype 'int8'"):
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
         load_model(tiny_dir, "int8")
     with pytest.raises(CheckpointError, match=r"expert ids \[8\] are out of range"):
         load_experts(CheckpointReader(tiny_dir), TINY, torch.float32, experts=[0, 8])

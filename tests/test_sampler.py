@@ -1,11 +1,14 @@
 """The batched sampler against hand-computed distributions; seeded draws independent of the batch; raw logprobs."""
 
+import itertools
 import math
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import cluster.engine.sampler as sampler_module
 from cluster.engine.sampler import Sampler, SamplingRow, make_generator
 from cluster.engine.sampling_params import SamplingParams
 
@@ -14,6 +17,14 @@ P = [0.15, 0.4, 0.04, 0.25, 0.1, 0.06]
 LOGITS = [math.log(p) for p in P]
 DRAWS = 20000
 TOL = 0.015  # > 4 standard deviations of an empirical frequency over DRAWS draws
+
+
+@pytest.fixture(autouse=True)
+def _os_seeds_from_a_counter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generator made without a seed (a row's, or the sampler's shared one) takes its seed from the OS; here from a
+    counter instead, so the frequency checks reproduce while every such generator still gets a seed of its own."""
+    seeds = itertools.count(1000)
+    monkeypatch.setattr(sampler_module, "secrets", SimpleNamespace(randbits=lambda bits: next(seeds)))
 
 
 def _row(**kw) -> SamplingRow:

@@ -38,7 +38,7 @@ def served(local_ray, tiny_dir):
 
 def _standalone_text(tiny_dir, body: dict) -> str:
     """The same request on the single-process app (`--no-ray`), no Ray involved."""
-    app, engine = build_standalone_app(_args(tiny_dir))
+    app, engine = build_standalone_app(_args(tiny_dir).resolve())
 
     async def ask() -> dict:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -66,7 +66,7 @@ def test_http_chat_completion_and_stream_match_single_process(served, tiny_dir):
 
         chunks = [json.loads(line[6:]) for line in lines[:-1]]
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == expected
-        assert client.get("/v1/models").json()["data"][0]["id"] == _args(tiny_dir).model_name()
+        assert client.get("/v1/models").json()["data"][0]["id"] == tiny_dir.name
         assert client.get("/health").status_code == 200
         r = client.post("/v1/chat/completions", json={**CHAT, "temperature": 7})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
@@ -126,13 +126,24 @@ def test_serve_args_refuse_what_cannot_run(tiny_dir):
         ServeArgs(model=str(tiny_dir), shards=9).num_shards(ModelConfig.from_file(tiny_dir))
 
 
-@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_dtype_follows_the_hardware_and_explicit_ones_stay(monkeypatch, native, expected):
-    import cluster.model.dtype as dtype
+def test_resolve_decides_every_setting_once(tiny_dir, tiny_dense_dir):
+    import torch
 
-    monkeypatch.setattr(dtype, "native_bf16", lambda device: native)  # the probe: this machine's CPU is what it is
-    assert ServeArgs().resolved_dtype("cpu") == expected
-    assert ServeArgs(dtype="fp16").resolved_dtype("cpu") == "fp16"
+    from cluster.config import ModelConfig
+
+    r = ServeArgs(model=str(tiny_dir), shards=3, device="cpu", dtype="bf16", max_num_seqs=7, cuda_graphs="auto",
+                  served_model_name="mix").resolve()
+    assert r.model_dir == tiny_dir.resolve() and r.model_dir.is_absolute()
+    assert r.config == ModelConfig.from_file(tiny_dir) and r.model_name == "mix"
+    assert (r.device, r.dtype, r.tokenizer_version) == ("cpu", torch.bfloat16, "v3")
+    assert r.shard_groups == ((0, 1, 2), (3, 4, 5), (6, 7)) and r.layout.num_shards == 3
+    assert (r.engine.max_num_seqs, r.engine.cuda_graphs, r.sampling.temperature) == (7, False, 0.5)
+    dense = ServeArgs(model=str(tiny_dense_dir), device="cpu").resolve()
+    assert (dense.num_shards, dense.sampling.temperature, dense.tokenizer_version) == (0, 0.3, "v1")
+    on_gpus = ServeArgs(model=str(tiny_dir), device="cuda", dtype="auto").resolve()  # decided without a GPU here
+    assert (on_gpus.dtype, on_gpus.engine.cuda_graphs, on_gpus.layout.local_shards) == (torch.bfloat16, True, (0,))
+    with pytest.raises(ValueError, match="cuda_graphs=on needs a CUDA device"):
+        ServeArgs(model=str(tiny_dir), device="cpu", cuda_graphs="on").resolve()
 
 
 @pytest.mark.parametrize("gpus, bundles", [(None, [{"CPU": 0.5, "GPU": 1}, {"CPU": 0.25, "GPU": 1}]),
@@ -151,3 +162,21 @@ def test_build_app_reserves_the_planned_unit_on_gpus(tiny_dir, gpus, bundles):
     assert router._replica_config.placement_group_strategy == "STRICT_PACK"
     plan = plan_placement(ModelConfig.from_file(tiny_dir), gpus or 2, 2**34, num_shards=2, min_kv_tokens=0)
     assert len(bundles) == plan.layout.num_gpus
+
+
+@pytest.mark.e2e  # the HTTP app over a real engine
+def test_health_names_the_kernels_in_use(tiny_dir):
+    args = ServeArgs(model=str(tiny_dir), device="cpu", dtype="fp32", kv_cache_bytes=2**24, moe_backend="torch",
+                     attention_backend="torch")
+    app, engine = build_standalone_app(args.resolve())
+
+    async def health() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.get("/health")
+
+    try:
+        r = asyncio.run(health())
+    finally:
+        engine.shutdown()
+    assert r.status_code == 200, r.text
+    assert (r.json()["stats"]["moe_kernel"], r.json()["stats"]["attention_kernel"]) == ("torch", "torch")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.engine.outputs import UnavailableError
+from cluster.parallel.dispatch import UnavailableError
 from cluster.parallel import shm_channel
 from cluster.parallel.dispatch import RoutedBatch
 from cluster.parallel.frames import ChannelSpec

@@ -89,8 +89,8 @@ def test_streaming_with_a_real_tokenizer(stop):
     assert emitted == TEXT[:TEXT.index(stop)]
     end = TEXT.index(stop) + len(stop)
     assert ends[-1] >= end and (len(ends) < 2 or ends[-2] < end)  # stopped at the token completing it
-    if len(stop) > 1:  # these stops cross token boundaries
-        assert any(TEXT.index(stop) < e < end for e in ends)
+    inside = [e for e in ends if TEXT.index(stop) < e < end]  # tokens ending inside the stop string
+    assert bool(inside) == (len(stop) > 1), (stop, inside)  # every stop of several characters crosses tokens
 
 
 def test_streaming_without_a_match_releases_everything():

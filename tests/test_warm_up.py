@@ -1,6 +1,7 @@
 """Start-up warm-up: every decode split count the Triton attention can pick and every M bucket of the experts run
 once before serving, and the synthetic steps leave the engine's results unchanged."""
 
+import pytest
 import torch
 
 import cluster.attention.triton_backend as triton_attention
@@ -12,6 +13,7 @@ from cluster.model.loader import load_model
 from cluster.moe.triton_backend import TritonMoEBackend
 
 
+@pytest.mark.e2e  # the whole model on the Triton path
 def test_warm_up_compiles_every_split_count_and_bucket(tiny_dir, device, monkeypatch):
     lm = load_model(tiny_dir, "fp32", device, "triton")
     cache = PagedKVCache(lm.config, 64, 16, torch.float32, device, backend="triton")

@@ -7,25 +7,12 @@ unavailable unit yields one `RequestOutput` per choice (`RequestOutput.errors`) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
-
-
-@dataclass
-class Health:
-    """`status` is "ok", "recovering" (requests get 503 meanwhile) or "failed"; `detail` says why."""
-
-    status: str = "ok"
-    detail: str = ""
-    stats: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
+from cluster.serve.health import Health
 
 
 class GenerationBackend(Protocol):
@@ -43,8 +30,9 @@ class GenerationBackend(Protocol):
 class EngineBackend:
     """An `AsyncEngine` in this process (single-process mode, and inside the AttentionRouter replica)."""
 
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngine, moe_kernel: str | None = None):
         self.engine = engine
+        self.moe_kernel = moe_kernel  # reported in health stats beside the engine's attention kernel
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        stream: bool = True) -> AsyncIterator[RequestOutput]:
@@ -58,7 +46,10 @@ class EngineBackend:
             yield out
 
     async def health(self) -> Health:
-        return Health(stats=self.engine.engine.stats())
+        stats = self.engine.engine.stats()
+        if self.moe_kernel:
+            stats["moe_kernel"] = self.moe_kernel
+        return Health(stats=stats)
 
 
 async def final_outputs(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:

@@ -6,19 +6,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
-from cluster.config import ModelConfig
-from cluster.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from cluster.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingDefaults, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 128
 # top_p == 0 (allowed by OpenAI) keeps only the most likely token; the sampler needs a positive mass.
 _MIN_TOP_P = 1e-9
-
-
-def default_temperature(config: ModelConfig) -> float:
-    """The temperature a request gets when it names none: the hosted pages' 0.5 for the Mixtral MoE models and
-    0.3 for the dense Mistral 7B."""
-    return 0.5 if config.is_moe else 0.3
 
 
 class _Request(BaseModel):
@@ -92,10 +85,12 @@ class ChatCompletionRequest(_Request):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def to_sampling_params(self, default_max_tokens: int, default_temperature: float) -> SamplingParams:
-        """The engine's parameters; raises ValueError for values the engine refuses."""
+    def to_sampling_params(self, defaults: SamplingDefaults, context_left: int) -> SamplingParams:
+        """The engine's parameters, `defaults` for those left out (max_tokens clipped to the `context_left` after
+        the prompt); raises ValueError for values the engine refuses."""
+        default_max_tokens = max(1, min(defaults.max_tokens, context_left))
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        temperature = default_temperature if self.temperature is None else self.temperature
+        temperature = defaults.temperature if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else max(self.top_p, _MIN_TOP_P)
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=self.n,
                               seed=self.seed, stop=self.stop_sequences, frequency_penalty=self.frequency_penalty,

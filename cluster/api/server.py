@@ -31,13 +31,12 @@ from cluster.api.errors import RETRY_AFTER_S, APIError, error_response, validati
 from cluster.api.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                                   ChoiceLogprobs, ChunkChoice, DeltaMessage, ModelCard, ModelList,
                                   PromptTokensDetails, TokenLogprob, TopLogprob, Usage)
-from cluster.engine.outputs import RequestOutput
-from cluster.engine.sampler import TokenLogprobs
+from cluster.engine.outputs import RequestOutput, TokenLogprobs
+from cluster.engine.sampling_params import SamplingDefaults
 from cluster.tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
-MAX_DEFAULT_TOKENS = 1024  # max_tokens when a request names none, clipped to the context left after the prompt
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _GONE = 499  # the status answered to a client that disconnected (nginx's): nobody reads it
@@ -45,12 +44,10 @@ T = TypeVar("T")
 
 
 def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
-              default_temperature: float = 0.5) -> Starlette:
-    """The ASGI app serving `model_name` (the only model; requests naming another get 404) from `backend`.
-
-    `default_temperature` applies to requests that name none (see `protocol.default_temperature`).
-    """
-    api = _ChatAPI(backend, tokenizer, model_name, context_len, default_temperature)
+              defaults: SamplingDefaults) -> Starlette:
+    """The ASGI app serving `model_name` (the only model; requests naming another get 404) from `backend`;
+    `defaults` fill the sampling parameters a request leaves out."""
+    api = _ChatAPI(backend, tokenizer, model_name, context_len, defaults)
     routes = [Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
               Route("/v1/models", api.models, methods=["GET"]),
               Route("/health", api.health, methods=["GET"])]
@@ -71,12 +68,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 class _ChatAPI:
     def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
-                 default_temperature: float):
+                 defaults: SamplingDefaults):
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context_len = context_len
-        self.default_temperature = default_temperature
+        self.defaults = defaults
         self.created = int(time.time())
 
     # -- routes ----------------------------------------------------------------------------------------------------
@@ -118,9 +115,8 @@ class _ChatAPI:
             prompt = self.tokenizer.encode_chat([m.to_tokenizer() for m in req.messages])
         except TokenizerError as e:
             raise APIError(400, str(e), "messages") from e
-        default_max = max(1, min(MAX_DEFAULT_TOKENS, self.context_len - len(prompt)))
         try:
-            params = req.to_sampling_params(default_max, self.default_temperature)
+            params = req.to_sampling_params(self.defaults, self.context_len - len(prompt))
         except ValueError as e:
             raise APIError(400, str(e)) from e
 

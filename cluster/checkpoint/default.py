@@ -1,8 +1,10 @@
-"""The embedded default checkpoint: written once into a cache directory, reused afterwards."""
+"""The embedded default checkpoint: written once into the user's cache directory, reused afterwards.
+
+Only under a checked cache root (`cluster.user_cache`): a root another user can write could hand us their weights.
+"""
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -10,20 +12,18 @@ from pathlib import Path
 
 from cluster.checkpoint.presets import preset
 from cluster.checkpoint.writer import write_random_checkpoint
+from cluster.user_cache import private_directory
 
 DEFAULT_PRESET = "mini"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("MOE_CLUSTER_CACHE", Path.home() / ".cache" / "moe-cluster"))
-
-
 def ensure_default_checkpoint(name: str = DEFAULT_PRESET, seed: int = 0) -> Path:
-    """The path of the `name` preset checkpoint, written there first if absent (atomically, by rename)."""
-    target = cache_root() / f"{name}-seed{seed}"
+    """The path of the `name` preset checkpoint, written there first if absent (atomically, by rename).
+
+    Raises UnsafeCacheError where the cache root is another user's or writable by others."""
+    target = private_directory() / f"{name}-seed{seed}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     print(f"writing the embedded {name} checkpoint to {target} (first run only)", file=sys.stderr, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:

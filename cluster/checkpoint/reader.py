@@ -17,20 +17,10 @@ SINGLE_FILE = "model.safetensors"
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read as asked; the message names the file or tensor."""
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise CheckpointError(f"unsupported dtype {name!r}: choose fp32, bf16 or fp16")
-    return DTYPES[name]
 
 
 class CheckpointReader:

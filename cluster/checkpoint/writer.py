@@ -12,11 +12,13 @@ from safetensors.torch import save_file
 from cluster.checkpoint.names import dense_tensor_shapes, expert_tensor_shapes
 from cluster.checkpoint.reader import INDEX_FILE, SINGLE_FILE
 from cluster.config import ModelConfig
+from cluster.dtype import parse_dtype
 
 
 def write_random_checkpoint(directory: str | Path, config: ModelConfig, seed: int = 0,
-                            dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 2 * 10**9) -> Path:
+                            dtype: str | torch.dtype = torch.bfloat16, max_shard_bytes: int = 2 * 10**9) -> Path:
     """Deterministic from `seed`: the same arguments write byte-identical tensors. Returns the directory."""
+    dtype = parse_dtype(dtype)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shapes = {**dense_tensor_shapes(config), **expert_tensor_shapes(config)}

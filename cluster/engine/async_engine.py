@@ -5,7 +5,7 @@ steps, so the engine itself is only ever touched by one thread and the event loo
 
 The engine is built on that thread too (from a factory), and any other torch work of the process belongs there
 (`call`): libgomp shortens its workers' spin-wait once more OpenMP pools exist than cores, and every small parallel
-op then pays a futex wake-up. Measured on 2 cores: a forward 13-20% slower when another thread had used OpenMP.
+op then pays a futex wake-up (benchmarks/RESULTS.md, "Figures behind design comments").
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
 from cluster.engine.engine import LLMEngine
-from cluster.engine.outputs import RequestOutput, UnavailableError
+from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
+from cluster.parallel.dispatch import UnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ def crossing_layers(model: CausalLM) -> tuple[int, ...]:
     crosses to them eagerly. Dense layers and graph-safe experts stay inside the graphs."""
     return tuple(i for i, layer in enumerate(model.model.layers)
                  if (moe := getattr(layer, "block_sparse_moe", None)) is not None
-                 and not getattr(moe.executor, "graph_safe", False))
+                 and not moe.executor.graph_safe)
 
 
 def choose_graphs(model: CausalLM, cache: PagedKVCache) -> GraphChoice:

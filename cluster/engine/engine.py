@@ -12,9 +12,9 @@ import torch
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.cuda_graphs import choose_graphs, decode_buckets
 from cluster.engine.model_runner import ModelRunner
-from cluster.engine.outputs import ContextLengthError, RequestError, RequestOutput
+from cluster.engine.outputs import ContextLengthError, RequestError, RequestOutput, TokenLogprobs
 from cluster.engine.paged_cache import PagedKVCache, kv_bytes_per_block
-from cluster.engine.sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
+from cluster.engine.sampler import Sampler, SamplingRow, make_generator
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from cluster.engine.sequence import Sequence
@@ -204,11 +204,12 @@ class LLMEngine:
                 outs.append(out)
         return outs
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | str]:
         b = self.blocks
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "free_blocks": b.num_free, "total_blocks": b.num_blocks, "preemptions": self.scheduler.num_preemptions,
-                "prefix_hit_tokens": b.prefix_hit_tokens, "prefix_query_tokens": b.prefix_query_tokens}
+                "prefix_hit_tokens": b.prefix_hit_tokens, "prefix_query_tokens": b.prefix_query_tokens,
+                "attention_kernel": self.runner.cache.backend.name}
 
 
 def _num_blocks(config: EngineConfig, block_bytes: int, device: torch.device) -> int:

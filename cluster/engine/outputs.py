@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cluster.engine.sampler import TokenLogprobs
+
+@dataclass
+class TokenLogprobs:
+    logprob: float  # of the chosen token
+    top: list[tuple[int, float]]  # top_logprobs (token id, logprob), best first
 
 
 class RequestError(ValueError):
@@ -13,10 +17,6 @@ class RequestError(ValueError):
 
 class ContextLengthError(RequestError):
     pass
-
-
-class UnavailableError(RuntimeError):
-    """The serving unit cannot run requests now (an expert shard died and is being restarted): HTTP 503."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from cluster.engine.outputs import TokenLogprobs
 from cluster.engine.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -28,12 +29,6 @@ class SamplingRow:
     generator: torch.Generator | None  # the request's own, seeded from params.seed; None: greedy or unseeded
     # Returns a bool [V] tensor of allowed tokens (structured output), or None for no restriction.
     allowed_tokens: Callable[[], torch.Tensor | None] | None = None
-
-
-@dataclass
-class TokenLogprobs:
-    logprob: float  # of the chosen token
-    top: list[tuple[int, float]]  # top_logprobs (token id, logprob), best first
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cluster.config import ModelConfig
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -45,3 +47,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for the parameters it leaves out."""
+
+    temperature: float
+    max_tokens: int = 1024  # clipped to the context the prompt leaves
+
+    @classmethod
+    def for_model(cls, config: ModelConfig) -> "SamplingDefaults":
+        """The hosted pages' temperatures: 0.5 for the Mixtral MoE models, 0.3 for the dense Mistral 7B."""
+        return cls(temperature=0.5 if config.is_moe else 0.3)

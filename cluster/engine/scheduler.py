@@ -18,8 +18,8 @@ from cluster.engine.sequence import Sequence, Status
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
+    max_num_seqs: int
+    max_num_batched_tokens: int
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 All sources go into one shared library in the cache directory, under a name that hashes the sources, the flags and
 the compiler, so an edit rebuilds it and concurrent processes (the expert shards) never load a half-written file.
-Without AVX2 and FMA, or without a compiler, `cpu_kernel_library()` returns None and callers keep the torch path.
+That directory must be this user's and writable by no one else (`cluster.user_cache`): a file under a predictable
+name that another user could replace would be their code loaded into ours.
+Without AVX2 and FMA, without a compiler, or with an unsafe cache directory, `cpu_kernel_library()` returns None
+(the reason logged) and callers keep the torch path.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.checkpoint.default import cache_root
+from cluster.user_cache import UnsafeCacheError, cache_root, private_directory
 
 log = logging.getLogger(__name__)
 
@@ -40,33 +43,51 @@ def cpu_supports_kernels() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def find_compiler() -> str | None:
+    """$CC, else gcc, else cc on the PATH."""
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
 @lru_cache(maxsize=1)
 def cpu_kernel_library() -> ctypes.CDLL | None:
-    if not cpu_supports_kernels():
-        return None
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        log.warning("no C compiler found: the CPU kernels fall back to torch")
-        return None
-    try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        log.warning("building the CPU kernels failed, falling back to torch: %s", e)
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        getattr(library, name).argtypes = argtypes
-        getattr(library, name).restype = None
+    """The kernels, built once per process (and once per machine, cached); None where they cannot be used here."""
+    library, _ = load_cpu_kernels()
     return library
 
 
-def _build(compiler: str) -> Path:
+def load_cpu_kernels() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") or (None, why not; logged unless the CPU just lacks AVX2/FMA). Uncached: callers want
+    `cpu_kernel_library`; this is for saying why it returned None."""
+    if not cpu_supports_kernels():
+        return None, f"the CPU lacks AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    try:
+        directory = private_directory(cache_root() / "kernels")
+    except UnsafeCacheError as e:  # never build into or load from it
+        log.error("not building or loading the CPU kernels, falling back to torch: %s", e)
+        return None, str(e)
+    compiler = find_compiler()
+    if compiler is None:
+        log.warning("no C compiler found: the CPU kernels fall back to torch")
+        return None, "no C compiler found ($CC, gcc or cc)"
+    try:
+        library = ctypes.CDLL(str(_build(compiler, directory)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        log.warning("building the CPU kernels failed, falling back to torch: %s", e)
+        return None, f"building the CPU kernels failed: {e}"
+    for name, argtypes in _SIGNATURES.items():
+        getattr(library, name).argtypes = argtypes
+        getattr(library, name).restype = None
+    return library, ""
+
+
+def _build(compiler: str, directory: Path) -> Path:
+    """The shared object in `directory` (a checked private one), compiled there first if absent."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), *FLAGS, version]).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"cpu_kernels-{key}.so"
+    target = directory / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
         built = Path(scratch) / target.name
         result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True,
                                 text=True)

@@ -73,7 +73,7 @@ class CausalLM(nn.Module):
         """hidden [N, D] -> logits [N, V] in fp32."""
         weight = self.lm_head.weight  # [V, D]
         if weight.device.type == "cpu" and weight.dtype == torch.float32:
-            # [V, D] @ [D, N] streams the weight in its own layout: 1.3-1.7x faster than F.linear's [N, D] @ [D, V]
-            # for N up to 128 on CPU (vocab 32768, 2 cores), about 4% of a c=64 engine run.
+            # [V, D] @ [D, N] streams the weight in its own layout, faster on CPU than F.linear's [N, D] @ [D, V]
+            # for small N (benchmarks/RESULTS.md, "Figures behind design comments").
             return torch.mm(weight, hidden.t()).t().contiguous()
         return self.lm_head(hidden).float()

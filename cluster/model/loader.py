@@ -9,8 +9,9 @@ import torch
 
 from cluster.checkpoint.names import EXPERT_PROJECTIONS, dense_tensor_shapes, expert_tensor, expert_tensor_shapes
 from cluster.checkpoint.progress import ProgressCallback
-from cluster.checkpoint.reader import CheckpointError, CheckpointReader, parse_dtype
+from cluster.checkpoint.reader import CheckpointError, CheckpointReader
 from cluster.config import ModelConfig
+from cluster.dtype import resolve_dtype
 from cluster.model.decoder import CausalLM
 from cluster.moe.backend import get_backend
 from cluster.moe.executor import LocalExpertExecutor
@@ -57,10 +58,11 @@ def load_experts(reader: CheckpointReader, config: ModelConfig, dtype: torch.dty
 
 def load_model(directory: str | Path, dtype: str | torch.dtype = "fp32", device: torch.device | str = "cpu",
                backend: str = "auto", progress: ProgressCallback | None = None) -> LoadedModel:
-    """The whole model in this process, experts run by a local executor."""
+    """The whole model in this process, experts run by a local executor; `dtype` a name, "auto" (for `device`, as
+    `cluster.dtype.resolve_dtype`) or a torch.dtype."""
     config = ModelConfig.from_file(directory)
     reader = CheckpointReader(directory)
-    dtype = parse_dtype(dtype)
+    dtype = resolve_dtype(dtype, device)
     model = load_dense(reader, config, dtype, device, progress)
     if config.is_moe:
         layers = load_experts(reader, config, dtype, device, progress=progress)

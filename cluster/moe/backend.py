@@ -1,143 +1,77 @@
-"""MoE backends: given one layer's expert weights and the routing, compute the weighted expert sum.
+"""The MoE backend contract, and the registry that picks an implementation for a device.
 
-Every backend has the same contract (see `MoEBackend.__call__`); the torch backend is the CPU path and the
-reference the Triton kernels are checked against.
+A backend computes one layer's weighted expert sum for routed tokens. Implementations: `torch_backend` (any dtype
+and device; the reference), `cpu_backend` (a C kernel over packed fp32 weights) and `triton_backend` (fused GPU
+kernels). They import nothing from here: the contract is structural, and the registry imports them lazily, so a CPU
+process never imports Triton.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
-import torch.nn.functional as F
 
 from cluster.moe.weights import ExpertWeights
 
+Layout = TypeVar("Layout")
 
-class MoEBackend(Protocol):
+
+class MoEBackend(Protocol[Layout]):
+    """How a layer's experts run. The holder of the weights (an executor, a shard worker) calls `prepare` once per
+    layer at load, keeps what it returns, and hands that to every call: a backend keeps no per-layer state.
+
+    `Layout` is the backend's own form of a layer: the `ExpertWeights` themselves for torch and Triton, packed
+    panels for the CPU kernel (which also keep the source weights for its torch fallback).
+    """
+
     name: str
+    graph_safe: bool  # a CUDA graph can capture a call: no host sync, sizes read from shapes only
 
-    def __call__(self, x: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor, num_experts: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Weighted sum over each token's routed experts that `weights` holds; others contribute zero.
+    def supports(self, weights: ExpertWeights) -> bool:
+        """Whether this backend runs these weights natively (e.g. the CPU kernel: fp32 on CPU, D and F multiples
+        of 16) rather than through a fallback."""
+        ...
+
+    def prepare(self, weights: ExpertWeights) -> Layout:
+        """This layer in the backend's layout, made once at load (never on a request)."""
+        ...
+
+    def __call__(self, x: torch.Tensor, prepared: Layout, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 num_experts: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Weighted sum over each token's routed experts that the layer `prepared` holds; others contribute zero.
 
         Legend: T = tokens, D = hidden, K = experts per token.
-        x [T, D]; topk_ids [T, K] global expert ids; topk_weights [T, K] (fp32 from the router; any float dtype is
-        accepted and used in fp32) -> [T, D] in `out_dtype` (default x's).
+        x [T, D]; topk_ids [T, K] global expert ids (int32 or int64); topk_weights [T, K] (fp32 from the router;
+        any float dtype is accepted and used in fp32) -> [T, D] in `out_dtype` (default x's).
         Weights multiply and the sum accumulates in fp32: a shard returns fp32 partials so that combining shards
         rounds once.
         """
         ...
 
-
-class TorchMoEBackend:
-    """Group the (token, expert) pairs by local expert, then run the experts' matmuls.
-
-    Every local expert busy with few rows (decode of a batch): one padded batched matmul over all of them,
-    [E, M, D] x [E, D, 2F], since small matmuls are bandwidth-bound and one call beats E calls. Otherwise (prefill,
-    or a few tokens that leave experts idle): one matmul pair per busy expert, so idle experts' weights are not read.
-    On CPU in bf16/fp16 row counts are padded to a multiple of `row_bucket`: oneDNN compiles a kernel for every new
-    matmul shape (about a millisecond each), and the rows per expert change every step.
-
-    Legend: E = local experts, M = padded rows per expert, P = T*K pairs.
-    """
-
-    name = "torch"
-    row_bucket = 32
-    batched_max_rows = 64
-
-    def __call__(self, x: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor, num_experts: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        t, k = topk_ids.shape
-        n_local = len(weights.expert_ids)
-        out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)  # [T, D] fp32 accumulator
-        if t == 0 or n_local == 0:
-            return out.to(out_dtype or x.dtype)
-        key, order, counts = group_pairs(weights, topk_ids, num_experts)
-        pair_weight = torch.cat([topk_weights.flatten().float(), topk_weights.new_zeros(1, dtype=torch.float32)])
-        if int(counts.max()) <= self.batched_max_rows and bool((counts > 0).all()):
-            self._batched(x, weights, order, key, counts, pair_weight, k, out)
-        else:
-            self._per_expert(x, weights, order, counts.tolist(), pair_weight, k, out)
-        return out.to(out_dtype or x.dtype)
-
-    def _batched(self, x: torch.Tensor, weights: ExpertWeights, order: torch.Tensor, key: torch.Tensor,
-                 counts: torch.Tensor, pair_weight: torch.Tensor, k: int, out: torch.Tensor) -> None:
-        n_local, p = counts.numel(), order.numel()
-        m = _round_up(int(counts.max()), self.row_bucket if _pads(x) else 1)
-        starts = counts.cumsum(0) - counts  # [E]
-        skey = key[order]
-        valid = skey < n_local
-        rank = torch.arange(p, device=x.device) - starts[skey.clamp(max=n_local - 1)]
-        slots = torch.full((n_local * m,), p, dtype=torch.long, device=x.device)  # [E*M] pair id; p = padding
-        slots[(skey * m + rank)[valid]] = order[valid]
-        tokens = torch.where(slots < p, slots // k, 0)  # padding reads token 0 and gets weight 0
-        h = torch.bmm(x[tokens].view(n_local, m, -1), weights.w13.transpose(1, 2))  # [E, M, 2F]
-        ffn = weights.w2.shape[2]
-        h = F.silu(h[..., :ffn]) * h[..., ffn:]
-        y = torch.bmm(h, weights.w2.transpose(1, 2)).flatten(0, 1).float()  # [E*M, D]
-        out.index_add_(0, tokens, y * pair_weight[slots].unsqueeze(1))
-
-    def _per_expert(self, x: torch.Tensor, weights: ExpertWeights, order: torch.Tensor, counts: list[int],
-                    pair_weight: torch.Tensor, k: int, out: torch.Tensor) -> None:
-        pad = _pads(x)
-        ffn = weights.w2.shape[2]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            pairs = order[start:start + n]
-            start += n
-            tokens = pairs // k
-            rows = x[_pad_rows(tokens, self.row_bucket)] if pad else x[tokens]  # [n or padded, D]
-            h = rows @ weights.w13[e].t()  # [., 2F]
-            h = F.silu(h[:, :ffn]) * h[:, ffn:]
-            y = (h @ weights.w2[e].t())[:n].float() * pair_weight[pairs].unsqueeze(1)
-            out.index_add_(0, tokens, y)
+    def warm_up(self, prepared: Layout, max_tokens: int, top_k: int, num_experts: int) -> object:
+        """Compile every kernel that calls of up to `max_tokens` tokens can launch on this layer, before serving (or
+        inside a CUDA-graph capture) rather than during it: Triton's kernels; a no-op for the others."""
+        ...
 
 
-def group_pairs(weights: ExpertWeights, topk_ids: torch.Tensor,
-                num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token, expert) pairs by local expert: key [P] (local index; E for experts held elsewhere), order [P] (pair
-    ids sorted by key, stable), counts [E] (pairs per local expert). Legend: P = T*K pairs, E = local experts."""
-    n_local = len(weights.expert_ids)
-    local = weights.expert_map(num_experts)[topk_ids.flatten().long()].long()
-    key = torch.where(local >= 0, local, n_local)  # held elsewhere -> sorts last
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=n_local + 1)[:n_local]
-    return key, order, counts
+def backend_name(name: str, device: torch.device | str) -> str:
+    """`auto` -> Triton on CUDA, the C kernel on x86 CPUs that can build it, and torch elsewhere; others as given."""
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda":
+        return "triton"
+    from cluster.kernels.cpu_build import cpu_kernel_library
 
-
-def _pads(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _pad_rows(index: torch.Tensor, bucket: int) -> torch.Tensor:
-    """`index` extended (with repeats of its first entry) to a multiple of `bucket`."""
-    extra = -len(index) % bucket
-    return torch.cat([index, index[:1].expand(extra)]) if extra else index
-
-
-def prepare_layers(backend: MoEBackend, layers: list[ExpertWeights]) -> None:
-    """A backend with its own weight layout (the CPU kernel's panels) lays out every layer at load, not on a request."""
-    prepare = getattr(backend, "prepare", None)
-    if prepare is not None:
-        for weights in layers:
-            prepare(weights)
+    return "cpu" if cpu_kernel_library() is not None else "torch"
 
 
 def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> MoEBackend:
-    """`auto` picks Triton on CUDA, the C kernel on x86 CPUs that can build it, and torch elsewhere."""
-    device = torch.device(device)
-    if name == "auto":
-        from cluster.kernels.cpu_build import cpu_kernel_library
-
-        name = "triton" if device.type == "cuda" else "cpu" if cpu_kernel_library() is not None else "torch"
+    """The backend `name` (see `backend_name` for `auto`)."""
+    name = backend_name(name, device)
     if name == "torch":
+        from cluster.moe.torch_backend import TorchMoEBackend
+
         return TorchMoEBackend()
     if name == "cpu":
         from cluster.moe.cpu_backend import CpuMoEBackend

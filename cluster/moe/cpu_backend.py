@@ -1,8 +1,8 @@
 """The CPU MoE backend: the C kernel `cluster/kernels/cpu/expert_ffn.c` over weights packed once per layer.
 
 A decode step gives each expert ~16 rows. At that size a BLAS matmul spends most of its time repacking the weight
-matrix it was handed (MKL reaches 40-60 GFLOP/s on 2 cores), while a kernel that reads weights packed ahead of time
-reaches its register-tile speed. Other dtypes and shapes go to the torch backend.
+matrix it was handed, while a kernel that reads weights packed ahead of time reaches its register-tile speed
+(measured in benchmarks/RESULTS.md, `cpu_experts.py`). Other dtypes and shapes go to the torch backend.
 
 Legend: T = tokens, K = experts per token, P = pairs held here, D = hidden, F = ffn.
 """
@@ -14,47 +14,58 @@ import ctypes
 import torch
 
 from cluster.kernels.cpu_build import cpu_kernel_library
-from cluster.moe.backend import TorchMoEBackend, group_pairs
+from cluster.moe.torch_backend import TorchMoEBackend, group_pairs
 from cluster.moe.weights import ExpertWeights
 
 PANEL = 16  # output columns per packed panel (the kernel's NR)
 
 
 class PackedExperts:
-    """One layer's experts in the kernel's layout: w13 [E, 2F/16, D, 16], w2 [E, D/16, F, 16]."""
+    """One layer's experts in the kernel's layout: w13 [E, 2F/16, D, 16], w2 [E, D/16, F, 16]; `source` is the
+    layer as loaded (its expert ids, and what the torch fallback runs)."""
 
     def __init__(self, weights: ExpertWeights):
-        self.source = weights  # kept so the cache key (its id) stays valid
+        self.source = weights
         self.w13 = _pack(weights.w13)
         self.w2 = _pack(weights.w2)
 
 
 class CpuMoEBackend:
-    """Same contract as `TorchMoEBackend`; fp32 only, with D and F multiples of 16."""
+    """The `MoEBackend` contract; natively fp32 on CPU with D and F multiples of 16, other layers (and activations
+    that are not fp32 on CPU) go to the torch backend. Its layout is `PackedExperts`, or the `ExpertWeights` of a
+    layer it does not support."""
 
     name = "cpu"
+    graph_safe = False
 
     def __init__(self, library: ctypes.CDLL | None = None):
         self.library = library or cpu_kernel_library()
         if self.library is None:
             raise RuntimeError("the CPU expert kernels need an x86 CPU with AVX2 and FMA, and a C compiler")
         self.fallback = TorchMoEBackend()
-        self._packed: dict[int, PackedExperts] = {}
         self._scratch = torch.empty(0)
 
-    def supports(self, x: torch.Tensor, weights: ExpertWeights) -> bool:
+    def supports(self, weights: ExpertWeights) -> bool:
         _, f2, d = weights.w13.shape
-        return (x.device.type == "cpu" and x.dtype == weights.w13.dtype == torch.float32
+        return (weights.w13.device.type == "cpu" and weights.w13.dtype == weights.w2.dtype == torch.float32
                 and d % PANEL == 0 and f2 % (2 * PANEL) == 0)
 
-    def __call__(self, x: torch.Tensor, weights: ExpertWeights, topk_ids: torch.Tensor,
+    def prepare(self, weights: ExpertWeights) -> PackedExperts | ExpertWeights:
+        return PackedExperts(weights) if self.supports(weights) else self.fallback.prepare(weights)
+
+    def warm_up(self, prepared: PackedExperts | ExpertWeights, max_tokens: int, top_k: int, num_experts: int) -> None:
+        """Nothing to compile: the library was built when the backend was made."""
+
+    def __call__(self, x: torch.Tensor, prepared: PackedExperts | ExpertWeights, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor, num_experts: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        if not self.supports(x, weights):
-            return self.fallback(x, weights, topk_ids, topk_weights, num_experts, out_dtype)
+        if not isinstance(prepared, PackedExperts):
+            return self.fallback(x, prepared, topk_ids, topk_weights, num_experts, out_dtype)
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return self.fallback(x, prepared.source, topk_ids, topk_weights, num_experts, out_dtype)
         t, k = topk_ids.shape
-        n_local, f2, d = weights.w13.shape
+        n_local, f2, d = prepared.source.w13.shape
         out = torch.zeros(t, d, dtype=torch.float32)
-        _, order, counts = group_pairs(weights, topk_ids, num_experts)
+        _, order, counts = group_pairs(prepared.source, topk_ids, num_experts)
         order = order[:int(counts.sum())]  # [P]: pairs held elsewhere sorted last, dropped
         if order.numel() == 0:
             return out.to(out_dtype or x.dtype)
@@ -63,22 +74,10 @@ class CpuMoEBackend:
         pair_weight = topk_weights.flatten().float()[order]
         p, f = order.numel(), f2 // 2
         h, act, y = self._workspace([(p, f2), (p, f), (p, d)])
-        packed = self._packed_layer(weights)
-        self.library.expert_ffn(n_local, counts.data_ptr(), d, f, xs.data_ptr(), packed.w13.data_ptr(),
-                                packed.w2.data_ptr(), tokens.data_ptr(), pair_weight.data_ptr(), h.data_ptr(),
+        self.library.expert_ffn(n_local, counts.data_ptr(), d, f, xs.data_ptr(), prepared.w13.data_ptr(),
+                                prepared.w2.data_ptr(), tokens.data_ptr(), pair_weight.data_ptr(), h.data_ptr(),
                                 act.data_ptr(), y.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out.to(out_dtype or x.dtype)
-
-    def prepare(self, weights: ExpertWeights) -> None:
-        """Pack a layer ahead of its first call (the executor does this at load)."""
-        if weights.w13.device.type == "cpu" and weights.w13.dtype == torch.float32:
-            self._packed_layer(weights)
-
-    def _packed_layer(self, weights: ExpertWeights) -> PackedExperts:
-        packed = self._packed.get(id(weights))
-        if packed is None or packed.source is not weights:
-            packed = self._packed[id(weights)] = PackedExperts(weights)
-        return packed
 
     def _workspace(self, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Views of one buffer kept across calls: fresh multi-MB buffers every layer cost page faults."""

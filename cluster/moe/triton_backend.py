@@ -6,16 +6,24 @@ import torch
 
 from cluster.kernels.align import align_pairs
 from cluster.kernels.fused_moe import fused_experts
-from cluster.kernels.tuning import MoEConfig, config_buckets, get_config
+from cluster.kernels.tuning import MoEConfig, config_buckets, get_config, interpreting
 from cluster.moe.weights import ExpertWeights
 
 
 class TritonMoEBackend:
-    """Fused grouped-GEMM MoE (see `cluster.kernels.fused_moe`); same contract as `MoEBackend.__call__`.
-    Router weights are used in fp32 whatever the activations' dtype."""
+    """Fused grouped-GEMM MoE (see `cluster.kernels.fused_moe`) under the `MoEBackend` contract; its layout is the
+    `ExpertWeights` themselves. Router weights are used in fp32 whatever the activations' dtype."""
 
     name = "triton"
     graph_safe = True  # no host sync, sizes from shapes only: a decode step through it can be captured
+
+    def supports(self, weights: ExpertWeights) -> bool:
+        """Float weights on a GPU (or anywhere under the Triton interpreter); the kernels mask any D and F."""
+        return ((weights.w13.device.type == "cuda" or interpreting())
+                and weights.w13.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+    def prepare(self, weights: ExpertWeights) -> ExpertWeights:
+        return weights
 
     def config(self, tokens: int, weights: ExpertWeights) -> MoEConfig:
         return get_config(tokens, weights.w13.shape[0], weights.w2.shape[2], weights.w13.device, weights.w13.dtype)

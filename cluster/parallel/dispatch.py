@@ -11,6 +11,11 @@ from typing import Protocol
 import torch
 
 
+class UnavailableError(RuntimeError):
+    """A transport cannot reach its shards now (one died, hung or is being restarted): the step fails, and the
+    requests in it get HTTP 503."""
+
+
 @dataclass(frozen=True)
 class RoutedBatch:
     """The tokens one shard runs for one layer: every token with at least one of its K experts on that shard."""
@@ -68,9 +73,11 @@ class ExpertParallelExecutor:
     where the whole layer did not, which changes the last bits only).
 
     Up to `broadcast_rows` tokens (decode batches) every shard gets the whole layer's tokens: splitting them costs
-    more than the bytes it saves (a dozen small ops, measured 0.3-0.8 ms a layer on 2 cores against 64 KB sent).
+    more than the bytes it saves (a dozen small ops a layer, against a few tens of KB sent).
     Larger batches (prefill) are split, so each shard receives only the tokens routed to it.
     """
+
+    graph_safe = False  # a round waits on other processes: CUDA graphs capture around it (piecewise)
 
     def __init__(self, transport: ExpertTransport, expert_owners: list[int], broadcast_rows: int = 64):
         self.transport = transport

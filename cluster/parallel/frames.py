@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cluster.checkpoint.reader import parse_dtype
+from cluster.dtype import dtype_name, parse_dtype
 from cluster.parallel.dispatch import RoutedBatch
 
 OP_STOP, OP_RUN = 0, 1
@@ -35,7 +35,7 @@ class ChannelSpec:
     num_shards: int  # shards on this channel (ranks 1..num_shards); a shard running in the replica is not one
     hidden: int
     top_k: int
-    dtype: str  # the activations' dtype: "fp32" | "bf16" | "fp16"
+    dtype: torch.dtype | str  # the activations' dtype; a name ("bf16") is held as its torch.dtype
     max_rows: int  # the most tokens in one frame; the executor splits larger layers into rounds
     backend: str = "gloo"  # "nccl" between GPUs, "shm" within one machine (cluster.parallel.shm_channel)
     path: str = ""  # the "shm" backend's directory
@@ -45,13 +45,14 @@ class ChannelSpec:
     spin_s: float = 300e-6  # the replica's longest spin for a round's replies before it sleeps
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))  # frozen: normalised once, here
         if self.hidden * self.element_size % 4:
-            raise ValueError(f"hidden size {self.hidden} in {self.dtype}: a row of x must fill whole 4-byte words, so "
-                             "that the int32 and fp32 fields after it stay aligned")
+            raise ValueError(f"hidden size {self.hidden} in {dtype_name(self.dtype)}: a row of x must fill whole "
+                             "4-byte words, so that the int32 and fp32 fields after it stay aligned")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return parse_dtype(self.dtype)
+        return self.dtype
 
     @property
     def element_size(self) -> int:

@@ -27,7 +27,7 @@ def assign_experts(num_experts: int, num_shards: int) -> list[tuple[int, ...]]:
     return groups
 
 
-def expert_owners(groups: list[tuple[int, ...]]) -> list[int]:
+def expert_owners(groups: Sequence[tuple[int, ...]]) -> list[int]:
     """[num_experts]: the shard index holding each expert."""
     owners = [-1] * sum(len(g) for g in groups)
     for shard, experts in enumerate(groups):

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from cluster.checkpoint.progress import ProgressCallback
-from cluster.checkpoint.reader import CheckpointReader, parse_dtype
+from cluster.checkpoint.reader import CheckpointReader
 from cluster.config import ModelConfig
 from cluster.model.loader import load_experts
-from cluster.moe.backend import MoEBackend, get_backend, prepare_layers
+from cluster.moe.backend import MoEBackend, get_backend
 from cluster.moe.executor import warm_up_layers
 from cluster.moe.weights import ExpertWeights
 from cluster.parallel.dispatch import RoutedBatch
@@ -21,21 +21,20 @@ class ShardWorker:
         self.layers = layers  # [num_layers], each this shard's experts of that layer
         self.num_experts = num_experts
         self.backend = backend
-        prepare_layers(backend, layers)
+        self.prepared = [backend.prepare(w) for w in layers]  # the backend's layout, made once at load
 
     @classmethod
-    def load(cls, directory: str | Path, experts: tuple[int, ...], dtype: str | torch.dtype = "fp32",
-             device: torch.device | str = "cpu", backend: str = "auto",
+    def load(cls, directory: str | Path, config: ModelConfig, experts: tuple[int, ...], dtype: torch.dtype,
+             device: torch.device | str, backend: str = "auto",
              progress: ProgressCallback | None = None) -> "ShardWorker":
-        """Reads only `experts` (of every layer) from the checkpoint."""
-        config = ModelConfig.from_file(directory)
-        layers = load_experts(CheckpointReader(directory), config, parse_dtype(dtype), device, list(experts), progress)
+        """Reads only `experts` (of every layer) from the checkpoint whose config the caller has already read."""
+        layers = load_experts(CheckpointReader(directory), config, dtype, device, list(experts), progress)
         return cls(layers, config.num_experts, get_backend(backend, device))
 
     def warm_up(self, max_tokens: int, top_k: int) -> None:
         """Compile the backend's kernels for every batch size up to `max_tokens` before serving (on a GPU; a no-op
         for backends that compile nothing). See `cluster.moe.executor.warm_up_layers`."""
-        warm_up_layers(self.backend, self.layers, max_tokens, top_k, self.num_experts)
+        warm_up_layers(self.backend, self.layers, self.prepared, max_tokens, top_k, self.num_experts)
 
     @property
     def expert_ids(self) -> tuple[int, ...]:
@@ -47,5 +46,5 @@ class ShardWorker:
 
     def run(self, batch: RoutedBatch) -> torch.Tensor:
         """-> [N, D] fp32: the batch's weighted sum over this shard's experts."""
-        return self.backend(batch.x, self.layers[batch.layer], batch.topk_ids, batch.topk_weights, self.num_experts,
-                            out_dtype=torch.float32)
+        return self.backend(batch.x, self.prepared[batch.layer], batch.topk_ids, batch.topk_weights,
+                            self.num_experts, out_dtype=torch.float32)

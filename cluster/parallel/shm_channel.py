@@ -1,14 +1,13 @@
 """The token channel within one machine: frames in shared memory, a one-byte FIFO message to wake the other side.
 
 Same frames as `cluster.parallel.channel` (`frames.py`: header | x | topk_ids | topk_weights fp32, reply [rows, D]
-fp32), but each message costs one wake-up instead of gloo's two (its socket thread, then the waiting thread).
-Measured on 2 cores between Ray actors: a 2-shard round trip of 0.23 ms at batch 32 against 0.78 ms over gloo
-(benchmarks/RESULTS.md). The unit uses it when every shard shares the replica's machine and the tensors live in
-host memory.
+fp32), but each message costs one wake-up instead of gloo's two (its socket thread, then the waiting thread);
+benchmarks/RESULTS.md compares the round trips. The unit uses it when every shard shares the replica's machine and
+the tensors live in host memory.
 
 Waiting for a reply, the replica first spins a little (a non-blocking read, then `sched_yield`, so a shard sharing
-its core runs) and only then sleeps in `select`. Sleeping costs a wake-up per round (~0.1 ms on 2 vCPUs, for the
-whole 2-shard round trip) that spinning avoids while the shards answer quickly; when the recent rounds took longer
+its core runs) and only then sleeps in `select`. Sleeping costs a wake-up per round (a sizeable share of a 2-shard
+round trip) that spinning avoids while the shards answer quickly; when the recent rounds took longer
 than the spin budget (ms-scale expert work) the replica sleeps at once, so it does not take CPU from the shards.
 
 Per shard i, in `spec.path`: `mem{i}` (the request frame, then the reply), `req{i}` and `rep{i}` (FIFOs), removed as
@@ -31,8 +30,7 @@ from typing import NoReturn
 import numpy as np
 import torch
 
-from cluster.engine.outputs import UnavailableError
-from cluster.parallel.dispatch import RoutedBatch
+from cluster.parallel.dispatch import RoutedBatch, UnavailableError
 from cluster.parallel.frames import HEADER_BYTES, OP_RUN, OP_STOP, ChannelSpec, FrameReader, FrameWriter, read_header
 from cluster.parallel.shard_worker import ShardWorker
 
@@ -59,7 +57,7 @@ def create_files(spec: ChannelSpec) -> None:
 
 
 class _Region:
-    """One shard's request and reply bytes, as plain arrays (slicing an `np.memmap` costs ~3 us more each time)."""
+    """One shard's request and reply bytes, as plain arrays (slicing an `np.memmap` costs more each time)."""
 
     def __init__(self, spec: ChannelSpec, shard: int):
         request, reply = _sizes(spec)

@@ -12,9 +12,9 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from cluster.config import ModelConfig
 from cluster.serve.args import ServeArgs
 from cluster.serve.ingress import Ingress
+from cluster.serve.resolved import ResolvedArgs
 from cluster.serve.router import AttentionRouter
 from cluster.serve.unit import UNIT_ENV, replica_gpus, unit_bundles
 
@@ -22,12 +22,20 @@ MAX_ONGOING_REQUESTS = 1024  # the engine batches continuously; Serve must not c
 
 
 def build_app(args: ServeArgs | dict) -> Application:
-    args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
-    model_dir = args.model_dir().resolve()  # writes the embedded default on first use
-    config = ModelConfig.from_file(model_dir)
-    device = _device(args)
-    args = args.model_copy(update={"model": str(model_dir), "device": device})
-    layout = args.layout(config, device)  # the replica builds its unit from the same args: the same layout
+    return serve_app(resolve_on_cluster(args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)))
+
+
+def resolve_on_cluster(args: ServeArgs) -> ResolvedArgs:
+    """`args.resolve()`, where `device: auto` means GPUs when the Ray cluster has any (the driver itself may run on
+    a CPU-only head node)."""
+    if args.device == "auto" and ray.is_initialized():
+        args = args.model_copy(update={"device": "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"})
+    return args.resolve()
+
+
+def serve_app(resolved: ResolvedArgs) -> Application:
+    """The deployments, each handed `resolved` whole."""
+    args, layout = resolved.args, resolved.layout
     router = serve.deployment(AttentionRouter).options(
         name="AttentionRouter",
         num_replicas=args.units,
@@ -38,17 +46,8 @@ def build_app(args: ServeArgs | dict) -> Application:
         max_ongoing_requests=MAX_ONGOING_REQUESTS,
         health_check_period_s=5,
         health_check_timeout_s=30,
-    ).bind(args.model_dump(), device)
+    ).bind(resolved)
     ingress = serve.deployment(Ingress).options(
         name="Ingress", ray_actor_options={"num_cpus": args.ingress_cpus}, max_ongoing_requests=MAX_ONGOING_REQUESTS,
     )
-    return ingress.bind(router, args.model_dump())
-
-
-def _device(args: ServeArgs) -> str:
-    """`auto` means GPUs when the Ray cluster has any (the driver itself may run on a CPU-only head node)."""
-    if args.device != "auto":
-        return args.device
-    if ray.is_initialized():
-        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-    return args.resolved_device()
+    return ingress.bind(router, resolved)

@@ -10,8 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.checkpoint.default import ensure_default_checkpoint
 from cluster.config import ModelConfig
-from cluster.model.dtype import resolve_dtype
+from cluster.dtype import resolve_dtype
+from cluster.engine.engine import EngineConfig
+from cluster.engine.sampling_params import SamplingDefaults
+from cluster.moe.backend import backend_name
 from cluster.parallel.layout import UnitLayout, unit_layout
+from cluster.parallel.placement import assign_experts
+from cluster.serve.resolved import ResolvedArgs
+from cluster.tokenizer import resolve_tokenizer_version
 
 
 class ServeArgs(BaseModel):
@@ -19,18 +25,19 @@ class ServeArgs(BaseModel):
 
     model: str | None = Field(None, description="checkpoint directory; default: the embedded mini checkpoint")
     served_model_name: str | None = Field(None, description="the `model` name clients send; default: directory name")
-    tokenizer: Literal["v1", "v2", "v3"] | None = None
+    tokenizer: Literal["v1", "v2", "v3"] | None = Field(None, description="default: from the checkpoint")
     shards: int = Field(2, ge=1, description="expert shards of one unit (at most the number of experts)")
     units: int = Field(1, ge=1, description="AttentionRouter replicas, each with its own shards")
     gpus: int | None = Field(
         None, ge=1, description="GPUs of one unit on CUDA: `shards` (default; the replica shares GPU 0 with shard 0, "
                                 "whose experts then run in the replica's process) or `shards` + 1 (the replica gets a "
                                 "GPU of its own); as `moe-cluster plan --gpus`")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible (on Ray: "
+                                                                      "when the cluster has GPUs), else cpu")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 where the hardware multiplies bf16 natively (GPUs, CPUs with AVX512/AMX), "
-                            "else fp32")
-    moe_backend: Literal["auto", "cpu", "torch", "triton"] = "auto"
+        "auto", description="auto: bf16 on GPUs and on CPUs with AMX, else fp32 (see cluster/dtype.py)")
+    moe_backend: Literal["auto", "cpu", "torch", "triton"] = Field(
+        "auto", description="the expert kernels; auto: triton on CUDA, the C kernel on x86 CPUs, else torch")
     attention_backend: Literal["auto", "triton", "cpu", "torch"] = Field(
         "auto", description="auto: triton on CUDA, the C decode kernel on x86 CPUs in fp32, else torch")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
@@ -39,36 +46,44 @@ class ServeArgs(BaseModel):
     channel: Literal["auto", "shm", "gloo", "nccl"] = Field(
         "auto", description="the per-layer token channel; auto: shm when a unit shares one machine on CPU, "
                             "else gloo on CPU and NCCL on GPU")
-    kv_cache_bytes: int | None = Field(None, gt=0, description="default: 1 GiB on CPU, 90% of free memory on GPU")
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(1024, ge=16)
+    kv_cache_bytes: int | None = Field(None, gt=0, description="KV-cache memory, e.g. 2GB or 512MiB; default: 1 GiB "
+                                                                "on CPU, 90% of free memory on GPU")
+    max_num_seqs: int = Field(EngineConfig.max_num_seqs, ge=1, description="most sequences batched in one step")
+    max_num_batched_tokens: int = Field(EngineConfig.max_num_batched_tokens, ge=16,
+                                        description="most tokens one step computes (prefill chunks and decodes)")
     replica_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved for the AttentionRouter replica")
     shard_cpus: float = Field(0.25, gt=0, description="Ray CPUs reserved for each expert shard")
-    ingress_cpus: float = Field(0.1, gt=0)
+    ingress_cpus: float = Field(0.1, gt=0, description="Ray CPUs reserved for the Ingress replica")
     shard_threads: int | None = Field(None, ge=1, description="torch threads per CPU shard; default: cores / shards")
     step_timeout_s: float = Field(120.0, gt=0, description="longest wait for a layer's replies from the shards; "
                                                             "a shard that misses it is restarted")
     recovery_timeout_s: float = Field(600.0, gt=0, description="how long a unit may take to bring a shard back")
 
-    def model_dir(self) -> Path:
-        """The checkpoint directory, writing the embedded default there on first use."""
-        return Path(self.model) if self.model else ensure_default_checkpoint()
+    def resolve(self) -> ResolvedArgs:
+        """Decide every `auto` for this machine and read the checkpoint's config.json, once (writing the embedded
+        default checkpoint first when it is the one asked for and absent)."""
+        model_dir = (Path(self.model) if self.model else ensure_default_checkpoint()).resolve()
+        config = ModelConfig.from_file(model_dir)
+        device = self._device()
+        layout = self.layout(config, device)
+        cuda_graphs = self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and device == "cuda")
+        if cuda_graphs and device != "cuda":
+            raise ValueError("cuda_graphs=on needs a CUDA device")
+        engine = EngineConfig(kv_cache_bytes=self.kv_cache_bytes, max_num_seqs=self.max_num_seqs,
+                              max_num_batched_tokens=self.max_num_batched_tokens,
+                              attention_backend=self.attention_backend, cuda_graphs=cuda_graphs)
+        groups = assign_experts(config.num_experts, layout.num_shards) if layout.num_shards else []
+        return ResolvedArgs(args=self, model_dir=model_dir, model_name=self.served_model_name or model_dir.name,
+                            config=config, device=device, dtype=resolve_dtype(self.dtype, device),
+                            tokenizer_version=resolve_tokenizer_version(config, self.tokenizer),
+                            sampling=SamplingDefaults.for_model(config),
+                            moe_backend=backend_name(self.moe_backend, device), shard_groups=tuple(map(tuple, groups)),
+                            layout=layout, engine=engine)
 
-    def model_name(self) -> str:
-        return self.served_model_name or self.model_dir().name
-
-    def resolved_device(self) -> str:
+    def _device(self) -> str:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
-
-    def resolved_cuda_graphs(self, device: str) -> bool:
-        if self.cuda_graphs == "on" and device != "cuda":
-            raise ValueError("cuda_graphs=on needs a CUDA device")
-        return self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and device == "cuda")
-
-    def resolved_dtype(self, device: str) -> str:
-        return resolve_dtype(self.dtype, device)
 
     def num_shards(self, config: ModelConfig) -> int:
         """Shards actually started: none for a dense model."""

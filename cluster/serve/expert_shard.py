@@ -15,6 +15,7 @@ import time
 import ray
 import torch
 
+from cluster.config import ModelConfig
 from cluster.parallel.channel import ChannelSpec, abort_group, open_group, serve_shard
 from cluster.parallel.shm_channel import serve_shard_shm
 from cluster.parallel.shard_worker import ShardWorker
@@ -23,12 +24,12 @@ log = logging.getLogger(__name__)
 
 
 class ExpertShard:
-    def __init__(self, model_dir: str, experts: tuple[int, ...], dtype: str, device: str, backend: str,
-                 threads: int | None):
+    def __init__(self, model_dir: str, config: ModelConfig, experts: tuple[int, ...], dtype: torch.dtype,
+                 device: str, backend: str, threads: int | None):
         self.device = device  # "cuda": Ray sets CUDA_VISIBLE_DEVICES to this shard's GPU
         self.threads = threads
         t0 = time.perf_counter()
-        self.worker = ShardWorker.load(model_dir, tuple(experts), dtype, self.device, backend)
+        self.worker = ShardWorker.load(model_dir, config, tuple(experts), dtype, self.device, backend)
         self.load_s = time.perf_counter() - t0
         self._loop: threading.Thread | None = None
         self._group = None  # the torch.distributed group the loop serves (None: shm, or not connected)

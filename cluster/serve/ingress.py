@@ -8,14 +8,12 @@ from typing import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.api.backend import Health
-from cluster.api.protocol import default_temperature
 from cluster.api.server import build_api
-from cluster.config import ModelConfig
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
-from cluster.serve.args import ServeArgs
-from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version
+from cluster.serve.health import Health
+from cluster.serve.resolved import ResolvedArgs
+from cluster.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +50,11 @@ class RouterBackend:
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, router: DeploymentHandle, args: dict):
+    def __init__(self, router: DeploymentHandle, resolved: ResolvedArgs):
         self.router = router
-        self.args = ServeArgs.model_validate(args)
+        self.resolved = resolved
 
     def __serve_build_asgi_app__(self):
-        config = ModelConfig.from_file(self.args.model_dir())
-        tok = load_tokenizer(resolve_tokenizer_version(config, self.args.tokenizer))
-        return build_api(RouterBackend(self.router), tok, self.args.model_name(), config.max_position_embeddings,
-                         default_temperature=default_temperature(config))
+        r = self.resolved
+        return build_api(RouterBackend(self.router), load_tokenizer(r.tokenizer_version), r.model_name,
+                         r.config.max_position_embeddings, r.sampling)

@@ -16,13 +16,14 @@ def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
     import ray
     from ray import serve
 
-    from cluster.serve.app import build_app
+    from cluster.serve.app import resolve_on_cluster, serve_app
 
     ray.init(log_to_driver=True)  # joins RAY_ADDRESS when set, else starts a local cluster
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        print(f"serving {args.model_name()} on http://{host}:{port}/v1 ({args.shards} expert shards on Ray); "
+        resolved = resolve_on_cluster(args)
+        serve.run(serve_app(resolved), name=APP_NAME, route_prefix="/")
+        print(f"serving {resolved.model_name} on http://{host}:{port}/v1 ({resolved.num_shards} expert shards on Ray); "
               f"Ctrl-C stops", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)

@@ -9,34 +9,32 @@ from __future__ import annotations
 import logging
 from typing import AsyncIterator
 
-from cluster.api.backend import EngineBackend, Health, final_outputs
-from cluster.config import ModelConfig
+from cluster.api.backend import EngineBackend, final_outputs
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
-from cluster.serve.args import ServeArgs
 from cluster.serve.engine_builder import build_engine
+from cluster.serve.health import Health
+from cluster.serve.resolved import ResolvedArgs
 
 log = logging.getLogger(__name__)
 
 
 class AttentionRouter:
-    def __init__(self, args: dict, device: str):
+    def __init__(self, resolved: ResolvedArgs):
         from cluster.serve.unit import ShardedUnit  # needs Ray: imported where Ray runs
 
-        self.args = ServeArgs.model_validate(args)
-        config = ModelConfig.from_file(self.args.model_dir())
         self.unit: ShardedUnit | None = None
 
         def factory():
-            if self.args.num_shards(config):
-                self.unit = ShardedUnit(self.args, device, config)
-            return build_engine(self.args, device, self.unit.executor if self.unit else None)
+            if resolved.num_shards:
+                self.unit = ShardedUnit(resolved)
+            return build_engine(resolved, self.unit.executor if self.unit else None)
 
         self.engine = AsyncEngine(factory)  # shards, channel and engine are all built on the engine thread
         if self.unit is not None:
             self.unit.supervise(self.engine.call)
-        self.backend = EngineBackend(self.engine)
+        self.backend = EngineBackend(self.engine, resolved.moe_backend if resolved.num_shards else None)
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        stream: bool = True) -> AsyncIterator[RequestOutput]:
@@ -54,7 +52,7 @@ class AttentionRouter:
 
     async def health(self) -> Health:
         health = self._unit_health()
-        health.stats.update(self.engine.engine.stats())
+        health.stats.update((await self.backend.health()).stats)
         return health
 
     def shard_info(self) -> list[dict]:

@@ -30,18 +30,18 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.api.backend import Health
-from cluster.config import ModelConfig
 from cluster.parallel.channel import ChannelSpec, ReplicaChannel
 from cluster.parallel.dispatch import ExpertParallelExecutor, ExpertTransport, SplitPhaseTransport
 from cluster.parallel.hybrid import HybridTransport
 from cluster.parallel.in_process import InProcessTransport
 from cluster.parallel.layout import UnitLayout
-from cluster.parallel.placement import assign_experts, expert_owners
+from cluster.parallel.placement import expert_owners
 from cluster.parallel.shard_worker import ShardWorker
 from cluster.parallel.shm_channel import ShmReplicaChannel, create_files, shm_directory
 from cluster.serve.args import ServeArgs
 from cluster.serve.expert_shard import ExpertShard
+from cluster.serve.health import Health
+from cluster.serve.resolved import ResolvedArgs
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,13 @@ def shard_options(args: ServeArgs, layout: UnitLayout, shard: int) -> dict[str, 
 
 
 class ShardedUnit:
-    def __init__(self, args: ServeArgs, device: str, config: ModelConfig, layout: UnitLayout | None = None):
-        """`layout` defaults to `args.layout(config, device)` (tests pass one to run the GPU layout on CPU)."""
-        self.args = args
-        self.device = device
-        self.config = config
-        self.layout = layout or args.layout(config, device)
-        self.groups = assign_experts(config.num_experts, self.layout.num_shards)
+    def __init__(self, resolved: ResolvedArgs):
+        self.resolved = resolved
+        self.args = resolved.args
+        self.device = resolved.device
+        self.config = resolved.config
+        self.layout = resolved.layout
+        self.groups = resolved.shard_groups
         self.state, self.detail = "starting", "loading expert shards"
         self.actors = {s: self._start_shard(s) for s in self.layout.remote_shards}
         self.local = {s: self._load_local(s) for s in self.layout.local_shards}  # while the actors load theirs
@@ -103,13 +103,15 @@ class ShardedUnit:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)
         threads = self.args.shard_threads or _default_shard_threads(self.layout.num_shards, self.device == "cuda")
         actor = ray.remote(ExpertShard).options(**options)
-        return actor.remote(str(self.args.model_dir()), self.groups[shard], self.args.resolved_dtype(self.device),
-                            self.device, self.args.moe_backend, threads)
+        r = self.resolved
+        return actor.remote(str(r.model_dir), r.config, self.groups[shard], r.dtype, self.device,
+                            r.moe_backend, threads)
 
     def _load_local(self, shard: int) -> ShardWorker:
         t0 = time.perf_counter()
-        worker = ShardWorker.load(self.args.model_dir(), self.groups[shard], self.args.resolved_dtype(self.device),
-                                  self.device, self.args.moe_backend)
+        r = self.resolved
+        worker = ShardWorker.load(r.model_dir, r.config, self.groups[shard], r.dtype, self.device,
+                                  r.moe_backend)
         if self.device == "cuda":
             worker.warm_up(self.args.max_num_batched_tokens, self.config.experts_per_token)
         print(f"expert shard {shard}: experts {list(worker.expert_ids)}, {worker.nbytes / 1e6:.1f} MB, loaded in "
@@ -137,7 +139,7 @@ class ShardedUnit:
         backend = self.channel_backend = self._channel_backend()
         spec = ChannelSpec(address=address, port=_free_port(address), num_shards=len(self.actors),
                            hidden=self.config.hidden_size, top_k=self.config.experts_per_token,
-                           dtype=self.args.resolved_dtype(self.device),
+                           dtype=self.resolved.dtype,
                            max_rows=self.args.max_num_batched_tokens, backend=backend,
                            path=shm_directory() if backend == "shm" else "",
                            exact_sizes=backend == "nccl", timeout_s=self.args.step_timeout_s)
