@@ -9,7 +9,11 @@ import torch
 
 from cluster.checkpoint.presets import preset
 from cluster.checkpoint.writer import write_random_checkpoint
+from cluster.engine.engine import EngineConfig, LLMEngine
+from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.kernels.cpu_build import cpu_kernel_library, cpu_supports_kernels, find_compiler, load_cpu_kernels
+from cluster.model.loader import load_model
+from cluster.tokenizer import load_tokenizer
 
 # Triton kernels run under the interpreter on machines without a GPU; this must be set before any kernel is defined
 # (no module imported above defines one).
@@ -49,6 +53,35 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dense_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny_dense"), TINY_DENSE, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    """The tiny checkpoint's model in fp32 (experts on a local executor), shared by a module's engines."""
+    return load_model(tiny_dir, "fp32").model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("v3")
+
+
+@pytest.fixture
+def make_engine(model, tok):
+    """Engines built here are checked after the test: every block back on the free list, nothing referenced."""
+    engines = []
+
+    def make(blocks: int = 256, **kw) -> LLMEngine:
+        block_bytes = kv_bytes_per_block(model.config, 16, torch.float32)
+        engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=blocks * block_bytes, **kw))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        assert not engine.has_work() and not engine.requests
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+        assert all(b.ref_count == 0 for b in engine.blocks.blocks)
 
 
 @pytest.fixture(scope="session")

@@ -282,6 +282,22 @@ def test_logprobs_come_with_each_token(served):
     assert streamed_lps == content
 
 
+def test_cache_salt_keeps_cached_prompts_apart(served):
+    # A start of its own, so no earlier test's prompt shares a cached block with this one.
+    messages = [{"role": "user", "content": "salt-test 7c1e: " + "a story about the mountains " * 12}]
+    body = {"messages": messages, "max_tokens": 2, "temperature": 0}
+    salts = ["tenant-a", "tenant-a", "tenant-b", None]
+
+    async def scenario():
+        return [await _post(served.app, body if salt is None else {**body, "cache_salt": salt}) for salt in salts]
+
+    responses = asyncio.run(scenario())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    cached = [r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] for r in responses]
+    # Only the second tenant-a request reuses blocks: tenant-b and the unsalted request share nothing with it.
+    assert cached[0] == 0 and cached[1] > 0 and cached[2:] == [0, 0], cached
+
+
 # -- errors ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("body, needles, param", [
     ({"messages": HELLO, "temperature": 2.5}, ["temperature"], "temperature"),
@@ -356,6 +372,9 @@ class _UnavailableBackend:
                 yield out
         finally:
             self.closed += 1
+
+    def overloaded(self) -> str | None:
+        return None
 
     async def health(self) -> Health:
         return Health(status="recovering", detail="expert shard 1 is restarting")

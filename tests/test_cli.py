@@ -75,7 +75,7 @@ def test_serve_has_one_option_per_serve_arg_and_leaves_the_defaults_to_it(tmp_pa
     assert main(["serve", "--no-ray", "--max-num-seqs", "0"]) == 2  # ServeArgs' own checks apply
 
 
-# Starts `moe-cluster serve --no-ray` with uvicorn replaced by one chat request through the app, and counts every
+# Starts `moe-cluster serve --no-ray` with uvicorn's server replaced by one chat request through the app, and counts every
 # open() of a config.json (Python's audit hook sees each, whichever module does it).
 _COUNT_CONFIG_READS = """
 import sys
@@ -85,13 +85,13 @@ from starlette.testclient import TestClient
 reads = []
 sys.addaudithook(lambda event, args: event == "open" and str(args[0]).endswith("config.json") and reads.append(args[0]))
 
-def one_request(app, **_):
-    with TestClient(app) as client:
+def one_request(server, sockets=None):
+    with TestClient(server.config.app) as client:
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                       "max_tokens": 2})
         assert r.status_code == 200, r.text
 
-uvicorn.run = one_request
+uvicorn.Server.run = one_request
 from cluster.cli import main
 assert main(["serve", "--no-ray", "--model", sys.argv[1], "--shards", "2", "--kv-cache-bytes", "16MiB"]) == 0
 print(len(reads))

@@ -6,43 +6,12 @@ import pytest
 import torch
 
 from cluster.engine.async_engine import AsyncEngine
-from cluster.engine.engine import EngineConfig, LLMEngine
+from cluster.engine.engine import LLMEngine
 from cluster.engine.outputs import ContextLengthError, RequestError
-from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.engine.sampling_params import SamplingParams
 from cluster.generate import greedy_generate
-from cluster.model.loader import load_model
-from cluster.tokenizer import load_tokenizer
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-    return load_model(tiny_dir, "fp32").model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("v3")
-
-
-@pytest.fixture
-def make_engine(model, tok):
-    """Engines built here are checked after the test: every block back on the free list, nothing referenced."""
-    engines = []
-
-    def make(blocks: int = 256, **kw) -> LLMEngine:
-        block_bytes = kv_bytes_per_block(model.config, 16, torch.float32)
-        engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=blocks * block_bytes, **kw))
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        assert not engine.has_work() and not engine.requests
-        assert engine.blocks.num_free == engine.blocks.num_blocks
-        assert all(b.ref_count == 0 for b in engine.blocks.blocks)
 
 
 def _prompts(count: int, lo: int = 1, hi: int = 90, seed: int = 0) -> list[list[int]]:

@@ -104,6 +104,33 @@ def test_killed_shard_gives_503s_then_the_unit_recovers(served):
         assert router.health.remote().result().stats["recoveries"] == 1
 
 
+def test_a_killed_router_replica_gives_quick_503s_until_serve_brings_it_back(served):
+    """While Serve restarts the AttentionRouter replica, chat requests and /health answer 503 within a second
+    (instead of waiting for the new replica); then the new replica serves. Runs after the shard test: it replaces
+    the whole unit."""
+    url, router = served
+    victim = router.health.remote().result().stats["pid"]
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(1.0)  # the watcher's probes see it within a probe timeout
+    refusals = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        deadline = time.monotonic() + 180
+        while True:
+            t0 = time.monotonic()
+            r = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2})
+            took = time.monotonic() - t0
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 200:
+                break
+            refusals.append((took, r.headers.get("retry-after"), client.get("/health").status_code))
+            assert time.monotonic() < deadline, "the unit did not come back"
+            time.sleep(0.2)
+    assert refusals, "no request was refused while the replica restarted"
+    assert max(took for took, _, _ in refusals) < 1.0, refusals
+    assert all(retry and health == 503 for _, retry, health in refusals), refusals
+    assert router.health.remote().result().stats["pid"] != victim
+
+
 def test_the_serve_config_file_holds_valid_app_args():
     import yaml
     from pathlib import Path

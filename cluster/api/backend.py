@@ -1,16 +1,17 @@
 """What the HTTP API generates with: an in-process engine, or an AttentionRouter behind a Serve handle.
 
-Contract: `generate` never raises for a request's own problems. A refused request (bad input, too long) or an
-unavailable unit yields one `RequestOutput` per choice (`RequestOutput.errors`) with `finish_reason="error"`,
-`error` and `error_status` (400, 503...); the API turns those into OpenAI error JSON with that status.
+Contract: `generate` never raises for a request's own problems. A refused request (400 bad input or too long, 429
+the engine is full) or an unavailable unit (503) yields one `RequestOutput` per choice (`RequestOutput.errors`) with
+`finish_reason="error"`, `error` and `error_status`; the API turns those into OpenAI error JSON with that status.
 """
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import AsyncIterator, Protocol
 
 from cluster.engine.async_engine import AsyncEngine
-from cluster.engine.outputs import RequestOutput
+from cluster.engine.outputs import Refusal, RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.serve.health import Health
 
@@ -21,6 +22,11 @@ class GenerationBackend(Protocol):
         """The request's deltas (every choice) until each choice has its finish_reason; see the module contract.
 
         With `stream=False` a backend may merge each choice's deltas into its final output (fewer hops)."""
+        ...
+
+    def overloaded(self) -> str | None:
+        """Why a request arriving now would be refused with 429 whatever it asks, or None (also when the backend
+        cannot tell cheaply: `generate` refuses it then). The API may ask before it reads and tokenizes a request."""
         ...
 
     async def health(self) -> Health:
@@ -38,15 +44,22 @@ class EngineBackend:
                        stream: bool = True) -> AsyncIterator[RequestOutput]:
         try:
             deltas = await self.engine.add_request(request_id, prompt, params)
-        except ValueError as e:  # RequestError and bad parameters
-            for out in RequestOutput.errors(request_id, params.n, str(e), 400):
+        except (Refusal, ValueError) as e:  # RequestError and bad parameters (400), OverloadedError (429)
+            status = e.status if isinstance(e, Refusal) else 400
+            for out in RequestOutput.errors(request_id, params.n, str(e), status):
                 yield out
             return
-        async for out in deltas:
-            yield out
+        async with aclosing(deltas):  # a consumer that stops early releases the request's admission at once
+            async for out in deltas:
+                yield out
+
+    def overloaded(self) -> str | None:
+        refusal = self.engine.overloaded()
+        return None if refusal is None else str(refusal)
 
     async def health(self) -> Health:
         stats = self.engine.engine.stats()
+        stats["in_flight"] = self.engine.in_flight  # admitted sequences, as admission counts them
         if self.moe_kernel:
             stats["moe_kernel"] = self.moe_kernel
         return Health(stats=stats)

@@ -5,17 +5,26 @@ from __future__ import annotations
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-RETRY_AFTER_S = 5  # what a 503 tells clients to wait: an expert shard restarts in seconds
+RETRY_AFTER_S = 5  # what a 429 or 503 tells clients to wait: an expert shard restarts in seconds
+MAX_MESSAGE_CHARS = 2000  # a message quoting a client's huge input is cut here
+MAX_PROBLEMS = 5  # of a request's validation errors, the first ones named
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 405: "invalid_request_error", 429: "rate_limit_error",
-          503: "service_unavailable_error"}
+          404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+_RETRY_LATER = (429, 503)
+_CLOSE = (408, 413)  # answered before the body was read: the connection cannot be reused
+
+# Pydantic's words for these name our model classes ("instance of ChatMessage"); clients see JSON's.
+_MESSAGES = {"model_type": "Input should be a JSON object", "model_attributes_type": "Input should be a JSON object",
+             "dict_type": "Input should be a JSON object"}
 
 
 class APIError(Exception):
     """An error the API answers with; raised in handlers and turned into a response by `error_response`."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        message, param = _cut(message), param and _cut(param)
         super().__init__(message)
         self.status = status
         self.message = message
@@ -27,7 +36,11 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        headers = {}
+        if self.status in _RETRY_LATER:
+            headers["Retry-After"] = str(RETRY_AFTER_S)
+        if self.status in _CLOSE:
+            headers["Connection"] = "close"
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -36,14 +49,20 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def validation_error(e: ValidationError) -> APIError:
-    """A 400 naming each bad field, e.g. "temperature: Input should be less than or equal to 2"."""
+    """A 400 naming the bad fields, e.g. "temperature: Input should be less than or equal to 2"."""
     problems, params = [], []
-    for err in e.errors(include_url=False):
+    for err in e.errors(include_url=False, include_input=False, include_context=False)[:MAX_PROBLEMS]:
         param = _param(err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
+        message = _MESSAGES.get(err["type"], err["msg"].removeprefix("Value error, "))
         problems.append(f"{param}: {message}" if param else message)
         params.append(param)
+    if e.error_count() > MAX_PROBLEMS:
+        problems.append(f"and {e.error_count() - MAX_PROBLEMS} more")
     return APIError(400, "; ".join(problems) or "invalid request", next(iter(params), "") or None)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "..."
 
 
 def _param(loc: tuple) -> str:

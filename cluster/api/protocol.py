@@ -1,21 +1,27 @@
-"""OpenAI chat-completions request and response models, with OpenAI's ranges; unknown request fields are ignored."""
+"""OpenAI chat-completions request and response models, with OpenAI's ranges; unknown request fields are ignored.
+
+A request that validates is one the chat template can encode: every field has a fixed shape (no free-form JSON
+reaches the tokenizer), roles carry the fields they need, and lists stop at their first bad item (`fail_fast`), so a
+body of a million bad items costs one error, not a million.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
-from cluster.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingDefaults, SamplingParams
+from cluster.engine.sampling_params import MAX_CACHE_SALT_CHARS, MAX_TOP_LOGPROBS, SamplingDefaults, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 128
+MAX_MODEL_NAME_CHARS = 256
 # top_p == 0 (allowed by OpenAI) keeps only the most likely token; the sampler needs a positive mass.
 _MIN_TOP_P = 1e-9
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # 1e400 parses as inf: not a number we take
 
 
 # -- request -------------------------------------------------------------------------------------------------------
@@ -24,12 +30,31 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(fail_fast=True)] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(fail_fast=True)] | None = None
+
+    @model_validator(mode="after")
+    def _check_role_fields(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs tool_call_id")
+        return self
 
     def to_tokenizer(self) -> dict[str, Any]:
         """The OpenAI-style dict `Tokenizer.encode_chat` takes."""
@@ -41,14 +66,14 @@ class StreamOptions(_Request):
 
 
 class ChatCompletionRequest(_Request):
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = Field(default=None, max_length=MAX_MODEL_NAME_CHARS)
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI: max_completion_tokens wins
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(fail_fast=True)] | None = None
     seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # None: a fresh random seed
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -57,6 +82,8 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     user: str | None = None
+    # vLLM's name: a request reuses cached prompt blocks only of requests with the same salt
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
     @field_validator("stop")
     @classmethod
@@ -95,7 +122,7 @@ class ChatCompletionRequest(_Request):
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=self.n,
                               seed=self.seed, stop=self.stop_sequences, frequency_penalty=self.frequency_penalty,
                               presence_penalty=self.presence_penalty, logprobs=self.logprobs,
-                              top_logprobs=self.top_logprobs or 0)
+                              top_logprobs=self.top_logprobs or 0, cache_salt=self.cache_salt)
 
 
 # -- responses -----------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The HTTP API over a `GenerationBackend`: POST /v1/chat/completions (JSON or SSE), GET /v1/models, GET /health.
 
+A request's body is read under `APILimits` (body.py), then parsed, validated and tokenized on worker threads within
+a time budget (workers.py), so no request stalls the event loop; every way its input can be wrong is a 400.
 Refusals come from the backend as error outputs (see `cluster.api.backend`): the first output of a request is read
 before any response starts, so a refused request gets its OpenAI error JSON and status even when it asked to stream.
 Every way a response can end early (client gone, failed send, cancellation) closes the backend's iterator, which
@@ -27,13 +29,17 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from cluster.api.backend import GenerationBackend
+from cluster.api.body import decode_json, read_body
 from cluster.api.errors import RETRY_AFTER_S, APIError, error_response, validation_error
+from cluster.api.limits import APILimits
+from cluster.api.prompt import encode_prompt
 from cluster.api.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                                   ChoiceLogprobs, ChunkChoice, DeltaMessage, ModelCard, ModelList,
                                   PromptTokensDetails, TokenLogprob, TopLogprob, Usage)
+from cluster.api.workers import RequestWorkers
 from cluster.engine.outputs import RequestOutput, TokenLogprobs
 from cluster.engine.sampling_params import SamplingDefaults
-from cluster.tokenizer import Tokenizer, TokenizerError
+from cluster.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +50,10 @@ T = TypeVar("T")
 
 
 def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
-              defaults: SamplingDefaults) -> Starlette:
+              defaults: SamplingDefaults, limits: APILimits = APILimits()) -> Starlette:
     """The ASGI app serving `model_name` (the only model; requests naming another get 404) from `backend`;
-    `defaults` fill the sampling parameters a request leaves out."""
-    api = _ChatAPI(backend, tokenizer, model_name, context_len, defaults)
+    `defaults` fill the sampling parameters a request leaves out, `limits` bound what one request may send."""
+    api = _ChatAPI(backend, tokenizer, model_name, context_len, defaults, limits)
     routes = [Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
               Route("/v1/models", api.models, methods=["GET"]),
               Route("/health", api.health, methods=["GET"])]
@@ -68,12 +74,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 class _ChatAPI:
     def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
-                 defaults: SamplingDefaults):
+                 defaults: SamplingDefaults, limits: APILimits):
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context_len = context_len
         self.defaults = defaults
+        self.limits = limits
+        self.workers = RequestWorkers(limits.tokenize_threads, limits.tokenize_budget_s)
         self.created = int(time.time())
 
     # -- routes ----------------------------------------------------------------------------------------------------
@@ -107,14 +115,11 @@ class _ChatAPI:
 
     # -- chat completions ------------------------------------------------------------------------------------------
     async def _chat(self, request: Request) -> Response:
-        req = await _parse(request)
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist: this server serves {self.model_name!r}",
-                           "model", "model_not_found")
-        try:
-            prompt = self.tokenizer.encode_chat([m.to_tokenizer() for m in req.messages])
-        except TokenizerError as e:
-            raise APIError(400, str(e), "messages") from e
+        refusal = self.backend.overloaded()  # before the body is read and encoded: a refusal costs nothing
+        if refusal is not None:
+            raise APIError(429, refusal)
+        raw = await read_body(request, self.limits)
+        req, prompt = await self.workers.run(self._prepare, raw)
         try:
             params = req.to_sampling_params(self.defaults, self.context_len - len(prompt))
         except ValueError as e:
@@ -137,18 +142,23 @@ class _ChatAPI:
         response = await _unless_disconnected(request, completion.collect(first, outputs))
         return Response(status_code=_GONE) if response is None else response
 
+    def _prepare(self, raw: bytes) -> tuple[ChatCompletionRequest, list[int]]:
+        """The request and its prompt; runs on a worker thread (CPU-bound for large bodies)."""
+        req = _parse(raw)
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist: this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+        return req, encode_prompt(self.tokenizer, req.messages)
 
-async def _parse(request: Request) -> ChatCompletionRequest:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from e
+
+def _parse(raw: bytes) -> ChatCompletionRequest:
+    body = decode_json(raw)
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
-        raise validation_error(e) from e
+        raise validation_error(e) from None
 
 
 async def _first(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -3,6 +3,10 @@
 HTTP handlers call `add_request` / `abort` from the event loop; the engine thread drains those commands between
 steps, so the engine itself is only ever touched by one thread and the event loop never waits for a forward.
 
+Admission is decided here, on the caller's side, from the streams this front holds (one per request, counted by
+its choices): past `max_num_seqs` running plus `max_waiting` waiting sequences a new request is refused at once
+(`OverloadedError`, 429) instead of queueing without bound. Asking the engine thread would wait for a step.
+
 The engine is built on that thread too (from a factory), and any other torch work of the process belongs there
 (`call`): libgomp shortens its workers' spin-wait once more OpenMP pools exist than cores, and every small parallel
 op then pays a futex wake-up (benchmarks/RESULTS.md, "Figures behind design comments").
@@ -15,21 +19,31 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from cluster.engine.engine import LLMEngine
-from cluster.engine.outputs import RequestOutput
+from cluster.engine.outputs import OverloadedError, Refusal, RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.parallel.dispatch import UnavailableError
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop  # the caller's: outputs are put on `queue` from the engine thread through it
+    queue: asyncio.Queue
+    n: int  # sequences (choices) the request occupies in the engine
+
+
 class AsyncEngine:
     def __init__(self, factory: Callable[[], LLMEngine]):
         """Builds the engine with `factory()` on the engine thread; raises what the factory raised."""
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._admission = threading.Lock()  # the check and the act of admitting; callers may run on several loops
+        self._in_flight = 0  # sequences of the requests in `_streams`: running + waiting in the engine
         self._wake = threading.Event()
         self._stopped = False
         built: Future = Future()
@@ -43,30 +57,60 @@ class AsyncEngine:
         self._send(("call", fn, done))
         return done
 
+    @property
+    def in_flight(self) -> int:
+        """Sequences of the requests admitted and not yet done (running + waiting)."""
+        return self._in_flight
+
     async def add_request(self, request_id: str, prompt: list[int],
                           params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Validate now (raising `RequestError`), then stream the request's deltas until every choice finishes.
+        """Validate now (raising `RequestError`) and admit (raising `OverloadedError`), then stream the request's
+        deltas until every choice finishes.
 
         Leaving the iteration early (a client that disconnects) aborts the request.
         """
         self.engine.validate(prompt, params)
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+        self._admit(request_id, stream)
         self._send(("add", request_id, prompt, params))
-        return self._iterate(request_id, stream, params.n)
+        return self._iterate(request_id, stream)
 
-    async def _iterate(self, request_id: str, stream: asyncio.Queue, n: int) -> AsyncIterator[RequestOutput]:
+    def overloaded(self) -> OverloadedError | None:
+        """The refusal a request arriving now would get whatever it asks, or None. A front may ask this before it
+        parses and tokenizes a request, so that a flood is turned away cheaply; `add_request` decides again."""
+        config = self.engine.config
+        if self._in_flight < config.max_num_seqs + config.max_waiting:
+            return None
+        return OverloadedError(f"the server is at capacity: {self._in_flight} sequences are in flight "
+                               f"({config.max_num_seqs} run at once and at most {config.max_waiting} may wait); "
+                               f"retry later")
+
+    def _admit(self, request_id: str, stream: _Stream) -> None:
+        with self._admission:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            refusal = self.overloaded()
+            if refusal is not None:
+                raise refusal
+            self._streams[request_id] = stream
+            self._in_flight += stream.n
+
+    def _release(self, request_id: str) -> None:
+        with self._admission:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self._in_flight -= stream.n
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         done = 0
         try:
-            while done < n:
-                out: RequestOutput = await stream.get()
+            while done < stream.n:
+                out: RequestOutput = await stream.queue.get()
                 done += out.finished
                 yield out
         finally:
-            self._streams.pop(request_id, None)
-            if done < n:
+            self._release(request_id)
+            if done < stream.n:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -121,8 +165,8 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(request_id, prompt, params)
                 except Exception as e:
-                    self._publish(RequestOutput.errors(request_id, params.n, str(e),
-                                                       400 if isinstance(e, ValueError) else 500))
+                    status = e.status if isinstance(e, Refusal) else 400 if isinstance(e, ValueError) else 500
+                    self._publish(RequestOutput.errors(request_id, params.n, str(e), status))
             elif command[0] == "call":
                 _, fn, done = command
                 try:
@@ -134,10 +178,10 @@ class AsyncEngine:
 
     def _publish(self, outs: list[RequestOutput]) -> None:
         for out in outs:
-            target = self._streams.get(out.request_id)
-            if target is not None:
-                loop, stream = target
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
                 try:
-                    loop.call_soon_threadsafe(stream.put_nowait, out)
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
                 except RuntimeError:  # that client's event loop is closed: nobody is waiting any more
-                    self._streams.pop(out.request_id, None)
+                    self._release(out.request_id)
+                    self._send(("abort", out.request_id))

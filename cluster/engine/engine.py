@@ -35,6 +35,13 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
+    # Admission (enforced by `AsyncEngine`, the serving front): sequences that may wait beyond the `max_num_seqs`
+    # running before new requests are refused with 429. Two default batches of queue: the last one admitted starts
+    # within about two request lifetimes; past that a client does better to retry (or go elsewhere) than to wait.
+    max_waiting: int = 128
+    # Most choices (`n`) per request: each choice is a sequence, so 16 lets one request fill at most a quarter of
+    # the default batch (OpenAI itself allows 128, which the API's schema keeps as the absolute bound).
+    max_n: int = 16
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # see `cluster.attention.selector`
     cuda_graphs: bool = False  # capture decode steps per batch bucket (CUDA only; see `cluster.engine.cuda_graphs`)
@@ -86,6 +93,8 @@ class LLMEngine:
     # -- admission ---------------------------------------------------------------------------------------------
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise `RequestError` for a request that must not be scheduled; touches no state."""
+        if params.n > self.config.max_n:
+            raise RequestError(f"n is {params.n}; this server allows at most {self.config.max_n} choices per request")
         if not prompt:
             raise RequestError("the prompt must hold at least one token")
         vocab = self.model.config.vocab_size
@@ -98,10 +107,16 @@ class LLMEngine:
         if total > self.context_len:
             raise ContextLengthError(f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is "
                                      f"{total} tokens, more than the model's context of {self.context_len} tokens")
-        need = self.blocks.blocks_for(total)
+        # The choices run side by side, each with its own completion: a request whose choices cannot all be resident
+        # at once would hold the whole cache and advance only by preempting and recomputing its own choices. The
+        # prompt blocks that choices share through the prefix cache are not counted (the bound stays plain).
+        per_choice = self.blocks.blocks_for(total)
+        need = params.n * per_choice
         if need > self.blocks.num_blocks:
-            raise RequestError(f"the request needs {need} KV-cache blocks ({total} tokens) but the cache holds only "
-                               f"{self.blocks.num_blocks}: lower max_tokens or give the cache more memory")
+            raise RequestError(f"the request needs {need} KV-cache blocks (n={params.n} x {per_choice} blocks of "
+                               f"{self.blocks.block_size} tokens for {len(prompt)} prompt + {params.max_tokens} "
+                               f"max_tokens) but the cache holds only {self.blocks.num_blocks}: lower n or max_tokens, "
+                               f"or give the cache more memory")
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
@@ -209,6 +224,7 @@ class LLMEngine:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "free_blocks": b.num_free, "total_blocks": b.num_blocks, "preemptions": self.scheduler.num_preemptions,
                 "prefix_hit_tokens": b.prefix_hit_tokens, "prefix_query_tokens": b.prefix_query_tokens,
+                "prefix_collisions": b.prefix_collisions,
                 "attention_kernel": self.runner.cache.backend.name}
 
 

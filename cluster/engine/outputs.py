@@ -11,8 +11,22 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # top_logprobs (token id, logprob), best first
 
 
-class RequestError(ValueError):
-    """A request the engine refuses before scheduling it (bad input, too long, can never fit)."""
+class Refusal(Exception):
+    """A request turned away before it is scheduled; `status` is the HTTP status that tells the client why."""
+
+    status: int
+
+
+class RequestError(Refusal, ValueError):
+    """Refused for what it asks (bad input, too long, can never fit): the same request will always be refused."""
+
+    status = 400
+
+
+class OverloadedError(Refusal):
+    """Refused because the engine's waiting room is full: the same request may be admitted later."""
+
+    status = 429
 
 
 class ContextLengthError(RequestError):
@@ -33,7 +47,7 @@ class RequestOutput:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     error: str | None = None
-    error_status: int = 500  # the HTTP status the error maps to: 400 refused input, 503 unavailable, 500 a fault
+    error_status: int = 500  # the HTTP status it maps to: 400 refused input, 429 overloaded, 503 unavailable, 500 fault
 
     @property
     def finished(self) -> bool:

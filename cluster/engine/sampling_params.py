@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from cluster.config import ModelConfig
 
 MAX_TOP_LOGPROBS = 20
+MAX_CACHE_SALT_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    # Requests share prefix-cache blocks only with requests of the same salt (vLLM's name). None: the shared,
+    # unsalted cache. "" is refused rather than read as None, so a caller whose salt came out empty (a tenant id
+    # never set) hears about it instead of silently joining the shared cache.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -39,6 +44,9 @@ class SamplingParams:
              f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
             (all(self.stop), "stop strings must not be empty"),
+            (self.cache_salt is None or isinstance(self.cache_salt, str) and 0 < len(self.cache_salt) <=
+             MAX_CACHE_SALT_CHARS, f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+             "characters (leave it out for no salt)"),  # the value is not echoed: it may be a secret
         ]
         for ok, message in checks:
             if not ok:

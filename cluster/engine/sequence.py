@@ -32,7 +32,7 @@ class Sequence:
     num_computed: int = 0
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at the last admission
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)  # sha256 chain of the full blocks of `tokens` (a memo)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks (a memo, salted)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.api.limits import APILimits
 from cluster.checkpoint.default import ensure_default_checkpoint
 from cluster.config import ModelConfig
 from cluster.dtype import resolve_dtype
@@ -51,6 +52,21 @@ class ServeArgs(BaseModel):
     max_num_seqs: int = Field(EngineConfig.max_num_seqs, ge=1, description="most sequences batched in one step")
     max_num_batched_tokens: int = Field(EngineConfig.max_num_batched_tokens, ge=16,
                                         description="most tokens one step computes (prefill chunks and decodes)")
+    max_waiting: int = Field(EngineConfig.max_waiting, ge=0,
+                             description="sequences that may wait beyond the max_num_seqs running; a request that "
+                                         "arrives past that is refused at once with 429 and Retry-After")
+    max_n: int = Field(EngineConfig.max_n, ge=1, description="most choices (`n`) one request may ask for (more: 400)")
+    enable_prefix_caching: bool = Field(EngineConfig.enable_prefix_caching,
+                                        description="reuse the KV of prompt prefixes that requests with the same "
+                                                    "cache_salt computed; off: cached_tokens is always 0")
+    max_body_bytes: int = Field(APILimits.max_body_bytes, ge=1,
+                                description="largest request body; a larger one gets 413 before it is read")
+    body_timeout_s: float = Field(APILimits.body_timeout_s, gt=0,
+                                  description="a body not fully received by then gets 408, and the connection closes")
+    tokenize_budget_s: float = Field(APILimits.tokenize_budget_s, gt=0,
+                                     description="longest a request's parsing and chat encoding may take (400 past it)")
+    tokenize_threads: int = Field(APILimits.tokenize_threads, ge=1,
+                                  description="threads that parse and encode requests off the event loop")
     replica_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved for the AttentionRouter replica")
     shard_cpus: float = Field(0.25, gt=0, description="Ray CPUs reserved for each expert shard")
     ingress_cpus: float = Field(0.1, gt=0, description="Ray CPUs reserved for the Ingress replica")
@@ -58,6 +74,8 @@ class ServeArgs(BaseModel):
     step_timeout_s: float = Field(120.0, gt=0, description="longest wait for a layer's replies from the shards; "
                                                             "a shard that misses it is restarted")
     recovery_timeout_s: float = Field(600.0, gt=0, description="how long a unit may take to bring a shard back")
+    shutdown_grace_s: float = Field(30.0, gt=0, description="on SIGTERM/SIGINT: how long running requests may take "
+                                                             "to finish before they are ended with an error")
 
     def resolve(self) -> ResolvedArgs:
         """Decide every `auto` for this machine and read the checkpoint's config.json, once (writing the embedded
@@ -70,15 +88,18 @@ class ServeArgs(BaseModel):
         if cuda_graphs and device != "cuda":
             raise ValueError("cuda_graphs=on needs a CUDA device")
         engine = EngineConfig(kv_cache_bytes=self.kv_cache_bytes, max_num_seqs=self.max_num_seqs,
-                              max_num_batched_tokens=self.max_num_batched_tokens,
+                              max_num_batched_tokens=self.max_num_batched_tokens, max_waiting=self.max_waiting,
+                              max_n=self.max_n, enable_prefix_caching=self.enable_prefix_caching,
                               attention_backend=self.attention_backend, cuda_graphs=cuda_graphs)
+        api = APILimits(max_body_bytes=self.max_body_bytes, body_timeout_s=self.body_timeout_s,
+                        tokenize_budget_s=self.tokenize_budget_s, tokenize_threads=self.tokenize_threads)
         groups = assign_experts(config.num_experts, layout.num_shards) if layout.num_shards else []
         return ResolvedArgs(args=self, model_dir=model_dir, model_name=self.served_model_name or model_dir.name,
                             config=config, device=device, dtype=resolve_dtype(self.dtype, device),
                             tokenizer_version=resolve_tokenizer_version(config, self.tokenizer),
                             sampling=SamplingDefaults.for_model(config),
                             moe_backend=backend_name(self.moe_backend, device), shard_groups=tuple(map(tuple, groups)),
-                            layout=layout, engine=engine)
+                            layout=layout, engine=engine, api=api)
 
     def _device(self) -> str:
         if self.device == "auto":

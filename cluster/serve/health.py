@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Health:
-    """`status` is "ok", "recovering" (requests get 503 meanwhile) or "failed"; `detail` says why. `stats` holds
-    the engine's counters and the kernels it runs."""
+    """`status` is "ok", "recovering" (requests get 503 meanwhile), "unreachable" (no AttentionRouter replica
+    answers: Serve is restarting it) or "failed"; `detail` says why. `stats` holds the engine's counters, the kernels
+    it runs and the replica's pid."""
 
     status: str = "ok"
     detail: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import AsyncIterator
 
@@ -11,29 +12,50 @@ from ray.serve.handle import DeploymentHandle
 from cluster.api.server import build_api
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
+from cluster.serve.drain import Drain
 from cluster.serve.health import Health
 from cluster.serve.resolved import ResolvedArgs
 from cluster.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
+_PROBE_PERIOD_S = 0.2
+_PROBE_TIMEOUT_S = 0.6  # a live replica answers a health call in milliseconds
+
 
 class RouterBackend:
-    """A `GenerationBackend` over the AttentionRouter deployment; a lost replica becomes 503 outputs."""
+    """A `GenerationBackend` over the AttentionRouter deployment; a lost replica becomes 503 outputs.
+
+    While Serve restarts a replica it holds new requests until one is back, which a client would see as a hang. So
+    a watcher probes the router's health every `_PROBE_PERIOD_S`; while no replica answers within
+    `_PROBE_TIMEOUT_S`, new requests (and one still waiting for its first output) get 503 at once, and `/health` says
+    so at the same moment.
+    """
 
     def __init__(self, router: DeploymentHandle):
         self.router = router
         self.streaming = router.options(stream=True)
+        self.unreachable: str | None = None  # why no replica answered the last probe; None while one does
+        self._watcher: asyncio.Task | None = None
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        stream: bool = True) -> AsyncIterator[RequestOutput]:
+        self._watch()
+        if self.unreachable is not None:
+            for out in RequestOutput.errors(request_id, params.n, self.unreachable, 503):
+                yield out
+            return
         responses = self.streaming.generate.remote(request_id, prompt, params, stream)
+        outputs = responses.__aiter__()
         finished = 0
         try:
-            async for out in responses:
+            first = await self._first(outputs)
+            finished += first.finished
+            yield first
+            async for out in outputs:
                 finished += out.finished
                 yield out
-        except Exception as e:  # the replica died or was replaced mid-request
+        except Exception as e:  # the replica died, was replaced mid-request, or none is there
             log.warning("request %s lost its AttentionRouter replica: %s", request_id, e)
             if finished < params.n:
                 for out in RequestOutput.errors(request_id, params.n, "the serving unit went away; retry", 503):
@@ -41,11 +63,41 @@ class RouterBackend:
         finally:
             responses.cancel()  # a client that left aborts the request in the engine
 
+    async def _first(self, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+        """The first output, as long as it takes (a long prefill, a queue), unless the probes find no replica."""
+        first = asyncio.ensure_future(outputs.__anext__())
+        while not (await asyncio.wait({first}, timeout=_PROBE_PERIOD_S))[0]:
+            if self.unreachable is not None:
+                first.cancel()
+                raise ConnectionError(self.unreachable)
+        return first.result()
+
+    def overloaded(self) -> str | None:
+        return None  # not known here without a hop: the AttentionRouter refuses with 429 itself
+
     async def health(self) -> Health:
+        self._watch()
+        return await self._probe()
+
+    def _watch(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_forever())
+
+    async def _watch_forever(self) -> None:
+        while True:
+            health = await self._probe()
+            self.unreachable = health.detail if health.status == "unreachable" else None
+            await asyncio.sleep(_PROBE_PERIOD_S)
+
+    async def _probe(self) -> Health:
         try:
-            return await self.router.health.remote()
-        except Exception as e:
-            return Health("failed", f"the AttentionRouter is unreachable: {e}")
+            return await asyncio.wait_for(self._ask_health(), _PROBE_TIMEOUT_S)
+        except Exception as e:  # a timeout: no replica (Serve is restarting it); else the call itself failed
+            reason = "is restarting" if isinstance(e, asyncio.TimeoutError) else f"is unreachable: {e}"
+            return Health("unreachable", f"the AttentionRouter {reason}; retry")
+
+    async def _ask_health(self) -> Health:
+        return await self.router.health.remote()
 
 
 @serve.ingress()
@@ -53,8 +105,19 @@ class Ingress:
     def __init__(self, router: DeploymentHandle, resolved: ResolvedArgs):
         self.router = router
         self.resolved = resolved
+        self.drainer: Drain | None = None  # (not `app`: Serve's ingress wrapper owns that name)
 
-    def __serve_build_asgi_app__(self):
+    def __serve_build_asgi_app__(self) -> Drain:
         r = self.resolved
-        return build_api(RouterBackend(self.router), load_tokenizer(r.tokenizer_version), r.model_name,
-                         r.config.max_position_embeddings, r.sampling)
+        api = build_api(RouterBackend(self.router), load_tokenizer(r.tokenizer_version), r.model_name,
+                        r.config.max_position_embeddings, r.sampling, r.api)
+        self.drainer = Drain(api)
+        return self.drainer
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop admitting, let the requests in flight finish for `grace_s`, cut the rest (see `Drain.close`);
+        -> the requests that were in flight. The driver calls this before it shuts Serve down."""
+        assert self.drainer is not None
+        in_flight = self.drainer.in_flight
+        await self.drainer.close(grace_s)
+        return in_flight

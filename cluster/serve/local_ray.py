@@ -1,14 +1,23 @@
-"""`moe-cluster serve`: start (or join) Ray on this machine and run the Serve app until interrupted."""
+"""`moe-cluster serve`: start (or join) Ray on this machine and run the Serve app until SIGTERM or SIGINT.
+
+A signal drains the Ingress (`Ingress.drain`: 503 for new requests, `shutdown_grace_s` for those in flight, then
+an error event and [DONE] for the rest), shuts Serve down and, when this process started the local Ray, Ray too,
+removing its temporary directory; then the process exits 0. A second signal skips the drain.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import sys
-import time
+import tempfile
+import threading
 
 from cluster.serve.args import ServeArgs
 
 APP_NAME = "moe-cluster"
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
@@ -18,17 +27,70 @@ def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
 
     from cluster.serve.app import resolve_on_cluster, serve_app
 
-    ray.init(log_to_driver=True)  # joins RAY_ADDRESS when set, else starts a local cluster
+    own_cluster = "RAY_ADDRESS" not in os.environ
+    # A cluster this process starts keeps its sockets, logs and spill files here, removed when it stops (short:
+    # Ray's socket paths must fit 107 characters).
+    temp_dir = tempfile.mkdtemp(prefix="moe-ray-", dir="/tmp") if own_cluster else None
+    ray.init(log_to_driver=True, _temp_dir=temp_dir)  # joins RAY_ADDRESS when set, else starts a local cluster
+    stop = _StopSignals()  # after ray.init, which sets a SIGTERM handler of its own (exit at once)
     try:
         serve.start(http_options={"host": host, "port": port})
         resolved = resolve_on_cluster(args)
         serve.run(serve_app(resolved), name=APP_NAME, route_prefix="/")
-        print(f"serving {resolved.model_name} on http://{host}:{port}/v1 ({resolved.num_shards} expert shards on Ray); "
-              f"Ctrl-C stops", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        print(f"serving {resolved.model_name} on http://{host}:{port}/v1 ({resolved.num_shards} expert shards on "
+              f"Ray); SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
+        signum = stop.wait()
+        print(f"{signal.Signals(signum).name}: draining for up to {args.shutdown_grace_s:g}s", file=sys.stderr,
+              flush=True)
+        _drain(serve, args.shutdown_grace_s, stop)
     finally:
         serve.shutdown()
         ray.shutdown()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        stop.restore()
+    print("stopped", file=sys.stderr, flush=True)
+
+
+def _drain(serve, grace_s: float, stop: "_StopSignals") -> None:
+    """Drain the Ingress, unless a second signal comes first (the drain is then abandoned)."""
+    ingress = serve.get_deployment_handle("Ingress", APP_NAME)
+    response = ingress.drain.remote(grace_s)
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (_result(response, grace_s), done.set()), daemon=True)
+    waiter.start()
+    while not done.wait(0.1):
+        if stop.count > 1:
+            print("second signal: stopping without draining", file=sys.stderr, flush=True)
+            return
+
+
+def _result(response, grace_s: float) -> None:
+    try:
+        response.result(timeout_s=grace_s + 30)
+    except Exception as e:  # the Ingress is gone or stuck: shut down regardless
+        print(f"draining the Ingress failed: {e}", file=sys.stderr, flush=True)
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT handlers that count the signals; `wait` blocks the main thread until the first."""
+
+    def __init__(self):
+        self.count = 0
+        self.signum = 0
+        self._event = threading.Event()
+        self._previous = {s: signal.signal(s, self._handle) for s in _STOP_SIGNALS}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.count += 1
+        self.signum = self.signum or signum
+        self._event.set()
+
+    def wait(self) -> int:
+        while not self._event.wait(1.0):  # a timed wait, so the handler runs promptly
+            pass
+        return self.signum
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

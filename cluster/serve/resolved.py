@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cluster.api.limits import APILimits
 from cluster.config import ModelConfig
 from cluster.engine.engine import EngineConfig
 from cluster.engine.sampling_params import SamplingDefaults
@@ -35,6 +36,7 @@ class ResolvedArgs:
     shard_groups: tuple[tuple[int, ...], ...]  # [S] the experts of each shard; () for a dense model
     layout: UnitLayout
     engine: EngineConfig
+    api: APILimits  # what the HTTP API accepts from one request
 
     @property
     def num_shards(self) -> int:

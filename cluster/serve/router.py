@@ -7,6 +7,7 @@ go to the shards over the unit's channel, never through Serve.
 from __future__ import annotations
 
 import logging
+import os
 from typing import AsyncIterator
 
 from cluster.api.backend import EngineBackend, final_outputs
@@ -53,6 +54,7 @@ class AttentionRouter:
     async def health(self) -> Health:
         health = self._unit_health()
         health.stats.update((await self.backend.health()).stats)
+        health.stats["pid"] = os.getpid()
         return health
 
     def shard_info(self) -> list[dict]:

@@ -1,33 +1,66 @@
 """`moe-cluster serve --no-ray`: the same HTTP API and engine in one process, experts behind the in-process
-transport."""
+transport. SIGTERM or SIGINT drains it (`cluster.serve.drain`) for `shutdown_grace_s`, then it exits 0; a second
+signal stops it at once."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
-from starlette.applications import Starlette
 
 from cluster.api.backend import EngineBackend
 from cluster.api.server import build_api
 from cluster.engine.async_engine import AsyncEngine
+from cluster.serve.drain import Drain
 from cluster.serve.engine_builder import build_engine, in_process_executor
 from cluster.serve.resolved import ResolvedArgs
 from cluster.tokenizer import load_tokenizer
 
 
-def build_standalone_app(resolved: ResolvedArgs) -> tuple[Starlette, AsyncEngine]:
+def build_standalone_app(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine]:
     engine = AsyncEngine(lambda: build_engine(resolved, in_process_executor(resolved)))
     backend = EngineBackend(engine, resolved.moe_backend if resolved.num_shards else None)
     app = build_api(backend, load_tokenizer(resolved.tokenizer_version), resolved.model_name,
-                    resolved.config.max_position_embeddings, resolved.sampling)
-    return app, engine
+                    resolved.config.max_position_embeddings, resolved.sampling, resolved.api)
+    return Drain(app), engine
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, whose first SIGTERM/SIGINT drains the app before it stops (uvicorn's own handling would close the
+    socket at once and re-raise the signal on the way out, ending the process with that signal, not 0)."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, grace_s: float):
+        super().__init__(config)
+        self.drain = drain
+        self.grace_s = grace_s
+        self._draining: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining is not None:  # a second signal: stop now
+            self.should_exit = self.force_exit = True
+            return
+        print(f"{signal.Signals(sig).name}: draining for up to {self.grace_s:g}s", file=sys.stderr, flush=True)
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._start_draining, loop)
+
+    def _start_draining(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._draining = loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        await self.drain.close(self.grace_s)
+        self.should_exit = True
 
 
 def run_standalone(resolved: ResolvedArgs, host: str, port: int) -> None:
     app, engine = build_standalone_app(resolved)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    server = _DrainingServer(config, app, resolved.args.shutdown_grace_s)
     print(f"serving {resolved.model_name} on http://{host}:{port}/v1 (single process)", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        server.run()
     finally:
         engine.shutdown()
+    print("stopped", file=sys.stderr, flush=True)
