@@ -125,9 +125,12 @@ def test_a_killed_router_replica_gives_quick_503s_until_serve_brings_it_back(ser
             refusals.append((took, r.headers.get("retry-after"), client.get("/health").status_code))
             assert time.monotonic() < deadline, "the unit did not come back"
             time.sleep(0.2)
-    assert refusals, "no request was refused while the replica restarted"
+    assert len(refusals) >= 2, "no request was refused while the replica restarted"
     assert max(took for took, _, _ in refusals) < 1.0, refusals
-    assert all(retry and health == 503 for _, retry, health in refusals), refusals
+    assert all(retry for _, retry, _ in refusals), refusals
+    # /health, asked just after each refusal, said 503 too; but for the last one, where the replica may have come
+    # back in between (its probe is fresh, the chat path's is up to a probe period old).
+    assert all(health == 503 for _, _, health in refusals[:-1]), refusals
     assert router.health.remote().result().stats["pid"] != victim
 
 
