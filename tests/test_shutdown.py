@@ -66,7 +66,8 @@ class Server:
         self.log: list[str] = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
         deadline = time.monotonic() + 240
-        while not self._healthy():
+        # Ready: the CLI said so (a signal before that line stops start-up at once) and /health answers.
+        while not (any(line.startswith("serving ") for line in self.log) and self._healthy()):
             assert self.proc.poll() is None, "".join(self.log)[-3000:]
             assert time.monotonic() < deadline, "".join(self.log)[-3000:]
             time.sleep(0.5)

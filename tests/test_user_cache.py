@@ -148,3 +148,17 @@ def test_a_kernel_test_fails_loudly_where_the_library_cannot_load(cache):
 def test_the_kernel_tests_skip_only_without_avx2_or_without_a_compiler_outside_ci(supports, compiler, in_ci, skips):
     reason = cpu_kernel_skip_reason(supports, compiler, in_ci)
     assert (reason is not None) == skips, reason
+
+
+def test_a_cache_that_cannot_be_created_falls_back_to_torch(cache, no_loading, caplog, monkeypatch):
+    """An unwritable or missing place (a read-only container, HOME=/nonexistent) costs the C kernels, not the
+    server: the MoE backend `auto` resolves to torch instead of raising."""
+    from cluster.moe.backend import backend_name
+
+    blocker = cache.parent / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MOE_CLUSTER_CACHE", str(blocker / "cache"))
+    with caplog.at_level(logging.ERROR, logger=cpu_build.__name__):
+        assert backend_name("auto", "cpu") == "torch"
+    errors = _errors(caplog)
+    assert no_loading == [] and len(errors) == 1 and str(blocker) in errors[0], errors

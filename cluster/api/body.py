@@ -41,7 +41,7 @@ def _content_length(request: Request) -> int | None:
     value = request.headers.get("content-length")
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not (value.strip().isascii() and value.strip().isdigit()):
         raise APIError(400, "the Content-Length header is not a number of bytes")
     return int(value)
 

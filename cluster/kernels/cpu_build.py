@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.user_cache import UnsafeCacheError, cache_root, private_directory
+from cluster.user_cache import cache_root, private_directory
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def load_cpu_kernels() -> tuple[ctypes.CDLL | None, str]:
         return None, f"the CPU lacks AVX2/FMA (torch reports {torch.backends.cpu.get_cpu_capability()})"
     try:
         directory = private_directory(cache_root() / "kernels")
-    except UnsafeCacheError as e:  # never build into or load from it
+    except OSError as e:  # unsafe (UnsafeCacheError): never build into or load from it; or it cannot be created
         log.error("not building or loading the CPU kernels, falling back to torch: %s", e)
         return None, str(e)
     compiler = find_compiler()

@@ -19,17 +19,18 @@ from cluster.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-_PROBE_PERIOD_S = 0.2
-_PROBE_TIMEOUT_S = 0.6  # a live replica answers a health call in milliseconds
+_PROBE_PERIOD_S = 0.1
+_PROBE_TIMEOUT_S = 0.4  # a live replica answers a health call in milliseconds
+_PROBE_MISSES = 2  # consecutive probes unanswered before requests are refused (within a second of a replica's loss)
 
 
 class RouterBackend:
     """A `GenerationBackend` over the AttentionRouter deployment; a lost replica becomes 503 outputs.
 
     While Serve restarts a replica it holds new requests until one is back, which a client would see as a hang. So
-    a watcher probes the router's health every `_PROBE_PERIOD_S`; while no replica answers within
-    `_PROBE_TIMEOUT_S`, new requests (and one still waiting for its first output) get 503 at once, and `/health` says
-    so at the same moment.
+    a watcher probes the router's health every `_PROBE_PERIOD_S`; once `_PROBE_MISSES` probes in a row get no answer
+    within `_PROBE_TIMEOUT_S`, new requests (and those still waiting for their first output) get 503 at once, and
+    `/health` (which probes afresh) says so too.
     """
 
     def __init__(self, router: DeploymentHandle):
@@ -66,11 +67,14 @@ class RouterBackend:
     async def _first(self, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
         """The first output, as long as it takes (a long prefill, a queue), unless the probes find no replica."""
         first = asyncio.ensure_future(outputs.__anext__())
-        while not (await asyncio.wait({first}, timeout=_PROBE_PERIOD_S))[0]:
-            if self.unreachable is not None:
+        try:
+            while not (await asyncio.wait({first}, timeout=_PROBE_PERIOD_S))[0]:
+                if self.unreachable is not None:
+                    raise ConnectionError(self.unreachable)
+            return first.result()
+        finally:
+            if not first.done():  # refused, or this request was cancelled while it waited
                 first.cancel()
-                raise ConnectionError(self.unreachable)
-        return first.result()
 
     def overloaded(self) -> str | None:
         return None  # not known here without a hop: the AttentionRouter refuses with 429 itself
@@ -84,9 +88,12 @@ class RouterBackend:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_forever())
 
     async def _watch_forever(self) -> None:
+        misses = 0
         while True:
             health = await self._probe()
-            self.unreachable = health.detail if health.status == "unreachable" else None
+            misses = misses + 1 if health.status == "unreachable" else 0
+            # One slow answer (a busy replica) is not a lost one: only consecutive misses refuse requests.
+            self.unreachable = health.detail if misses >= _PROBE_MISSES else None
             await asyncio.sleep(_PROBE_PERIOD_S)
 
     async def _probe(self) -> Health:

@@ -1,8 +1,10 @@
-"""`moe-cluster serve`: start (or join) Ray on this machine and run the Serve app until SIGTERM or SIGINT.
+"""`moe-cluster serve`: start Ray on this machine (or join the cluster at RAY_ADDRESS) and run the Serve app until
+SIGTERM or SIGINT.
 
 A signal drains the Ingress (`Ingress.drain`: 503 for new requests, `shutdown_grace_s` for those in flight, then
 an error event and [DONE] for the rest), shuts Serve down and, when this process started the local Ray, Ray too,
-removing its temporary directory; then the process exits 0. A second signal skips the drain.
+removing its temporary directory; then the process exits 0. A second signal skips the drain, and a signal during
+start-up stops it at once.
 """
 
 from __future__ import annotations
@@ -27,28 +29,32 @@ def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
 
     from cluster.serve.app import resolve_on_cluster, serve_app
 
-    own_cluster = "RAY_ADDRESS" not in os.environ
     # A cluster this process starts keeps its sockets, logs and spill files here, removed when it stops (short:
-    # Ray's socket paths must fit 107 characters).
-    temp_dir = tempfile.mkdtemp(prefix="moe-ray-", dir="/tmp") if own_cluster else None
-    ray.init(log_to_driver=True, _temp_dir=temp_dir)  # joins RAY_ADDRESS when set, else starts a local cluster
-    stop = _StopSignals()  # after ray.init, which sets a SIGTERM handler of its own (exit at once)
+    # Ray's socket paths must fit 107 characters). With RAY_ADDRESS set, the process joins that cluster instead.
+    temp_dir = None if "RAY_ADDRESS" in os.environ else tempfile.mkdtemp(prefix="moe-ray-", dir="/tmp")
     try:
-        serve.start(http_options={"host": host, "port": port})
-        resolved = resolve_on_cluster(args)
-        serve.run(serve_app(resolved), name=APP_NAME, route_prefix="/")
-        print(f"serving {resolved.model_name} on http://{host}:{port}/v1 ({resolved.num_shards} expert shards on "
-              f"Ray); SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
-        signum = stop.wait()
-        print(f"{signal.Signals(signum).name}: draining for up to {args.shutdown_grace_s:g}s", file=sys.stderr,
-              flush=True)
-        _drain(serve, args.shutdown_grace_s, stop)
+        ray.init(log_to_driver=True, _temp_dir=temp_dir)
+        stop = _StopSignals()  # after ray.init, which sets a SIGTERM handler of its own (exit at once)
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            resolved = resolve_on_cluster(args)
+            serve.run(serve_app(resolved), name=APP_NAME, route_prefix="/")
+            stop.serving = True
+            print(f"serving {resolved.model_name} on http://{host}:{port}/v1 ({resolved.num_shards} expert shards "
+                  f"on Ray); SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
+            signum = stop.wait()
+            print(f"{signal.Signals(signum).name}: draining for up to {args.shutdown_grace_s:g}s", file=sys.stderr,
+                  flush=True)
+            _drain(serve, args.shutdown_grace_s, stop)
+        except KeyboardInterrupt:  # a signal during start-up: nothing to drain
+            print("stopping during start-up", file=sys.stderr, flush=True)
+        finally:
+            serve.shutdown()
+            stop.restore()
     finally:
-        serve.shutdown()
         ray.shutdown()
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
-        stop.restore()
     print("stopped", file=sys.stderr, flush=True)
 
 
@@ -73,15 +79,19 @@ def _result(response, grace_s: float) -> None:
 
 
 class _StopSignals:
-    """SIGTERM/SIGINT handlers that count the signals; `wait` blocks the main thread until the first."""
+    """SIGTERM/SIGINT handlers: during start-up a signal interrupts it (KeyboardInterrupt); once `serving`, they
+    count the signals, and `wait` blocks the main thread until the first."""
 
     def __init__(self):
+        self.serving = False
         self.count = 0
         self.signum = 0
         self._event = threading.Event()
         self._previous = {s: signal.signal(s, self._handle) for s in _STOP_SIGNALS}
 
     def _handle(self, signum: int, frame) -> None:
+        if not self.serving:
+            raise KeyboardInterrupt
         self.count += 1
         self.signum = self.signum or signum
         self._event.set()

@@ -36,12 +36,14 @@ class _DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.drain = drain
         self.grace_s = grace_s
+        self._signalled = False
         self._draining: asyncio.Task | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining is not None:  # a second signal: stop now
+        if self._signalled:  # a second signal: stop now
             self.should_exit = self.force_exit = True
             return
+        self._signalled = True
         print(f"{signal.Signals(sig).name}: draining for up to {self.grace_s:g}s", file=sys.stderr, flush=True)
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(self._start_draining, loop)
