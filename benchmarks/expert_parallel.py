@@ -44,7 +44,8 @@ from cluster.serve.app import build_app  # noqa: E402
 from cluster.serve.args import ServeArgs  # noqa: E402
 from cluster.serve.local_ray import APP_NAME  # noqa: E402
 from cluster.serve.standalone import build_standalone_app  # noqa: E402
-from cluster.serve.unit import UNIT_ENV, _free_port  # noqa: E402
+from cluster.parallel.channel import free_port  # noqa: E402
+from cluster.serve.unit import UNIT_ENV  # noqa: E402
 
 
 class EchoWorker:
@@ -116,7 +117,7 @@ CHANNELS = [("shm", "shm", ChannelSpec.spin_s), ("shm, no spin", "shm", 0.0), ("
 
 def open_channel(backend: str, config: ModelConfig, actors: list, dtype: str, spin_s: float) -> ExpertTransport:
     address = ray.util.get_node_ip_address()
-    spec = ChannelSpec(address, _free_port(address), len(actors), config.hidden_size, config.experts_per_token,
+    spec = ChannelSpec(address, free_port(address), len(actors), config.hidden_size, config.experts_per_token,
                        dtype, max_rows=1024, backend=backend, path=shm_directory() if backend == "shm" else "",
                        spin_s=spin_s)
     if backend == "shm":
@@ -234,7 +235,7 @@ def main() -> int:
     if opts.round_trips_only:
         opts.shards = []
     else:
-        port = _free_port("127.0.0.1")
+        port = free_port("127.0.0.1")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         print(f"2. {opts.requests} requests at once, greedy, on {model_dir}", flush=True)
         requests = make_requests(opts.requests, opts.seed)

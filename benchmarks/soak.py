@@ -27,7 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.serve.unit import _free_port  # noqa: E402
+from cluster.parallel.channel import free_port  # noqa: E402
 
 WORDS = "le chat dort sur la table pendant que la pluie tombe doucement dans le jardin".split()
 GROWTH_LIMIT = 0.02
@@ -83,7 +83,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=8)
     opts = parser.parse_args()
-    port = _free_port("127.0.0.1")
+    port = free_port("127.0.0.1")
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--no-ray", "--port", str(port)]
     server = subprocess.Popen(cmd + (["--model", opts.model] if opts.model else []), cwd=ROOT)
     url = f"http://127.0.0.1:{port}"

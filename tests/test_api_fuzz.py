@@ -71,11 +71,6 @@ class _Recorder:
         return Health()
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return load_tokenizer("v3")
-
-
 def _app(tokenizer: Any, backend: Any = None, **limits: Any):
     return build_api(backend or _Recorder(), tokenizer, MODEL, 4096, SamplingDefaults(temperature=0.5),
                      APILimits(**limits))

@@ -4,7 +4,6 @@ transport (a shard in the replica's process beside channel shards) equal to one 
 Every rank is a thread of this process on its own gloo group; shards serve it with `serve_shard`, as the actors do.
 """
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ import torch.distributed as dist
 
 from cluster.parallel.dispatch import UnavailableError
 from cluster.moe.executor import LocalExpertExecutor
-from cluster.parallel.channel import ReplicaChannel, abort_group, open_group, serve_shard, wait_works
+from cluster.parallel.channel import ReplicaChannel, abort_group, free_port, open_group, serve_shard, wait_works
 from cluster.parallel.dispatch import ExpertParallelExecutor, RoutedBatch
 from cluster.parallel.frames import (HEADER_BYTES, ChannelSpec, FrameReader, FrameWriter, pack_body, pack_header,
                                      read_header)
@@ -29,14 +28,9 @@ TIMEOUT_S = 1.0
 SLACK_S = 1.5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spec(shards: int, dtype: str = "fp32", **kw) -> ChannelSpec:
-    return ChannelSpec("127.0.0.1", _free_port(), shards, D, 2, dtype, max_rows=48, connect_timeout_s=30, **kw)
+    return ChannelSpec("127.0.0.1", free_port("127.0.0.1"), shards, D, 2, dtype, max_rows=48, connect_timeout_s=30,
+                       **kw)
 
 
 class _Shards:
@@ -100,7 +94,7 @@ def _batch(rows: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Rout
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_a_frame_round_trip_keeps_fp32_router_weights_exact(dtype):
     spec = _spec(1, dtype)
-    batch = _batch(7, spec.torch_dtype, seed=3)
+    batch = _batch(7, spec.dtype, seed=3)
     assert batch.topk_weights.dtype == torch.float32
     assert spec.body_bytes(7) == 7 * (D * spec.element_size + 2 * 4 + 2 * 4)  # x | int32 ids | fp32 weights
     buf = np.zeros(spec.frame_bytes(spec.max_rows), dtype=np.uint8)
@@ -110,10 +104,10 @@ def test_a_frame_round_trip_keeps_fp32_router_weights_exact(dtype):
     assert torch.equal(packed, torch.from_numpy(buf[:n]))
     got = FrameReader(torch.from_numpy(buf[HEADER_BYTES:]), spec).read(read_header(buf))
     assert got.topk_weights.dtype == torch.float32 and torch.equal(got.topk_weights, batch.topk_weights)
-    assert got.x.dtype == spec.torch_dtype and torch.equal(got.x, batch.x)
+    assert got.x.dtype == spec.dtype and torch.equal(got.x, batch.x)
     assert got.topk_ids.dtype == torch.int32 and torch.equal(got.topk_ids, batch.topk_ids)
     # The old frames rounded the weights to the activations' dtype: that loses bits in every dtype but fp32.
-    rounded = batch.topk_weights.to(spec.torch_dtype).float()
+    rounded = batch.topk_weights.to(spec.dtype).float()
     assert torch.equal(rounded, batch.topk_weights) == (dtype == "fp32")
 
 

@@ -5,7 +5,6 @@ captured graphs (whole and piecewise) give the eager logits, and an engine repla
 eager tokens."""
 
 import contextlib
-import socket
 import threading
 from collections.abc import Iterator
 
@@ -22,7 +21,7 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput
 from cluster.engine.sequence import Sequence
 from cluster.model.loader import load_model
-from cluster.parallel.channel import ReplicaChannel, open_group, serve_shard
+from cluster.parallel.channel import ReplicaChannel, free_port, open_group, serve_shard
 from cluster.parallel.dispatch import ExpertParallelExecutor
 from cluster.parallel.frames import ChannelSpec
 from cluster.parallel.hybrid import HybridTransport
@@ -45,11 +44,8 @@ def _sharded_experts(tiny_dir, transport: str, device: str = "cpu", backend: str
     if transport == "in-process":
         yield ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups))
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    spec = ChannelSpec("127.0.0.1", port, 1, config.hidden_size, config.experts_per_token, "fp32", max_rows=48,
-                       connect_timeout_s=30)
+    spec = ChannelSpec("127.0.0.1", free_port("127.0.0.1"), 1, config.hidden_size, config.experts_per_token, "fp32",
+                       max_rows=48, connect_timeout_s=30)
     ended: list[str] = []
     shard = threading.Thread(target=lambda: ended.append(serve_shard(spec, open_group(spec, 1), workers[1])),
                              daemon=True)

@@ -90,7 +90,7 @@ def test_distributed_engine_generates_the_single_process_tokens(local_ray, tiny_
                          ids=["gloo-one-message", "gloo-header-then-body", "shm"])
 def test_channel_frames_carry_batches_both_ways(local_ray, tiny_dir, backend, exact_sizes):
     """Every framing: gloo's one message into a capacity buffer, the header-first form NCCL needs, shared memory."""
-    from cluster.serve.unit import _free_port
+    from cluster.parallel.channel import free_port
 
     import ray
     from cluster.serve.expert_shard import ExpertShard
@@ -99,7 +99,7 @@ def test_channel_frames_carry_batches_both_ways(local_ray, tiny_dir, backend, ex
     actor = ray.remote(ExpertShard).options(num_cpus=0.5)
     config = ModelConfig.from_file(tiny_dir)
     shards = [actor.remote(str(tiny_dir), config, g, torch.float32, "cpu", "torch", 1) for g in groups]
-    spec = ChannelSpec("127.0.0.1", _free_port("127.0.0.1"), 2, config.hidden_size, 2, "fp32", max_rows=40,
+    spec = ChannelSpec("127.0.0.1", free_port("127.0.0.1"), 2, config.hidden_size, 2, "fp32", max_rows=40,
                        backend=backend, exact_sizes=exact_sizes, path=shm_directory() if backend == "shm" else "")
     if backend == "shm":
         create_files(spec)

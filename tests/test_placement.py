@@ -153,8 +153,6 @@ def test_more_gpus_than_experts_default_to_one_shard_per_expert():
     assert [m.weight_bytes for m in p.memory[9:]] == [0, 0, 0]
 
 
-
-
 def test_cpu_shards_report_host_memory_and_never_refuse():
     p = plan_placement(ModelConfig.from_file(X22B), 0, num_shards=2)  # ~280 GB: too big for any host, still planned
     expert = _expert_bytes(X22B)

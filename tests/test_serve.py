@@ -26,9 +26,9 @@ def served(local_ray, tiny_dir):
     from ray import serve
 
     from cluster.serve.app import build_app
-    from cluster.serve.unit import _free_port
+    from cluster.parallel.channel import free_port
 
-    port = _free_port("127.0.0.1")
+    port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(_args(tiny_dir)), name=APP_NAME, route_prefix="/")
     yield f"http://127.0.0.1:{port}", serve.get_deployment_handle("AttentionRouter", APP_NAME)

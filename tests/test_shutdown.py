@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.serve.unit import _free_port
+from cluster.parallel.channel import free_port
 
 pytestmark = pytest.mark.e2e  # a server process of its own
 
@@ -57,7 +57,7 @@ def _shm() -> set[str]:
 
 class Server:
     def __init__(self, tiny_dir: Path, ray: bool, grace_s: float):
-        self.port = _free_port("127.0.0.1")
+        self.port = free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_dir), "--port", str(self.port),
                "--device", "cpu", "--dtype", "fp32", "--kv-cache-bytes", "32MiB", "--shutdown-grace-s", str(grace_s)]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from cluster.engine.engine import LLMEngine
-from cluster.engine.outputs import OverloadedError, Refusal, RequestOutput
+from cluster.engine.outputs import OverloadedError, RequestOutput, error_status
 from cluster.engine.sampling_params import SamplingParams
 from cluster.parallel.dispatch import UnavailableError
 
@@ -165,8 +165,7 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(request_id, prompt, params)
                 except Exception as e:
-                    status = e.status if isinstance(e, Refusal) else 400 if isinstance(e, ValueError) else 500
-                    self._publish(RequestOutput.errors(request_id, params.n, str(e), status))
+                    self._publish(RequestOutput.errors(request_id, params.n, str(e), error_status(e)))
             elif command[0] == "call":
                 _, fn, done = command
                 try:
@@ -184,4 +183,4 @@ class AsyncEngine:
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
                 except RuntimeError:  # that client's event loop is closed: nobody is waiting any more
                     self._release(out.request_id)
-                    self._send(("abort", out.request_id))
+                    self.abort(out.request_id)

@@ -29,6 +29,11 @@ class OverloadedError(Refusal):
     status = 429
 
 
+def error_status(e: Exception) -> int:
+    """The HTTP status of an exception a request ended with: a refusal's own, 400 for other bad values, else 500."""
+    return e.status if isinstance(e, Refusal) else 400 if isinstance(e, ValueError) else 500
+
+
 class ContextLengthError(RequestError):
     pass
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from datetime import timedelta
 from typing import NoReturn
@@ -256,3 +257,10 @@ def serve_shard(spec: ChannelSpec, group: dist.ProcessGroup, worker: ShardWorker
 
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def free_port(address: str) -> int:
+    """A port free on `address` now, for a channel's meeting point (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]

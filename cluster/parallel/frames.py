@@ -51,12 +51,8 @@ class ChannelSpec:
                              "4-byte words, so that the int32 and fp32 fields after it stay aligned")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return self.dtype
-
-    @property
     def element_size(self) -> int:
-        return self.torch_dtype.itemsize
+        return self.dtype.itemsize
 
     def body_bytes(self, rows: int) -> int:
         """x in the activations' dtype, topk_ids int32, topk_weights fp32."""
@@ -132,6 +128,6 @@ class FrameReader:
         ids_end = x_end + rows * k * 4
         w_end = ids_end + rows * k * WEIGHT_DTYPE.itemsize
         body = self.body
-        return (body[:x_end].view(self.spec.torch_dtype).view(rows, self.spec.hidden),
+        return (body[:x_end].view(self.spec.dtype).view(rows, self.spec.hidden),
                 body[x_end:ids_end].view(torch.int32).view(rows, k),
                 body[ids_end:w_end].view(WEIGHT_DTYPE).view(rows, k))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -91,14 +92,14 @@ class ServeArgs(BaseModel):
                               max_num_batched_tokens=self.max_num_batched_tokens, max_waiting=self.max_waiting,
                               max_n=self.max_n, enable_prefix_caching=self.enable_prefix_caching,
                               attention_backend=self.attention_backend, cuda_graphs=cuda_graphs)
-        api = APILimits(max_body_bytes=self.max_body_bytes, body_timeout_s=self.body_timeout_s,
-                        tokenize_budget_s=self.tokenize_budget_s, tokenize_threads=self.tokenize_threads)
+        api = APILimits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(APILimits)})
         groups = assign_experts(config.num_experts, layout.num_shards) if layout.num_shards else []
         return ResolvedArgs(args=self, model_dir=model_dir, model_name=self.served_model_name or model_dir.name,
                             config=config, device=device, dtype=resolve_dtype(self.dtype, device),
                             tokenizer_version=resolve_tokenizer_version(config, self.tokenizer),
                             sampling=SamplingDefaults.for_model(config),
-                            moe_backend=backend_name(self.moe_backend, device), shard_groups=tuple(map(tuple, groups)),
+                            moe_backend=backend_name(self.moe_backend, device) if groups else self.moe_backend,
+                            shard_groups=tuple(groups),
                             layout=layout, engine=engine, api=api)
 
     def _device(self) -> str:

@@ -41,3 +41,8 @@ class ResolvedArgs:
     @property
     def num_shards(self) -> int:
         return len(self.shard_groups)
+
+    @property
+    def moe_kernel(self) -> str | None:
+        """The expert kernels `/health` names; None for a dense model, which has no experts."""
+        return self.moe_backend if self.num_shards else None

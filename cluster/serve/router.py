@@ -35,7 +35,7 @@ class AttentionRouter:
         self.engine = AsyncEngine(factory)  # shards, channel and engine are all built on the engine thread
         if self.unit is not None:
             self.unit.supervise(self.engine.call)
-        self.backend = EngineBackend(self.engine, resolved.moe_backend if resolved.num_shards else None)
+        self.backend = EngineBackend(self.engine, resolved.moe_kernel)
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        stream: bool = True) -> AsyncIterator[RequestOutput]:

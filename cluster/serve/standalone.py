@@ -22,7 +22,7 @@ from cluster.tokenizer import load_tokenizer
 
 def build_standalone_app(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine]:
     engine = AsyncEngine(lambda: build_engine(resolved, in_process_executor(resolved)))
-    backend = EngineBackend(engine, resolved.moe_backend if resolved.num_shards else None)
+    backend = EngineBackend(engine, resolved.moe_kernel)
     app = build_api(backend, load_tokenizer(resolved.tokenizer_version), resolved.model_name,
                     resolved.config.max_position_embeddings, resolved.sampling, resolved.api)
     return Drain(app), engine

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.parallel.channel import ChannelSpec, ReplicaChannel
+from cluster.parallel.channel import ChannelSpec, ReplicaChannel, free_port
 from cluster.parallel.dispatch import ExpertParallelExecutor, ExpertTransport, SplitPhaseTransport
 from cluster.parallel.hybrid import HybridTransport
 from cluster.parallel.in_process import InProcessTransport
@@ -137,7 +136,7 @@ class ShardedUnit:
     def _open_channel(self) -> SplitPhaseTransport:
         address = ray.util.get_node_ip_address()
         backend = self.channel_backend = self._channel_backend()
-        spec = ChannelSpec(address=address, port=_free_port(address), num_shards=len(self.actors),
+        spec = ChannelSpec(address=address, port=free_port(address), num_shards=len(self.actors),
                            hidden=self.config.hidden_size, top_k=self.config.experts_per_token,
                            dtype=self.resolved.dtype,
                            max_rows=self.args.max_num_batched_tokens, backend=backend,
@@ -277,9 +276,3 @@ def _default_shard_threads(num_shards: int, cuda: bool) -> int:
 
 def _ids(shards: tuple[int, ...]) -> str:
     return ", ".join(map(str, shards))
-
-
-def _free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
