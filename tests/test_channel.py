@@ -4,6 +4,7 @@ transport (a shard in the replica's process beside channel shards) equal to one 
 Every rank is a thread of this process on its own gloo group; shards serve it with `serve_shard`, as the actors do.
 """
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -296,3 +297,15 @@ def test_the_executor_hands_shards_fp32_router_weights():
     x, ids, w = _routing(3, torch.bfloat16, seed=1)
     executor(0, x, ids, w)
     assert all(b.topk_weights.dtype == torch.float32 and torch.equal(b.topk_weights, w.float()) for b in remote.posted)
+
+
+def test_free_port_is_outside_the_ephemeral_range_and_bindable():
+    """Ports the OS hands out by itself can be taken between the choice and the bind (a Ray cluster starting meanwhile
+    opens many): free ports come from below that range."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = {free_port("127.0.0.1") for _ in range(20)}
+    assert all(20000 <= p < low for p in ports), ports
+    assert len(ports) > 1
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
@@ -259,8 +261,33 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+# Ray's workers take ports up to 19999 by default; ports from here up to the OS's ephemeral range are handed out by
+# no one but an explicit bind.
+_FIRST_QUIET_PORT = 20000
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(address: str) -> int:
-    """A port free on `address` now, for a channel's meeting point (the OS picks it)."""
+    """A port free on `address` now, for a meeting point or a server to bind a moment later.
+
+    Chosen below the ephemeral range when there is room: a port the OS picked (bind to 0) can be handed out again to
+    any outgoing connection, and a Ray cluster starting meanwhile opens many, so it may be gone by the time it is bound.
+    """
+    quiet = range(_FIRST_QUIET_PORT, _ephemeral_start())
+    for _ in range(64 if len(quiet) > 0 else 0):
+        port = quiet[secrets.randbelow(len(quiet))]
+        with socket.socket() as s:
+            try:
+                s.bind((address, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((address, 0))
         return s.getsockname()[1]
