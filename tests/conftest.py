@@ -10,6 +10,7 @@ import torch
 from cluster.checkpoint.presets import preset
 from cluster.checkpoint.writer import write_random_checkpoint
 from cluster.engine.engine import EngineConfig, LLMEngine
+from cluster.engine.guided import GrammarGuide
 from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.kernels.cpu_build import cpu_kernel_library, cpu_supports_kernels, find_compiler, load_cpu_kernels
 from cluster.model.loader import load_model
@@ -71,9 +72,11 @@ def make_engine(model, tok):
     """Engines built here are checked after the test: every block back on the free list, nothing referenced."""
     engines = []
 
-    def make(blocks: int = 256, **kw) -> LLMEngine:
+    def make(blocks: int = 256, guided: bool = False, **kw) -> LLMEngine:
         block_bytes = kv_bytes_per_block(model.config, 16, torch.float32)
-        engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=blocks * block_bytes, **kw))
+        guide = GrammarGuide.for_tokenizer(tok.version) if guided else None
+        engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=blocks * block_bytes, **kw),
+                           guide)
         engines.append(engine)
         return engine
 
@@ -82,6 +85,7 @@ def make_engine(model, tok):
         assert not engine.has_work() and not engine.requests
         assert engine.blocks.num_free == engine.blocks.num_blocks
         assert all(b.ref_count == 0 for b in engine.blocks.blocks)
+        assert engine.guide is None or engine.guide.active == 0  # every guided sequence's matcher released
 
 
 @pytest.fixture(scope="session")

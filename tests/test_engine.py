@@ -113,6 +113,22 @@ def test_stop_string_across_token_boundaries(make_engine, tok):
     assert stop not in r["text"]
 
 
+@pytest.mark.parametrize("cut", ["at a token boundary", "inside a token"])
+def test_the_tokens_and_logprobs_handed_out_spell_the_content_up_to_a_stop_string(make_engine, tok, cut):
+    """A stop string's tokens are not handed out (nor their logprobs); a token holding content before it is."""
+    prompt = _prompts(1, 10, 11, seed=6)[0]
+    full = _run(make_engine(), {"a": (prompt, GREEDY)})[("a", 0)]
+    tokens = full["tokens"]
+    before, through = tok.decode(tokens[:5]), tok.decode(tokens[:8])
+    stop = through[len(before):] if cut == "at a token boundary" else through[len(before) - 1:]
+    assert full["text"].index(stop) == len(before) - (cut != "at a token boundary")
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=(stop,), logprobs=True)
+    r = _run(make_engine(), {"a": (prompt, params)})[("a", 0)]
+    assert r["finish"] == "stop" and r["text"] == full["text"][:full["text"].index(stop)]
+    assert r["tokens"] == tokens[:5] and len(r["logprobs"]) == 5
+    assert tok.decode(r["tokens"]).startswith(r["text"])
+
+
 def test_max_tokens_text_equals_the_decode(make_engine, tok):
     r = _run(make_engine(), {"a": (_prompts(1, seed=7)[0], GREEDY)})[("a", 0)]
     assert r["text"] == tok.decode(r["tokens"])
@@ -124,7 +140,9 @@ def test_eos_and_stop_token_ids_finish_with_stop(make_engine, model):
     stop_at = expected[9]
     params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(stop_at,))
     r = _run(make_engine(), {"a": (prompt, params)})[("a", 0)]
-    assert r["finish"] == "stop" and r["tokens"] == expected[:expected.index(stop_at) + 1]
+    # The stop token ends the choice and counts as generated, but it is not content: no output carries it.
+    end = expected.index(stop_at)
+    assert r["finish"] == "stop" and r["tokens"] == expected[:end] and r["usage"][1] == end + 1
 
 
 def test_aborts_mid_prefill_and_mid_decode_free_everything(make_engine):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cluster.engine.sampler as sampler_module
-from cluster.engine.sampler import Sampler, SamplingRow, make_generator
+from cluster.engine.sampler import Sampler, SamplingRow, make_generator, unpack_bitmask
 from cluster.engine.sampling_params import SamplingParams
 
 # A distribution with easy numbers: logits are the log-probabilities, deliberately not in sorted order.
@@ -43,7 +43,7 @@ def _normalise(weights: dict[int, float], V: int) -> list[float]:
 
 def _frequencies(logits: list[float], row: SamplingRow, n: int = DRAWS) -> dict[int, float]:
     """Empirical token frequencies of n draws: n rows sharing one generator, in one batch."""
-    rows = [SamplingRow(row.params, row.output_token_ids, row.generator, row.allowed_tokens) for _ in range(n)]
+    rows = [SamplingRow(row.params, row.output_token_ids, row.generator, row.allowed) for _ in range(n)]
     out = Sampler()(torch.tensor([logits] * n), rows)
     return {t: c / n for t, c in Counter(out.token_ids).items()}
 
@@ -129,21 +129,40 @@ def test_greedy_is_the_argmax_after_penalties():
     assert sampler(torch.tensor([PEN_LOGITS]), [repeat]).token_ids == [5]
 
 
-def _allow(*tokens: int, V: int = 6):
-    mask = torch.zeros(V, dtype=torch.bool)
-    mask[list(tokens)] = True
-    return lambda: mask
+def _allow(*tokens: int, V: int = 6) -> torch.Tensor:
+    """The packed mask allowing `tokens` (bit t % 32 of word t // 32)."""
+    words = [0] * ((V + 31) // 32)
+    for t in tokens:
+        words[t // 32] |= 1 << (t % 32)
+    return torch.tensor(words, dtype=torch.int64).to(torch.int32)  # bit 31 wraps to the sign, as packed masks do
 
 
 def test_allowed_tokens_are_respected_even_at_high_temperature():
     row = _row(temperature=5.0, seed=10)
-    row.allowed_tokens = _allow(2, 5)
+    row.allowed = _allow(2, 5)
     logits = [9.0, 8.0, 0.0, 7.0, 6.0, 0.0]  # the disallowed tokens dominate
     _check(logits, row, _normalise({2: 1.0, 5: 1.0}, 6))
     greedy = SamplingRow(SamplingParams(temperature=0), [], None, _allow(2, 4))
     assert Sampler()(torch.tensor([logits]), [greedy]).token_ids == [4]
-    unrestricted = SamplingRow(SamplingParams(temperature=0), [], None, lambda: None)
+    unrestricted = SamplingRow(SamplingParams(temperature=0), [], None, None)
     assert Sampler()(torch.tensor([logits]), [unrestricted]).token_ids == [0]
+
+
+def test_packed_masks_unpack_to_their_tokens_across_words_and_the_sign_bit():
+    V = 70  # three words, the last one partly used
+    for allowed in [(0,), (31,), (32, 63), (0, 31, 32, 63, 64, 69), tuple(range(V))]:
+        got = unpack_bitmask(_allow(*allowed, V=V)[None], V)[0]
+        assert got.nonzero().flatten().tolist() == list(allowed)
+
+
+def test_logit_bias_adds_to_the_logits_before_everything_else():
+    row = _row(temperature=1.0, seed=4, logit_bias=((0, -1.5), (2, 3.0)))
+    biased = [x + {2: 3.0, 0: -1.5}.get(t, 0.0) for t, x in enumerate(LOGITS)]
+    expected = [math.exp(x) for x in biased]
+    _check(LOGITS, row, [e / sum(expected) for e in expected])
+    greedy = SamplingRow(SamplingParams(temperature=0, logit_bias=((5, 100.0),)), [], None)
+    assert Sampler()(torch.tensor([LOGITS]), [greedy]).token_ids == [5]
+    assert Sampler()(torch.tensor([LOGITS]), [_row(temperature=0)]).token_ids == [1]
 
 
 def test_a_mask_allowing_nothing_is_an_error():

@@ -11,7 +11,7 @@ from contextlib import aclosing
 from typing import AsyncIterator, Protocol
 
 from cluster.engine.async_engine import AsyncEngine
-from cluster.engine.outputs import Refusal, RequestOutput, error_status
+from cluster.engine.outputs import Refusal, RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.serve.health import Health
 
@@ -45,7 +45,7 @@ class EngineBackend:
         try:
             deltas = await self.engine.add_request(request_id, prompt, params)
         except (Refusal, ValueError) as e:  # RequestError and bad parameters (400), OverloadedError (429)
-            for out in RequestOutput.errors(request_id, params.n, str(e), error_status(e)):
+            for out in RequestOutput.refused(request_id, params.n, e):
                 yield out
             return
         async with aclosing(deltas):  # a consumer that stops early releases the request's admission at once

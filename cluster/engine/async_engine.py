@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from cluster.engine.engine import LLMEngine
-from cluster.engine.outputs import OverloadedError, RequestOutput, error_status
+from cluster.engine.outputs import OverloadedError, RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.parallel.dispatch import UnavailableError
 
@@ -70,6 +70,8 @@ class AsyncEngine:
         Leaving the iteration early (a client that disconnects) aborts the request.
         """
         self.engine.validate(prompt, params)
+        if params.grammar is not None:  # compiled off the engine thread; the engine finds it in the guide's cache
+            await asyncio.to_thread(self.engine.guide.compile, params.grammar)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         self._admit(request_id, stream)
         self._send(("add", request_id, prompt, params))
@@ -165,7 +167,7 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(request_id, prompt, params)
                 except Exception as e:
-                    self._publish(RequestOutput.errors(request_id, params.n, str(e), error_status(e)))
+                    self._publish(RequestOutput.refused(request_id, params.n, e))
             elif command[0] == "call":
                 _, fn, done = command
                 try:

@@ -11,6 +11,7 @@ import torch
 
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.cuda_graphs import choose_graphs, decode_buckets
+from cluster.engine.guided import GrammarGuide
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.outputs import ContextLengthError, RequestError, RequestOutput, TokenLogprobs
 from cluster.engine.paged_cache import PagedKVCache, kv_bytes_per_block
@@ -24,8 +25,6 @@ from cluster.model.decoder import CausalLM
 from cluster.tokenizer.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
-
-TokenMaskFactory = Callable[[Sequence], Callable[[], torch.Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -48,21 +47,53 @@ class EngineConfig:
 
 
 class _SeqOutput:
-    """Per-choice text state: the incremental detokenizer and the stop-string filter."""
+    """Per-choice text state: the incremental detokenizer, the stop-string filter, and the tokens waiting for their
+    text to be emitted.
+
+    A choice's outputs carry the tokens of its content: each token is handed out once the content reaches its text
+    (a token whose text the stop filter holds back waits), and tokens whose text lies wholly in a stop string are
+    never handed out. So the tokens (and their logprobs) spell the content, but for a token that holds both the end
+    of the content and the start of a stop string.
+    """
 
     def __init__(self, seq: Sequence, decode: Callable[[list[int]], str]):
         self.detok = IncrementalDetokenizer(decode)
         self.stop = StopStringFilter(seq.params.stop)
+        self.produced = 0  # characters the detokenizer has produced
+        self.emitted = 0  # characters of content emitted (the rest is held back or a stop string)
+        self.waiting: list[tuple[int, TokenLogprobs | None, int]] = []  # (token, logprobs, its first character)
+
+    def push(self, token: int, logprobs: TokenLogprobs | None) -> tuple[str, list[tuple[int, TokenLogprobs | None]]]:
+        """A generated token -> (the content it completes, the tokens to hand out with it)."""
+        self.waiting.append((token, logprobs, self.produced))
+        piece = self.detok.add([token])
+        self.produced += len(piece)
+        return self._emit(self.stop.push(piece))
+
+    def flush(self) -> tuple[str, list[tuple[int, TokenLogprobs | None]]]:
+        """At a finish other than a stop string: the content and tokens still held back."""
+        text = "" if self.stop.stopped else self.stop.push(self.detok.flush()) + self.stop.flush()
+        text, handed = self._emit(text)
+        rest, self.waiting = self.waiting, []
+        return text, handed + ([] if self.stop.stopped else [(t, lp) for t, lp, _ in rest])
+
+    def _emit(self, text: str) -> tuple[str, list[tuple[int, TokenLogprobs | None]]]:
+        self.emitted += len(text)
+        frontier_free = not self.stop.held and not self.stop.stopped  # nothing held: tokens without text go too
+        ready = [w for w in self.waiting if w[2] < self.emitted or (frontier_free and w[2] == self.emitted)]
+        self.waiting = [] if self.stop.stopped else self.waiting[len(ready):]
+        return text, [(t, lp) for t, lp, _ in ready]
 
 
 class LLMEngine:
     def __init__(self, model: CausalLM, decode: Callable[[list[int]], str], eos_id: int,
-                 config: EngineConfig = EngineConfig(), token_mask: TokenMaskFactory | None = None):
+                 config: EngineConfig = EngineConfig(), guide: GrammarGuide | None = None):
+        """`guide` enforces requests' grammars (structured output); without it such requests are refused."""
         self.model = model
         self.config = config
         self.decode = decode
         self.eos_id = eos_id
-        self.token_mask = token_mask
+        self.guide = guide
         mc = model.config
         self.context_len = mc.max_position_embeddings
         self.device = device = model.lm_head.weight.device
@@ -100,6 +131,10 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if params.logit_bias and not all(0 <= t < vocab for t, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.grammar is not None and self.guide is None:
+            raise RequestError("this server does not enforce output formats (it runs without a grammar engine)")
         if len(prompt) >= self.context_len:
             raise ContextLengthError(f"the prompt has {len(prompt)} tokens; the model's context is "
                                      f"{self.context_len} tokens, including the completion")
@@ -123,12 +158,16 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt, params)
         seqs = []
+        if params.grammar is not None:
+            self.guide.compile(params.grammar)  # a GrammarError refuses the request before anything is kept
         for i in range(params.n):
             # Only a seeded choice needs a generator of its own; the others share the sampler's batched draw.
             seeded = params.seed is not None and not params.greedy
             seq = Sequence(next(self._ids), request_id, i, list(prompt), params,
                            generator=make_generator(params.seed + i, self.device) if seeded else None)
             self.outputs[seq.seq_id] = _SeqOutput(seq, self.decode)
+            if params.grammar is not None:
+                self.guide.start(seq)
             seqs.append(seq)
         self.requests[request_id] = seqs
         self.scheduler.add(seqs[0])
@@ -141,7 +180,7 @@ class LLMEngine:
         for seq in self.requests.get(request_id, []):
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
-                outs.append(self._final(seq, "", [], []))
+                outs.append(self._final(seq, "", []))
         self.siblings.pop(request_id, None)
         self._forget_if_done(request_id)
         return outs
@@ -155,7 +194,7 @@ class LLMEngine:
         if not batch:
             return []
         logits, sampling = self.runner.run(batch)
-        rows = [self._row(s.seq) for s in sampling]
+        rows = self._rows([s.seq for s in sampling])  # grammar masks: on a GPU, while the forward pass runs
         sampled = self.sampler(logits, rows) if sampling else None
         for s in batch.scheduled:
             s.seq.num_computed += s.num_new
@@ -165,9 +204,13 @@ class LLMEngine:
             outs.extend(self._append(s, sampled.token_ids[i], sampled.logprobs[i]))
         return outs
 
-    def _row(self, seq: Sequence) -> SamplingRow:
-        mask = self.token_mask(seq) if self.token_mask else None
-        return SamplingRow(seq.params, seq.output, seq.generator, mask)
+    def _rows(self, seqs: list[Sequence]) -> list[SamplingRow]:
+        rows = [SamplingRow(seq.params, seq.output, seq.generator) for seq in seqs]
+        masks = self.guide.masks(seqs, self.context_len) if self.guide is not None else None
+        if masks is not None:
+            for j, i in enumerate(masks[0]):
+                rows[i].allowed = masks[1][j]
+        return rows
 
     def _append(self, s: ScheduledSeq, token: int, logprobs: TokenLogprobs | None) -> list[RequestOutput]:
         seq, p = s.seq, s.seq.params
@@ -175,30 +218,30 @@ class LLMEngine:
         seq.output.append(token)
         out = self.outputs[seq.seq_id]
         stop_token = (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids
-        text = "" if stop_token else out.stop.push(out.detok.add([token]))
-        lps = [logprobs] if logprobs else []
+        complete = self.guide is not None and self.guide.advance(seq, token)  # the grammar's output is whole
+        text, handed = ("", []) if stop_token else out.push(token, logprobs)
         if first and seq.index == 0:
             for sib in reversed(self.siblings.pop(seq.request_id, [])):  # the prompt's KV blocks are now cached
                 self.scheduler.add(sib, front=True)
-        if stop_token or out.stop.stopped:
+        if stop_token or out.stop.stopped or complete:
             reason = "stop"
         elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.context_len:
             reason = "length"
         else:
-            return [self._delta(seq, text, [token], lps)]
-        if not out.stop.stopped:
-            text += out.stop.push(out.detok.flush()) + out.stop.flush()
+            return [self._delta(seq, text, handed)]
+        rest, held = out.flush()
         self.scheduler.finish(seq, reason)
-        final = self._final(seq, text, [token], lps)
+        final = self._final(seq, text + rest, handed + held)
         self._forget_if_done(seq.request_id)
         return [final]
 
-    def _delta(self, seq: Sequence, text: str, tokens: list[int], lps: list[TokenLogprobs]) -> RequestOutput:
-        return RequestOutput(seq.request_id, seq.index, text, tokens, lps, None, len(seq.prompt), len(seq.output),
+    def _delta(self, seq: Sequence, text: str, tokens: list[tuple[int, TokenLogprobs | None]]) -> RequestOutput:
+        return RequestOutput(seq.request_id, seq.index, text, [t for t, _ in tokens],
+                             [lp for _, lp in tokens if lp is not None], None, len(seq.prompt), len(seq.output),
                              seq.num_cached_prompt)
 
-    def _final(self, seq: Sequence, text: str, tokens: list[int], lps: list[TokenLogprobs]) -> RequestOutput:
-        out = self._delta(seq, text, tokens, lps)
+    def _final(self, seq: Sequence, text: str, tokens: list[tuple[int, TokenLogprobs | None]]) -> RequestOutput:
+        out = self._delta(seq, text, tokens)
         out.finish_reason = seq.finish_reason
         return out
 
@@ -207,6 +250,8 @@ class LLMEngine:
         if all(s.is_finished for s in seqs) and request_id not in self.siblings:
             for s in seqs:
                 self.outputs.pop(s.seq_id, None)
+                if self.guide is not None:
+                    self.guide.release(s)
             self.requests.pop(request_id, None)
 
     # -- conveniences ------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ class Refusal(Exception):
     """A request turned away before it is scheduled; `status` is the HTTP status that tells the client why."""
 
     status: int
+    code: str | None = None  # OpenAI's error code, where it has one
 
 
 class RequestError(Refusal, ValueError):
@@ -35,7 +36,11 @@ def error_status(e: Exception) -> int:
 
 
 class ContextLengthError(RequestError):
-    pass
+    code = "context_length_exceeded"
+
+
+def error_code(e: Exception) -> str | None:
+    return e.code if isinstance(e, Refusal) else None
 
 
 @dataclass
@@ -53,19 +58,27 @@ class RequestOutput:
     cached_prompt_tokens: int = 0
     error: str | None = None
     error_status: int = 500  # the HTTP status it maps to: 400 refused input, 429 overloaded, 503 unavailable, 500 fault
+    error_code: str | None = None  # OpenAI's code for the error, e.g. "context_length_exceeded"
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     @classmethod
-    def errors(cls, request_id: str, n: int, message: str, status: int) -> list["RequestOutput"]:
+    def errors(cls, request_id: str, n: int, message: str, status: int,
+               code: str | None = None) -> list["RequestOutput"]:
         """What a refused request yields: one finished error per choice."""
-        return [cls(request_id, i, "", [], finish_reason="error", error=message, error_status=status)
-                for i in range(n)]
+        return [cls(request_id, i, "", [], finish_reason="error", error=message, error_status=status,
+                    error_code=code) for i in range(n)]
+
+    @classmethod
+    def refused(cls, request_id: str, n: int, e: Exception) -> list["RequestOutput"]:
+        """The errors of a request refused with exception `e` (its status and code)."""
+        return cls.errors(request_id, n, str(e), error_status(e), error_code(e))
 
     def merged(self, later: "RequestOutput") -> "RequestOutput":
         """This delta followed by a `later` one of the same choice, as one delta."""
         return RequestOutput(self.request_id, self.index, self.text + later.text, self.token_ids + later.token_ids,
                              self.logprobs + later.logprobs, later.finish_reason, later.prompt_tokens,
-                             later.completion_tokens, later.cached_prompt_tokens, later.error, later.error_status)
+                             later.completion_tokens, later.cached_prompt_tokens, later.error, later.error_status,
+                             later.error_code)

@@ -1,4 +1,4 @@
-"""The batched sampler: allowed-token masks, penalties, temperature, top-k/top-p/min-p and seeded draws.
+"""The batched sampler: logit bias, allowed-token masks, penalties, temperature, top-k/top-p/min-p and seeded draws.
 
 Randomness is drawn on the logits' device. Unseeded rows share one batched draw from the sampler's own generator
 (seeded from the OS); a seeded row draws from its own generator, one fixed-size draw per step, so a seeded request
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from cluster.engine.outputs import TokenLogprobs
@@ -27,8 +25,9 @@ class SamplingRow:
     params: SamplingParams
     output_token_ids: list[int]  # generated so far; the penalties count these
     generator: torch.Generator | None  # the request's own, seeded from params.seed; None: greedy or unseeded
-    # Returns a bool [V] tensor of allowed tokens (structured output), or None for no restriction.
-    allowed_tokens: Callable[[], torch.Tensor | None] | None = None
+    # The tokens its grammar allows (structured output), packed: int32 [ceil(V / 32)], bit t % 32 of word t // 32
+    # allows token t. None: no restriction.
+    allowed: torch.Tensor | None = None
 
 
 @dataclass
@@ -47,7 +46,7 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 class Sampler:
     """Picks one token per row of [B, V] logits.
 
-    Order, with OpenAI / vLLM semantics: allowed-token mask -> frequency and presence penalties over the row's
+    Order, with OpenAI / vLLM semantics: logit_bias -> allowed-token mask -> frequency and presence penalties over the row's
     output tokens -> greedy argmax when temperature == 0, else temperature -> top_k -> top_p -> min_p -> a draw
     from the renormalised distribution with the row's own generator.
 
@@ -117,16 +116,22 @@ def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Allowed-token masks then frequency/presence penalties; the logits given are left untouched."""
+    """Logit bias, allowed-token masks, then frequency/presence penalties; the logits given are left untouched."""
     out = logits.float().clone()  # [B, V]
     B, V = out.shape
     device = out.device
 
-    masks = [(i, m) for i, r in enumerate(rows) if r.allowed_tokens is not None
-             and (m := r.allowed_tokens()) is not None]
-    if masks:
-        idx = _on_device([i for i, _ in masks], torch.long, device)
-        allowed = torch.stack([m.to(device=device, dtype=torch.bool) for _, m in masks])  # [M, V]
+    biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
+    if biased:
+        entries = [(i, t, b) for i in biased for t, b in rows[i].params.logit_bias]
+        at = (_on_device([e[0] for e in entries], torch.long, device), _on_device([e[1] for e in entries], torch.long,
+                                                                                  device))
+        out.index_put_(at, _on_device([e[2] for e in entries], torch.float32, device), accumulate=True)
+
+    masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if masked:
+        idx = _on_device(masked, torch.long, device)
+        allowed = unpack_bitmask(torch.stack([rows[i].allowed for i in masked]).to(device, non_blocking=True), V)
         if not bool(allowed.any(dim=-1).all()):
             raise ValueError("an allowed-token mask allows no token at all")
         out[idx] = out[idx].masked_fill(~allowed, _NEG_INF)
@@ -146,6 +151,13 @@ def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
         idx = _on_device(pen, torch.long, device)
         out[idx] = out[idx] - freq * counts - pres * (counts > 0).float()
     return out
+
+
+def unpack_bitmask(words: torch.Tensor, V: int) -> torch.Tensor:
+    """Packed int32 masks [M, W] -> bool [M, V] (bit t % 32 of word t // 32 is token t)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)  # [32]
+    bits = (words.unsqueeze(-1) >> shifts) & 1  # [M, W, 32]; arithmetic shifts: bit 31 reads right too
+    return bits.reshape(words.shape[0], -1)[:, :V].bool()
 
 
 def _sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

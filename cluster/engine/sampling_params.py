@@ -8,6 +8,8 @@ from cluster.config import ModelConfig
 
 MAX_TOP_LOGPROBS = 20
 MAX_CACHE_SALT_CHARS = 256
+MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI bounds it
+LOGIT_BIAS_RANGE = 100.0  # each bias is in [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), sorted by token id
+    # An llguidance grammar (lark text, possibly with %json schemas) every choice's output must match; None: free.
+    grammar: str | None = None
     # Requests share prefix-cache blocks only with requests of the same salt (vLLM's name). None: the shared,
     # unsalted cache. "" is refused rather than read as None, so a caller whose salt came out empty (a tenant id
     # never set) hears about it instead of silently joining the shared cache.
@@ -43,6 +48,11 @@ class SamplingParams:
             (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
              f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (len(self.logit_bias) <= MAX_LOGIT_BIAS,
+             f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}"),
+            (all(-LOGIT_BIAS_RANGE <= b <= LOGIT_BIAS_RANGE for _, b in self.logit_bias),
+             f"logit_bias values must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]"),
+            (self.grammar is None or len(self.grammar) > 0, "grammar must not be empty (leave it out for none)"),
             (all(self.stop), "stop strings must not be empty"),
             (self.cache_salt is None or isinstance(self.cache_salt, str) and 0 < len(self.cache_salt) <=
              MAX_CACHE_SALT_CHARS, f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "

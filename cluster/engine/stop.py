@@ -42,6 +42,11 @@ class StopStringFilter:
         self._held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep]
 
+    @property
+    def held(self) -> str:
+        """The text held back now (a possible start of a stop string)."""
+        return self._held
+
     def flush(self) -> str:
         """At the end of a sequence that finished for another reason: release the held-back tail."""
         text, self._held = ("" if self.stopped else self._held), ""

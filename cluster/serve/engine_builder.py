@@ -5,6 +5,7 @@ from __future__ import annotations
 from cluster.checkpoint.progress import ProgressCallback
 from cluster.checkpoint.reader import CheckpointReader
 from cluster.engine.engine import LLMEngine
+from cluster.engine.guided import GrammarGuide
 from cluster.model.loader import load_dense, load_experts
 from cluster.moe.backend import get_backend
 from cluster.moe.executor import ExpertExecutor, LocalExpertExecutor
@@ -27,7 +28,7 @@ def build_engine(resolved: ResolvedArgs, executor: ExpertExecutor | None,
             raise ValueError("a mixture-of-experts model needs an expert executor")
         model.attach_experts(executor)
     tok = load_tokenizer(r.tokenizer_version)
-    return LLMEngine(model, tok.decode, tok.eos_id, r.engine)
+    return LLMEngine(model, tok.decode, tok.eos_id, r.engine, GrammarGuide.for_tokenizer(r.tokenizer_version))
 
 
 def in_process_executor(resolved: ResolvedArgs, progress: ProgressCallback | None = None) -> ExpertExecutor | None:
