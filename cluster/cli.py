@@ -89,6 +89,97 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cluster.ledger import LedgerError
+
+    try:
+        return asyncio.run(_keys_command(args))
+    except LedgerError as e:
+        print(f"moe-cluster keys {args.keys_command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+async def _keys_command(args: argparse.Namespace) -> int:
+    from cluster.ledger import format_dollars, open_ledger
+    from cluster.ledger.sqlite_store import default_path
+
+    def limit(n: int | None) -> str:
+        return "-" if n is None else str(n)
+
+    def when(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
+
+    ledger = open_ledger(args.db or str(default_path()))
+    try:
+        if args.keys_command == "create":
+            record, key = await ledger.create_key(args.name, args.credits, args.rpm, args.tpm)
+            print(f"created key {record.key_id} (name {record.name or '-'}, credits {format_dollars(args.credits)}, "
+                  f"rpm {limit(args.rpm)}, tpm {limit(args.tpm)})")
+            print(key)
+            print("the key is shown only now: the ledger keeps its hash", file=sys.stderr)
+        elif args.keys_command == "list":
+            rows = [["KEY_ID", "NAME", "BALANCE", "RPM", "TPM", "STATUS", "CREATED"]]
+            rows += [[k.key_id, k.name or "-", format_dollars(k.balance_micro), limit(k.rpm_limit),
+                      limit(k.tpm_limit), "revoked" if k.revoked else "active", when(k.created)]
+                     for k in await ledger.list_keys()]
+            print(_table(rows))
+        elif args.keys_command == "revoke":
+            await ledger.revoke(args.key_id)
+            print(f"revoked key {args.key_id}")
+        elif args.keys_command == "credit":
+            balance = await ledger.credit(args.key_id, args.dollars)
+            print(f"key {args.key_id}: balance {format_dollars(balance)}")
+        else:
+            usage = await ledger.usage(args.key_id, args.limit)
+            rows = [["REQUEST_ID", "KEY_ID", "PROMPT", "COMPLETION", "COST", "TIME"]]
+            rows += [[u.request_id, u.key_id, str(u.prompt_tokens), str(u.completion_tokens),
+                      format_dollars(u.cost_micro), when(u.time)] for u in usage]
+            print(_table(rows))
+            print(f"{len(usage)} requests, {format_dollars(sum(u.cost_micro for u in usage))} in all")
+    finally:
+        await ledger.close()
+    return 0
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _dollars(text: str) -> int:
+    from cluster.ledger import parse_dollars
+
+    try:
+        return parse_dollars(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
+    keys = sub.add_parser("keys", help="API keys and their credits: create, list, revoke, credit, usage")
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+    db = argparse.ArgumentParser(add_help=False)
+    db.add_argument("--db", metavar="URL", help="sqlite:///path.db, a path, or postgresql://user@host:port/db "
+                    "(password: in the URL or $MOE_CLUSTER_DB_PASSWORD; default: ledger.db in the user's cache)")
+    p = actions.add_parser("create", parents=[db], help="create a key; prints it once")
+    p.add_argument("--credits", type=_dollars, default=0, metavar="DOLLARS", help="starting credits (default 0)")
+    p.add_argument("--name")
+    p.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
+    p.add_argument("--tpm", type=int, help="tokens per minute (default: unlimited)")
+    actions.add_parser("list", parents=[db], help="every key with its balance")
+    p = actions.add_parser("revoke", parents=[db], help="refuse a key from now on")
+    p.add_argument("key_id")
+    p = actions.add_parser("credit", parents=[db], help="add credits to a key")
+    p.add_argument("key_id")
+    p.add_argument("dollars", type=_dollars)
+    p = actions.add_parser("usage", parents=[db], help="the usage log, newest first")
+    p.add_argument("key_id", nargs="?", help="one key's requests only")
+    p.add_argument("--limit", type=int, default=100, help="rows to show (default 100)")
+    keys.set_defaults(run=_keys)
+
+
 def add_model_options(parser: argparse.ArgumentParser, model: type) -> None:
     """One option per field of the pydantic `model`, named, typed and described by the field. Options left out
     are not set, so the model's own defaults apply (they have one owner)."""
@@ -159,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true", help="one process, same API: experts run in this process")
     add_model_options(p, ServeArgs)
     p.set_defaults(run=_serve)
+
+    _add_keys_parser(sub)
     return parser
 
 

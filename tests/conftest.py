@@ -3,6 +3,8 @@ import os
 import random
 from pathlib import Path
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +139,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "local_ray" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server for the session (tests/postgres.py), as the URL of an empty database. Without
+    the server binaries the tests skip, except in CI, where that is a failure (.ci/run installs them)."""
+    from tests.postgres import find_postgres_bin, postgres_server
+
+    if find_postgres_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("no PostgreSQL server binaries (initdb, pg_ctl, postgres); CI must install them",
+                        pytrace=False)
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl, postgres; in CI this is a failure)")
+    with postgres_server() as url:
+        yield url

@@ -1,0 +1,222 @@
+"""The cluster ledger: PostgreSQL through an asyncpg pool, shared by every Ingress replica on every node.
+
+Each method is one short transaction. The reserve is a single conditional UPDATE, so concurrent replicas can never
+spend the same credits twice; rows a settle is working on are locked (FOR UPDATE), and `release_expired` skips
+them (SKIP LOCKED), so a settle and a release never both refund one reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from hmac import compare_digest
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from cluster.ledger.keys import new_api_key, parse_api_key
+from cluster.ledger.store import (RESERVATION_OPEN, RESERVATION_RELEASED, RESERVATION_SETTLED, InsufficientCredits,
+                                  KeyRecord, KeyRevoked, LedgerError, RateLimited, UnknownKey, UsageRow,
+                                  check_new_key, check_positive, check_rate, minute_window)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    key_id TEXT PRIMARY KEY, digest BYTEA NOT NULL, name TEXT, balance BIGINT NOT NULL,
+    revoked BOOLEAN NOT NULL DEFAULT FALSE, created DOUBLE PRECISION NOT NULL, rpm_limit BIGINT, tpm_limit BIGINT);
+CREATE TABLE IF NOT EXISTS reservations (
+    request_id TEXT PRIMARY KEY, key_id TEXT NOT NULL REFERENCES keys (key_id), amount BIGINT NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL, state TEXT NOT NULL DEFAULT 'open');
+CREATE INDEX IF NOT EXISTS reservations_open ON reservations (expires_at) WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS reservations_key ON reservations (key_id) WHERE state = 'open';
+CREATE TABLE IF NOT EXISTS usage (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, key_id TEXT NOT NULL,
+    prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, cost BIGINT NOT NULL,
+    time DOUBLE PRECISION NOT NULL);
+CREATE INDEX IF NOT EXISTS usage_key ON usage (key_id, seq);
+CREATE TABLE IF NOT EXISTS rate_windows (
+    key_id TEXT NOT NULL, minute BIGINT NOT NULL, requests BIGINT NOT NULL, tokens BIGINT NOT NULL,
+    PRIMARY KEY (key_id, minute));
+"""
+
+_KEY_COLUMNS = "key_id, name, balance, revoked, created, rpm_limit, tpm_limit"
+
+
+def _record(row: asyncpg.Record) -> KeyRecord:
+    return KeyRecord(row["key_id"], row["name"], row["balance"], row["revoked"], row["created"], row["rpm_limit"],
+                     row["tpm_limit"])
+
+
+class PostgresLedger:
+    """The `Ledger` contract on PostgreSQL (see `cluster.ledger.store`). The pool opens on first use, in the event
+    loop that uses it."""
+
+    def __init__(self, url: str, password: str | None = None, max_connections: int = 10) -> None:
+        self._url = url
+        self._password = None if urlsplit(url).password else password  # the URL's own password wins
+        self._max_connections = max_connections
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
+
+    async def _connect(self) -> asyncpg.Pool:
+        if self._pool is not None:
+            return self._pool
+        async with self._opening:
+            if self._pool is None:
+                pool = await asyncpg.create_pool(self._url, password=self._password, min_size=1,
+                                                 max_size=self._max_connections)
+                try:
+                    async with pool.acquire() as conn, conn.transaction():
+                        # replicas starting together: one creates the tables, the others then find them
+                        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('moe-cluster ledger schema'))")
+                        await conn.execute(SCHEMA)
+                except BaseException:
+                    await pool.close()
+                    raise
+                self._pool = pool
+        return self._pool
+
+    async def _balance(self, conn: asyncpg.Connection, key_id: str) -> int:
+        balance = await conn.fetchval("SELECT balance FROM keys WHERE key_id = $1", key_id)
+        if balance is None:
+            raise UnknownKey(key_id)
+        return balance
+
+    # keys
+    async def create_key(self, name: str | None, credits_micro: int, rpm: int | None = None,
+                         tpm: int | None = None) -> tuple[KeyRecord, str]:
+        check_new_key(credits_micro, rpm, tpm)
+        key_id, key, digest = new_api_key()
+        record = KeyRecord(key_id, name, credits_micro, False, time.time(), rpm, tpm)
+        pool = await self._connect()
+        await pool.execute(f"INSERT INTO keys (digest, {_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, FALSE, $5, $6, $7)",
+                           digest, key_id, name, credits_micro, record.created, rpm, tpm)
+        return record, key
+
+    async def list_keys(self) -> list[KeyRecord]:
+        pool = await self._connect()
+        return [_record(r) for r in await pool.fetch(f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY created, key_id")]
+
+    async def revoke(self, key_id: str) -> None:
+        pool = await self._connect()
+        if await pool.fetchval("UPDATE keys SET revoked = TRUE WHERE key_id = $1 RETURNING key_id", key_id) is None:
+            raise UnknownKey(key_id)
+
+    async def credit(self, key_id: str, amount_micro: int) -> int:
+        check_positive("the credit", amount_micro)
+        pool = await self._connect()
+        balance = await pool.fetchval("UPDATE keys SET balance = balance + $1 WHERE key_id = $2 RETURNING balance",
+                                      amount_micro, key_id)
+        if balance is None:
+            raise UnknownKey(key_id)
+        return balance
+
+    async def authenticate(self, key: str) -> KeyRecord | None:
+        parsed = parse_api_key(key)
+        if parsed is None:
+            return None
+        key_id, digest = parsed
+        pool = await self._connect()
+        row = await pool.fetchrow(f"SELECT digest, {_KEY_COLUMNS} FROM keys WHERE key_id = $1", key_id)
+        if row is None or not compare_digest(bytes(row["digest"]), digest):
+            return None
+        return _record(row)
+
+    # credits
+    async def reserve(self, key_id: str, request_id: str, amount_micro: int, ttl_s: float) -> int:
+        if amount_micro < 0:
+            raise ValueError(f"a reservation must be >= 0, not {amount_micro}")
+        pool = await self._connect()
+        async with pool.acquire() as conn, conn.transaction():
+            balance = await conn.fetchval("UPDATE keys SET balance = balance - $1 "
+                                          "WHERE key_id = $2 AND balance >= $1 AND NOT revoked RETURNING balance",
+                                          amount_micro, key_id)
+            if balance is None:
+                row = await conn.fetchrow("SELECT balance, revoked FROM keys WHERE key_id = $1", key_id)
+                if row is None:
+                    raise UnknownKey(key_id)
+                if row["revoked"]:
+                    raise KeyRevoked(key_id)
+                raise InsufficientCredits(key_id, row["balance"], amount_micro)
+            try:
+                await conn.execute("INSERT INTO reservations (request_id, key_id, amount, expires_at) "
+                                   "VALUES ($1, $2, $3, $4)", request_id, key_id, amount_micro, time.time() + ttl_s)
+            except asyncpg.UniqueViolationError:
+                raise LedgerError(f"request id {request_id!r} already has a reservation") from None
+            return balance
+
+    async def settle(self, request_id: str, prompt_tokens: int, completion_tokens: int, cost_micro: int) -> int:
+        if cost_micro < 0 or prompt_tokens < 0 or completion_tokens < 0:
+            raise ValueError("cost and token counts must be >= 0")
+        pool = await self._connect()
+        async with pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT key_id, amount, state FROM reservations WHERE request_id = $1 "
+                                      "FOR UPDATE", request_id)
+            if row is None:
+                raise LedgerError(f"no reservation for request id {request_id!r}")
+            if row["state"] == RESERVATION_SETTLED:
+                return await self._balance(conn, row["key_id"])
+            cost = min(cost_micro, row["amount"])
+            refund = row["amount"] - cost if row["state"] == RESERVATION_OPEN else -cost
+            balance = await conn.fetchval("UPDATE keys SET balance = balance + $1 WHERE key_id = $2 "
+                                          "RETURNING balance", refund, row["key_id"])
+            await conn.execute("UPDATE reservations SET state = $1 WHERE request_id = $2", RESERVATION_SETTLED,
+                               request_id)
+            await conn.execute("INSERT INTO usage (request_id, key_id, prompt_tokens, completion_tokens, cost, time) "
+                               "VALUES ($1, $2, $3, $4, $5, $6)", request_id, row["key_id"], prompt_tokens,
+                               completion_tokens, cost, time.time())
+            return balance
+
+    async def release_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        pool = await self._connect()
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch("UPDATE reservations SET state = $1 WHERE request_id IN ("
+                                    "SELECT request_id FROM reservations WHERE state = $2 AND expires_at <= $3 "
+                                    "FOR UPDATE SKIP LOCKED) AND state = $2 RETURNING key_id, amount",
+                                    RESERVATION_RELEASED, RESERVATION_OPEN, now)
+            refunds: Counter[str] = Counter()
+            for row in rows:
+                refunds[row["key_id"]] += row["amount"]
+            # keys in one order, so two replicas releasing at once cannot deadlock on them
+            await conn.executemany("UPDATE keys SET balance = balance + $1 WHERE key_id = $2",
+                                   [(refunds[k], k) for k in sorted(refunds)])
+            await conn.execute("DELETE FROM rate_windows WHERE minute < $1", minute_window(now)[0] - 1)
+            return len(rows)
+
+    async def usage(self, key_id: str | None = None, limit: int = 100) -> list[UsageRow]:
+        pool = await self._connect()
+        rows = await pool.fetch("SELECT request_id, key_id, prompt_tokens, completion_tokens, cost, time FROM usage "
+                                "WHERE $1::text IS NULL OR key_id = $1 ORDER BY seq DESC LIMIT $2", key_id, limit)
+        return [UsageRow(*r) for r in rows]
+
+    async def open_reservations(self, key_id: str | None = None) -> int:
+        pool = await self._connect()
+        return await pool.fetchval("SELECT count(*) FROM reservations WHERE state = $1 "
+                                   "AND ($2::text IS NULL OR key_id = $2)", RESERVATION_OPEN, key_id)
+
+    # rate limits
+    async def take_rate(self, key_id: str, requests: int, tokens: int, rpm: int | None, tpm: int | None,
+                        now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        minute = check_rate(key_id, requests, tokens, rpm, tpm, now)
+        pool = await self._connect()
+        async with pool.acquire() as conn, conn.transaction():
+            taken = await conn.fetchval(
+                "INSERT INTO rate_windows AS w (key_id, minute, requests, tokens) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (key_id, minute) DO UPDATE SET requests = w.requests + excluded.requests, "
+                "tokens = w.tokens + excluded.tokens "
+                "WHERE ($5::bigint IS NULL OR w.requests + excluded.requests <= $5) "
+                "AND ($6::bigint IS NULL OR w.tokens + excluded.tokens <= $6) RETURNING w.requests",
+                key_id, minute, requests, tokens, rpm, tpm)
+            if taken is not None:
+                return
+            used = await conn.fetchval("SELECT requests FROM rate_windows WHERE key_id = $1 AND minute = $2",
+                                       key_id, minute)
+        what = "requests per minute" if rpm is not None and used + requests > rpm else "tokens per minute"
+        raise RateLimited(key_id, minute_window(now)[1], what)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None

@@ -1,0 +1,317 @@
+"""The embedded ledger: one SQLite file in WAL mode, for a single node.
+
+sqlite3 blocks, so every call runs on this ledger's one worker thread (`run_in_executor`): the event loop never
+waits on the disk, and the connection is only ever used by the thread that opened it. Writes take the write lock
+up front (BEGIN IMMEDIATE) and wait out other processes' locks (busy timeout) rather than failing.
+
+The file holds the balances, so it is created 0600 in a directory this user owns and no one else can write: in a
+directory others can write, they could swap the file, or plant the `-wal` file SQLite replays on open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+from hmac import compare_digest
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cluster.ledger.keys import new_api_key, parse_api_key
+from cluster.ledger.store import (RESERVATION_OPEN, RESERVATION_RELEASED, RESERVATION_SETTLED, InsufficientCredits,
+                                  KeyRecord, KeyRevoked, LedgerError, RateLimited, UnknownKey, UsageRow,
+                                  check_new_key, check_positive, check_rate, minute_window)
+from cluster.user_cache import cache_root, private_directory
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    key_id TEXT PRIMARY KEY, digest BLOB NOT NULL, name TEXT, balance INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, rpm_limit INTEGER, tpm_limit INTEGER);
+CREATE TABLE IF NOT EXISTS reservations (
+    request_id TEXT PRIMARY KEY, key_id TEXT NOT NULL REFERENCES keys (key_id), amount INTEGER NOT NULL,
+    expires_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'open');
+CREATE INDEX IF NOT EXISTS reservations_open ON reservations (state, expires_at);
+CREATE TABLE IF NOT EXISTS usage (
+    seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, key_id TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, cost INTEGER NOT NULL, time REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS usage_key ON usage (key_id, seq);
+CREATE TABLE IF NOT EXISTS rate_windows (
+    key_id TEXT NOT NULL, minute INTEGER NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
+    PRIMARY KEY (key_id, minute));
+"""
+
+_KEY_COLUMNS = "key_id, name, balance, revoked, created, rpm_limit, tpm_limit"
+
+
+def sqlite_path(url: str) -> Path:
+    """`sqlite:///abs/path.db`, `sqlite:relative.db` or a plain path -> an absolute path."""
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+    elif url.startswith("sqlite:"):
+        path = url[len("sqlite:"):]
+    elif "://" in url:
+        raise ValueError(f"unknown database URL {url!r} (sqlite:///path.db, a path, or postgresql://...)")
+    else:
+        path = url
+    if not path:
+        raise ValueError(f"no file in the database URL {url!r}")
+    return Path(path).expanduser().absolute()
+
+
+def default_path() -> Path:
+    """The SQLite file used when no --db is given: ledger.db under the user's cache directory."""
+    return cache_root() / "ledger.db"
+
+
+def prepare_file(path: Path) -> None:
+    """Create `path` 0600 unless it exists, after checking its directory: this user's, writable by no one else."""
+    directory = path.parent
+    root = cache_root()
+    if directory == root or root in directory.parents:
+        private_directory(directory)
+    else:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _refuse_unsafe(directory, stat.S_ISDIR, "directory")
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        _refuse_unsafe(path, stat.S_ISREG, "file")
+
+
+def _refuse_unsafe(path: Path, is_kind: Callable[[int], bool], kind: str) -> None:
+    st = os.lstat(path)
+    problem = None
+    if not is_kind(st.st_mode):
+        problem = f"not a regular {kind}"
+    elif st.st_uid != os.getuid():
+        problem = f"owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    if problem:
+        raise PermissionError(f"refusing the ledger {kind} {path}: {problem}; it must be this user's and writable by "
+                              f"no one else")
+
+
+def _record(row: tuple) -> KeyRecord:
+    key_id, name, balance, revoked, created, rpm, tpm = row
+    return KeyRecord(key_id, name, balance, bool(revoked), created, rpm, tpm)
+
+
+class SqliteLedger:
+    """The `Ledger` contract on one SQLite file (see `cluster.ledger.store`)."""
+
+    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
+        self.path = path
+        self._closed = False
+        prepare_file(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        self._db: sqlite3.Connection = self._executor.submit(self._connect, busy_timeout_s).result()
+
+    def _connect(self, busy_timeout_s: float) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a settled charge survives a power loss, not only a crash
+        self._db = db
+        with self._write():
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        return db
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the write lock from its start."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
+        return self._db.execute(sql, args).fetchall()  # fetchall: RETURNING statements finish before COMMIT
+
+    def _balance(self, key_id: str) -> int:
+        rows = self._rows("SELECT balance FROM keys WHERE key_id = ?", (key_id,))
+        if not rows:
+            raise UnknownKey(key_id)
+        return rows[0][0]
+
+    # keys
+    async def create_key(self, name: str | None, credits_micro: int, rpm: int | None = None,
+                         tpm: int | None = None) -> tuple[KeyRecord, str]:
+        check_new_key(credits_micro, rpm, tpm)
+        key_id, key, digest = new_api_key()
+        record = KeyRecord(key_id, name, credits_micro, False, time.time(), rpm, tpm)
+
+        def insert() -> None:
+            with self._write() as db:
+                db.execute(f"INSERT INTO keys (digest, {_KEY_COLUMNS}) VALUES (?, ?, ?, ?, 0, ?, ?, ?)",
+                           (digest, key_id, name, credits_micro, record.created, rpm, tpm))
+
+        await self._call(insert)
+        return record, key
+
+    async def list_keys(self) -> list[KeyRecord]:
+        rows = await self._call(self._rows, f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY created, key_id")
+        return [_record(r) for r in rows]
+
+    async def revoke(self, key_id: str) -> None:
+        def revoke() -> None:
+            with self._write():
+                if not self._rows("UPDATE keys SET revoked = 1 WHERE key_id = ? RETURNING key_id", (key_id,)):
+                    raise UnknownKey(key_id)
+
+        await self._call(revoke)
+
+    async def credit(self, key_id: str, amount_micro: int) -> int:
+        check_positive("the credit", amount_micro)
+
+        def credit() -> int:
+            with self._write():
+                rows = self._rows("UPDATE keys SET balance = balance + ? WHERE key_id = ? RETURNING balance",
+                                  (amount_micro, key_id))
+                if not rows:
+                    raise UnknownKey(key_id)
+                return rows[0][0]
+
+        return await self._call(credit)
+
+    async def authenticate(self, key: str) -> KeyRecord | None:
+        parsed = parse_api_key(key)
+        if parsed is None:
+            return None
+        key_id, digest = parsed
+        rows = await self._call(self._rows, f"SELECT digest, {_KEY_COLUMNS} FROM keys WHERE key_id = ?", (key_id,))
+        if not rows or not compare_digest(bytes(rows[0][0]), digest):
+            return None
+        return _record(rows[0][1:])
+
+    # credits
+    async def reserve(self, key_id: str, request_id: str, amount_micro: int, ttl_s: float) -> int:
+        if amount_micro < 0:
+            raise ValueError(f"a reservation must be >= 0, not {amount_micro}")
+
+        def reserve() -> int:
+            with self._write():
+                rows = self._rows("UPDATE keys SET balance = balance - ? "
+                                  "WHERE key_id = ? AND balance >= ? AND NOT revoked RETURNING balance",
+                                  (amount_micro, key_id, amount_micro))
+                if not rows:
+                    self._refusal(key_id, amount_micro)
+                try:
+                    self._db.execute("INSERT INTO reservations (request_id, key_id, amount, expires_at) "
+                                     "VALUES (?, ?, ?, ?)", (request_id, key_id, amount_micro, time.time() + ttl_s))
+                except sqlite3.IntegrityError:
+                    raise LedgerError(f"request id {request_id!r} already has a reservation") from None
+                return rows[0][0]
+
+        return await self._call(reserve)
+
+    def _refusal(self, key_id: str, amount_micro: int) -> None:
+        rows = self._rows("SELECT balance, revoked FROM keys WHERE key_id = ?", (key_id,))
+        if not rows:
+            raise UnknownKey(key_id)
+        if rows[0][1]:
+            raise KeyRevoked(key_id)
+        raise InsufficientCredits(key_id, rows[0][0], amount_micro)
+
+    async def settle(self, request_id: str, prompt_tokens: int, completion_tokens: int, cost_micro: int) -> int:
+        if cost_micro < 0 or prompt_tokens < 0 or completion_tokens < 0:
+            raise ValueError("cost and token counts must be >= 0")
+
+        def settle() -> int:
+            with self._write():
+                rows = self._rows("SELECT key_id, amount, state FROM reservations WHERE request_id = ?",
+                                  (request_id,))
+                if not rows:
+                    raise LedgerError(f"no reservation for request id {request_id!r}")
+                key_id, amount, state = rows[0]
+                if state == RESERVATION_SETTLED:
+                    return self._balance(key_id)
+                cost = min(cost_micro, amount)
+                refund = amount - cost if state == RESERVATION_OPEN else -cost
+                balance = self._rows("UPDATE keys SET balance = balance + ? WHERE key_id = ? RETURNING balance",
+                                     (refund, key_id))[0][0]
+                self._db.execute("UPDATE reservations SET state = ? WHERE request_id = ?",
+                                 (RESERVATION_SETTLED, request_id))
+                self._db.execute("INSERT INTO usage (request_id, key_id, prompt_tokens, completion_tokens, cost, "
+                                 "time) VALUES (?, ?, ?, ?, ?, ?)",
+                                 (request_id, key_id, prompt_tokens, completion_tokens, cost, time.time()))
+                return balance
+
+        return await self._call(settle)
+
+    async def release_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+
+        def release() -> int:
+            with self._write() as db:
+                rows = self._rows("UPDATE reservations SET state = ? WHERE state = ? AND expires_at <= ? "
+                                  "RETURNING key_id, amount", (RESERVATION_RELEASED, RESERVATION_OPEN, now))
+                refunds: Counter[str] = Counter()
+                for key_id, amount in rows:
+                    refunds[key_id] += amount
+                db.executemany("UPDATE keys SET balance = balance + ? WHERE key_id = ?",
+                               [(amount, key_id) for key_id, amount in refunds.items()])
+                db.execute("DELETE FROM rate_windows WHERE minute < ?", (minute_window(now)[0] - 1,))
+                return len(rows)
+
+        return await self._call(release)
+
+    async def usage(self, key_id: str | None = None, limit: int = 100) -> list[UsageRow]:
+        sql = "SELECT request_id, key_id, prompt_tokens, completion_tokens, cost, time FROM usage"
+        args: tuple = (limit,)
+        if key_id is not None:
+            sql, args = sql + " WHERE key_id = ?", (key_id, limit)
+        rows = await self._call(self._rows, sql + " ORDER BY seq DESC LIMIT ?", args)
+        return [UsageRow(*r) for r in rows]
+
+    async def open_reservations(self, key_id: str | None = None) -> int:
+        sql = "SELECT count(*) FROM reservations WHERE state = ?"
+        args: tuple = (RESERVATION_OPEN,)
+        if key_id is not None:
+            sql, args = sql + " AND key_id = ?", (RESERVATION_OPEN, key_id)
+        return (await self._call(self._rows, sql, args))[0][0]
+
+    # rate limits
+    async def take_rate(self, key_id: str, requests: int, tokens: int, rpm: int | None, tpm: int | None,
+                        now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        minute = check_rate(key_id, requests, tokens, rpm, tpm, now)
+
+        def take() -> None:
+            with self._write():
+                if self._rows("INSERT INTO rate_windows (key_id, minute, requests, tokens) VALUES (?, ?, ?, ?) "
+                              "ON CONFLICT (key_id, minute) DO UPDATE SET requests = requests + excluded.requests, "
+                              "tokens = tokens + excluded.tokens "
+                              "WHERE (? IS NULL OR requests + excluded.requests <= ?) "
+                              "AND (? IS NULL OR tokens + excluded.tokens <= ?) RETURNING requests",
+                              (key_id, minute, requests, tokens, rpm, rpm, tpm, tpm)):
+                    return
+                used = self._rows("SELECT requests FROM rate_windows WHERE key_id = ? AND minute = ?",
+                                  (key_id, minute))[0][0]
+                what = "requests per minute" if rpm is not None and used + requests > rpm else "tokens per minute"
+                raise RateLimited(key_id, minute_window(now)[1], what)
+
+        await self._call(take)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._call(self._db.close)
+            self._executor.shutdown()
