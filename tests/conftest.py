@@ -1,9 +1,8 @@
 import dataclasses
 import os
 import random
-from pathlib import Path
-
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
