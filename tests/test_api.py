@@ -144,7 +144,7 @@ def test_greedy_completion_equals_the_engine_and_streams_the_same(served):
     assert completion["id"].startswith("chatcmpl-") and len(completion["id"]) > len("chatcmpl-") + 16
     assert completion["object"] == "chat.completion" and completion["model"] == MODEL
     (choice,) = completion["choices"]
-    assert choice["message"] == {"role": "assistant", "content": served.tok.decode(direct["tokens"])}
+    assert choice["message"] == {"role": "assistant", "content": served.tok.decode(direct["tokens"]), "refusal": None}
     assert choice["finish_reason"] == direct["finish"] and choice["logprobs"] is None
     usage = completion["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(prompt), len(direct["tokens"]))
@@ -271,7 +271,11 @@ def test_logprobs_come_with_each_token(served):
     plain, streamed = asyncio.run(scenario())
     choice = plain.json()["choices"][0]
     content = choice["logprobs"]["content"]
-    assert len(content) == plain.json()["usage"]["completion_tokens"]
+    # One per token of the content (control tokens, which the content leaves out, have none): their texts and bytes
+    # make up the content exactly.
+    assert 0 < len(content) <= plain.json()["usage"]["completion_tokens"]
+    assert "".join(item["token"] for item in content) == choice["message"]["content"]
+    assert bytes(b for item in content for b in item["bytes"]).decode() == choice["message"]["content"]
     for item in content:
         top = item["top_logprobs"]
         assert len(top) == 3 and top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"]
@@ -311,9 +315,9 @@ def test_cache_salt_keeps_cached_prompts_apart(served):
     ({"messages": HELLO, "seed": 2**64}, ["seed"], "seed"),
     ({"messages": HELLO, "top_logprobs": 2}, ["logprobs must be true"], "top_logprobs"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, ["cannot encode the chat"], "messages"),
-    ({"messages": HELLO, "max_tokens": 5000}, ["5000", "4096"], None),
-    ({"messages": HELLO, "max_tokens": 5, "max_completion_tokens": 5000}, ["5000", "4096"], None),
-    ({"messages": HELLO, "max_tokens": 5000, "stream": True}, ["5000", "4096"], None),
+    ({"messages": HELLO, "max_tokens": 5000}, ["5000", "4096"], "messages"),
+    ({"messages": HELLO, "max_tokens": 5, "max_completion_tokens": 5000}, ["5000", "4096"], "messages"),
+    ({"messages": HELLO, "max_tokens": 5000, "stream": True}, ["5000", "4096"], "messages"),
 ])
 def test_bad_requests_get_400_with_openai_error_json(served, body, needles, param):
     response = asyncio.run(_post(served.app, body))

@@ -3,7 +3,9 @@
 Targeted tests drive the API in process over a recording backend (no engine): the body limit (413 before the body
 is read), the body timeout (408; through a real uvicorn, the connection is closed), each way a body can fail to
 parse, the tokenization budget, `/health` during a 4 MiB prompt, `cache_salt` and `Retry-After` on 429. The fuzz
-test (e2e) posts 2000 generated and mutated bodies (hypothesis, derandomized) to the API over a real tiny engine.
+tests (e2e) post generated and mutated bodies (hypothesis, derandomized) to the API over a real tiny engine with the
+grammar guide: 1500 chat bodies, then 1000 over the fields of issue 17 (malformed tools, tool_choice, response_format
+schemas, logit_bias values, explicit nulls) and /v1/completions bodies.
 """
 
 import asyncio
@@ -32,7 +34,8 @@ from cluster.api.protocol import ChatMessage
 from cluster.api.server import build_api
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import EngineConfig, LLMEngine
-from cluster.engine.outputs import RequestOutput
+from cluster.engine.guided import GrammarGuide
+from cluster.engine.outputs import RequestOutput, TokenLogprobs
 from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.engine.sampling_params import SamplingDefaults, SamplingParams
 from cluster.model.loader import load_model
@@ -40,6 +43,7 @@ from cluster.serve.health import Health
 from cluster.tokenizer import Tokenizer, TokenizerError, load_tokenizer, resolve_tokenizer_version
 
 MODEL = "mixtral-tiny"
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 HELLO = [{"role": "user", "content": "Say hello."}]
 # What a client must never read in an error message: exception class names, binding internals, our model classes.
 INTERNALS = re.compile(r"Traceback|Error\b|Exception|pybind|C\+\+|ChatMessage|TextPart|ToolCall|FunctionCall|"
@@ -92,9 +96,10 @@ def _assert_error(response: httpx.Response, status: int, *needles: str) -> dict:
     return error
 
 
-async def _post_raw(app, content: bytes | AsyncIterator[bytes], headers: dict | None = None) -> httpx.Response:
+async def _post_raw(app, content: bytes | AsyncIterator[bytes], headers: dict | None = None,
+                    path: str = CHAT) -> httpx.Response:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        return await client.post("/v1/chat/completions", content=content,
+        return await client.post(path, content=content,
                                  headers={"content-type": "application/json", **(headers or {})})
 
 
@@ -191,7 +196,7 @@ def test_a_body_slower_than_the_timeout_gets_408(tok):
 
 
 @contextmanager
-def _uvicorn(app) -> Iterator[int]:
+def uvicorn_server(app) -> Iterator[int]:
     """`app` served by uvicorn on a free local port, in a thread."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -225,7 +230,7 @@ def _until_closed(port: int, data: bytes, within_s: float) -> tuple[bytes, float
 def test_a_real_server_answers_408_and_413_and_closes_the_connection(tok):
     app = _app(tok, max_body_bytes=MiB, body_timeout_s=0.5)
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-    with _uvicorn(app) as port:
+    with uvicorn_server(app) as port:
         slow, slow_s = _until_closed(port, head + b"Content-Length: 100\r\n\r\n" + b'{"messages"', within_s=10)
         big, big_s = _until_closed(port, head + b"Content-Length: %d\r\n\r\n" % (8 * MiB), within_s=10)
     assert slow.startswith(b"HTTP/1.1 408 ") and b'"type":"invalid_request_error"' in slow
@@ -272,7 +277,7 @@ def test_every_parse_failure_is_a_400_that_says_why(app, raw, needles, param):
     ({"messages": [{"role": "user", "content": 5}]}, ["messages[0].content"], "messages[0].content"),
     ({"messages": [{"role": "user", "content": [5]}]}, ["messages[0].content[0]: Input should be a JSON object"],
      "messages[0].content"),
-    ({"messages": [{"role": "user"}]}, ["messages[0]: a user message needs content"], "messages[0]"),
+    ({"messages": [{"role": "user"}]}, ["messages[0].content: a user message needs content"], "messages[0].content"),
     ({"messages": [{"role": "tool", "content": "x"}]}, ["a tool message needs tool_call_id"], "messages[0]"),
     ({"messages": [{"role": "user", "content": "x", "name": []}]}, ["messages[0].name"], "messages[0].name"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "a1B2c3D4e"}]}]},
@@ -301,6 +306,84 @@ def test_wrong_types_and_sizes_get_a_400_naming_the_field(app, fields, needles, 
     assert error["param"] == param and len(error["message"]) <= 2100
 
 
+@pytest.mark.parametrize("fields, needles, param", [
+    ({"echo": True}, ["echo: not supported"], "echo"),
+    ({"suffix": "the end"}, ["suffix: not supported"], "suffix"),
+    ({"best_of": 2}, ["best_of: values above 1 are not supported"], "best_of"),
+    ({"prompt": ["a", "b"]}, ["prompt: one prompt per request, got 2"], "prompt"),
+    ({"prompt": [[1, 2], [3]]}, ["prompt: one prompt per request, got 2"], "prompt"),
+    ({"prompt": []}, ["prompt: must be a string, a list of one string, or token ids"], "prompt"),
+    ({"prompt": [1, True]}, ["prompt: must be a string"], "prompt"),
+    ({"prompt": {"text": "hi"}}, ["prompt: must be a string"], "prompt"),
+    ({"prompt": [1, 40000]}, ["token id 40000, outside the vocabulary"], "prompt"),
+    ({"prompt": [-1]}, ["token id -1, outside the vocabulary"], "prompt"),
+    ({"logprobs": 6}, ["logprobs: Input should be less than or equal to 5"], "logprobs"),
+    ({"logprobs": True}, ["logprobs: Input should be a valid integer"], "logprobs"),
+    ({"max_tokens": "5"}, ["max_tokens: Input should be a valid integer"], "max_tokens"),
+    ({"stream_options": {"include_usage": True}}, ["stream_options is only allowed when stream is true"],
+     "stream_options"),
+    ({"logit_bias": {"40000": 1}}, ["logit_bias names token 40000, outside the vocabulary"], "logit_bias"),
+    ({"logit_bias": {"x": 1}}, ["logit_bias keys must be token ids"], "logit_bias"),
+    ({"logit_bias": {"5": 101}}, ["logit_bias values must be in [-100, 100]"], "logit_bias"),
+    ({"model": "gpt-3.5-turbo-instruct"}, ["does not exist"], "model"),
+])
+def test_completions_refusals_name_the_field(app, fields, needles, param):
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 2, **fields}).encode()
+    error = _assert_error(asyncio.run(_post_raw(app, body, path=COMPLETIONS)), 404 if param == "model" else 400,
+                          *needles)
+    assert error["param"] == param, error
+
+
+def test_completions_reach_the_engine_as_plain_text_with_bos(tok):
+    backend = _Recorder()
+    app = _app(tok, backend)
+
+    async def scenario() -> list[httpx.Response]:
+        bodies = [{"prompt": "Hello world"}, {"prompt": ["Hello world"], "max_tokens": 3, "logprobs": 2, "top_k": -1},
+                  {"prompt": [[1, 23325]], "logit_bias": {"7": -100, "5": 2.5}, "min_p": 0.1, "ignore_eos": True,
+                   "n": 2, "echo": False, "suffix": None, "best_of": 1, "seed": 3},
+                  {"prompt": None, "temperature": None, "stream": None, "logprobs": None, "n": None}]
+        return [await _post_raw(app, json.dumps(b).encode(), path=COMPLETIONS) for b in bodies]
+
+    responses = asyncio.run(scenario())
+    for r in responses:
+        assert r.status_code == 200, r.text
+        assert r.json()["object"] == "text_completion" and r.json()["system_fingerprint"]
+    (p0, s0), (p1, s1), (p2, s2), (p3, s3) = backend.calls
+    assert p0 == p1 == tok.encode("Hello world", bos=True) and p2 == [1, 23325] and p3 == [tok.bos_id]
+    assert (s0.max_tokens, s0.logprobs, s0.top_logprobs) == (16, False, 0)  # OpenAI's default max_tokens
+    assert (s1.max_tokens, s1.logprobs, s1.top_logprobs, s1.top_k) == (3, True, 2, 0)
+    assert (s2.logit_bias, s2.min_p, s2.ignore_eos, s2.n, s2.seed) == (((5, 2.5), (7, -100)), 0.1, True, 2, 3)
+    assert len(responses[2].json()["choices"]) == 2
+    assert (s3.temperature, s3.n, s3.logprobs) == (0.5, 1, False)
+
+
+def test_a_completion_keeps_its_first_space_and_its_logprobs_add_up_to_it(tok):
+    """The detokenizer drops the leading space of a decode's first piece ("world" for "\u2581world"); a completion
+    is read after its prompt, so it keeps it, and its logprob tokens and offsets match its text."""
+    world = tok.encode("world")[-1]
+    assert tok.piece(world) == "\u2581world"
+
+    class Words(_Recorder):
+        async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                           stream: bool = True) -> AsyncIterator[RequestOutput]:
+            lp = TokenLogprobs(-0.5, [(world, -0.5), (tok.eos_id, -2.0)])
+            yield RequestOutput(request_id, 0, "world", [world], [lp], prompt_tokens=len(prompt), completion_tokens=1)
+            yield RequestOutput(request_id, 0, " world", [world, tok.eos_id], [lp, lp], finish_reason="stop",
+                                prompt_tokens=len(prompt), completion_tokens=3)
+
+    app = _app(tok, Words())
+    body = json.dumps({"prompt": "Hello", "logprobs": 1}).encode()
+    choice = asyncio.run(_post_raw(app, body, path=COMPLETIONS)).json()["choices"][0]
+    assert choice["text"] == " world world" and choice["finish_reason"] == "stop"
+    lps = choice["logprobs"]  # EOS is a control token: not part of the text, nor of its logprobs
+    assert lps["tokens"] == [" world", " world"] and lps["text_offset"] == [0, 6]
+    assert lps["token_logprobs"] == [-0.5, -0.5] and lps["top_logprobs"][0] == {" world": -0.5, "</s>": -2.0}
+    streamed = asyncio.run(_post_raw(app, json.dumps({"prompt": "Hello", "stream": True}).encode(), path=COMPLETIONS))
+    events = [json.loads(e.removeprefix("data: ")) for e in streamed.text.split("\n\n") if e and "[DONE]" not in e]
+    assert "".join(e["choices"][0]["text"] for e in events) == " world world"
+
+
 def test_valid_unicode_escapes_and_literal_backslashes_are_accepted(tok):
     backend = _Recorder()
     app = _app(tok, backend)
@@ -326,7 +409,7 @@ def test_the_chat_templates_own_refusals_pass_and_library_internals_do_not(tok, 
         def __init__(self, cause: Exception):
             self.cause = cause
 
-        def encode_chat(self, messages: list[dict]) -> list[int]:
+        def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
             raise TokenizerError(f"cannot encode the chat: {self.cause}") from self.cause
 
     messages = [ChatMessage(role="user", content="x")]
@@ -363,11 +446,11 @@ class _Watched:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.tokenizer, name)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         if len(messages[0]["content"]) > MiB:
             self.started.set()
         try:
-            return self.tokenizer.encode_chat(messages)
+            return self.tokenizer.encode_chat(messages, tools)
         finally:
             if len(messages[0]["content"]) > MiB:
                 self.done.set()
@@ -387,6 +470,7 @@ def test_health_answers_while_a_4_MiB_prompt_is_tokenized(tok):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             big = asyncio.create_task(client.post("/v1/chat/completions", content=raw))
             while not watched.started.is_set():
+                assert not big.done(), f"the request ended before its chat was encoded: {(await big).text[:500]}"
                 await asyncio.sleep(0.005)
             latencies = []
             for _ in range(5):
@@ -519,44 +603,58 @@ async def _chunked(raw: bytes) -> AsyncIterator[bytes]:
         yield raw[i:i + 64 * 1024]
 
 
-def _check(response: httpx.Response, kind: str, raw: bytes) -> None:
-    where = f"{kind} body {raw[:300]!r}"
+def _check(response: httpx.Response, kind: str, raw: bytes, path: str = CHAT) -> None:
+    where = f"{kind} body for {path}: {raw[:300]!r}"
     assert response.status_code < 500, f"{response.status_code} {response.text[:500]} for {where}"
     if response.status_code != 200:
         error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, f"{error} for {where}"
         assert isinstance(error["message"], str) and isinstance(error["type"], str), where
         assert not INTERNALS.search(error["message"]), f"{error['message']} for {where}"
         return
+    obj = "chat.completion" if path == CHAT else "text_completion"
     if response.headers["content-type"].startswith("text/event-stream"):
         events = [block.removeprefix("data: ") for block in response.text.split("\n\n") if block]
         assert events[-1] == "[DONE]", where
-        assert all("error" not in json.loads(e) for e in events[:-1]), f"{response.text[:500]} for {where}"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all("error" not in c for c in chunks), f"{response.text[:500]} for {where}"
+        assert all(c["object"] == (obj + ".chunk" if path == CHAT else obj) for c in chunks), where
     else:
-        assert response.json()["object"] == "chat.completion", where
+        assert response.json()["object"] == obj, where
 
 
-@pytest.mark.e2e  # the HTTP stack over a real engine
-def test_fuzzed_bodies_never_get_a_5xx_and_leave_the_engine_clean(tiny_dir, caplog):
+@pytest.fixture(scope="module")
+def fuzz_app(tiny_dir) -> Iterator[tuple[Any, AsyncEngine]]:
+    """The API over a real tiny engine with the grammar guide (so tool and schema requests reach it)."""
     loaded = load_model(tiny_dir, "fp32")
-    tokenizer = load_tokenizer(resolve_tokenizer_version(loaded.config))
+    version = resolve_tokenizer_version(loaded.config)
+    tokenizer = load_tokenizer(version)
 
     def factory() -> LLMEngine:
         cache = 512 * kv_bytes_per_block(loaded.config, 16, torch.float32)
-        return LLMEngine(loaded.model, tokenizer.decode, tokenizer.eos_id, EngineConfig(kv_cache_bytes=cache))
+        return LLMEngine(loaded.model, tokenizer.decode, tokenizer.eos_id, EngineConfig(kv_cache_bytes=cache),
+                         GrammarGuide.for_tokenizer(version))
 
     front = AsyncEngine(factory)
     app = build_api(EngineBackend(front), tokenizer, MODEL, loaded.config.max_position_embeddings,
                     SamplingDefaults.for_model(loaded.config))
-    statuses: dict[int, int] = {}
+    yield app, front
+    front.shutdown()
 
-    @settings(max_examples=2000, derandomize=True, deadline=None, database=None,
+
+def _fuzz(app, front: AsyncEngine, strategy: st.SearchStrategy, examples: int, caplog) -> dict[int, int]:
+    """Posts `examples` bodies drawn from `strategy` ((kind, path, raw) triples), each checked by `_check`; then
+    the server must answer /health with 200 and hold no request or block. Returns how many of each (kind, status)."""
+    statuses: dict[tuple[str, int], int] = {}
+
+    @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
-    @given(bodies(), st.booleans())
-    def post(made: tuple[str, bytes], chunked: bool) -> None:
-        kind, raw = made
-        response = asyncio.run(_post_raw(app, _chunked(raw) if chunked else raw))
-        _check(response, kind, raw)
-        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+    @given(strategy, st.booleans())
+    def post(made: tuple[str, str, bytes], chunked: bool) -> None:
+        kind, path, raw = made
+        response = asyncio.run(_post_raw(app, _chunked(raw) if chunked else raw, path=path))
+        _check(response, kind, raw, path)
+        statuses[kind, response.status_code] = statuses.get((kind, response.status_code), 0) + 1
 
     async def health_and_stats() -> tuple[httpx.Response, dict]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -568,15 +666,243 @@ def test_fuzzed_bodies_never_get_a_5xx_and_leave_the_engine_clean(tiny_dir, capl
                 return health, stats
             await asyncio.sleep(0.01)
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="cluster"):
-            post()
-        health, stats = asyncio.run(health_and_stats())
-    finally:
-        front.shutdown()
-    assert sum(statuses.values()) >= 2000, statuses
-    assert statuses.get(200, 0) >= 100 and len(statuses) >= 3, statuses  # the mix reached the engine and refusals
+    with caplog.at_level(logging.WARNING, logger="cluster"):
+        post()
+    health, stats = asyncio.run(health_and_stats())
+    assert sum(statuses.values()) >= examples, statuses
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert stats["running"] == 0 and stats["free_blocks"] == stats["total_blocks"], stats
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
         [r.getMessage() for r in caplog.records]
+    return statuses
+
+
+@pytest.mark.e2e  # the HTTP stack over a real engine
+def test_fuzzed_bodies_never_get_a_5xx_and_leave_the_engine_clean(fuzz_app, caplog):
+    counts = _fuzz(*fuzz_app, bodies().map(lambda made: (made[0], CHAT, made[1])), 1500, caplog)
+    statuses = {status: sum(n for (_, s), n in counts.items() if s == status) for _, status in counts}
+    assert statuses.get(200, 0) >= 100 and len(statuses) >= 3, statuses  # the mix reached the engine and refusals
+
+
+# -- fuzz: tools, tool_choice, response_format, logit_bias, nulls, and /v1/completions (issue 17) ------------------
+VOCAB = 32768  # the v3 tokenizer's
+TOOL_NAMES = ["get_weather", "f", "a-b_c", "x" * 64]
+BAD_NAMES = ["", "x" * 65, "has space", "naïve", "a.b", 5, None]
+_DEEP: dict = {}
+for _ in range(100):
+    _DEEP = {"type": "object", "properties": {"a": _DEEP}}
+BAD_SCHEMAS = [{"type": "no-such-type"}, {"type": 5}, {"properties": []}, {"type": "object", "required": ["missing"]},
+               {"$ref": "#/$defs/nowhere"}, {"type": "string", "pattern": "("}, {"type": "string", "pattern": "[a-"},
+               {"type": "string", "minLength": 5, "maxLength": 2}, {"type": "integer", "minimum": 5, "maximum": 1},
+               {"enum": []}, {"allOf": [{"type": "string"}, {"type": "integer"}]}, {"not": {}},
+               {"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"},
+               {"type": "string", "format": "date-time"}, {"type": ["string", "null"]},
+               {"type": "number", "minimum": 1e308},
+               {"type": "object", "additionalProperties": {"type": "integer"}}, {"oneOf": [{"type": "string"}] * 2},
+               {"type": "array", "prefixItems": [{"type": "integer"}], "items": False}, {"if": {}, "then": {}},
+               {"type": "object", "properties": {"a" * 10_000: {}}}, {"type": "object", "minProperties": 3},
+               {"type": "string", "minLength": 10_000}, _DEEP, [], "string", 5, None, True]
+good_schemas = st.recursive(
+    st.sampled_from([{"type": "string", "maxLength": 8}, {"type": "integer", "minimum": 0, "maximum": 9},
+                     {"type": "boolean"}, {"enum": ["a", "b", 3]}, {"type": "null"}, {"type": "number"},
+                     {"const": "x"}, {}]),
+    lambda inner: st.one_of(
+        st.dictionaries(st.sampled_from(["a", "b", "c d", "é", ""]), inner, max_size=3).map(
+            lambda props: {"type": "object", "properties": props, "required": sorted(props)[:1],
+                           "additionalProperties": False}),
+        inner.map(lambda item: {"type": "array", "items": item, "maxItems": 2}),
+        st.lists(inner, min_size=1, max_size=2).map(lambda items: {"anyOf": items})),
+    max_leaves=6)
+schemas = st.one_of(good_schemas, good_schemas, st.sampled_from(BAD_SCHEMAS), values)
+tool = st.fixed_dictionaries(
+    {"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": st.sampled_from(TOOL_NAMES)},
+        optional={"description": text, "parameters": schemas, "strict": st.one_of(st.booleans(), st.none())})})
+bad_tool = st.one_of(
+    values,
+    tool.flatmap(lambda t: st.sampled_from(["type", "function"]).flatmap(
+        lambda key: values.map(lambda v: {**t, key: v}))),
+    tool.flatmap(lambda t: st.sampled_from(BAD_NAMES).map(
+        lambda name: {**t, "function": {**t["function"], "name": name}})))
+tools = st.one_of(st.lists(tool, min_size=1, max_size=3), st.lists(st.one_of(tool, bad_tool), min_size=1, max_size=3),
+                  st.just([{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]), values)
+tool_choices = st.one_of(
+    st.sampled_from(["none", "auto", "required", "any", "", "REQUIRED", None]),
+    st.sampled_from(TOOL_NAMES + ["missing"]).map(lambda n: {"type": "function", "function": {"name": n}}),
+    st.sampled_from([{}, {"type": "function"}, {"type": "function", "function": {}},
+                     {"type": "function", "function": {"name": 5}}, {"type": "tool", "function": {"name": "f"}},
+                     {"function": {"name": "f"}}]),
+    values)
+response_formats = st.one_of(
+    st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "xml"}, {"type": "json_schema"}, {},
+                     {"type": None}, "json", {"type": "json_schema", "json_schema": {"name": "s"}}]),
+    st.builds(lambda name, schema, strict: {"type": "json_schema",
+                                            "json_schema": {"name": name, "schema": schema, "strict": strict}},
+              st.sampled_from(TOOL_NAMES + BAD_NAMES), schemas, st.one_of(st.booleans(), st.none(), values)),
+    values)
+BIAS_KEYS = ["0", "1", "2", "13", "32767", "32768", "999999999", "9999999999", "-1", "1.5", "abc", "", " 12",
+             "\uff11\uff12", "0x1f"]
+bias_values = st.one_of(st.floats(-100, 100), st.integers(-100, 100),
+                        st.sampled_from([-100.5, 101, 1e308, -1e308, "5", None, True, [], {}]))
+logit_biases = st.one_of(st.dictionaries(st.sampled_from(BIAS_KEYS), bias_values, max_size=4),
+                         st.just({str(i): 1 for i in range(301)}), values)
+CALL_ID = "call_DdmO9pD3xa9XTPNJ32zg2hcA"
+TOOL_CHAT = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": CALL_ID, "type": "function",
+                  "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+             {"role": "tool", "tool_call_id": CALL_ID, "name": "get_weather", "content": "22C"}]
+
+
+@st.composite
+def tool_chats(draw: st.DrawFn) -> list:
+    """A chat holding an OpenAI-style tool call and its result, possibly with one field of one message changed."""
+    messages = [dict(m) for m in TOOL_CHAT]
+    if draw(st.booleans()):
+        i = draw(st.integers(0, len(messages) - 1))
+        field = draw(st.sampled_from(MESSAGE_FIELDS + ["tool_call_id", "tool_calls"]))
+        messages[i][field] = draw(st.one_of(values, st.sampled_from(["call_other", "a1B2c3D4e", "", CALL_ID]),
+                                            st.sampled_from(["developer", "function", "tool", "system"])))
+    return messages
+
+
+# Nullable fields: each may come as an explicit null (the openai SDK sends null for None).
+CHAT_NULLABLE = ["n", "stream", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "temperature",
+                 "top_p", "seed", "stop", "stream_options", "user", "max_completion_tokens", "logit_bias",
+                 "parallel_tool_calls", "top_k", "min_p", "ignore_eos", "model"]
+COMPLETION_NULLABLE = ["prompt", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "stream",
+                       "stream_options", "logprobs", "echo", "suffix", "best_of", "frequency_penalty",
+                       "presence_penalty", "logit_bias", "ignore_eos", "user", "model"]
+
+
+def nullable_or(strategy: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(st.none(), strategy)
+
+
+good_biases = st.dictionaries(st.integers(0, VOCAB - 1).map(str), st.floats(-100, 100) | st.integers(-100, 100),
+                              max_size=5)
+sampling = {"temperature": nullable_or(st.floats(0, 2)), "top_p": nullable_or(st.floats(0, 1)),
+            "top_k": nullable_or(st.integers(-1, 50)), "min_p": nullable_or(st.floats(0, 1)),
+            "n": nullable_or(st.integers(1, 2)), "seed": nullable_or(st.integers(0, 2**32)),
+            "stop": nullable_or(st.lists(text.filter(bool), max_size=2)), "frequency_penalty": nullable_or(
+                st.floats(-2, 2)), "presence_penalty": nullable_or(st.floats(-2, 2)), "logit_bias": good_biases,
+            "ignore_eos": nullable_or(st.booleans()), "user": nullable_or(text)}
+# max_tokens: mostly tiny, sometimes enough for a short call or JSON value to complete (and be parsed)
+budgets = st.sampled_from([1, 2, 6])
+good_tools = st.lists(st.builds(lambda name, params: {"type": "function", "function": {"name": name,
+                                                                                      "parameters": params}},
+                                st.sampled_from(TOOL_NAMES), good_schemas.filter(lambda sc: "properties" in sc)),
+                      min_size=1, max_size=3, unique_by=lambda t: t["function"]["name"])
+
+
+@st.composite
+def good_chat(draw: st.DrawFn, mode: str) -> dict:
+    """A chat body the API should accept: tools with a valid tool_choice, a JSON response_format, or neither."""
+    body = draw(st.fixed_dictionaries(
+        {"model": st.just(MODEL), "messages": st.one_of(chats, st.just(TOOL_CHAT)), "max_tokens": budgets},
+        optional={**sampling, "stream": nullable_or(st.booleans()), "logprobs": st.just(True),
+                  "top_logprobs": nullable_or(st.integers(0, 2))}))
+    if body.get("stream"):
+        body["stream_options"] = draw(nullable_or(st.fixed_dictionaries({"include_usage": st.booleans()})))
+    if mode == "tools":
+        body["tools"] = draw(good_tools)
+        names = [t["function"]["name"] for t in body["tools"]]
+        body["tool_choice"] = draw(st.sampled_from(["auto", "none", "required", None] + [
+            {"type": "function", "function": {"name": n}} for n in names]))
+        body["parallel_tool_calls"] = draw(nullable_or(st.booleans()))
+    elif mode == "json_schema":
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "out", "schema": draw(good_schemas), "strict": draw(nullable_or(st.booleans()))}}
+    elif mode == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    for name in draw(st.lists(st.sampled_from(CHAT_NULLABLE), max_size=4, unique=True)):
+        body[name] = None
+    return _consistent(body)
+
+
+def _consistent(body: dict) -> dict:
+    """Without what OpenAI refuses once nulls replaced values: top_logprobs without logprobs, stream_options
+    without stream."""
+    if not body.get("logprobs") and body.get("top_logprobs"):
+        del body["top_logprobs"]
+    if not body.get("stream") and body.get("stream_options") is not None:
+        del body["stream_options"]
+    return body
+
+
+@st.composite
+def good_completion(draw: st.DrawFn) -> dict:
+    prompt = st.one_of(text, st.lists(text, min_size=1, max_size=1), st.lists(st.integers(0, VOCAB - 1), min_size=1,
+                                                                             max_size=5),
+                       st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=5).map(lambda ids: [ids]))
+    body = draw(st.fixed_dictionaries(
+        {"model": st.just(MODEL), "prompt": prompt, "max_tokens": budgets},
+        optional={**sampling, "logprobs": nullable_or(st.integers(0, 5)), "echo": st.sampled_from([False, None]),
+                  "suffix": st.sampled_from(["", None]), "best_of": st.sampled_from([1, None]),
+                  "stream": nullable_or(st.booleans()), "cache_salt": text.filter(bool)}))
+    if body.get("stream"):
+        body["stream_options"] = draw(nullable_or(st.fixed_dictionaries({"include_usage": nullable_or(
+            st.booleans())})))
+    for name in draw(st.lists(st.sampled_from(COMPLETION_NULLABLE), max_size=4, unique=True)):
+        body[name] = None
+    return _consistent(body)
+
+
+bad_chat = st.fixed_dictionaries(
+    {"model": st.just(MODEL), "messages": st.one_of(chats, tool_chats()), "max_tokens": st.integers(1, 3)},
+    optional={"tools": tools, "tool_choice": tool_choices, "parallel_tool_calls": nullable_or(st.booleans() | values),
+              "response_format": response_formats, "logit_bias": logit_biases,
+              "top_k": nullable_or(st.integers(-2, 50) | values), "min_p": nullable_or(st.floats(0, 1) | values),
+              "ignore_eos": nullable_or(st.booleans() | values), "stream": nullable_or(st.booleans()),
+              "n": nullable_or(st.integers(1, 2)), "seed": nullable_or(st.integers(0, 2**32))})
+prompts = st.one_of(text, st.lists(text, min_size=1, max_size=2), st.lists(st.integers(-1, VOCAB), max_size=5),
+                    st.lists(st.lists(st.integers(0, VOCAB - 1), max_size=4), max_size=2), st.sampled_from(NASTY),
+                    st.none(), values)
+bad_completion = st.fixed_dictionaries(
+    {"model": st.just(MODEL), "prompt": prompts, "max_tokens": st.integers(1, 3)},
+    optional={"logprobs": st.one_of(st.none(), st.integers(-1, 6), st.booleans(), values),
+              "echo": st.one_of(st.none(), st.booleans(), values), "suffix": st.one_of(st.none(), text, values),
+              "best_of": st.one_of(st.none(), st.integers(0, 3), values), "logit_bias": logit_biases,
+              "stream": nullable_or(st.booleans()), "stream_options": nullable_or(values),
+              "top_k": nullable_or(st.integers(-2, 50) | values), "n": nullable_or(st.integers(1, 2))})
+NEW_KINDS = ["tools", "tools", "json_schema", "json_object", "plain", "completion", "completion", "bad chat",
+             "bad completion", "field", "bytes"]
+
+
+@st.composite
+def new_field_bodies(draw: st.DrawFn) -> tuple[str, str, bytes]:
+    """(kind, route, body): a chat body using the fields of issue 17 (valid, or with malformed tools, tool_choice,
+    response_format schemas and logit_bias), a /v1/completions body (valid or not), or a valid one of either with
+    one field replaced by any JSON value ("field") or a few bytes edited ("bytes")."""
+    kind = draw(st.sampled_from(NEW_KINDS))
+    if kind in ("field", "bytes"):
+        path = draw(st.sampled_from([CHAT, COMPLETIONS]))
+        body = draw(good_chat(draw(st.sampled_from(["tools", "json_schema"]))) if path == CHAT else good_completion())
+    else:
+        path = COMPLETIONS if kind.endswith("completion") else CHAT
+        if kind == "completion":
+            body = draw(good_completion())
+        elif kind.startswith("bad"):
+            body = draw(bad_chat if path == CHAT else bad_completion)
+        else:
+            body = draw(good_chat(kind))
+    if kind == "field":
+        body[draw(st.sampled_from(sorted(body) + ["unknown"]))] = draw(values)
+    raw = _dumps(body, ensure_ascii=draw(st.booleans()))
+    if kind == "bytes":
+        for _ in range(draw(st.integers(1, 3))):
+            at = draw(st.integers(0, len(raw)))
+            cut = draw(st.integers(0, 4))
+            raw = raw[:at] + draw(st.sampled_from(SNIPPETS) | st.binary(max_size=4)) + raw[at + cut:]
+    return kind, path, raw
+
+
+@pytest.mark.e2e  # the HTTP stack over a real engine
+def test_fuzzed_tool_schema_bias_null_and_completion_bodies_never_get_a_5xx(fuzz_app, caplog):
+    counts = _fuzz(*fuzz_app, new_field_bodies(), 1000, caplog)
+    # Each kind of valid body reached the engine, and each kind of bad one was refused, many times over.
+    for kind in ("tools", "json_schema", "json_object", "plain", "completion"):
+        assert counts.get((kind, 200), 0) >= 25, counts
+        assert counts.get((kind, 400), 0) == 0, counts  # a valid body is never refused
+    for kind in ("bad chat", "bad completion", "field", "bytes"):
+        assert counts.get((kind, 400), 0) >= 25, counts

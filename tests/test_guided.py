@@ -86,6 +86,21 @@ def test_a_forced_tool_call_starts_with_the_control_token(make_engine, tok):
     _check_person(call["arguments"])
 
 
+def test_parallel_tool_calls_close_the_array_before_max_tokens_runs_out(make_engine):
+    """Calls are long and forced once begun: steering must stop starting new ones while one more would not fit."""
+    calls = {"type": "array", "minItems": 1, "x-guidance": _FIXED,
+             "items": {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                       "properties": {"name": {"const": "get_weather"}, "arguments": PERSON}}}
+    grammar = llguidance.LLMatcher.grammar_from_lark(f'start: <TOOL_CALLS> " " calls\ncalls: %json {json.dumps(calls)}')
+    requests = {f"s{seed}": (_prompt(seed), SamplingParams(max_tokens=60, temperature=1.0, seed=seed, grammar=grammar))
+                for seed in range(12)}
+    for rid, r in sorted(_run(make_engine(guided=True), requests).items()):
+        parsed = json.loads(r["text"])
+        assert r["finish"] == "stop" and len(parsed) >= 1, (rid, r)
+        for call in parsed:
+            _check_person(call["arguments"])
+
+
 def test_a_guided_seeded_choice_is_the_same_alone_and_in_a_mixed_batch(make_engine):
     grammar = _json(PERSON)
     target = SamplingParams(max_tokens=40, temperature=0.8, seed=11, grammar=grammar)

@@ -165,6 +165,13 @@ def test_logit_bias_adds_to_the_logits_before_everything_else():
     assert Sampler()(torch.tensor([LOGITS]), [_row(temperature=0)]).token_ids == [1]
 
 
+@pytest.mark.parametrize("temperature", [1e-50, 1e-6])
+def test_a_vanishing_temperature_samples_greedily_instead_of_overflowing(temperature):
+    row = SamplingRow(SamplingParams(temperature=temperature, seed=1), [], make_generator(1))
+    assert row.params.greedy
+    assert Sampler()(torch.tensor([LOGITS]), [row]).token_ids == [1]
+
+
 def test_a_mask_allowing_nothing_is_an_error():
     with pytest.raises(ValueError, match="allows no token"):
         Sampler()(torch.tensor([LOGITS]), [SamplingRow(SamplingParams(), [], make_generator(0), _allow())])

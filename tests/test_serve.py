@@ -72,6 +72,34 @@ def test_http_chat_completion_and_stream_match_single_process(served, tiny_dir):
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_a_forced_tool_call_and_a_json_schema_reply_through_the_serve_app(served):
+    """The grammar guide inside the AttentionRouter's engine: a required tool call whose arguments validate against
+    its schema, and a json_schema reply that does, with the openai SDK (the random model cannot do either alone)."""
+    import json
+
+    import openai
+
+    from tests.test_openai_sdk import ASK, SCHEMAS, TOOLS, check_schema
+
+    url, _ = served
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120) as client:
+        model = client.models.list().data[0].id
+        r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="required",
+                                           max_tokens=64, seed=11, temperature=1.0)
+        assert r.choices[0].finish_reason == "tool_calls", r
+        calls = r.choices[0].message.tool_calls
+        assert calls and all(c.function.name in SCHEMAS for c in calls), calls
+        for call in calls:
+            check_schema(json.loads(call.function.arguments), SCHEMAS[call.function.name], call.function.name)
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                  "required": ["city", "days"], "additionalProperties": False}
+        fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": schema, "strict": True}}
+        r = client.chat.completions.create(model=model, messages=ASK, response_format=fmt, max_tokens=64, seed=2,
+                                           temperature=1.0)
+        check_schema(json.loads(r.choices[0].message.content), schema, "json_schema reply")
+
+
 def test_killed_shard_gives_503s_then_the_unit_recovers(served):
     url, router = served
     info = router.shard_info.remote().result()

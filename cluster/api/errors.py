@@ -13,11 +13,14 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
 _RETRY_LATER = (429, 503)
-_CLOSE = (408, 413)  # answered before the body was read: the connection cannot be reused
+_CLOSE = (408, 413)
+_TAGGED_UNIONS = {"response_format"}  # request fields whose pydantic error locations carry the union's tag  # answered before the body was read: the connection cannot be reused
 
 # Pydantic's words for these name our model classes ("instance of ChatMessage"); clients see JSON's.
 _MESSAGES = {"model_type": "Input should be a JSON object", "model_attributes_type": "Input should be a JSON object",
-             "dict_type": "Input should be a JSON object"}
+             "dict_type": "Input should be a JSON object",
+             "union_tag_not_found": "Input should be an object with a \"type\" field",
+             "union_tag_invalid": "Input should have a known \"type\""}
 
 
 class APIError(Exception):
@@ -66,13 +69,20 @@ def _cut(text: str) -> str:
 
 
 def _param(loc: tuple) -> str:
-    """('messages', 0, 'role') -> 'messages[0].role'; pydantic's union-branch names are left out."""
+    """('messages', 0, 'role') -> 'messages[0].role'; pydantic's union-branch names and the tags of discriminated
+    unions (('response_format', 'json_schema', 'json_schema', 'name') -> 'response_format.json_schema.name') are
+    left out."""
     out = ""
+    tag_next = False
     for part in loc:
+        if tag_next:
+            tag_next = False
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         elif not _is_union_branch(part):
             out += f".{part}" if out else part
+            tag_next = part in _TAGGED_UNIONS
     return out
 
 

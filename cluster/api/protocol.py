@@ -1,27 +1,41 @@
 """OpenAI chat-completions request and response models, with OpenAI's ranges; unknown request fields are ignored.
 
-A request that validates is one the chat template can encode: every field has a fixed shape (no free-form JSON
-reaches the tokenizer), roles carry the fields they need, and lists stop at their first bad item (`fail_fast`), so a
-body of a million bad items costs one error, not a million.
+A request that validates is one the chat template can encode: fields have fixed shapes (the only free-form JSON is a
+tool's parameters and a response_format's schema: JSON schemas, which grammars.py bounds before it compiles them),
+roles carry the fields they need, and lists stop at their first bad item (`fail_fast`), so a body of a million bad
+items costs one error, not a million. Integers and booleans are strict, and every optional field takes an explicit
+null for its default, as the openai SDK sends them.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationInfo, field_validator,
+                      model_serializer, model_validator)
 
-from cluster.engine.sampling_params import MAX_CACHE_SALT_CHARS, MAX_TOP_LOGPROBS, SamplingDefaults, SamplingParams
+from cluster.engine.sampling_params import (LOGIT_BIAS_RANGE, MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS,
+                                            SamplingDefaults, SamplingParams)
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 128
 MAX_MODEL_NAME_CHARS = 256
+MAX_TOOLS = 128  # OpenAI's bound
+MAX_TOOL_ID_CHARS = 256
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+_MAX_TOKEN_ID_DIGITS = 9
 # top_p == 0 (allowed by OpenAI) keeps only the most likely token; the sampler needs a positive mass.
 _MIN_TOP_P = 1e-9
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # 1e400 parses as inf: not a number we take
+
+
+# "5" and 5.0 are not 5, 1 is not true; floats take integers (JSON's 1 is a number) but not strings.
+Int = StrictInt
+Bool = StrictBool
+Float = Annotated[float, Strict()]
 
 
 # -- request -------------------------------------------------------------------------------------------------------
@@ -36,51 +50,125 @@ class FunctionCall(_Request):
 
 
 class ToolCall(_Request):
-    id: str
+    id: str = Field(min_length=1, max_length=MAX_TOOL_ID_CHARS)
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | Annotated[list[TextPart], Field(fail_fast=True)] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # Checked even when left out (validate_default): a missing content is named as messages[i].content.
+    content: str | Annotated[list[TextPart], Field(fail_fast=True)] | None = Field(default=None,
+                                                                                    validate_default=True)
     name: str | None = None
-    tool_call_id: str | None = None
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=MAX_TOOL_ID_CHARS)
     tool_calls: Annotated[list[ToolCall], Field(fail_fast=True)] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, content: str | list[TextPart] | None, info: ValidationInfo) -> str | list[TextPart] | None:
+        role = info.data.get("role")
+        if content is None and role not in ("assistant", None):
+            raise ValueError(f"a {role} message needs content (a string or a list of text parts), got null")
+        return content
 
     @model_validator(mode="after")
     def _check_role_fields(self) -> "ChatMessage":
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
         if self.role == "tool" and self.tool_call_id is None:
             raise ValueError("a tool message needs tool_call_id")
+        if self.role == "assistant" and self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
         return self
 
-    def to_tokenizer(self) -> dict[str, Any]:
-        """The OpenAI-style dict `Tokenizer.encode_chat` takes."""
-        return self.model_dump(exclude_none=True)
+    def to_tokenizer(self, tool_id: Callable[[str], str]) -> dict[str, Any]:
+        """The OpenAI-style dict `Tokenizer.encode_chat` takes: the developer role is a system message (the
+        templates have no other place for it), and client tool-call ids become the model's (`tool_id`)."""
+        message = self.model_dump(exclude_none=True)
+        if self.role == "developer":
+            message["role"] = "system"
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = tool_id(self.tool_call_id)
+        for call in message.get("tool_calls", []):
+            call["id"] = tool_id(call["id"])
+        return message
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: Bool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def to_dict(self) -> dict[str, Any]:
+        """OpenAI's tool dict, as mistral-common and the tool-call grammar take it."""
+        function: dict[str, Any] = {"name": self.function.name,
+                                    "parameters": self.function.parameters or {"type": "object", "properties": {}}}
+        if self.function.description is not None:
+            function["description"] = self.function.description
+        return {"type": "function", "function": function}
+
+
+_TOOL_CHOICE_FORMS = 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+
+
+class JSONSchemaFormat(_Request):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: Bool | None = None
+
+
+class TextFormat(_Request):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")]
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: Bool | None = None
 
 
 class ChatCompletionRequest(_Request):
+    """Every optional field also takes an explicit null, meaning its default (the openai SDK sends null for None)."""
+
     model: str | None = Field(default=None, max_length=MAX_MODEL_NAME_CHARS)
     messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
-    max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI: max_completion_tokens wins
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    max_tokens: Int | None = Field(default=None, ge=1)  # deprecated by OpenAI: max_completion_tokens wins
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Float | None = Field(default=None, ge=0, le=2)
+    top_p: Float | None = Field(default=None, ge=0, le=1)
+    top_k: Int | None = Field(default=None, ge=-1)  # vLLM's: 0 or -1 disables it
+    min_p: Float | None = Field(default=None, ge=0, le=1)
+    n: Int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     stop: str | Annotated[list[str], Field(fail_fast=True)] | None = None
-    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # None: a fresh random seed
-    stream: bool = False
+    seed: Int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # None: a fresh random seed
+    stream: Bool | None = None
     stream_options: StreamOptions | None = None
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    frequency_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, Float] | None = None
+    ignore_eos: Bool | None = None
+    logprobs: Bool | None = None
+    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS, fail_fast=True)] | None = None
+    tool_choice: Any = None  # checked below, so a bad one gets one error that names every form
+    parallel_tool_calls: Bool | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
     # vLLM's name: a request reuses cached prompt blocks only of requests with the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
@@ -95,12 +183,71 @@ class ChatCompletionRequest(_Request):
             raise ValueError("stop sequences must not be empty strings")
         return stop
 
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return options
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is None:
+            return None
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+        for key, value in bias.items():
+            if not (key.isascii() and key.isdigit() and len(key) <= _MAX_TOKEN_ID_DIGITS):
+                raise ValueError(f"logit_bias keys must be token ids as strings (\"1234\"), got {key[:40]!r}")
+            if not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+                raise ValueError(f"logit_bias values must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], "
+                                 f"got {value:g} for token {key}")
+        return bias
+
     @field_validator("top_logprobs")
     @classmethod
     def _check_top_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
         if top and not info.data.get("logprobs"):
             raise ValueError("logprobs must be true when top_logprobs is set")
         return top
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, choice: Any, info: ValidationInfo) -> str | None:
+        """None (left out), "none", "auto", "required", or the name of the function the model must call."""
+        if choice is None or choice in ("none", "auto", "required"):
+            named = None
+        elif (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+              and isinstance(choice["function"].get("name"), str)):
+            named = choice["function"]["name"]
+        else:
+            raise ValueError(_TOOL_CHOICE_FORMS)
+        tools = info.data.get("tools") or []
+        if choice in ("required",) or named is not None:
+            if not tools:
+                raise ValueError(f"tool_choice {_choice_text(choice)} needs tools")
+            if named is not None and named not in {t.function.name for t in tools}:
+                raise ValueError(f"tool_choice names the function {named[:64]!r}, which is not in tools")
+        return named if named is not None else choice
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, tools: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        names = [t.function.name for t in tools or []]
+        if len(set(names)) < len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"tools must have distinct function names: {dup!r} appears more than once")
+        return tools
+
+    # -- what the fields mean, defaults applied --------------------------------------------------------------------
+    @property
+    def choices(self) -> int:
+        return 1 if self.n is None else self.n
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:
@@ -110,19 +257,53 @@ class ChatCompletionRequest(_Request):
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
 
-    def to_sampling_params(self, defaults: SamplingDefaults, context_left: int) -> SamplingParams:
+    @property
+    def tool_mode(self) -> str:
+        """How the model may call tools: "none" (tools left out of the prompt), "auto", "required" or "named"."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice in (None, "auto", "required"):
+            return self.tool_choice or "auto"
+        return "named"
+
+    @property
+    def named_tool(self) -> str | None:
+        return self.tool_choice if self.tool_mode == "named" else None
+
+    @property
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools the prompt offers (none for tool_choice "none")."""
+        return [] if self.tool_mode == "none" else [t.to_dict() for t in self.tools or []]
+
+    def logit_bias_pairs(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        """(token id, bias) sorted by id; ValueError for an id outside the vocabulary."""
+        pairs = sorted((int(k), v) for k, v in (self.logit_bias or {}).items())
+        bad = [i for i, _ in pairs if i >= vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias names token {bad[0]}, outside the vocabulary (ids 0..{vocab_size - 1})")
+        return tuple(pairs)
+
+    def to_sampling_params(self, defaults: SamplingDefaults, context_left: int, grammar: str | None = None,
+                           logit_bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
         """The engine's parameters, `defaults` for those left out (max_tokens clipped to the `context_left` after
         the prompt); raises ValueError for values the engine refuses."""
         default_max_tokens = max(1, min(defaults.max_tokens, context_left))
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         temperature = defaults.temperature if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else max(self.top_p, _MIN_TOP_P)
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=self.n,
-                              seed=self.seed, stop=self.stop_sequences, frequency_penalty=self.frequency_penalty,
-                              presence_penalty=self.presence_penalty, logprobs=self.logprobs,
-                              top_logprobs=self.top_logprobs or 0, cache_salt=self.cache_salt)
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                              top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0, n=self.choices,
+                              seed=self.seed, stop=self.stop_sequences,
+                              frequency_penalty=self.frequency_penalty or 0.0,
+                              presence_penalty=self.presence_penalty or 0.0, ignore_eos=bool(self.ignore_eos),
+                              logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0,
+                              logit_bias=logit_bias, grammar=grammar, cache_salt=self.cache_salt)
+
+
+def _choice_text(choice: Any) -> str:
+    return f"{choice!r}" if isinstance(choice, str) else "naming a function"
 
 
 # -- responses -----------------------------------------------------------------------------------------------------
@@ -138,11 +319,32 @@ class TokenLogprob(TopLogprob):
 
 class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None  # this server never refuses
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: Any) -> dict[str, Any]:  # OpenAI leaves tool_calls out when there are none
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class Choice(BaseModel):
@@ -168,17 +370,37 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str
     choices: list[Choice]
     usage: Usage
 
 
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class _Sparse(BaseModel):
+    """A delta part: carries only what changed (fields left None are left out)."""
 
     @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: Any) -> dict[str, Any]:  # a delta carries only what changed
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionCallDelta(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDeltaOut(_Sparse):
+    """OpenAI's streamed tool call: the first delta of a call has its id, type and name; later ones add arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
+class DeltaMessage(_Sparse):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDeltaOut] | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -193,6 +415,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
 

@@ -1,61 +1,79 @@
-"""The HTTP API over a `GenerationBackend`: POST /v1/chat/completions (JSON or SSE), GET /v1/models, GET /health.
+"""The HTTP API over a `GenerationBackend`: POST /v1/chat/completions (JSON or SSE), POST /v1/completions
+(completions.py), GET /v1/models[/{id}], GET /health.
 
-A request's body is read under `APILimits` (body.py), then parsed, validated and tokenized on worker threads within
-a time budget (workers.py), so no request stalls the event loop; every way its input can be wrong is a 400.
-Refusals come from the backend as error outputs (see `cluster.api.backend`): the first output of a request is read
-before any response starts, so a refused request gets its OpenAI error JSON and status even when it asked to stream.
-Every way a response can end early (client gone, failed send, cancellation) closes the backend's iterator, which
-aborts the generation.
+A request's body is read under `APILimits` (body.py), then parsed, validated, tokenized and its grammar checked on
+worker threads within a time budget (workers.py), so no request stalls the event loop; every way its input can be
+wrong is a 400. Refusals come from the backend as error outputs (see `cluster.api.backend` and streaming.py).
+
+Tools. A request that offers tools (tool_choice not "none") has them in its prompt; "required" or a named function
+also constrains the output to a call (`tool_call_grammar`). The model starts its calls with the [TOOL_CALLS] control
+token, which decoded text leaves out: each choice watches its token ids for it, and the text after it is read by a
+`ToolCallParser` into `tool_calls` (streamed as OpenAI's tool-call deltas) instead of content.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import hashlib
+import importlib.metadata
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, TypeVar
+from typing import AsyncGenerator, AsyncIterator
 
-import anyio
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from cluster.api.backend import GenerationBackend
 from cluster.api.body import decode_json, read_body
+from cluster.api.completions import CompletionsAPI
 from cluster.api.errors import RETRY_AFTER_S, APIError, error_response, validation_error
+from cluster.api.grammars import GrammarError, check_grammar, json_grammar, tool_call_grammar
 from cluster.api.limits import APILimits
 from cluster.api.prompt import encode_prompt
 from cluster.api.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                                  ChoiceLogprobs, ChunkChoice, DeltaMessage, ModelCard, ModelList,
-                                  PromptTokensDetails, TokenLogprob, TopLogprob, Usage)
+                                  ChoiceLogprobs, ChunkChoice, DeltaMessage, FunctionCallDelta, FunctionCallOut,
+                                  JSONObjectFormat, JSONSchemaResponseFormat, ModelCard, ModelList,
+                                  PromptTokensDetails, TokenLogprob, ToolCallDeltaOut, ToolCallOut, Usage)
+from cluster.api.streaming import (GONE, SSE_DONE, EventStream, close_outputs, failed, first_output, output_error,
+                                   sse, token_logprob, token_text, unless_disconnected)
+from cluster.api.tool_calls import ParsedToolCall, ToolCallDelta, ToolCallParser
 from cluster.api.workers import RequestWorkers
-from cluster.engine.outputs import RequestOutput, TokenLogprobs
+from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingDefaults
 from cluster.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_GONE = 499  # the status answered to a client that disconnected (nginx's): nobody reads it
-T = TypeVar("T")
+
+def system_fingerprint(model_name: str, dtype: str) -> str:
+    """OpenAI's `system_fingerprint`: stable while the model, its dtype and this server's version stay the same."""
+    try:
+        version = importlib.metadata.version("moe-cluster")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from cluster import __version__ as version
+    digest = hashlib.sha256(f"{model_name}\0{dtype}\0{version}".encode()).hexdigest()
+    return f"fp_{digest[:10]}"
 
 
 def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
-              defaults: SamplingDefaults, limits: APILimits = APILimits()) -> Starlette:
+              defaults: SamplingDefaults, limits: APILimits = APILimits(), fingerprint: str | None = None
+              ) -> Starlette:
     """The ASGI app serving `model_name` (the only model; requests naming another get 404) from `backend`;
-    `defaults` fill the sampling parameters a request leaves out, `limits` bound what one request may send."""
-    api = _ChatAPI(backend, tokenizer, model_name, context_len, defaults, limits)
+    `defaults` fill the sampling parameters a request leaves out, `limits` bound what one request may send.
+    `fingerprint` is the responses' system_fingerprint (`system_fingerprint(model, dtype)`)."""
+    fingerprint = fingerprint or system_fingerprint(model_name, "")
+    api = _ChatAPI(backend, tokenizer, model_name, context_len, defaults, limits, fingerprint)
+    # One pool of request workers for both routes: its size bounds the threads any mix of requests can hold.
+    text = CompletionsAPI(backend, tokenizer, model_name, context_len, defaults, limits, api.workers, fingerprint)
     routes = [Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+              Route("/v1/completions", text.create, methods=["POST"]),
               Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
               Route("/health", api.health, methods=["GET"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
@@ -72,15 +90,26 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated request, ready for the backend."""
+
+    req: ChatCompletionRequest
+    prompt: list[int]
+    grammar: str | None
+    logit_bias: tuple[tuple[int, float], ...]
+
+
 class _ChatAPI:
     def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
-                 defaults: SamplingDefaults, limits: APILimits):
+                 defaults: SamplingDefaults, limits: APILimits, fingerprint: str):
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context_len = context_len
         self.defaults = defaults
         self.limits = limits
+        self.fingerprint = fingerprint
         self.workers = RequestWorkers(limits.tokenize_threads, limits.tokenize_budget_s)
         self.created = int(time.time())
 
@@ -91,15 +120,20 @@ class _ChatAPI:
         except APIError as e:
             return e.response()
         except ClientDisconnect:
-            return Response(status_code=_GONE)
+            return Response(status_code=GONE)
         except Exception:
             log.exception("chat completion failed")
             return error_response(500, "internal error while generating the completion")
 
     async def models(self, request: Request) -> Response:
-        card = ModelCard(id=self.model_name, created=self.created, context_length=self.context_len,
-                         max_model_len=self.context_len)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        return JSONResponse(ModelList(data=[self._card()]).model_dump())
+
+    async def model(self, request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        if model_id != self.model_name:
+            return error_response(404, f"the model {model_id!r} does not exist: this server serves "
+                                       f"{self.model_name!r}", "model", "model_not_found")
+        return JSONResponse(self._card().model_dump())
 
     async def health(self, request: Request) -> Response:
         try:
@@ -113,42 +147,74 @@ class _ChatAPI:
         return JSONResponse({"status": h.status, "detail": h.detail, "stats": h.stats}, status_code=503,
                             headers={"Retry-After": str(RETRY_AFTER_S)})
 
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self.model_name, created=self.created, context_length=self.context_len,
+                         max_model_len=self.context_len)
+
     # -- chat completions ------------------------------------------------------------------------------------------
     async def _chat(self, request: Request) -> Response:
         refusal = self.backend.overloaded()  # before the body is read and encoded: a refusal costs nothing
         if refusal is not None:
             raise APIError(429, refusal)
         raw = await read_body(request, self.limits)
-        req, prompt = await self.workers.run(self._prepare, raw)
+        p = await self.workers.run(self._prepare, raw)
+        req = p.req
         try:
-            params = req.to_sampling_params(self.defaults, self.context_len - len(prompt))
+            params = req.to_sampling_params(self.defaults, self.context_len - len(p.prompt), p.grammar, p.logit_bias)
         except ValueError as e:
             raise APIError(400, str(e)) from e
 
-        completion = _Completion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name, len(prompt),
-                                 req.n, req.include_usage, self.tokenizer)
-        outputs = self.backend.generate(completion.id, prompt, params, stream=req.stream)
+        tool_token = self.tokenizer.tool_calls_token if req.tool_mode != "none" else None
+        completion = _Completion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name, self.fingerprint,
+                                 len(p.prompt), req.choices, req.include_usage, self.tokenizer, tool_token)
+        outputs = self.backend.generate(completion.id, p.prompt, params, stream=req.streaming)
         try:
-            first = await _unless_disconnected(request, _first(outputs))  # a long prefill: the client may leave
+            first = await unless_disconnected(request, first_output(outputs))  # a long prefill: the client may leave
         except BaseException:
-            await _close(outputs)
+            await close_outputs(outputs)
             raise
         if first is None:
-            await _close(outputs)
-            return Response(status_code=_GONE)
-        if req.stream:
-            return _EventStream(completion.events(first, outputs), media_type="text/event-stream",
-                                headers=_SSE_HEADERS)
-        response = await _unless_disconnected(request, completion.collect(first, outputs))
-        return Response(status_code=_GONE) if response is None else response
+            await close_outputs(outputs)
+            return Response(status_code=GONE)
+        if req.streaming:
+            return EventStream(completion.events(first, outputs))
+        response = await unless_disconnected(request, completion.collect(first, outputs))
+        return Response(status_code=GONE) if response is None else response
 
-    def _prepare(self, raw: bytes) -> tuple[ChatCompletionRequest, list[int]]:
-        """The request and its prompt; runs on a worker thread (CPU-bound for large bodies)."""
+    def _prepare(self, raw: bytes) -> _Prepared:
+        """The request, its prompt and grammar; runs on a worker thread (CPU-bound for large bodies and schemas)."""
         req = _parse(raw)
         if req.model is not None and req.model != self.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist: this server serves {self.model_name!r}",
                            "model", "model_not_found")
-        return req, encode_prompt(self.tokenizer, req.messages)
+        if req.tool_mode != "none" and self.tokenizer.tool_calls_token is None:
+            raise APIError(400, f"this model's tokenizer ({self.tokenizer.version}) has no tool calls: leave tools "
+                                f"out or set tool_choice to \"none\"", "tools")
+        try:
+            logit_bias = req.logit_bias_pairs(self.tokenizer.vocab_size)
+        except ValueError as e:
+            raise APIError(400, str(e), "logit_bias") from None
+        grammar = self._grammar(req)
+        return _Prepared(req, encode_prompt(self.tokenizer, req.messages, req.tool_dicts), grammar, logit_bias)
+
+    def _grammar(self, req: ChatCompletionRequest) -> str | None:
+        """The grammar the output must match: a forced tool call, else the response_format's JSON, else None."""
+        forced_call = req.tool_mode in ("required", "named")
+        param = "tools" if forced_call else "response_format"
+        fmt = req.response_format
+        try:
+            if forced_call:
+                grammar = tool_call_grammar(req.tool_dicts, req.named_tool, req.parallel_tool_calls is not False)
+            elif isinstance(fmt, JSONObjectFormat):
+                grammar = json_grammar(None)
+            elif isinstance(fmt, JSONSchemaResponseFormat):
+                grammar = json_grammar(fmt.json_schema.schema_ or {"type": "object"})
+            else:
+                return None
+            check_grammar(grammar, self.tokenizer.version)
+        except GrammarError as e:
+            raise APIError(400, f"{param}: {e}", param) from None
+        return grammar
 
 
 def _parse(raw: bytes) -> ChatCompletionRequest:
@@ -161,43 +227,136 @@ def _parse(raw: bytes) -> ChatCompletionRequest:
         raise validation_error(e) from None
 
 
-async def _first(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    """The first output, or the APIError it carries."""
-    try:
-        first = await anext(outputs)
-    except StopAsyncIteration:
-        raise APIError(500, "the backend ended the request without any output") from None
-    if _failed(first):
-        raise _output_error(first)
-    return first
+# -- one choice's outputs: content, logprobs and tool calls ----------------------------------------------------------
+@dataclass
+class _Delta:
+    """What one output adds to its choice."""
 
-
-def _failed(out: RequestOutput) -> bool:
-    return out.error is not None or out.finish_reason in ("error", "abort")
-
-
-def _output_error(out: RequestOutput) -> APIError:
-    if out.finish_reason == "abort" and out.error is None:
-        return APIError(503, "the request was aborted before it finished")
-    return APIError(out.error_status, out.error or "generation failed")
-
-
-async def _close(outputs: AsyncIterator[RequestOutput]) -> None:
-    """Closing the backend's iterator aborts the request if it is still running."""
-    aclose = getattr(outputs, "aclose", None)
-    if aclose is not None:
-        await aclose()
+    content: str
+    logprobs: list[TokenLogprob]
+    tool_calls: list[ToolCallDelta]
 
 
 @dataclass
 class _ChoiceState:
-    text: list[str] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
     cached_tokens: int = 0
+    tools: ToolCallParser | None = None  # set once the model wrote [TOOL_CALLS]
+    calls: list[ParsedToolCall] = field(default_factory=list)  # the parsed calls, once the choice finished
+    streamed: dict[int, str] = field(default_factory=dict)  # call index -> its arguments sent as deltas so far
+    first_token: bool = True  # no content token seen yet: its text lost SentencePiece's leading space
+
+    @property
+    def text(self) -> str:
+        return "".join(self.content)
 
 
+class _ChoiceReader:
+    """Splits a choice's outputs into content (with its logprobs) and tool-call text after [TOOL_CALLS]."""
+
+    def __init__(self, tokenizer: Tokenizer, tool_token: int | None):
+        self.tokenizer = tokenizer
+        self.tool_token = tool_token  # None: the request offered no tools, all text is content
+
+    def read(self, state: _ChoiceState, out: RequestOutput) -> _Delta:
+        content, tool_text, content_ids = out.text, "", out.token_ids
+        if state.tools is not None:
+            content, tool_text, content_ids = "", out.text, []
+        elif self.tool_token is not None and self.tool_token in out.token_ids:
+            k = out.token_ids.index(self.tool_token)
+            content, tool_text = self._split(out.text, out.token_ids[k + 1:])
+            content_ids = out.token_ids[:k]
+            state.tools = ToolCallParser()
+        lps = self._logprobs(state, content_ids, out)
+        deltas = state.tools.feed(tool_text) if state.tools is not None and tool_text else []
+        for d in deltas:
+            state.streamed[d.index] = state.streamed.get(d.index, "") + d.arguments
+        state.content.append(content)
+        state.logprobs.extend(lps)
+        state.completion_tokens = out.completion_tokens
+        state.cached_tokens = out.cached_prompt_tokens
+        state.finish_reason = out.finish_reason
+        if out.finished and state.tools is not None:
+            state.calls, leftover = state.tools.finish()
+            deltas += self._unsent(state)
+            if leftover:  # text after [TOOL_CALLS] that was no call: the client still gets it
+                state.content.append(leftover)
+                content += leftover
+            if state.calls and out.finish_reason == "stop":
+                state.finish_reason = "tool_calls"
+        return _Delta(content, lps, deltas)
+
+    def _split(self, text: str, after_ids: list[int]) -> tuple[str, str]:
+        """An output's text split at [TOOL_CALLS]: (content, tool-call text). An output usually holds one token;
+        merged outputs (non-streamed requests) hold many, and the text of the tokens after the control token is
+        found as the text's end (with or without the leading space SentencePiece drops at a decode's start)."""
+        after = _pieces_text(self.tokenizer, after_ids)
+        for tail in (after, after[1:] if after.startswith(" ") else None):
+            if tail is not None and text.endswith(tail):
+                return text[:len(text) - len(tail)], tail
+        return "", text
+
+    def _logprobs(self, state: _ChoiceState, ids: list[int], out: RequestOutput) -> list[TokenLogprob]:
+        """Logprobs of the content's tokens, whose texts concatenate to the content: control tokens (EOS) are left
+        out, and the first token loses the leading space the content's decode dropped."""
+        lps = []
+        for token_id, lp in zip(ids, out.logprobs):
+            if self.tokenizer.is_control(token_id):
+                continue
+            item = token_logprob(self.tokenizer, token_id, lp)
+            if state.first_token:
+                item = _without_leading_space(self.tokenizer, item, [token_id] + [t for t, _ in lp.top])
+                state.first_token = False
+            lps.append(item)
+        return lps
+
+    @staticmethod
+    def _unsent(state: _ChoiceState) -> list[ToolCallDelta]:
+        """Deltas for what of the final calls was not streamed yet (so streamed calls always add up to them)."""
+        deltas = []
+        for i, call in enumerate(state.calls):
+            sent = state.streamed.get(i)
+            if sent is None:
+                deltas.append(ToolCallDelta(i, call.id, call.name, call.arguments))
+            elif call.arguments.startswith(sent) and len(call.arguments) > len(sent):
+                deltas.append(ToolCallDelta(i, None, None, call.arguments[len(sent):]))
+        return deltas
+
+
+def _pieces_text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """The text of tokens decoded piece by piece, every leading space kept; control tokens left out."""
+    raw = b"".join(bytes(token_text(tokenizer, i)[1]) for i in ids if not tokenizer.is_control(i))
+    return raw.decode("utf-8", errors="replace")
+
+
+def _without_leading_space(tokenizer: Tokenizer, item: TokenLogprob, ids: list[int]) -> TokenLogprob:
+    """The logprob of a choice's first token as its text shows it: SentencePiece drops the word-start space of
+    the first piece a decode reads. `ids`: the token's id, then its top alternatives' (each loses its space too)."""
+    def strip(token_id: int, token: str, raw: list[int] | None) -> tuple[str, list[int] | None]:
+        if tokenizer.piece(token_id).startswith("\u2581") and token.startswith(" "):
+            return token[1:], raw[1:] if raw else raw
+        return token, raw
+
+    token, raw = strip(ids[0], item.token, item.bytes)
+    top = []
+    for token_id, t in zip(ids[1:], item.top_logprobs):
+        t_token, t_raw = strip(token_id, t.token, t.bytes)
+        top.append(t.model_copy(update={"token": t_token, "bytes": t_raw}))
+    return item.model_copy(update={"token": token, "bytes": raw, "top_logprobs": top})
+
+
+def _tool_call_deltas(deltas: list[ToolCallDelta]) -> list[ToolCallDeltaOut] | None:
+    if not deltas:
+        return None
+    return [ToolCallDeltaOut(index=d.index, id=d.id, type="function" if d.id is not None else None,
+                             function=FunctionCallDelta(name=d.name, arguments=d.arguments))
+            for d in deltas]
+
+
+# -- the response ----------------------------------------------------------------------------------------------------
 @dataclass
 class _Completion:
     """One request's response, as one JSON body (`collect`) or as SSE events (`events`)."""
@@ -205,29 +364,34 @@ class _Completion:
     id: str
     created: int
     model: str
+    fingerprint: str
     prompt_tokens: int
     n: int
     include_usage: bool
     tokenizer: Tokenizer
+    tool_token: int | None
+
+    def __post_init__(self) -> None:
+        self.reader = _ChoiceReader(self.tokenizer, self.tool_token)
 
     async def collect(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> Response:
         states = [_ChoiceState() for _ in range(self.n)]
         out: RequestOutput | None = first
         try:
             while out is not None:
-                if _failed(out):
-                    return _output_error(out).response()
-                self._update(states[out.index], out)
+                if failed(out):
+                    return output_error(out).response()
+                self.reader.read(states[out.index], out)
                 out = await anext(outputs, None)
         finally:
-            await _close(outputs)
+            await close_outputs(outputs)
         if any(s.finish_reason is None for s in states):
             return error_response(500, "the backend ended the request before every choice finished")
-        choices = [Choice(index=i, message=AssistantMessage(content="".join(s.text)), finish_reason=s.finish_reason,
+        choices = [Choice(index=i, message=_message(s), finish_reason=s.finish_reason,
                           logprobs=ChoiceLogprobs(content=s.logprobs) if s.logprobs else None)
                    for i, s in enumerate(states)]
-        body = ChatCompletion(id=self.id, created=self.created, model=self.model, choices=choices,
-                              usage=self._usage(states))
+        body = ChatCompletion(id=self.id, created=self.created, model=self.model,
+                              system_fingerprint=self.fingerprint, choices=choices, usage=self._usage(states))
         return JSONResponse(body.model_dump())
 
     async def events(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> AsyncGenerator[str, None]:
@@ -237,34 +401,27 @@ class _Completion:
             for i in range(self.n):
                 yield self._chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
             while out is not None:
-                if _failed(out):
-                    yield _sse(_output_error(out).body())
+                if failed(out):
+                    yield sse(output_error(out).body())
                     break
-                lps = self._update(states[out.index], out)
-                if out.text or lps or out.finished:
-                    delta = DeltaMessage(content=out.text or None)
-                    yield self._chunk([ChunkChoice(index=out.index, delta=delta, finish_reason=out.finish_reason,
-                                                   logprobs=ChoiceLogprobs(content=lps) if lps else None)])
+                state = states[out.index]
+                d = self.reader.read(state, out)
+                if d.content or d.logprobs or d.tool_calls or out.finished:
+                    delta = DeltaMessage(content=d.content or None, tool_calls=_tool_call_deltas(d.tool_calls))
+                    yield self._chunk([ChunkChoice(index=out.index, delta=delta,
+                                                   finish_reason=state.finish_reason if out.finished else None,
+                                                   logprobs=ChoiceLogprobs(content=d.logprobs) if d.logprobs
+                                                   else None)])
                 out = await anext(outputs, None)
             else:
                 if self.include_usage:
                     yield self._chunk([], self._usage(states))
         except Exception:  # the response has started: the error can only be an event
             log.exception("streaming a chat completion failed")
-            yield _sse(APIError(500, "internal error while generating the completion").body())
+            yield sse(APIError(500, "internal error while generating the completion").body())
         finally:
-            await _close(outputs)
-        yield "data: [DONE]\n\n"
-
-    def _update(self, state: _ChoiceState, out: RequestOutput) -> list[TokenLogprob]:
-        """Adds a delta to its choice; returns the delta's logprobs in OpenAI's form."""
-        state.text.append(out.text)
-        lps = [_token_logprob(self.tokenizer, t, lp) for t, lp in zip(out.token_ids, out.logprobs)]
-        state.logprobs.extend(lps)
-        state.completion_tokens = out.completion_tokens
-        state.cached_tokens = out.cached_prompt_tokens
-        state.finish_reason = out.finish_reason
-        return lps
+            await close_outputs(outputs)
+        yield SSE_DONE
 
     def _usage(self, states: list[_ChoiceState]) -> Usage:
         # The prompt is counted once, as OpenAI does for n > 1; choice 0 is the one that computed (or reused) it.
@@ -274,73 +431,14 @@ class _Completion:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=states[0].cached_tokens))
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                    system_fingerprint=self.fingerprint, choices=choices, usage=usage)
         # With include_usage every chunk carries "usage" (null until the last one), as OpenAI sends it.
         return f"data: {chunk.model_dump_json(exclude=None if self.include_usage else {'usage'})}\n\n"
 
 
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-def _token_text(tokenizer: Tokenizer, token_id: int) -> tuple[str, list[int]]:
-    """A token's text and UTF-8 bytes; a byte-fallback piece such as <0xE5> is that byte ("\\xe5" as text)."""
-    piece = tokenizer.piece(token_id)
-    if m := _BYTE_PIECE.fullmatch(piece):
-        raw = bytes([int(m.group(1), 16)])
-        return raw.decode("utf-8", errors="backslashreplace"), list(raw)
-    text = piece.replace("\u2581", " ")  # SentencePiece's word-start marker
-    return text, list(text.encode())
-
-
-def _token_logprob(tokenizer: Tokenizer, token_id: int, lp: TokenLogprobs) -> TokenLogprob:
-    text, raw = _token_text(tokenizer, token_id)
-    top = []
-    for tid, value in lp.top:
-        t, b = _token_text(tokenizer, tid)
-        top.append(TopLogprob(token=t, logprob=value, bytes=b))
-    return TokenLogprob(token=text, logprob=lp.logprob, bytes=raw, top_logprobs=top)
-
-
-# -- ending generation with the response ---------------------------------------------------------------------------
-class _EventStream(StreamingResponse):
-    """SSE that stops generating whenever the response ends: done, client gone, failed send or cancelled."""
-
-    body_iterator: AsyncGenerator[str, None]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as group:
-                async def stream() -> None:
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # ASGI 2.4 servers raise this from send once the client is gone
-                        pass
-                    group.cancel_scope.cancel()
-
-                group.start_soon(stream)
-                await self.listen_for_disconnect(receive)  # any server: receive() says http.disconnect
-                group.cancel_scope.cancel()
-        finally:
-            await self.body_iterator.aclose()
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """`work`'s result, or None when the client disconnects first: then `work` is cancelled (which aborts it)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done() and gone.exception() is not None:  # receive() failed: no news of the client
-            await task
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)  # its cleanup (the abort) has run once this returns
-    return None if task.cancelled() else task.result()
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+def _message(state: _ChoiceState) -> AssistantMessage:
+    calls = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+             for c in state.calls]
+    text = state.text
+    return AssistantMessage(content=None if calls and not text else text, tool_calls=calls or None)

@@ -8,16 +8,18 @@ packed bitmask [M, W] (bit t % 32 of word t // 32 allows token t). On a GPU the 
 each row's token to its matcher; once the grammar is complete the sequence is done.
 
 Running out of tokens. A grammar says what may come next, not how much is left, so a long JSON value cut by
-max_tokens would not parse. When a sequence's remaining budget falls to what closing its JSON could take, the guide
-steers it: among the tokens the grammar allows it forces the one that closes the innermost open string, object or
-array (`"`, `}`, `]`), else one that writes or starts the shortest key or value (`""`, `"`, `0`), and otherwise leaves
-the grammar's mask as it is (a forced key, a boolean). So a JSON output parses unless its schema's required parts alone are longer
-than the budget.
+max_tokens would not parse. When a sequence's remaining budget falls to what closing its JSON could take (every
+open level, and room for one more value as long as the longest so far: `_JsonDepth.closing_cost`), the guide steers
+it: among the tokens the grammar allows it forces the one that closes the innermost open string, object or array
+(`"`, `}`, `]`), else one that writes or starts the shortest key or value (`""`, `"`, `0`), and otherwise leaves the
+grammar's mask as it is (a forced key, a boolean). So a JSON output parses unless its schema's required parts alone
+are longer than the budget.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ import torch
 
 from cluster.engine.outputs import RequestError
 from cluster.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 MAX_COMPILED = 256  # compiled grammars kept (least recently used dropped)
 # Tokens closing one level of JSON may take under steering, at worst right after a comma in an object: a key
@@ -44,13 +48,19 @@ class GrammarError(RequestError):
 
 @dataclass
 class _JsonDepth:
-    """Where the output stands in its JSON: open containers and whether it is inside a string (for steering)."""
+    """Where the output stands in its JSON, for steering: open containers, whether it is inside a string, and the
+    most tokens a whole value took at each depth (another one there may take as many)."""
 
     depth: int = 0
     in_string: bool = False
     escaped: bool = False
+    tokens: int = 0
+    opened_at: list[int] = field(default_factory=list)  # the token each open container started at
+    longest: dict[int, int] = field(default_factory=dict)  # depth -> most tokens a container opened there took
 
     def feed(self, data: bytes) -> None:
+        """One token's bytes."""
+        self.tokens += 1
         for c in data:
             if self.in_string:
                 if self.escaped:
@@ -63,11 +73,19 @@ class _JsonDepth:
                 self.in_string = True
             elif c in (0x7B, 0x5B):  # { [
                 self.depth += 1
-            elif c in (0x7D, 0x5D):  # } ]
+                self.opened_at.append(self.tokens)
+            elif c in (0x7D, 0x5D) and self.opened_at:  # } ]
+                took = self.tokens - self.opened_at.pop() + 1
+                self.longest[self.depth] = max(self.longest.get(self.depth, 0), took)
                 self.depth -= 1
 
     def closing_cost(self) -> int:
-        return _CLOSE_COST_PER_LEVEL * self.depth + self.in_string + _SLACK
+        """Tokens to keep in hand: closing every open level, plus room for one more value as long as any value that
+        may get a sibling has taken (finished a level down, or still open below the root). A token can close a value
+        and start the next one at once, so the room is kept from the first value on: an array of tool calls must
+        not begin a call it cannot finish."""
+        sibling = max([self.longest.get(self.depth + 1, 0)] + [self.tokens - t + 1 for t in self.opened_at[1:]])
+        return _CLOSE_COST_PER_LEVEL * self.depth + self.in_string + _SLACK + sibling
 
 
 @dataclass
@@ -160,7 +178,9 @@ class GrammarGuide:
         if guided is None:
             return False
         if not guided.matcher.consume_token(token):  # the mask forbade it: only a fault gets here
-            raise RuntimeError(f"a guided sequence sampled a token its grammar forbids: {guided.matcher.get_error()}")
+            log.error("guided sequence %d sampled token %d, which its grammar forbids: %s", seq.seq_id, token,
+                      _first_line(guided.matcher.get_error()))
+            raise RuntimeError("a guided sequence sampled a token its grammar forbids")
         if token not in self._special:
             guided.json.feed(self._bytes[token])
         return guided.matcher.is_stopped()

@@ -10,12 +10,14 @@ MAX_TOP_LOGPROBS = 20
 MAX_CACHE_SALT_CHARS = 256
 MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI bounds it
 LOGIT_BIAS_RANGE = 100.0  # each bias is in [-100, 100]
+# Temperatures below this sample greedily: dividing fp32 logits by a smaller one overflows them to inf (and NaN).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 1024
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled
     min_p: float = 0.0
@@ -64,7 +66,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from typing import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.api.server import build_api
+from cluster.api.server import build_api, system_fingerprint
+from cluster.dtype import dtype_name
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.serve.drain import Drain
@@ -117,7 +118,8 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Drain:
         r = self.resolved
         api = build_api(RouterBackend(self.router), load_tokenizer(r.tokenizer_version), r.model_name,
-                        r.config.max_position_embeddings, r.sampling, r.api)
+                        r.config.max_position_embeddings, r.sampling, r.api,
+                        system_fingerprint(r.model_name, dtype_name(r.dtype)))
         self.drainer = Drain(api)
         return self.drainer
 

@@ -12,7 +12,8 @@ from types import FrameType
 import uvicorn
 
 from cluster.api.backend import EngineBackend
-from cluster.api.server import build_api
+from cluster.api.server import build_api, system_fingerprint
+from cluster.dtype import dtype_name
 from cluster.engine.async_engine import AsyncEngine
 from cluster.serve.drain import Drain
 from cluster.serve.engine_builder import build_engine, in_process_executor
@@ -24,7 +25,8 @@ def build_standalone_app(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine]:
     engine = AsyncEngine(lambda: build_engine(resolved, in_process_executor(resolved)))
     backend = EngineBackend(engine, resolved.moe_kernel)
     app = build_api(backend, load_tokenizer(resolved.tokenizer_version), resolved.model_name,
-                    resolved.config.max_position_embeddings, resolved.sampling, resolved.api)
+                    resolved.config.max_position_embeddings, resolved.sampling, resolved.api,
+                    system_fingerprint(resolved.model_name, dtype_name(resolved.dtype)))
     return Drain(app), engine
 
 

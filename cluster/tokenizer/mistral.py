@@ -52,6 +52,16 @@ class Tokenizer:
     def piece(self, token_id: int) -> str:
         return self.raw.id_to_piece(token_id)
 
+    def is_control(self, token_id: int) -> bool:
+        """Whether a token is a control token (BOS, EOS, [TOOL_CALLS], ...), which decoded text leaves out."""
+        return self.raw.is_special(token_id)
+
+    @property
+    def tool_calls_token(self) -> int | None:
+        """The id of [TOOL_CALLS], which starts a turn's tool calls; None for tokenizers without tools (v1)."""
+        token_id = self.raw.get_special_token("[TOOL_CALLS]")
+        return token_id if self.piece(token_id) == "[TOOL_CALLS]" else None
+
     def control_token(self, name: str) -> int:
         """The id of a control token such as '[TOOL_CALLS]'."""
         return self.raw.get_special_token(name)
