@@ -97,7 +97,8 @@ class _Guided:
 class GrammarGuide:
     """Compiled grammars and the matcher state of every guided sequence; masks computed a batch at a time."""
 
-    def __init__(self, tokenizer: Any, token_bytes: list[bytes], special_ids: set[int], max_compiled: int = MAX_COMPILED):
+    def __init__(self, tokenizer: Any, token_bytes: list[bytes], special_ids: set[int],
+                 max_compiled: int = MAX_COMPILED):
         """`tokenizer` is the `llguidance.LLTokenizer` of the model's vocabulary, `token_bytes` every token's
         bytes, `special_ids` the control tokens (no text)."""
         import llguidance
@@ -106,6 +107,7 @@ class GrammarGuide:
         self.tokenizer = tokenizer
         self.vocab_size: int = tokenizer.vocab_size
         self.words = (self.vocab_size + 31) // 32
+        self.eos_id: int = tokenizer.eos_token
         self._bytes = token_bytes
         self._special = special_ids
         self._compiled: OrderedDict[bytes, Any] = OrderedDict()
@@ -127,14 +129,15 @@ class GrammarGuide:
     # -- grammars ----------------------------------------------------------------------------------------------
     def compile(self, grammar: str) -> Any:
         """The compiled matcher of `grammar` (cached); raises GrammarError. Safe from any thread."""
-        key = hashlib.sha256(grammar.encode()).digest()
+        key = hashlib.sha256(grammar.encode("utf-8", "surrogatepass")).digest()
         with self._lock:
             if key in self._compiled:
                 self._compiled.move_to_end(key)
                 return self._compiled[key]
         matcher = self._llg.LLMatcher(self.tokenizer, grammar, log_level=0)  # releases the GIL while it compiles
         if matcher.is_error():
-            raise GrammarError(f"the output format cannot be enforced: {_first_line(matcher.get_error())}")
+            raise GrammarError("the output format cannot be enforced: "
+                               f"{_first_line(matcher.get_error()) or 'invalid grammar'}")
         with self._lock:
             self._compiled[key] = matcher
             while len(self._compiled) > self._max_compiled:
@@ -163,6 +166,11 @@ class GrammarGuide:
         bitmask = torch.zeros(len(rows), self.words, dtype=torch.int32)
         matchers = [(self._seqs[seqs[i].seq_id].matcher, j) for j, i in enumerate(rows)]
         self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), self.words * 4, len(rows))
+        # A matcher in an error state allows nothing: that sequence alone ends (EOS), not the whole step.
+        for j in (bitmask == 0).all(dim=1).nonzero().flatten().tolist():
+            log.error("guided sequence %d can go no further: %s", seqs[rows[j]].seq_id,
+                      _first_line(matchers[j][0].get_error()) or "its grammar allows no token")
+            bitmask[j, self.eos_id >> 5] = _bit(self.eos_id & 31)
         for j, i in enumerate(rows):
             seq = seqs[i]
             left = min(seq.params.max_tokens - len(seq.output), context_len - seq.num_tokens)
@@ -200,5 +208,4 @@ def _bit(i: int) -> int:
 
 
 def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else "invalid grammar"
-    return line[:200]
+    return text.strip().splitlines()[0][:200] if text.strip() else ""

@@ -46,9 +46,9 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 class Sampler:
     """Picks one token per row of [B, V] logits.
 
-    Order, with OpenAI / vLLM semantics: logit_bias -> allowed-token mask -> frequency and presence penalties over the row's
-    output tokens -> greedy argmax when `params.greedy` (temperature ~0), else temperature -> top_k -> top_p -> min_p -> a draw
-    from the renormalised distribution with the row's own generator.
+    Order, with OpenAI / vLLM semantics: logit_bias -> allowed-token mask -> frequency and presence penalties over
+    the row's output tokens -> greedy argmax when `params.greedy` (temperature ~0), else temperature -> top_k ->
+    top_p -> min_p -> a draw from the renormalised distribution with the row's own generator.
 
     Logprobs are those of the model's raw distribution (log_softmax of the logits as given, before the mask,
     penalties and temperature), as vLLM reports them by default.

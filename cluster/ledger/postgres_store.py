@@ -1,8 +1,9 @@
 """The cluster ledger: PostgreSQL through an asyncpg pool, shared by every Ingress replica on every node.
 
-Each method is one short transaction. The reserve is a single conditional UPDATE, so concurrent replicas can never
-spend the same credits twice; rows a settle is working on are locked (FOR UPDATE), and `release_expired` skips
-them (SKIP LOCKED), so a settle and a release never both refund one reservation.
+Each method is one short transaction; reserve and settle are one statement each. The reserve's debit is a
+conditional UPDATE, so concurrent replicas can never spend the same credits twice; the reservation a settle is
+closing is locked (FOR UPDATE), and `release_expired` skips locked rows (SKIP LOCKED), so a settle and a release
+never both refund one reservation.
 """
 
 from __future__ import annotations
@@ -40,6 +41,31 @@ CREATE TABLE IF NOT EXISTS rate_windows (
 """
 
 _KEY_COLUMNS = "key_id, name, balance, revoked, created, rpm_limit, tpm_limit"
+
+# Reserve and settle are one statement each: the key's row is locked for that statement only (not across several
+# round trips of a transaction), which is what many requests on one key queue behind. A statement is atomic: a
+# duplicate request id fails the insert and undoes the debit with it.
+_RESERVE = """
+WITH debit AS (UPDATE keys SET balance = balance - $1 WHERE key_id = $2 AND balance >= $1 AND NOT revoked
+               RETURNING balance),
+     hold AS (INSERT INTO reservations (request_id, key_id, amount, expires_at) SELECT $3, $2, $1, $4 FROM debit)
+SELECT balance FROM debit"""
+
+# The reservation's state before this settle decides the refund: open -> what was not spent; released by the expiry
+# sweep (refunded in full) -> the cost is taken back. An already settled one matches nothing (settle is idempotent).
+_SETTLE = f"""
+WITH prior AS (SELECT request_id, state FROM reservations WHERE request_id = $1 AND state <> '{RESERVATION_SETTLED}'
+               FOR UPDATE),
+     closed AS (UPDATE reservations AS r SET state = '{RESERVATION_SETTLED}' FROM prior
+                WHERE r.request_id = prior.request_id RETURNING r.key_id, r.amount, prior.state AS was),
+     charge AS (SELECT key_id, LEAST($4::bigint, amount) AS cost,
+                       CASE WHEN was = '{RESERVATION_OPEN}' THEN amount - LEAST($4::bigint, amount)
+                            ELSE -LEAST($4::bigint, amount) END AS refund FROM closed),
+     credited AS (UPDATE keys SET balance = balance + charge.refund FROM charge WHERE keys.key_id = charge.key_id
+                  RETURNING keys.balance),
+     logged AS (INSERT INTO usage (request_id, key_id, prompt_tokens, completion_tokens, cost, time)
+                SELECT $1, key_id, $2, $3, cost, $5 FROM charge)
+SELECT balance FROM credited"""
 
 
 def _record(row: asyncpg.Record) -> KeyRecord:
@@ -127,45 +153,31 @@ class PostgresLedger:
         if amount_micro < 0:
             raise ValueError(f"a reservation must be >= 0, not {amount_micro}")
         pool = await self._connect()
-        async with pool.acquire() as conn, conn.transaction():
-            balance = await conn.fetchval("UPDATE keys SET balance = balance - $1 "
-                                          "WHERE key_id = $2 AND balance >= $1 AND NOT revoked RETURNING balance",
-                                          amount_micro, key_id)
-            if balance is None:
-                row = await conn.fetchrow("SELECT balance, revoked FROM keys WHERE key_id = $1", key_id)
-                if row is None:
-                    raise UnknownKey(key_id)
-                if row["revoked"]:
-                    raise KeyRevoked(key_id)
-                raise InsufficientCredits(key_id, row["balance"], amount_micro)
-            try:
-                await conn.execute("INSERT INTO reservations (request_id, key_id, amount, expires_at) "
-                                   "VALUES ($1, $2, $3, $4)", request_id, key_id, amount_micro, time.time() + ttl_s)
-            except asyncpg.UniqueViolationError:
-                raise LedgerError(f"request id {request_id!r} already has a reservation") from None
-            return balance
+        try:
+            balance = await pool.fetchval(_RESERVE, amount_micro, key_id, request_id, time.time() + ttl_s)
+        except asyncpg.UniqueViolationError:
+            raise LedgerError(f"request id {request_id!r} already has a reservation") from None
+        if balance is None:  # refused: say why (off the hot path)
+            row = await pool.fetchrow("SELECT balance, revoked FROM keys WHERE key_id = $1", key_id)
+            if row is None:
+                raise UnknownKey(key_id)
+            if row["revoked"]:
+                raise KeyRevoked(key_id)
+            raise InsufficientCredits(key_id, row["balance"], amount_micro)
+        return balance
 
     async def settle(self, request_id: str, prompt_tokens: int, completion_tokens: int, cost_micro: int) -> int:
         if cost_micro < 0 or prompt_tokens < 0 or completion_tokens < 0:
             raise ValueError("cost and token counts must be >= 0")
         pool = await self._connect()
-        async with pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow("SELECT key_id, amount, state FROM reservations WHERE request_id = $1 "
-                                      "FOR UPDATE", request_id)
-            if row is None:
-                raise LedgerError(f"no reservation for request id {request_id!r}")
-            if row["state"] == RESERVATION_SETTLED:
-                return await self._balance(conn, row["key_id"])
-            cost = min(cost_micro, row["amount"])
-            refund = row["amount"] - cost if row["state"] == RESERVATION_OPEN else -cost
-            balance = await conn.fetchval("UPDATE keys SET balance = balance + $1 WHERE key_id = $2 "
-                                          "RETURNING balance", refund, row["key_id"])
-            await conn.execute("UPDATE reservations SET state = $1 WHERE request_id = $2", RESERVATION_SETTLED,
-                               request_id)
-            await conn.execute("INSERT INTO usage (request_id, key_id, prompt_tokens, completion_tokens, cost, time) "
-                               "VALUES ($1, $2, $3, $4, $5, $6)", request_id, row["key_id"], prompt_tokens,
-                               completion_tokens, cost, time.time())
+        balance = await pool.fetchval(_SETTLE, request_id, prompt_tokens, completion_tokens, cost_micro, time.time())
+        if balance is not None:
             return balance
+        key_id = await pool.fetchval("SELECT key_id FROM reservations WHERE request_id = $1", request_id)
+        if key_id is None:
+            raise LedgerError(f"no reservation for request id {request_id!r}")
+        async with pool.acquire() as conn:  # settled before: nothing changes
+            return await self._balance(conn, key_id)
 
     async def release_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now

@@ -119,7 +119,10 @@ class SqliteLedger:
     def _connect(self, busy_timeout_s: float) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # a settled charge survives a power loss, not only a crash
+        # NORMAL in WAL mode: a commit is in the WAL file when it returns, so a killed server loses no settled charge;
+        # only a power loss may drop the last commits (never corrupting the file). FULL would fsync every commit, and
+        # every request's reserve and settle would queue behind the disk (benchmarks/RESULTS.md, ledger overhead).
+        db.execute("PRAGMA synchronous=NORMAL")
         self._db = db
         with self._write():
             for statement in SCHEMA.split(";"):
