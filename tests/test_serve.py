@@ -238,3 +238,79 @@ def test_health_names_the_kernels_in_use(tiny_dir):
         engine.shutdown()
     assert r.status_code == 200, r.text
     assert (r.json()["stats"]["moe_kernel"], r.json()["stats"]["attention_kernel"]) == ("torch", "torch")
+
+
+KEYED_APP = "keyed"  # a second Serve application beside `served`'s, with a ledger
+
+
+def _in_ledger(url: str, work):
+    """`await work(ledger)` on a fresh handle to the ledger at `url`, closed after (each call its own event loop)."""
+    from cluster.ledger import open_ledger
+
+    async def run():
+        ledger = open_ledger(url)
+        try:
+            return await work(ledger)
+        finally:
+            await ledger.close()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def keyed(served, tiny_dir, tmp_path_factory):
+    """`build_app` with `db` set (a SQLite file this module owns), under /keyed on `served`'s Serve; a key with $1."""
+    from ray import serve
+
+    from cluster.serve.app import build_app
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('ledger')}/ledger.db"
+    record, key = _in_ledger(url, lambda ledger: ledger.create_key("serve-test", 1_000_000))
+    serve.run(build_app(_args(tiny_dir).model_copy(update={"db": url})), name=KEYED_APP, route_prefix="/keyed")
+    yield f"{served[0]}/keyed", url, record, key
+    serve.delete(KEYED_APP)
+
+
+def test_keys_and_credits_through_the_serve_app(keyed):
+    """The Ingress replica opens the ledger itself: /v1 wants a key, a keyed request is stamped with the balance,
+    a streamed one settles into the usage log and leaves no reservation open; /health stays open."""
+    import json
+
+    from cluster.ledger import format_dollars, parse_dollars
+
+    base, url, record, key = keyed
+    body = {**CHAT, "max_tokens": 4}
+    with httpx.Client(base_url=base, timeout=120) as client:
+        # Under a route prefix Serve keeps it in scope["path"] (and sets root_path): auth must see the route path.
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        r = client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer sk-wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+        assert client.get("/health").status_code == 200
+
+        auth = {"Authorization": f"Bearer {key}"}
+        r = client.post("/v1/chat/completions", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+        first_cost = 1_000_000 - parse_dollars(r.headers["x-remaining-credits"])
+        assert first_cost > 0, r.headers
+
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with client.stream("POST", "/v1/chat/completions", json=stream, headers=auth) as s:
+            assert s.status_code == 200 and "x-remaining-credits" in s.headers, s.headers
+            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        last = json.loads(lines[-2][len("data: "):])
+        request_id, usage = last["id"], last["usage"]
+        assert usage["completion_tokens"] > 0, last
+
+    deadline = time.monotonic() + 30
+    while _in_ledger(url, lambda ledger: ledger.open_reservations(record.key_id)) != 0:
+        assert time.monotonic() < deadline, "a reservation stayed open"
+        time.sleep(0.2)
+    rows = {u.request_id: u for u in _in_ledger(url, lambda ledger: ledger.usage(record.key_id))}
+    assert len(rows) == 2, rows
+    settled = rows[request_id]
+    assert (settled.prompt_tokens, settled.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+    balance = _in_ledger(url, lambda ledger: ledger.authenticate(key)).balance_micro
+    assert balance == 1_000_000 - sum(u.cost_micro for u in rows.values()) and balance < 1_000_000 - first_cost
+    assert usage["remaining_credits"] == format_dollars(balance), last

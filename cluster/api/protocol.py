@@ -1,4 +1,5 @@
 """OpenAI chat-completions request and response models, with OpenAI's ranges; unknown request fields are ignored.
+`SamplingRequest` holds the fields the chat and text-completions requests share (completions.py has the latter).
 
 A request that validates is one the chat template can encode: fields have fixed shapes (the only free-form JSON is a
 tool's parameters and a response_format's schema: JSON schemas, which grammars.py bounds before it compiles them),
@@ -9,18 +10,19 @@ null for its default, as the openai SDK sends them.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationInfo, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationError, ValidationInfo,
+                      field_validator, model_serializer, model_validator)
+from typing_extensions import Self
 
+from cluster.api.grammars import MAX_TOOLS
 from cluster.engine.sampling_params import (LOGIT_BIAS_RANGE, MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS,
                                             SamplingDefaults, SamplingParams)
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 128
 MAX_MODEL_NAME_CHARS = 256
-MAX_TOOLS = 128  # OpenAI's bound
 MAX_TOOL_ID_CHARS = 256
 FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 _MAX_TOKEN_ID_DIGITS = 9
@@ -143,13 +145,17 @@ class StreamOptions(_Request):
     include_usage: Bool | None = None
 
 
-class ChatCompletionRequest(_Request):
-    """Every optional field also takes an explicit null, meaning its default (the openai SDK sends null for None)."""
+class SamplingRequest(_Request):
+    """The fields and checks both generation requests share: the model, sampling, stopping, streaming, accounting.
+    Every optional field also takes an explicit null, meaning its default (the openai SDK sends null for None).
+
+    Pydantic validates these fields before a subclass's own; `from_body` names bad fields in the subclass's
+    `FIELD_ORDER` instead (OpenAI's order: the request's input, e.g. messages, right after model)."""
+
+    FIELD_ORDER: ClassVar[tuple[str, ...]]  # every field of the request, in the order its errors name them
 
     model: str | None = Field(default=None, max_length=MAX_MODEL_NAME_CHARS)
-    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
-    max_tokens: Int | None = Field(default=None, ge=1)  # deprecated by OpenAI: max_completion_tokens wins
-    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    max_tokens: Int | None = Field(default=None, ge=1)
     temperature: Float | None = Field(default=None, ge=0, le=2)
     top_p: Float | None = Field(default=None, ge=0, le=1)
     top_k: Int | None = Field(default=None, ge=-1)  # vLLM's: 0 or -1 disables it
@@ -163,12 +169,6 @@ class ChatCompletionRequest(_Request):
     presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, Float] | None = None
     ignore_eos: Bool | None = None
-    logprobs: Bool | None = None
-    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS, fail_fast=True)] | None = None
-    tool_choice: Any = None  # checked below, so a bad one gets one error that names every form
-    parallel_tool_calls: Bool | None = None
-    response_format: ResponseFormat | None = None
     user: str | None = None
     # vLLM's name: a request reuses cached prompt blocks only of requests with the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
@@ -204,6 +204,93 @@ class ChatCompletionRequest(_Request):
                 raise ValueError(f"logit_bias values must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], "
                                  f"got {value:g} for token {key}")
         return bias
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if set(cls.FIELD_ORDER) != set(cls.model_fields) or len(cls.FIELD_ORDER) != len(cls.model_fields):
+            raise TypeError(f"{cls.__name__}.FIELD_ORDER must name each of its fields once")
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Self:
+        """The request a JSON body sends; ValidationError with its errors in `FIELD_ORDER`."""
+        try:
+            return cls.model_validate(body)
+        except ValidationError as e:
+            rank = {name: i for i, name in enumerate(cls.FIELD_ORDER)}
+            errors = e.errors()
+            ordered = sorted(errors, key=lambda err: rank.get(err["loc"][0], -1) if err["loc"] else -1)  # stable
+            if ordered == errors:
+                raise
+            raise ValidationError.from_exception_data(e.title, [_line_error(err) for err in ordered]) from None
+
+    # -- what the fields mean, defaults applied --------------------------------------------------------------------
+    @property
+    def choices(self) -> int:
+        return 1 if self.n is None else self.n
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and bool(self.stream_options.include_usage)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def logit_bias_pairs(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        """(token id, bias) sorted by id; ValueError for an id outside the vocabulary."""
+        pairs = sorted((int(k), v) for k, v in (self.logit_bias or {}).items())
+        bad = [i for i, _ in pairs if i >= vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias names token {bad[0]}, outside the vocabulary (ids 0..{vocab_size - 1})")
+        return tuple(pairs)
+
+    def to_sampling_params(self, defaults: SamplingDefaults, context_left: int, grammar: str | None = None,
+                           logit_bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
+        """The engine's parameters, `defaults` for those left out (max_tokens clipped to the `context_left` after
+        the prompt); raises ValueError for values the engine refuses. Each request says its own defaults."""
+        raise NotImplementedError
+
+    def _sampling_params(self, defaults: SamplingDefaults, context_left: int, default_max_tokens: int,
+                         logprobs: bool, top_logprobs: int, grammar: str | None,
+                         logit_bias: tuple[tuple[int, float], ...]) -> SamplingParams:
+        """`to_sampling_params` given the route's max_tokens default and its logprobs fields."""
+        max_tokens = self.requested_max_tokens or max(1, min(default_max_tokens, context_left))
+        temperature = defaults.temperature if self.temperature is None else self.temperature
+        top_p = 1.0 if self.top_p is None else max(self.top_p, _MIN_TOP_P)
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                              top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0, n=self.choices,
+                              seed=self.seed, stop=self.stop_sequences,
+                              frequency_penalty=self.frequency_penalty or 0.0,
+                              presence_penalty=self.presence_penalty or 0.0, ignore_eos=bool(self.ignore_eos),
+                              logprobs=logprobs, top_logprobs=top_logprobs,
+                              logit_bias=logit_bias, grammar=grammar, cache_salt=self.cache_salt)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    FIELD_ORDER = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+                   "n", "stop", "seed", "stream", "stream_options", "frequency_penalty", "presence_penalty",
+                   "logit_bias", "ignore_eos", "logprobs", "top_logprobs", "tools", "tool_choice",
+                   "parallel_tool_calls", "response_format", "user", "cache_salt")
+
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)  # OpenAI's name, which wins over max_tokens
+    logprobs: Bool | None = None
+    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS, fail_fast=True)] | None = None
+    tool_choice: Any = None  # checked below, so a bad one gets one error that names every form
+    parallel_tool_calls: Bool | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -242,22 +329,8 @@ class ChatCompletionRequest(_Request):
 
     # -- what the fields mean, defaults applied --------------------------------------------------------------------
     @property
-    def choices(self) -> int:
-        return 1 if self.n is None else self.n
-
-    @property
-    def streaming(self) -> bool:
-        return bool(self.stream)
-
-    @property
-    def stop_sequences(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and bool(self.stream_options.include_usage)
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens  # max_tokens is deprecated by OpenAI
 
     @property
     def tool_mode(self) -> str:
@@ -277,29 +350,18 @@ class ChatCompletionRequest(_Request):
         """The tools the prompt offers (none for tool_choice "none")."""
         return [] if self.tool_mode == "none" else [t.to_dict() for t in self.tools or []]
 
-    def logit_bias_pairs(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
-        """(token id, bias) sorted by id; ValueError for an id outside the vocabulary."""
-        pairs = sorted((int(k), v) for k, v in (self.logit_bias or {}).items())
-        bad = [i for i, _ in pairs if i >= vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias names token {bad[0]}, outside the vocabulary (ids 0..{vocab_size - 1})")
-        return tuple(pairs)
-
     def to_sampling_params(self, defaults: SamplingDefaults, context_left: int, grammar: str | None = None,
                            logit_bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
         """The engine's parameters, `defaults` for those left out (max_tokens clipped to the `context_left` after
         the prompt); raises ValueError for values the engine refuses."""
-        default_max_tokens = max(1, min(defaults.max_tokens, context_left))
-        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
-        temperature = defaults.temperature if self.temperature is None else self.temperature
-        top_p = 1.0 if self.top_p is None else max(self.top_p, _MIN_TOP_P)
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                              top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0, n=self.choices,
-                              seed=self.seed, stop=self.stop_sequences,
-                              frequency_penalty=self.frequency_penalty or 0.0,
-                              presence_penalty=self.presence_penalty or 0.0, ignore_eos=bool(self.ignore_eos),
-                              logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0,
-                              logit_bias=logit_bias, grammar=grammar, cache_salt=self.cache_salt)
+        return self._sampling_params(defaults, context_left, defaults.max_tokens, bool(self.logprobs),
+                                     self.top_logprobs or 0, grammar, logit_bias)
+
+
+def _line_error(err: Any) -> Any:
+    """One error of `ValidationError.errors()` as `ValidationError.from_exception_data` takes it."""
+    return {"type": err["type"], "loc": err["loc"], "input": err["input"]} | ({"ctx": err["ctx"]} if "ctx" in err
+                                                                               else {})
 
 
 def _choice_text(choice: Any) -> str:
@@ -363,6 +425,14 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    remaining_credits: str | None = None  # a keyed stream's final usage: dollars left after its settle
+
+    @model_serializer(mode="wrap")
+    def _drop_no_credits(self, handler: Any) -> dict[str, Any]:  # left out unless a ledger set it
+        out = handler(self)
+        if out.get("remaining_credits") is None:
+            out.pop("remaining_credits", None)
+        return out
 
 
 class ChatCompletion(BaseModel):

@@ -1,6 +1,9 @@
 """The HTTP API over a `GenerationBackend`: POST /v1/chat/completions (JSON or SSE), POST /v1/completions
 (completions.py), GET /v1/models[/{id}], GET /health.
 
+With a ledger (`Accounts`, accounts.py) every /v1 route needs a key, and each generation is reserved before the
+backend sees it and settled to its usage when it ends.
+
 A request's body is read under `APILimits` (body.py), then parsed, validated, tokenized and its grammar checked on
 worker threads within a time budget (workers.py), so no request stalls the event loop; every way its input can be
 wrong is a 400. Refusals come from the backend as error outputs (see `cluster.api.backend` and streaming.py).
@@ -17,30 +20,31 @@ import hashlib
 import importlib.metadata
 import logging
 import time
-import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncGenerator, AsyncIterator
+from typing import AsyncIterator, ClassVar, Iterator
 
-from pydantic import ValidationError
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
+from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cluster.api.accounts import Accounts, AuthMiddleware, Charge
 from cluster.api.backend import GenerationBackend
-from cluster.api.body import decode_json, read_body
 from cluster.api.completions import CompletionsAPI
-from cluster.api.errors import RETRY_AFTER_S, APIError, error_response, validation_error
+from cluster.api.errors import RETRY_AFTER_S, APIError, error_response
 from cluster.api.grammars import GrammarError, check_grammar, json_grammar, tool_call_grammar
 from cluster.api.limits import APILimits
 from cluster.api.prompt import encode_prompt
 from cluster.api.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                                   ChoiceLogprobs, ChunkChoice, DeltaMessage, FunctionCallDelta, FunctionCallOut,
                                   JSONObjectFormat, JSONSchemaResponseFormat, ModelCard, ModelList,
-                                  PromptTokensDetails, TokenLogprob, ToolCallDeltaOut, ToolCallOut, Usage)
-from cluster.api.streaming import (GONE, SSE_DONE, EventStream, close_outputs, failed, first_output, output_error,
-                                   sse, token_logprob, token_text, unless_disconnected)
+                                  TokenLogprob, ToolCallDeltaOut, ToolCallOut, Usage)
+from cluster.api.streaming import (ChoiceState, CompletionResponse, Prepared, checked_logit_bias, parse_request,
+                                   serve_generation, token_logprob, token_text)
 from cluster.api.tool_calls import ParsedToolCall, ToolCallDelta, ToolCallParser
 from cluster.api.workers import RequestWorkers
 from cluster.engine.outputs import RequestOutput
@@ -61,21 +65,34 @@ def system_fingerprint(model_name: str, dtype: str) -> str:
 
 
 def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
-              defaults: SamplingDefaults, limits: APILimits = APILimits(), fingerprint: str | None = None
-              ) -> Starlette:
+              defaults: SamplingDefaults, limits: APILimits = APILimits(), fingerprint: str | None = None,
+              accounts: Accounts | None = None) -> Starlette:
     """The ASGI app serving `model_name` (the only model; requests naming another get 404) from `backend`;
     `defaults` fill the sampling parameters a request leaves out, `limits` bound what one request may send.
-    `fingerprint` is the responses' system_fingerprint (`system_fingerprint(model, dtype)`)."""
+    `fingerprint` is the responses' system_fingerprint (`system_fingerprint(model, dtype)`). `accounts`: keys and
+    credits (None: an open server); its ledger opens at start-up (or on the first request) and closes at shutdown."""
     fingerprint = fingerprint or system_fingerprint(model_name, "")
-    api = _ChatAPI(backend, tokenizer, model_name, context_len, defaults, limits, fingerprint)
+    accounts = accounts or Accounts(None)
+    api = _ChatAPI(backend, tokenizer, model_name, context_len, defaults, limits, fingerprint, accounts)
     # One pool of request workers for both routes: its size bounds the threads any mix of requests can hold.
-    text = CompletionsAPI(backend, tokenizer, model_name, context_len, defaults, limits, api.workers, fingerprint)
+    text = CompletionsAPI(backend, tokenizer, model_name, context_len, defaults, limits, api.workers, fingerprint,
+                          accounts)
     routes = [Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
               Route("/v1/completions", text.create, methods=["POST"]),
               Route("/v1/models", api.models, methods=["GET"]),
               Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
               Route("/health", api.health, methods=["GET"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await accounts.start()
+        try:
+            yield
+        finally:
+            await accounts.close()
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=lifespan,
+                     middleware=[Middleware(AuthMiddleware, accounts=accounts)])
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -90,19 +107,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
-@dataclass(frozen=True)
-class _Prepared:
-    """A validated request, ready for the backend."""
-
-    req: ChatCompletionRequest
-    prompt: list[int]
-    grammar: str | None
-    logit_bias: tuple[tuple[int, float], ...]
-
-
 class _ChatAPI:
+    """The chat route (a `GenerationRoute`, served by `serve_generation`) and the model and health routes."""
+
+    what = "chat completion"
+    id_prefix = "chatcmpl"
+
     def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
-                 defaults: SamplingDefaults, limits: APILimits, fingerprint: str):
+                 defaults: SamplingDefaults, limits: APILimits, fingerprint: str, accounts: Accounts):
         self.backend = backend
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -110,20 +122,13 @@ class _ChatAPI:
         self.defaults = defaults
         self.limits = limits
         self.fingerprint = fingerprint
+        self.accounts = accounts
         self.workers = RequestWorkers(limits.tokenize_threads, limits.tokenize_budget_s)
         self.created = int(time.time())
 
     # -- routes ----------------------------------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
-        try:
-            return await self._chat(request)
-        except APIError as e:
-            return e.response()
-        except ClientDisconnect:
-            return Response(status_code=GONE)
-        except Exception:
-            log.exception("chat completion failed")
-            return error_response(500, "internal error while generating the completion")
+        return await serve_generation(request, self)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse(ModelList(data=[self._card()]).model_dump())
@@ -152,50 +157,21 @@ class _ChatAPI:
                          max_model_len=self.context_len)
 
     # -- chat completions ------------------------------------------------------------------------------------------
-    async def _chat(self, request: Request) -> Response:
-        refusal = self.backend.overloaded()  # before the body is read and encoded: a refusal costs nothing
-        if refusal is not None:
-            raise APIError(429, refusal)
-        raw = await read_body(request, self.limits)
-        p = await self.workers.run(self._prepare, raw)
-        req = p.req
-        try:
-            params = req.to_sampling_params(self.defaults, self.context_len - len(p.prompt), p.grammar, p.logit_bias)
-        except ValueError as e:
-            raise APIError(400, str(e)) from e
-
-        tool_token = self.tokenizer.tool_calls_token if req.tool_mode != "none" else None
-        completion = _Completion(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name, self.fingerprint,
-                                 len(p.prompt), req.choices, req.include_usage, self.tokenizer, tool_token)
-        outputs = self.backend.generate(completion.id, p.prompt, params, stream=req.streaming)
-        try:
-            first = await unless_disconnected(request, first_output(outputs))  # a long prefill: the client may leave
-        except BaseException:
-            await close_outputs(outputs)
-            raise
-        if first is None:
-            await close_outputs(outputs)
-            return Response(status_code=GONE)
-        if req.streaming:
-            return EventStream(completion.events(first, outputs))
-        response = await unless_disconnected(request, completion.collect(first, outputs))
-        return Response(status_code=GONE) if response is None else response
-
-    def _prepare(self, raw: bytes) -> _Prepared:
-        """The request, its prompt and grammar; runs on a worker thread (CPU-bound for large bodies and schemas)."""
-        req = _parse(raw)
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist: this server serves {self.model_name!r}",
-                           "model", "model_not_found")
+    def prepare(self, raw: bytes) -> Prepared[ChatCompletionRequest]:
+        """The request, its prompt, logit bias and grammar; runs on a worker thread (CPU-bound for large bodies and
+        schemas)."""
+        req = parse_request(raw, ChatCompletionRequest, self.model_name)
         if req.tool_mode != "none" and self.tokenizer.tool_calls_token is None:
             raise APIError(400, f"this model's tokenizer ({self.tokenizer.version}) has no tool calls: leave tools "
                                 f"out or set tool_choice to \"none\"", "tools")
-        try:
-            logit_bias = req.logit_bias_pairs(self.tokenizer.vocab_size)
-        except ValueError as e:
-            raise APIError(400, str(e), "logit_bias") from None
+        logit_bias = checked_logit_bias(req, self.tokenizer.vocab_size)
         grammar = self._grammar(req)
-        return _Prepared(req, encode_prompt(self.tokenizer, req.messages, req.tool_dicts), grammar, logit_bias)
+        return Prepared(req, encode_prompt(self.tokenizer, req.messages, req.tool_dicts), logit_bias, grammar)
+
+    def respond(self, p: Prepared[ChatCompletionRequest], request_id: str, charge: Charge) -> _Completion:
+        tool_token = self.tokenizer.tool_calls_token if p.req.tool_mode != "none" else None
+        return _Completion(request_id, int(time.time()), self.model_name, self.fingerprint, len(p.prompt),
+                           p.req.choices, p.req.include_usage, self.tokenizer, charge, tool_token)
 
     def _grammar(self, req: ChatCompletionRequest) -> str | None:
         """The grammar the output must match: a forced tool call, else the response_format's JSON, else None."""
@@ -217,16 +193,6 @@ class _ChatAPI:
         return grammar
 
 
-def _parse(raw: bytes) -> ChatCompletionRequest:
-    body = decode_json(raw)
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        raise validation_error(e) from None
-
-
 # -- one choice's outputs: content, logprobs and tool calls ----------------------------------------------------------
 @dataclass
 class _Delta:
@@ -238,12 +204,9 @@ class _Delta:
 
 
 @dataclass
-class _ChoiceState:
+class _ChoiceState(ChoiceState):
     content: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    cached_tokens: int = 0
     tools: ToolCallParser | None = None  # set once the model wrote [TOOL_CALLS]
     calls: list[ParsedToolCall] = field(default_factory=list)  # the parsed calls, once the choice finished
     streamed: dict[int, str] = field(default_factory=dict)  # call index -> its arguments sent as deltas so far
@@ -358,83 +321,41 @@ def _tool_call_deltas(deltas: list[ToolCallDelta]) -> list[ToolCallDeltaOut] | N
 
 # -- the response ----------------------------------------------------------------------------------------------------
 @dataclass
-class _Completion:
-    """One request's response, as one JSON body (`collect`) or as SSE events (`events`)."""
+class _Completion(CompletionResponse[_ChoiceState, _Delta]):
+    """One request's response: each choice's message (content and tool calls) and logprobs."""
 
-    id: str
-    created: int
-    model: str
-    fingerprint: str
-    prompt_tokens: int
-    n: int
-    include_usage: bool
-    tokenizer: Tokenizer
-    tool_token: int | None
+    what: ClassVar[str] = "chat completion"
+    input_param: ClassVar[str] = "messages"
+    chunk_type: ClassVar[type[BaseModel]] = ChatCompletionChunk
+
+    tool_token: int | None = None  # [TOOL_CALLS], when the request offered tools
 
     def __post_init__(self) -> None:
         self.reader = _ChoiceReader(self.tokenizer, self.tool_token)
 
-    async def collect(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> Response:
-        states = [_ChoiceState() for _ in range(self.n)]
-        out: RequestOutput | None = first
-        try:
-            while out is not None:
-                if failed(out):
-                    return output_error(out).response()
-                self.reader.read(states[out.index], out)
-                out = await anext(outputs, None)
-        finally:
-            await close_outputs(outputs)
-        if any(s.finish_reason is None for s in states):
-            return error_response(500, "the backend ended the request before every choice finished")
+    def _state(self) -> _ChoiceState:
+        return _ChoiceState()
+
+    def _read(self, state: _ChoiceState, out: RequestOutput) -> _Delta:
+        return self.reader.read(state, out)
+
+    def _completion(self, states: list[_ChoiceState], usage: Usage) -> ChatCompletion:
         choices = [Choice(index=i, message=_message(s), finish_reason=s.finish_reason,
                           logprobs=ChoiceLogprobs(content=s.logprobs) if s.logprobs else None)
                    for i, s in enumerate(states)]
-        body = ChatCompletion(id=self.id, created=self.created, model=self.model,
-                              system_fingerprint=self.fingerprint, choices=choices, usage=self._usage(states))
-        return JSONResponse(body.model_dump())
+        return ChatCompletion(id=self.id, created=self.created, model=self.model,
+                              system_fingerprint=self.fingerprint, choices=choices, usage=usage)
 
-    async def events(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> AsyncGenerator[str, None]:
-        states = [_ChoiceState() for _ in range(self.n)]
-        out: RequestOutput | None = first
-        try:
-            for i in range(self.n):
-                yield self._chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-            while out is not None:
-                if failed(out):
-                    yield sse(output_error(out).body())
-                    break
-                state = states[out.index]
-                d = self.reader.read(state, out)
-                if d.content or d.logprobs or d.tool_calls or out.finished:
-                    delta = DeltaMessage(content=d.content or None, tool_calls=_tool_call_deltas(d.tool_calls))
-                    yield self._chunk([ChunkChoice(index=out.index, delta=delta,
-                                                   finish_reason=state.finish_reason if out.finished else None,
-                                                   logprobs=ChoiceLogprobs(content=d.logprobs) if d.logprobs
-                                                   else None)])
-                out = await anext(outputs, None)
-            else:
-                if self.include_usage:
-                    yield self._chunk([], self._usage(states))
-        except Exception:  # the response has started: the error can only be an event
-            log.exception("streaming a chat completion failed")
-            yield sse(APIError(500, "internal error while generating the completion").body())
-        finally:
-            await close_outputs(outputs)
-        yield SSE_DONE
+    def _opening(self) -> Iterator[str]:
+        for i in range(self.n):  # each choice's role first, as OpenAI streams it
+            yield self._chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
 
-    def _usage(self, states: list[_ChoiceState]) -> Usage:
-        # The prompt is counted once, as OpenAI does for n > 1; choice 0 is the one that computed (or reused) it.
-        completion = sum(s.completion_tokens for s in states)
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                     total_tokens=self.prompt_tokens + completion,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=states[0].cached_tokens))
-
-    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                    system_fingerprint=self.fingerprint, choices=choices, usage=usage)
-        # With include_usage every chunk carries "usage" (null until the last one), as OpenAI sends it.
-        return f"data: {chunk.model_dump_json(exclude=None if self.include_usage else {'usage'})}\n\n"
+    def _streamed(self, state: _ChoiceState, d: _Delta, out: RequestOutput) -> ChunkChoice | None:
+        if not (d.content or d.logprobs or d.tool_calls or out.finished):
+            return None
+        delta = DeltaMessage(content=d.content or None, tool_calls=_tool_call_deltas(d.tool_calls))
+        return ChunkChoice(index=out.index, delta=delta, finish_reason=state.finish_reason if out.finished else None,
+                           logprobs=ChoiceLogprobs(content=d.logprobs) if d.logprobs else None)
 
 
 def _message(state: _ChoiceState) -> AssistantMessage:

@@ -1,44 +1,170 @@
-"""Response plumbing shared by the API's generation routes (chat and text completions).
+"""Plumbing shared by the API's generation routes (chat and text completions): one request's way from its body to
+its response (`serve_generation`), and the parts of a response (`CompletionResponse`).
 
-A route reads a request's first output (`first_output`) before any response starts, so a refused request gets its
-OpenAI error JSON and status even when it asked to stream. Every way a response can end early (client gone, failed
-send, cancellation) closes the backend's iterator (`close_outputs`), which aborts the generation: `EventStream` does
-it for SSE, `unless_disconnected` for the work done before a response starts.
+A route only parses and encodes its request (`GenerationRoute.prepare`, on a worker thread) and builds its response
+(`GenerationRoute.respond`); `serve_generation` does the rest the same way for both: the 429 check before the body is
+read, the 400 for sampling parameters the engine refuses, the ledger's reserve and settle (`Accounts.metered`), and
+reading the first output (`first_output`) before any response starts, so a refused request gets its OpenAI error
+JSON and status even when it asked to stream. Every way a response can end early (client gone, failed send,
+cancellation) closes the backend's iterator (`close_outputs`), which aborts the generation: `EventStream` does it
+for SSE, `unless_disconnected` for the work done before a response starts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
-from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, TypeVar
+import uuid
+from dataclasses import dataclass
+from typing import (TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, ClassVar, Generic,
+                    Iterator, Protocol, TypeVar)
 
 import anyio
-from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from cluster.api.errors import APIError
-from cluster.api.protocol import TokenLogprob, TopLogprob
+from cluster.api.backend import GenerationBackend
+from cluster.api.body import decode_json, read_body
+from cluster.api.errors import APIError, error_response, validation_error
+from cluster.api.limits import APILimits
+from cluster.api.protocol import PromptTokensDetails, SamplingRequest, TokenLogprob, TopLogprob, Usage
+from cluster.api.workers import RequestWorkers
 from cluster.engine.outputs import RequestOutput, TokenLogprobs
+from cluster.engine.sampling_params import SamplingDefaults, SamplingParams
 from cluster.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # accounts.py imports this module (EventStream)
+    from cluster.api.accounts import Accounts, Charge
+
+log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = "data: [DONE]\n\n"
 GONE = 499  # the status answered to a client that disconnected (nginx's): nobody reads it
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 T = TypeVar("T")
+R = TypeVar("R", bound=SamplingRequest)
+S = TypeVar("S", bound="ChoiceState")
+D = TypeVar("D")
+
+
+# -- one request, from its body to its response --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prepared(Generic[R]):
+    """A validated request, ready for the backend."""
+
+    req: R
+    prompt: list[int]
+    logit_bias: tuple[tuple[int, float], ...]
+    grammar: str | None = None
+
+
+class GenerationRoute(Protocol[R]):
+    """What `serve_generation` needs of a route: the server's parts, and the route's own steps."""
+
+    what: str  # "chat completion": what the log says failed
+    id_prefix: str  # of the route's completion ids
+    backend: GenerationBackend
+    context_len: int
+    defaults: SamplingDefaults
+    limits: APILimits
+    workers: RequestWorkers
+    accounts: Accounts
+
+    def prepare(self, raw: bytes) -> Prepared[R]:
+        """The request parsed, checked and encoded; runs on a worker thread (CPU-bound for large bodies)."""
+
+    def respond(self, p: Prepared[R], request_id: str, charge: Charge) -> CompletionResponse[Any, Any]:
+        """The request's response, to fill from the backend's outputs."""
+
+
+async def serve_generation(request: Request, route: GenerationRoute[R]) -> Response:
+    """A generation route's response to `request`; every failure is an OpenAI error response."""
+    try:
+        return await _serve(request, route)
+    except APIError as e:
+        return e.response()
+    except ClientDisconnect:
+        return Response(status_code=GONE)
+    except Exception:
+        log.exception("%s failed", route.what)
+        return error_response(500, "internal error while generating the completion")
+
+
+async def _serve(request: Request, route: GenerationRoute[R]) -> Response:
+    from cluster.api.accounts import request_key  # here: accounts.py imports this module
+
+    refusal = route.backend.overloaded()  # before the body is read and encoded: a refusal costs nothing
+    if refusal is not None:
+        raise APIError(429, refusal)
+    raw = await read_body(request, route.limits)
+    p = await route.workers.run(route.prepare, raw)
+    try:
+        params = p.req.to_sampling_params(route.defaults, route.context_len - len(p.prompt), p.grammar, p.logit_bias)
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
+    key = request_key(request)
+    params = route.accounts.salted(key, params)
+    request_id = f"{route.id_prefix}-{uuid.uuid4().hex}"
+    return await route.accounts.metered(key, request_id, len(p.prompt), params,
+                                        lambda charge: _generate(request, route, p, params, request_id, charge))
+
+
+async def _generate(request: Request, route: GenerationRoute[R], p: Prepared[R], params: SamplingParams,
+                    request_id: str, charge: Charge) -> Response:
+    response = route.respond(p, request_id, charge)
+    outputs = route.backend.generate(request_id, p.prompt, params, stream=p.req.streaming)
+    try:  # a long prefill: the client may leave
+        first = await unless_disconnected(request, first_output(outputs, response.input_param))
+    except BaseException:
+        await close_outputs(outputs)
+        raise
+    if first is None:
+        await close_outputs(outputs)
+        return Response(status_code=GONE)
+    charge.accepted = True
+    if p.req.streaming:
+        return charge.stream(response.events(first, outputs))
+    body = await unless_disconnected(request, response.collect(first, outputs))
+    return Response(status_code=GONE) if body is None else body
+
+
+def parse_request(raw: bytes, model: type[R], served: str) -> R:
+    """The body as a `model` request; APIError(400) naming what is wrong, 404 when it names a model not `served`."""
+    body = decode_json(raw)
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        req = model.from_body(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+    if req.model is not None and req.model != served:
+        raise APIError(404, f"the model {req.model!r} does not exist: this server serves {served!r}",
+                       "model", "model_not_found")
+    return req
+
+
+def checked_logit_bias(req: SamplingRequest, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """`req.logit_bias_pairs`, with APIError(400) naming logit_bias for a token outside the vocabulary."""
+    try:
+        return req.logit_bias_pairs(vocab_size)
+    except ValueError as e:
+        raise APIError(400, str(e), "logit_bias") from None
 
 
 # -- reading the backend's outputs ---------------------------------------------------------------------------------
-async def first_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    """The first output, or the APIError it carries."""
+async def first_output(outputs: AsyncIterator[RequestOutput], input_param: str = "messages") -> RequestOutput:
+    """The first output, or the APIError it carries (`output_error`)."""
     try:
         first = await anext(outputs)
     except StopAsyncIteration:
         raise APIError(500, "the backend ended the request without any output") from None
     if failed(first):
-        raise output_error(first)
+        raise output_error(first, input_param)
     return first
 
 
@@ -46,12 +172,13 @@ def failed(out: RequestOutput) -> bool:
     return out.error is not None or out.finish_reason in ("error", "abort")
 
 
-def output_error(out: RequestOutput) -> APIError:
-    """The APIError a failed output carries (`failed(out)` holds)."""
+def output_error(out: RequestOutput, input_param: str = "messages") -> APIError:
+    """The APIError a failed output carries (`failed(out)` holds); a prompt too long for the context names
+    `input_param`, the request field holding it."""
     if out.finish_reason == "abort" and out.error is None:
         return APIError(503, "the request was aborted before it finished")
     code = getattr(out, "error_code", None)
-    param = "messages" if code == "context_length_exceeded" else None
+    param = input_param if code == "context_length_exceeded" else None
     return APIError(out.error_status, out.error or "generation failed", param, code)
 
 
@@ -60,6 +187,115 @@ async def close_outputs(outputs: AsyncIterator[RequestOutput]) -> None:
     aclose = getattr(outputs, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+# -- one request's response -----------------------------------------------------------------------------------------
+@dataclass
+class ChoiceState:
+    """What a choice's outputs so far add up to; a route's subclass keeps its text, logprobs and the like."""
+
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class CompletionResponse(Generic[S, D]):
+    """One request's response, as one JSON body (`collect`) or as SSE events (`events`). A route's subclass reads
+    an output into its choice's state (`_read`, giving a delta `D`) and writes the route's JSON (`_completion`,
+    `_streamed`, `chunk_type`)."""
+
+    what: ClassVar[str]  # "chat completion": what the log says failed
+    input_param: ClassVar[str]  # the request field holding the prompt, which a context-length error names
+    chunk_type: ClassVar[type[BaseModel]]  # a streamed chunk: id, created, model, system_fingerprint, choices, usage
+
+    id: str
+    created: int
+    model: str
+    fingerprint: str
+    prompt_tokens: int
+    n: int
+    include_usage: bool
+    tokenizer: Tokenizer
+    charge: Charge  # counts the tokens read, settles before a stream's usage chunk
+
+    # -- what a route's response says --------------------------------------------------------------------------------
+    def _state(self) -> S:
+        raise NotImplementedError
+
+    def _read(self, state: S, out: RequestOutput) -> D:
+        """Adds an output to its choice's state; returns what it adds as the client gets it."""
+        raise NotImplementedError
+
+    def _completion(self, states: list[S], usage: Usage) -> BaseModel:
+        """The whole response, every choice finished."""
+        raise NotImplementedError
+
+    def _streamed(self, state: S, delta: D, out: RequestOutput) -> BaseModel | None:
+        """The chunk choice carrying `delta` (None: nothing to send)."""
+        raise NotImplementedError
+
+    def _opening(self) -> Iterator[str]:
+        """The events a stream starts with, before any output."""
+        return iter(())
+
+    # -- the response ------------------------------------------------------------------------------------------------
+    async def collect(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> Response:
+        states = [self._state() for _ in range(self.n)]
+        out: RequestOutput | None = first
+        try:
+            while out is not None:
+                if failed(out):
+                    return output_error(out, self.input_param).response()
+                self._read(states[out.index], out)
+                self.charge.completion_tokens = sum(s.completion_tokens for s in states)
+                out = await anext(outputs, None)
+        finally:
+            await close_outputs(outputs)
+        if any(s.finish_reason is None for s in states):
+            return error_response(500, "the backend ended the request before every choice finished")
+        return JSONResponse(self._completion(states, self._usage(states)).model_dump())
+
+    async def events(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> AsyncGenerator[str, None]:
+        states = [self._state() for _ in range(self.n)]
+        out: RequestOutput | None = first
+        try:
+            for event in self._opening():
+                yield event
+            while out is not None:
+                if failed(out):
+                    yield sse(output_error(out, self.input_param).body())
+                    break
+                state = states[out.index]
+                delta = self._read(state, out)
+                self.charge.completion_tokens = sum(s.completion_tokens for s in states)
+                choice = self._streamed(state, delta, out)
+                if choice is not None:
+                    yield self._chunk([choice])
+                out = await anext(outputs, None)
+            else:
+                if self.include_usage:
+                    remaining = await self.charge.remaining_after_settle()
+                    yield self._chunk([], self._usage(states).model_copy(update={"remaining_credits": remaining}))
+        except Exception:  # the response has started: the error can only be an event
+            log.exception("streaming a %s failed", self.what)
+            yield sse(APIError(500, "internal error while generating the completion").body())
+        finally:
+            await close_outputs(outputs)
+        yield SSE_DONE
+
+    def _usage(self, states: list[S]) -> Usage:
+        # The prompt is counted once, as OpenAI does for n > 1; choice 0 is the one that computed (or reused) it.
+        completion = sum(s.completion_tokens for s in states)
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                     total_tokens=self.prompt_tokens + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=states[0].cached_tokens))
+
+    def _chunk(self, choices: list[Any], usage: Usage | None = None) -> str:
+        chunk = self.chunk_type(id=self.id, created=self.created, model=self.model,
+                                system_fingerprint=self.fingerprint, choices=choices, usage=usage)
+        # With include_usage every chunk carries "usage" (null until the last one), as OpenAI sends it.
+        return f"data: {chunk.model_dump_json(exclude=None if self.include_usage else {'usage'})}\n\n"
 
 
 # -- logprobs ------------------------------------------------------------------------------------------------------
@@ -90,12 +326,15 @@ def sse(obj: dict[str, Any]) -> str:
 
 
 class EventStream(StreamingResponse):
-    """SSE that stops generating whenever the response ends: done, client gone, failed send or cancelled."""
+    """SSE that stops generating whenever the response ends: done, client gone, failed send or cancelled; then
+    `on_close` runs (a request's settle), also when the stream never started."""
 
     body_iterator: AsyncGenerator[str, None]
 
-    def __init__(self, events: AsyncGenerator[str, None]):
-        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(self, events: AsyncGenerator[str, None], headers: dict[str, str] | None = None,
+                 on_close: Callable[[], Awaitable[object]] | None = None):
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS | (headers or {}))
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -111,7 +350,11 @@ class EventStream(StreamingResponse):
                 await self.listen_for_disconnect(receive)  # any server: receive() says http.disconnect
                 group.cancel_scope.cancel()
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                if self.on_close is not None:
+                    await self.on_close()
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:

@@ -4,6 +4,10 @@
 
 Started by `moe-cluster serve`, by `serve run cluster.serve.app:build_app model=DIR shards=4`, by a Serve config
 file (deploy/serve_config.yaml) or by KubeRay's RayService, all through this one function.
+
+With `db` set, each Ingress replica opens the ledger itself (cluster.api.accounts); its PostgreSQL password is read
+from MOE_CLUSTER_DB_PASSWORD in the replica's own environment (the pod's, from a k8s Secret), so it never enters the
+Serve config or the runtime_env that Ray stores.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.api.limits import APILimits
 from cluster.checkpoint.default import ensure_default_checkpoint
@@ -15,6 +15,7 @@ from cluster.config import ModelConfig
 from cluster.dtype import resolve_dtype
 from cluster.engine.engine import EngineConfig
 from cluster.engine.sampling_params import SamplingDefaults
+from cluster.ledger.pricing import Pricing, parse_dollars
 from cluster.moe.backend import backend_name
 from cluster.parallel.layout import UnitLayout, unit_layout
 from cluster.parallel.placement import assign_experts
@@ -77,6 +78,25 @@ class ServeArgs(BaseModel):
     recovery_timeout_s: float = Field(600.0, gt=0, description="how long a unit may take to bring a shard back")
     shutdown_grace_s: float = Field(30.0, gt=0, description="on SIGTERM/SIGINT: how long running requests may take "
                                                              "to finish before they are ended with an error")
+    db: str | None = Field(None, description="the keys and credits ledger: sqlite:///path.db, a file path, or "
+                                             "postgresql://user@host:port/db (password from the URL or else "
+                                             "$MOE_CLUSTER_DB_PASSWORD); default: none, the API is open to anyone")
+    price_input_per_million: str = Field("2", description="dollars charged per million prompt tokens (with --db)")
+    price_output_per_million: str = Field("6", description="dollars charged per million completion tokens "
+                                                           "(with --db)")
+    reservation_ttl_s: float = Field(900.0, gt=0, description="how long a request's credit reservation lives: one "
+                                                              "left open by a stopped server is released after it")
+
+    @field_validator("price_input_per_million", "price_output_per_million")
+    @classmethod
+    def _check_price(cls, price: str) -> str:
+        if parse_dollars(price) < 0:
+            raise ValueError(f"a price must be >= 0, not {price}")
+        return price
+
+    @property
+    def pricing(self) -> Pricing:
+        return Pricing(parse_dollars(self.price_input_per_million), parse_dollars(self.price_output_per_million))
 
     def resolve(self) -> ResolvedArgs:
         """Decide every `auto` for this machine and read the checkpoint's config.json, once (writing the embedded
@@ -100,7 +120,7 @@ class ServeArgs(BaseModel):
                             sampling=SamplingDefaults.for_model(config),
                             moe_backend=backend_name(self.moe_backend, device) if groups else self.moe_backend,
                             shard_groups=tuple(groups),
-                            layout=layout, engine=engine, api=api)
+                            layout=layout, engine=engine, api=api, pricing=self.pricing, db=self.db)
 
     def _device(self) -> str:
         if self.device == "auto":

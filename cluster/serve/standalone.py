@@ -11,6 +11,7 @@ from types import FrameType
 
 import uvicorn
 
+from cluster.api.accounts import Accounts
 from cluster.api.backend import EngineBackend
 from cluster.api.server import build_api, system_fingerprint
 from cluster.dtype import dtype_name
@@ -24,9 +25,10 @@ from cluster.tokenizer import load_tokenizer
 def build_standalone_app(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine]:
     engine = AsyncEngine(lambda: build_engine(resolved, in_process_executor(resolved)))
     backend = EngineBackend(engine, resolved.moe_kernel)
+    accounts = Accounts(resolved.db, resolved.pricing, resolved.args.reservation_ttl_s)
     app = build_api(backend, load_tokenizer(resolved.tokenizer_version), resolved.model_name,
                     resolved.config.max_position_embeddings, resolved.sampling, resolved.api,
-                    system_fingerprint(resolved.model_name, dtype_name(resolved.dtype)))
+                    system_fingerprint(resolved.model_name, dtype_name(resolved.dtype)), accounts)
     return Drain(app), engine
 
 
@@ -60,9 +62,13 @@ class _DrainingServer(uvicorn.Server):
 
 def run_standalone(resolved: ResolvedArgs, host: str, port: int) -> None:
     app, engine = build_standalone_app(resolved)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    # lifespan on: the ledger opens (and releases expired reservations) before the first request
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                            lifespan="on")
     server = _DrainingServer(config, app, resolved.args.shutdown_grace_s)
     print(f"serving {resolved.model_name} on http://{host}:{port}/v1 (single process)", file=sys.stderr, flush=True)
+    if resolved.db is None:
+        print("no --db: the API is open, without keys or credits", file=sys.stderr, flush=True)
     try:
         server.run()
     finally:
