@@ -46,7 +46,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster.api.errors import APIError
-from cluster.api.streaming import EventStream
+from cluster.api.sse import EventStream
 from cluster.engine.sampling_params import SamplingParams
 from cluster.ledger import (InsufficientCredits, KeyRecord, KeyRevoked, Ledger, Pricing, RateLimited, UnknownKey,
                             format_dollars, open_ledger)
@@ -282,7 +282,7 @@ class Accounts:
     async def metered(self, key: KeyRecord | None, request_id: str, prompt_tokens: int, params: SamplingParams,
                       generate: Callable[[Charge], Awaitable[Response]]) -> Response:
         """`generate(charge)`'s response, with the request reserved before and settled after, however it ends (a
-        streamed response settles when its stream closes: see `cluster.api.streaming.EventStream`)."""
+        streamed response settles when its stream closes: see `cluster.api.sse.EventStream`)."""
         charge = await self.reserve(key, request_id, prompt_tokens, params.n * params.max_tokens)
         try:
             response = await generate(charge)

@@ -6,44 +6,37 @@ A route only parses and encodes its request (`GenerationRoute.prepare`, on a wor
 read, the 400 for sampling parameters the engine refuses, the ledger's reserve and settle (`Accounts.metered`), and
 reading the first output (`first_output`) before any response starts, so a refused request gets its OpenAI error
 JSON and status even when it asked to stream. Every way a response can end early (client gone, failed send,
-cancellation) closes the backend's iterator (`close_outputs`), which aborts the generation: `EventStream` does it
-for SSE, `unless_disconnected` for the work done before a response starts.
+cancellation) closes the backend's iterator (`close_outputs`), which aborts the generation: `sse.EventStream` does
+it for SSE, `sse.unless_disconnected` for the work done before a response starts.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import re
 import uuid
 from dataclasses import dataclass
-from typing import (TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, ClassVar, Generic,
-                    Iterator, Protocol, TypeVar)
+from typing import Any, AsyncGenerator, AsyncIterator, ClassVar, Generic, Iterator, Protocol, TypeVar
 
-import anyio
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import JSONResponse, Response
 
+from cluster.api.accounts import Accounts, Charge, request_key
 from cluster.api.backend import GenerationBackend
 from cluster.api.body import decode_json, read_body
 from cluster.api.errors import APIError, error_response, validation_error
 from cluster.api.limits import APILimits
 from cluster.api.protocol import PromptTokensDetails, SamplingRequest, TokenLogprob, TopLogprob, Usage
+from cluster.api.sse import SSE_DONE, sse, unless_disconnected
 from cluster.api.workers import RequestWorkers
 from cluster.engine.outputs import RequestOutput, TokenLogprobs
 from cluster.engine.sampling_params import SamplingDefaults, SamplingParams
 from cluster.tokenizer import Tokenizer
 
-if TYPE_CHECKING:  # accounts.py imports this module (EventStream)
-    from cluster.api.accounts import Accounts, Charge
 
 log = logging.getLogger(__name__)
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-SSE_DONE = "data: [DONE]\n\n"
 GONE = 499  # the status answered to a client that disconnected (nginx's): nobody reads it
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 T = TypeVar("T")
@@ -96,7 +89,6 @@ async def serve_generation(request: Request, route: GenerationRoute[R]) -> Respo
 
 
 async def _serve(request: Request, route: GenerationRoute[R]) -> Response:
-    from cluster.api.accounts import request_key  # here: accounts.py imports this module
 
     refusal = route.backend.overloaded()  # before the body is read and encoded: a refusal costs nothing
     if refusal is not None:
@@ -317,62 +309,3 @@ def token_logprob(tokenizer: Tokenizer, token_id: int, lp: TokenLogprobs) -> Tok
         t, b = token_text(tokenizer, tid)
         top.append(TopLogprob(token=t, logprob=value, bytes=b))
     return TokenLogprob(token=text, logprob=lp.logprob, bytes=raw, top_logprobs=top)
-
-
-# -- server-sent events ----------------------------------------------------------------------------------------------
-def sse(obj: dict[str, Any]) -> str:
-    """One SSE event carrying `obj` as JSON."""
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-class EventStream(StreamingResponse):
-    """SSE that stops generating whenever the response ends: done, client gone, failed send or cancelled; then
-    `on_close` runs (a request's settle), also when the stream never started."""
-
-    body_iterator: AsyncGenerator[str, None]
-
-    def __init__(self, events: AsyncGenerator[str, None], headers: dict[str, str] | None = None,
-                 on_close: Callable[[], Awaitable[object]] | None = None):
-        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS | (headers or {}))
-        self.on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as group:
-                async def stream() -> None:
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # ASGI 2.4 servers raise this from send once the client is gone
-                        pass
-                    group.cancel_scope.cancel()
-
-                group.start_soon(stream)
-                await self.listen_for_disconnect(receive)  # any server: receive() says http.disconnect
-                group.cancel_scope.cancel()
-        finally:
-            try:
-                await self.body_iterator.aclose()
-            finally:
-                if self.on_close is not None:
-                    await self.on_close()
-
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """`work`'s result, or None when the client disconnects first: then `work` is cancelled (which aborts it)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request.receive))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done() and gone.exception() is not None:  # receive() failed: no news of the client
-            await task
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)  # its cleanup (the abort) has run once this returns
-    return None if task.cancelled() else task.result()
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

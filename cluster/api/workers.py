@@ -29,4 +29,4 @@ class RequestWorkers:
             return await asyncio.wait_for(future, self.budget_s)
         except asyncio.TimeoutError:
             raise APIError(400, f"the request could not be parsed and tokenized within its {self.budget_s:g} s "
-                                f"budget; send a shorter prompt", "messages", "tokenize_budget_exceeded") from None
+                                f"budget; send a shorter prompt", None, "tokenize_budget_exceeded") from None
