@@ -67,7 +67,9 @@ def postgres_server(bindir: Path | None = None) -> Iterator[str]:
                             "--locale=C", "--no-sync"], stdout=quiet, stderr=subprocess.PIPE, **run)
             (data / "pg_hba.conf").write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
             options = (f"-p {port} -c listen_addresses=127.0.0.1 -k {workdir} -c fsync=off "
-                       f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+                       f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
+                       # its dynamic shared memory in the data directory, not /dev/shm (which other tests watch)
+                       f"-c dynamic_shared_memory_type=mmap")
             try:
                 subprocess.run([bindir / "pg_ctl", "-D", data, "-l", log, "-o", options, "-w", "-t", "60", "start"],
                                stdout=quiet, stderr=quiet, **run)

@@ -219,7 +219,8 @@ def test_aborted_streams_settle_to_what_was_generated(served, db_url):
 
 
 def test_refused_request_is_charged_nothing(served, sqlite_url):
-    """A prompt longer than the context: the engine refuses it (400); its reservation settles at 0."""
+    """A prompt longer than the context is refused (400) before anything is reserved; a request the engine refuses
+    (more choices than it allows) settles its reservation at 0."""
     front, (tok, config) = served
 
     async def scenario() -> None:
@@ -228,11 +229,14 @@ def test_refused_request_is_charged_nothing(served, sqlite_url):
             record, key = await ledger.create_key("refused", 1_000_000)
             long_prompt = [5] * (config.max_position_embeddings + 1)
             async with client(app, key) as c:
-                r = await c.post("/v1/completions", json=BODY | {"prompt": long_prompt})
-            assert r.status_code == 400, r.text
-            assert r.headers["x-remaining-credits"] == format_dollars(1_000_000)
+                too_long = await c.post("/v1/completions", json=BODY | {"prompt": long_prompt})
+                too_many = await c.post("/v1/completions", json=BODY | {"n": front.engine.config.max_n + 1})
+            for r in (too_long, too_many):
+                assert r.status_code == 400, r.text
+                assert r.headers["x-remaining-credits"] == format_dollars(1_000_000)
+            assert too_long.json()["error"]["code"] == "context_length_exceeded"
             assert await ledger.open_reservations() == 0
-            assert [u.cost_micro for u in await ledger.usage(record.key_id)] == [0]
+            assert [u.cost_micro for u in await ledger.usage(record.key_id)] == [0]  # the engine's refusal only
             assert await balance(ledger, record.key_id) == 1_000_000
             await accounts.close()
 
@@ -443,6 +447,26 @@ def test_periodic_release(served, sqlite_url):
             await ledger.reserve(record.key_id, "cmpl-stale", 600, ttl_s=0.05)
             assert await no_open_reservations(ledger, within_s=5) == 0
             assert await balance(ledger, record.key_id) == 1000
+        await accounts.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_live_servers_reservations_are_renewed_past_their_ttl(served, sqlite_url):
+    """A request may outlive `reservation_ttl_s`: while its server lives the sweep renews it, so it is never
+    released (and its credits never spent twice); once settled it is no longer renewed."""
+    async def scenario() -> None:
+        app, accounts = make_app(served, sqlite_url, reservation_ttl_s=0.3, release_period_s=0.1)
+        await accounts.start()
+        async with ledger_at(sqlite_url) as ledger:
+            created, key = await ledger.create_key("long", 1000)
+            record = await accounts.authenticate(key)
+            charge = await accounts.reserve(record, "cmpl-long", 10, 10)
+            await asyncio.sleep(1.0)  # three TTLs, ten sweeps
+            assert await ledger.open_reservations() == 1
+            charge.accepted, charge.completion_tokens = True, 4
+            assert await charge.settle() == 1000 - PRICING.cost(10, 4)
+            assert await ledger.open_reservations() == 0 and not accounts.unsettled
         await accounts.close()
 
     asyncio.run(scenario())

@@ -286,8 +286,10 @@ def test_a_thousand_concurrent_requests_get_200_or_a_quick_429(tiny_dir: Path):
         while_held, answers = asyncio.run(burst())
         assert len(while_held) == CONCURRENT - CAPACITY, f"{len(while_held)} answered while the engine was busy"
         assert all(a.status == 429 for a in while_held), sorted({a.status for a in while_held})
+        # Refused without waiting on the engine (held until every refusal is in): the last of the 840 waits only for
+        # the event loop to refuse the ones before it, not for a step.
         slowest = max(a.seconds for a in while_held)
-        assert slowest < 1.0, f"a 429 took {slowest:.2f} s"
+        assert slowest < 3.0, f"a 429 took {slowest:.2f} s"
         error = json.loads(while_held[0].body)["error"]
         assert error["type"] == "rate_limit_error", error
         assert f"{CAPACITY} sequences are in flight ({MAX_NUM_SEQS} run at once and at most {MAX_WAITING} may " \

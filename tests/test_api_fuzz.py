@@ -75,8 +75,8 @@ class _Recorder:
         return Health()
 
 
-def _app(tokenizer: Any, backend: Any = None, **limits: Any):
-    return build_api(backend or _Recorder(), tokenizer, MODEL, 4096, SamplingDefaults(temperature=0.5),
+def _app(tokenizer: Any, backend: Any = None, context_len: int = 4096, **limits: Any):
+    return build_api(backend or _Recorder(), tokenizer, MODEL, context_len, SamplingDefaults(temperature=0.5),
                      APILimits(**limits))
 
 
@@ -459,7 +459,7 @@ class _Watched:
 def test_health_answers_while_a_4_MiB_prompt_is_tokenized(tok):
     watched = _Watched(tok)
     backend = _Recorder()
-    app = _app(watched, backend, tokenize_budget_s=120)
+    app = _app(watched, backend, context_len=2**24, tokenize_budget_s=120)  # the whole prompt reaches the backend
     words = "the sea is calm tonight, said the naïve sailor 🙂 "
     content = words * ((4 * MiB - 1000) // len(words.encode()))
     raw = json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 1},

@@ -195,6 +195,23 @@ def test_reserve_settle_refund(url):
     run(url, body)
 
 
+def test_renewed_reservations_outlive_their_first_expiry(url):
+    """A live server renews its open reservations, so only a dead server's expire; settled ones are not renewed."""
+    async def body(ledger):
+        a, _ = await ledger.create_key("a", 1000)
+        now = time.time()
+        await ledger.reserve(a.key_id, "long", 100, ttl_s=1)
+        await ledger.reserve(a.key_id, "done", 100, ttl_s=1)
+        await ledger.settle("done", 1, 1, 10)
+        assert await ledger.renew(["long", "done", "unknown"], ttl_s=100, now=now) == 1
+        assert await ledger.renew([], ttl_s=100) == 0
+        assert await ledger.release_expired(now=now + 50) == 0  # past the first expiry, within the renewed one
+        assert await ledger.release_expired(now=now + 150) == 1
+        assert (await ledger.list_keys())[0].balance_micro == 990
+
+    run(url, body)
+
+
 def test_expired_reservations_are_released(url):
     async def body(ledger):
         a, _ = await ledger.create_key("a", 1000)

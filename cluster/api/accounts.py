@@ -57,6 +57,8 @@ REMAINING_CREDITS = "x-remaining-credits"
 KEY_SCOPE = "moe_cluster.key"  # the ASGI scope entry holding the request's KeyRecord
 DEFAULT_TTL_S = 900.0
 DEFAULT_RELEASE_PERIOD_S = 60.0
+SETTLE_ATTEMPTS = 4  # a settle the ledger refuses is retried, waiting SETTLE_RETRY_S, then twice as long each time
+SETTLE_RETRY_S = 0.5
 AUTH_CACHE_S = 2.0  # how long an authenticated key's record is reused
 _AUTH_CACHE_KEYS = 4096  # records kept at most (the cache is emptied when it would hold more)
 _OPEN_PATHS = ("/health", "/metrics")
@@ -116,6 +118,7 @@ class Accounts:
         self._starting: asyncio.Task | None = None
         self._releaser: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()  # settles in flight: held here so nothing cancels or collects them
+        self.unsettled: set[str] = set()  # request ids reserved and not yet settled: renewed while this server lives
         self._known: dict[bytes, tuple[float, KeyRecord]] = {}  # sha256(key) -> (reused until, its record)
         self._looking: dict[bytes, asyncio.Task] = {}  # sha256(key) -> the lookup in flight
         self._digests: dict[str, bytes] = {}  # key id -> sha256(key), to note the balances reserves and settles see
@@ -151,14 +154,17 @@ class Accounts:
         return ledger
 
     async def _release_forever(self, ledger: Ledger) -> None:
+        """Every period: renew this server's open reservations (a request may outlive `reservation_ttl_s`; only a
+        dead server's reservations may expire), then release the expired ones."""
         while True:
             await asyncio.sleep(self.release_period_s)
             try:
+                await ledger.renew(sorted(self.unsettled), self.ttl_s)
                 released = await ledger.release_expired()
                 if released:
                     log.warning("released %d expired credit reservations", released)
             except Exception:
-                log.exception("releasing expired credit reservations failed")
+                log.exception("renewing or releasing credit reservations failed")
 
     async def start(self) -> None:
         if self.enabled:
@@ -172,7 +178,7 @@ class Accounts:
             self._releaser.cancel()
             await asyncio.gather(self._releaser, return_exceptions=True)
         if self._ledger is not None:
-            ledger, self._ledger = self._ledger, None
+            ledger, self._ledger, self._starting = self._ledger, None, None  # a later use opens it afresh
             await ledger.close()
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
@@ -277,6 +283,7 @@ class Accounts:
             log.exception("reserving credits for %s failed", request_id)
             raise _unavailable("reservation") from e
         self.note_balance(key.key_id, after)
+        self.unsettled.add(request_id)
         return Charge(self, key.key_id, request_id, prompt_tokens, amount, after)
 
     async def metered(self, key: KeyRecord | None, request_id: str, prompt_tokens: int, params: SamplingParams,
@@ -328,16 +335,26 @@ class Charge:
         return await asyncio.shield(self._settling)
 
     async def _settle(self) -> int | None:
+        """Settle is idempotent in the ledger, so a failed attempt is retried; after the last one the reservation is
+        left to expire (released in full: the request is then not charged), which is logged."""
         prompt = self.prompt_tokens if self.accepted else 0
         cost = min(self.accounts.pricing.cost(prompt, self.completion_tokens), self.reserved_micro)
         try:
-            self.balance_micro = await (await self.accounts.ledger()).settle(self.request_id, prompt,
-                                                                             self.completion_tokens, cost)
-            self.accounts.note_balance(self.key_id, self.balance_micro)
-        except Exception:
-            log.exception("settling %s (%d + %d tokens) failed; its reservation is released when it expires",
-                          self.request_id, prompt, self.completion_tokens)
-            return None
+            for attempt in range(SETTLE_ATTEMPTS):
+                try:
+                    self.balance_micro = await (await self.accounts.ledger()).settle(
+                        self.request_id, prompt, self.completion_tokens, cost)
+                    break
+                except Exception:
+                    if attempt == SETTLE_ATTEMPTS - 1:
+                        log.exception("settling %s (%d + %d tokens) failed %d times; its reservation is released "
+                                      "when it expires", self.request_id, prompt, self.completion_tokens,
+                                      SETTLE_ATTEMPTS)
+                        return None
+                    await asyncio.sleep(SETTLE_RETRY_S * 2 ** attempt)
+        finally:
+            self.accounts.unsettled.discard(self.request_id)
+        self.accounts.note_balance(self.key_id, self.balance_micro)
         return self.balance_micro
 
     def stream(self, events: AsyncGenerator[str, None]) -> EventStream:

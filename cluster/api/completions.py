@@ -146,6 +146,7 @@ class CompletionsAPI:
 
     what = "text completion"
     id_prefix = "cmpl"
+    input_param = "prompt"
 
     def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
                  defaults: SamplingDefaults, limits: APILimits, workers: RequestWorkers, fingerprint: str,

@@ -112,6 +112,7 @@ class _ChatAPI:
 
     what = "chat completion"
     id_prefix = "chatcmpl"
+    input_param = "messages"
 
     def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
                  defaults: SamplingDefaults, limits: APILimits, fingerprint: str, accounts: Accounts):

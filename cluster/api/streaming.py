@@ -61,6 +61,7 @@ class GenerationRoute(Protocol[R]):
 
     what: str  # "chat completion": what the log says failed
     id_prefix: str  # of the route's completion ids
+    input_param: str  # the request field holding the prompt
     backend: GenerationBackend
     context_len: int
     defaults: SamplingDefaults
@@ -99,6 +100,11 @@ async def _serve(request: Request, route: GenerationRoute[R]) -> Response:
         params = p.req.to_sampling_params(route.defaults, route.context_len - len(p.prompt), p.grammar, p.logit_bias)
     except ValueError as e:
         raise APIError(400, str(e)) from e
+    total = len(p.prompt) + params.max_tokens
+    if total > route.context_len:  # the engine refuses it too; here before anything is reserved or rate-counted
+        raise APIError(400, f"the prompt ({len(p.prompt)} tokens) plus max_tokens ({params.max_tokens}) is {total} "
+                            f"tokens, more than the model's context of {route.context_len} tokens",
+                       route.input_param, "context_length_exceeded")
     key = request_key(request)
     params = route.accounts.salted(key, params)
     request_id = f"{route.id_prefix}-{uuid.uuid4().hex}"

@@ -179,6 +179,15 @@ class PostgresLedger:
         async with pool.acquire() as conn:  # settled before: nothing changes
             return await self._balance(conn, key_id)
 
+    async def renew(self, request_ids: list[str], ttl_s: float, now: float | None = None) -> int:
+        if not request_ids:
+            return 0
+        expires = (time.time() if now is None else now) + ttl_s
+        pool = await self._connect()
+        status = await pool.execute("UPDATE reservations SET expires_at = $1 WHERE request_id = ANY($2::text[]) "
+                                    "AND state = $3", expires, request_ids, RESERVATION_OPEN)
+        return int(status.split()[-1])  # "UPDATE n"
+
     async def release_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
         pool = await self._connect()

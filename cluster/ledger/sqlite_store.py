@@ -259,6 +259,18 @@ class SqliteLedger:
 
         return await self._call(settle)
 
+    async def renew(self, request_ids: list[str], ttl_s: float, now: float | None = None) -> int:
+        expires = (time.time() if now is None else now) + ttl_s
+
+        def renew() -> int:
+            with self._write() as db:
+                before = db.total_changes
+                db.executemany("UPDATE reservations SET expires_at = ? WHERE request_id = ? AND state = ?",
+                               [(expires, r, RESERVATION_OPEN) for r in request_ids])
+                return db.total_changes - before
+
+        return await self._call(renew) if request_ids else 0
+
     async def release_expired(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
 

@@ -98,6 +98,10 @@ class Ledger(Protocol):
         reservation, the cost is charged again in full (the balance may go below zero: a charge is never lost).
         LedgerError for a request id never reserved."""
 
+    async def renew(self, request_ids: list[str], ttl_s: float, now: float | None = None) -> int:
+        """Moves the expiry of those still open to `ttl_s` from now (a live server renews its requests', so only a
+        dead one's expire); how many."""
+
     async def release_expired(self, now: float | None = None) -> int:
         """Refunds every open reservation past its expiry in full; how many. Also drops old rate windows."""
 
