@@ -73,11 +73,17 @@ def _record(row: asyncpg.Record) -> KeyRecord:
                      row["tpm_limit"])
 
 
+# Connections per replica: a burst of requests each holds one for a statement at a time, and a smaller pool makes
+# them queue for connections (benchmarks/RESULTS.md, ledger overhead); several replicas must fit the server's
+# max_connections (PostgreSQL's default is 100).
+POOL_CONNECTIONS = 32
+
+
 class PostgresLedger:
     """The `Ledger` contract on PostgreSQL (see `cluster.ledger.store`). The pool opens on first use, in the event
     loop that uses it."""
 
-    def __init__(self, url: str, password: str | None = None, max_connections: int = 10) -> None:
+    def __init__(self, url: str, password: str | None = None, max_connections: int = POOL_CONNECTIONS) -> None:
         self._url = url
         self._password = None if urlsplit(url).password else password  # the URL's own password wins
         self._max_connections = max_connections
