@@ -472,6 +472,47 @@ def test_a_live_servers_reservations_are_renewed_past_their_ttl(served, sqlite_u
     asyncio.run(scenario())
 
 
+def test_a_request_cancelled_while_reserving_leaves_no_reservation_open(served, sqlite_url):
+    """The client leaves while its reserve is in flight: the reserve still lands, and is settled at 0 at once."""
+    async def scenario() -> None:
+        app, accounts = make_app(served, sqlite_url)
+        await accounts.start()
+        async with ledger_at(sqlite_url) as ledger:
+            created, key = await ledger.create_key("gone", 1000)
+            record = await accounts.authenticate(key)
+            used = await accounts.ledger()
+            landed = asyncio.Event()
+            reserve = used.reserve
+
+            async def slow_reserve(*args: Any, **kw: Any) -> int:  # lands, then answers late
+                after = await reserve(*args, **kw)
+                landed.set()
+                await asyncio.sleep(0.5)
+                return after
+
+            used.reserve = slow_reserve
+            reserving = asyncio.ensure_future(accounts.reserve(record, "cmpl-gone", 10, 10))
+            await asyncio.wait_for(landed.wait(), 10)
+            assert await ledger.open_reservations() == 1
+            reserving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reserving
+            assert await no_open_reservations(ledger, within_s=5) == 0
+            assert [(u.request_id, u.cost_micro) for u in await ledger.usage(created.key_id)] == [("cmpl-gone", 0)]
+            assert await balance(ledger, created.key_id) == 1000
+        await accounts.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_ledger_url_with_a_password_is_refused():
+    from cluster.serve.args import ServeArgs
+
+    with pytest.raises(ValueError, match="MOE_CLUSTER_DB_PASSWORD"):
+        ServeArgs(db="postgresql://moe:secret@db:5432/ledger")
+    assert ServeArgs(db="postgresql://moe@db:5432/ledger").db == "postgresql://moe@db:5432/ledger"
+
+
 # -- prefix cache ----------------------------------------------------------------------------------------------------
 def test_each_key_has_its_own_prefix_cache(served, sqlite_url):
     prompt = list(range(1000, 1048))  # three 16-token blocks

@@ -425,6 +425,9 @@ def test_sqlite_file_is_private(tmp_path):
     (tmp_path / "link.db").symlink_to(path)
     with pytest.raises(PermissionError, match="not a regular file"):
         open_ledger(str(tmp_path / "link.db"))
+    path.chmod(0o644)  # an existing ledger others can read is made private again
+    run(f"sqlite://{path}", lambda ledger: ledger.list_keys())
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
 def test_sqlite_default_under_the_cache(tmp_path, monkeypatch):

@@ -265,8 +265,12 @@ class Accounts:
                 log.exception("counting a request against its rate limits failed")
                 raise _unavailable("rate limits") from e
         amount = self.pricing.cost(prompt_tokens, max_completion_tokens)
+        reserving = asyncio.ensure_future(ledger.reserve(key.key_id, request_id, amount, self.ttl_s))
         try:
-            after = await ledger.reserve(key.key_id, request_id, amount, self.ttl_s)
+            after = await asyncio.shield(reserving)
+        except asyncio.CancelledError:  # the client left meanwhile: the reservation may still be made, so close it
+            self.spawn(self._abandon(reserving, request_id))
+            raise
         except InsufficientCredits as e:
             self.note_balance(key.key_id, e.balance_micro)
             raise AccountError(429, f"this key's credits (${format_dollars(e.balance_micro)}) do not cover the "
@@ -285,6 +289,17 @@ class Accounts:
         self.note_balance(key.key_id, after)
         self.unsettled.add(request_id)
         return Charge(self, key.key_id, request_id, prompt_tokens, amount, after)
+
+    async def _abandon(self, reserving: asyncio.Future, request_id: str) -> None:
+        """Settle at 0 a reservation whose request was cancelled while it was being made, once it is."""
+        try:
+            await reserving
+        except Exception:
+            return  # refused or failed: nothing was reserved
+        try:
+            await (await self.ledger()).settle(request_id, 0, 0, 0)
+        except Exception:
+            log.exception("releasing the reservation of cancelled request %s failed; it expires", request_id)
 
     async def metered(self, key: KeyRecord | None, request_id: str, prompt_tokens: int, params: SamplingParams,
                       generate: Callable[[Charge], Awaitable[Response]]) -> Response:

@@ -85,6 +85,8 @@ def prepare_file(path: Path) -> None:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
     except FileExistsError:
         _refuse_unsafe(path, stat.S_ISREG, "file")
+        if os.lstat(path).st_mode & 0o077:  # balances and key digests: readable by this user alone
+            os.chmod(path, 0o600)
 
 
 def _refuse_unsafe(path: Path, is_kind: Callable[[int], bool], kind: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -79,8 +80,9 @@ class ServeArgs(BaseModel):
     shutdown_grace_s: float = Field(30.0, gt=0, description="on SIGTERM/SIGINT: how long running requests may take "
                                                              "to finish before they are ended with an error")
     db: str | None = Field(None, description="the keys and credits ledger: sqlite:///path.db, a file path, or "
-                                             "postgresql://user@host:port/db (password from the URL or else "
-                                             "$MOE_CLUSTER_DB_PASSWORD); default: none, the API is open to anyone")
+                                             "postgresql://user@host:port/db (the password from "
+                                             "$MOE_CLUSTER_DB_PASSWORD, never in the URL); default: none, the API is "
+                                             "open to anyone")
     price_input_per_million: str = Field("2", description="dollars charged per million prompt tokens (with --db)")
     price_output_per_million: str = Field("6", description="dollars charged per million completion tokens "
                                                            "(with --db)")
@@ -93,6 +95,15 @@ class ServeArgs(BaseModel):
         if parse_dollars(price) < 0:
             raise ValueError(f"a price must be >= 0, not {price}")
         return price
+
+    @field_validator("db")
+    @classmethod
+    def _check_db(cls, db: str | None) -> str | None:
+        """A password in the URL would travel in the Serve config (Ray stores it) and show in `ps`: it comes from
+        $MOE_CLUSTER_DB_PASSWORD (a k8s Secret) instead."""
+        if db is not None and urlsplit(db).password is not None:
+            raise ValueError("the ledger URL must not hold a password: set $MOE_CLUSTER_DB_PASSWORD instead")
+        return db
 
     @property
     def pricing(self) -> Pricing:
