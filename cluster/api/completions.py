@@ -23,14 +23,11 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cluster.api.accounts import Accounts, Charge
-from cluster.api.backend import GenerationBackend
+from cluster.api.accounts import Charge
 from cluster.api.errors import APIError
-from cluster.api.limits import APILimits
 from cluster.api.protocol import Bool, Int, SamplingRequest, Usage
-from cluster.api.streaming import (ChoiceState, CompletionResponse, Prepared, checked_logit_bias, parse_request,
-                                   serve_generation, token_text)
-from cluster.api.workers import RequestWorkers
+from cluster.api.streaming import (ChoiceState, CompletionResponse, GenerationRoute, Prepared, checked_logit_bias,
+                                   parse_request, serve_generation, token_text)
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingDefaults, SamplingParams
 from cluster.tokenizer import Tokenizer
@@ -141,25 +138,12 @@ class Completion(BaseModel):
 
 
 # -- the route -----------------------------------------------------------------------------------------------------
-class CompletionsAPI:
-    """POST /v1/completions, served by `serve_generation` (a `GenerationRoute`)."""
+class CompletionsAPI(GenerationRoute[CompletionRequest]):
+    """POST /v1/completions, served by `serve_generation`."""
 
     what = "text completion"
     id_prefix = "cmpl"
     input_param = "prompt"
-
-    def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
-                 defaults: SamplingDefaults, limits: APILimits, workers: RequestWorkers, fingerprint: str,
-                 accounts: Accounts | None = None):
-        self.backend = backend
-        self.tokenizer = tokenizer
-        self.model_name = model_name
-        self.context_len = context_len
-        self.defaults = defaults
-        self.limits = limits
-        self.workers = workers
-        self.fingerprint = fingerprint
-        self.accounts = accounts or Accounts(None)
 
     async def create(self, request: Request) -> Response:
         """POST /v1/completions; every failure is an OpenAI error response."""

@@ -43,8 +43,8 @@ from cluster.api.protocol import (AssistantMessage, ChatCompletion, ChatCompleti
                                   ChoiceLogprobs, ChunkChoice, DeltaMessage, FunctionCallDelta, FunctionCallOut,
                                   JSONObjectFormat, JSONSchemaResponseFormat, ModelCard, ModelList,
                                   TokenLogprob, ToolCallDeltaOut, ToolCallOut, Usage)
-from cluster.api.streaming import (ChoiceState, CompletionResponse, Prepared, checked_logit_bias, parse_request,
-                                   serve_generation, token_logprob, token_text)
+from cluster.api.streaming import (ChoiceState, CompletionResponse, GenerationRoute, Prepared, checked_logit_bias,
+                                   parse_request, serve_generation, token_logprob, token_text)
 from cluster.api.tool_calls import ParsedToolCall, ToolCallDelta, ToolCallParser
 from cluster.api.workers import RequestWorkers
 from cluster.engine.outputs import RequestOutput
@@ -73,10 +73,10 @@ def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str,
     credits (None: an open server); its ledger opens at start-up (or on the first request) and closes at shutdown."""
     fingerprint = fingerprint or system_fingerprint(model_name, "")
     accounts = accounts or Accounts(None)
-    api = _ChatAPI(backend, tokenizer, model_name, context_len, defaults, limits, fingerprint, accounts)
     # One pool of request workers for both routes: its size bounds the threads any mix of requests can hold.
-    text = CompletionsAPI(backend, tokenizer, model_name, context_len, defaults, limits, api.workers, fingerprint,
-                          accounts)
+    workers = RequestWorkers(limits.tokenize_threads, limits.tokenize_budget_s)
+    parts = (backend, tokenizer, model_name, context_len, defaults, limits, workers, fingerprint, accounts)
+    api, text = _ChatAPI(*parts), CompletionsAPI(*parts)
     routes = [Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
               Route("/v1/completions", text.create, methods=["POST"]),
               Route("/v1/models", api.models, methods=["GET"]),
@@ -107,24 +107,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
-class _ChatAPI:
-    """The chat route (a `GenerationRoute`, served by `serve_generation`) and the model and health routes."""
+@dataclass(eq=False)
+class _ChatAPI(GenerationRoute[ChatCompletionRequest]):
+    """The chat route (served by `serve_generation`) and the model and health routes."""
 
     what = "chat completion"
     id_prefix = "chatcmpl"
     input_param = "messages"
 
-    def __init__(self, backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_len: int,
-                 defaults: SamplingDefaults, limits: APILimits, fingerprint: str, accounts: Accounts):
-        self.backend = backend
-        self.tokenizer = tokenizer
-        self.model_name = model_name
-        self.context_len = context_len
-        self.defaults = defaults
-        self.limits = limits
-        self.fingerprint = fingerprint
-        self.accounts = accounts
-        self.workers = RequestWorkers(limits.tokenize_threads, limits.tokenize_budget_s)
+    def __post_init__(self) -> None:
         self.created = int(time.time())
 
     # -- routes ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, AsyncIterator, ClassVar, Generic, Iterator, Protocol, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, ClassVar, Generic, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
@@ -56,24 +56,32 @@ class Prepared(Generic[R]):
     grammar: str | None = None
 
 
-class GenerationRoute(Protocol[R]):
-    """What `serve_generation` needs of a route: the server's parts, and the route's own steps."""
+@dataclass(eq=False)
+class GenerationRoute(Generic[R]):
+    """A generation route: the server's parts (one set, shared by both routes), and the route's own steps, which a
+    subclass writes. `serve_generation` serves it."""
 
-    what: str  # "chat completion": what the log says failed
-    id_prefix: str  # of the route's completion ids
-    input_param: str  # the request field holding the prompt
+    what: ClassVar[str]  # "chat completion": what the log says failed
+    id_prefix: ClassVar[str]  # of the route's completion ids
+    input_param: ClassVar[str]  # the request field holding the prompt
+
     backend: GenerationBackend
+    tokenizer: Tokenizer
+    model_name: str
     context_len: int
     defaults: SamplingDefaults
     limits: APILimits
     workers: RequestWorkers
+    fingerprint: str
     accounts: Accounts
 
     def prepare(self, raw: bytes) -> Prepared[R]:
         """The request parsed, checked and encoded; runs on a worker thread (CPU-bound for large bodies)."""
+        raise NotImplementedError
 
     def respond(self, p: Prepared[R], request_id: str, charge: Charge) -> CompletionResponse[Any, Any]:
         """The request's response, to fill from the backend's outputs."""
+        raise NotImplementedError
 
 
 async def serve_generation(request: Request, route: GenerationRoute[R]) -> Response:
