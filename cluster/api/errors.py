@@ -13,8 +13,8 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
           413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
 _RETRY_LATER = (429, 503)
-_CLOSE = (408, 413)
-_TAGGED_UNIONS = {"response_format"}  # request fields whose pydantic error locations carry the union's tag  # answered before the body was read: the connection cannot be reused
+_CLOSE = (408, 413)  # answered before the body was read: the connection cannot be reused
+_TAGGED_UNIONS = {"response_format"}  # request fields whose pydantic error locations carry the union's tag
 
 # Pydantic's words for these name our model classes ("instance of ChatMessage"); clients see JSON's.
 _MESSAGES = {"model_type": "Input should be a JSON object", "model_attributes_type": "Input should be a JSON object",

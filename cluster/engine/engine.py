@@ -158,16 +158,16 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         self.validate(prompt, params)
         seqs = []
-        if params.grammar is not None:
-            self.guide.compile(params.grammar)  # a GrammarError refuses the request before anything is kept
+        # A GrammarError refuses the request before anything is kept.
+        compiled = self.guide.compile(params.grammar) if params.grammar is not None else None
         for i in range(params.n):
             # Only a seeded choice needs a generator of its own; the others share the sampler's batched draw.
             seeded = params.seed is not None and not params.greedy
             seq = Sequence(next(self._ids), request_id, i, list(prompt), params,
                            generator=make_generator(params.seed + i, self.device) if seeded else None)
             self.outputs[seq.seq_id] = _SeqOutput(seq, self.decode)
-            if params.grammar is not None:
-                self.guide.start(seq)
+            if compiled is not None:
+                self.guide.start(seq, compiled)
             seqs.append(seq)
         self.requests[request_id] = seqs
         self.scheduler.add(seqs[0])

@@ -145,10 +145,9 @@ class GrammarGuide:
         return matcher
 
     # -- sequences ---------------------------------------------------------------------------------------------
-    def start(self, seq: Sequence) -> None:
-        """Track `seq` (its params carry a grammar) from its first output token."""
-        assert seq.params.grammar is not None
-        self._seqs[seq.seq_id] = _Guided(self.compile(seq.params.grammar).deep_copy())
+    def start(self, seq: Sequence, compiled: Any) -> None:
+        """Track `seq` from its first output token, with its own copy of its grammar's `compiled` matcher."""
+        self._seqs[seq.seq_id] = _Guided(compiled.deep_copy())
 
     def release(self, seq: Sequence) -> None:
         self._seqs.pop(seq.seq_id, None)

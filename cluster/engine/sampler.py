@@ -131,9 +131,10 @@ def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
     masked = [i for i, r in enumerate(rows) if r.allowed is not None]
     if masked:
         idx = _on_device(masked, torch.long, device)
-        allowed = unpack_bitmask(torch.stack([rows[i].allowed for i in masked]).to(device, non_blocking=True), V)
-        if not bool(allowed.any(dim=-1).all()):
+        words = torch.stack([rows[i].allowed for i in masked])  # [M, W], on the host: checked without a device sync
+        if bool((words == 0).all(dim=-1).any()):
             raise ValueError("an allowed-token mask allows no token at all")
+        allowed = unpack_bitmask(words.to(device, non_blocking=True), V)
         out[idx] = out[idx].masked_fill(~allowed, _NEG_INF)
 
     pen = [i for i, r in enumerate(rows) if (r.params.frequency_penalty or r.params.presence_penalty)

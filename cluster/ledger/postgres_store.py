@@ -108,12 +108,6 @@ class PostgresLedger:
                 self._pool = pool
         return self._pool
 
-    async def _balance(self, conn: asyncpg.Connection, key_id: str) -> int:
-        balance = await conn.fetchval("SELECT balance FROM keys WHERE key_id = $1", key_id)
-        if balance is None:
-            raise UnknownKey(key_id)
-        return balance
-
     # keys
     async def create_key(self, name: str | None, credits_micro: int, rpm: int | None = None,
                          tpm: int | None = None) -> tuple[KeyRecord, str]:
@@ -179,11 +173,11 @@ class PostgresLedger:
         balance = await pool.fetchval(_SETTLE, request_id, prompt_tokens, completion_tokens, cost_micro, time.time())
         if balance is not None:
             return balance
-        key_id = await pool.fetchval("SELECT key_id FROM reservations WHERE request_id = $1", request_id)
-        if key_id is None:
+        balance = await pool.fetchval("SELECT k.balance FROM reservations r JOIN keys k USING (key_id) "
+                                      "WHERE r.request_id = $1", request_id)  # settled before: nothing changes
+        if balance is None:
             raise LedgerError(f"no reservation for request id {request_id!r}")
-        async with pool.acquire() as conn:  # settled before: nothing changes
-            return await self._balance(conn, key_id)
+        return balance
 
     async def renew(self, request_ids: list[str], ttl_s: float, now: float | None = None) -> int:
         if not request_ids:

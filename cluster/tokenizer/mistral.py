@@ -59,7 +59,7 @@ class Tokenizer:
     @property
     def tool_calls_token(self) -> int | None:
         """The id of [TOOL_CALLS], which starts a turn's tool calls; None for tokenizers without tools (v1)."""
-        token_id = self.raw.get_special_token("[TOOL_CALLS]")
+        token_id = self.control_token("[TOOL_CALLS]")
         return token_id if self.piece(token_id) == "[TOOL_CALLS]" else None
 
     def control_token(self, name: str) -> int:
