@@ -131,7 +131,7 @@ class ServeArgs(BaseModel):
                             sampling=SamplingDefaults.for_model(config),
                             moe_backend=backend_name(self.moe_backend, device) if groups else self.moe_backend,
                             shard_groups=tuple(groups),
-                            layout=layout, engine=engine, api=api, pricing=self.pricing, db=self.db)
+                            layout=layout, engine=engine, api=api)
 
     def _device(self) -> str:
         if self.device == "auto":

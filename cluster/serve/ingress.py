@@ -9,15 +9,12 @@ from typing import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.api.accounts import Accounts
-from cluster.api.server import build_api, system_fingerprint
-from cluster.dtype import dtype_name
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
+from cluster.serve.api_app import served_api
 from cluster.serve.drain import Drain
 from cluster.serve.health import Health
 from cluster.serve.resolved import ResolvedArgs
-from cluster.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +114,7 @@ class Ingress:
         self.drainer: Drain | None = None  # (not `app`: Serve's ingress wrapper owns that name)
 
     def __serve_build_asgi_app__(self) -> Drain:
-        r = self.resolved
-        # Each replica opens the ledger itself, in its own event loop (at the app's start-up); the password comes
-        # from this process's environment (a k8s Secret), never from `resolved`.
-        if r.db is None:
-            log.warning("no --db: the API is open, without keys or credits")
-        api = build_api(RouterBackend(self.router), load_tokenizer(r.tokenizer_version), r.model_name,
-                        r.config.max_position_embeddings, r.sampling, r.api,
-                        system_fingerprint(r.model_name, dtype_name(r.dtype)),
-                        Accounts(r.db, r.pricing, r.args.reservation_ttl_s))
-        self.drainer = Drain(api)
+        self.drainer = served_api(self.resolved, RouterBackend(self.router))
         return self.drainer
 
     async def drain(self, grace_s: float) -> int:

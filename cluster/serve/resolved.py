@@ -16,7 +16,6 @@ from cluster.api.limits import APILimits
 from cluster.config import ModelConfig
 from cluster.engine.engine import EngineConfig
 from cluster.engine.sampling_params import SamplingDefaults
-from cluster.ledger.pricing import Pricing
 from cluster.parallel.layout import UnitLayout
 
 if TYPE_CHECKING:
@@ -38,8 +37,6 @@ class ResolvedArgs:
     layout: UnitLayout
     engine: EngineConfig
     api: APILimits  # what the HTTP API accepts from one request
-    pricing: Pricing = Pricing()  # what a request's tokens cost, with a ledger
-    db: str | None = None  # the ledger's URL (its password never travels here: see `cluster.ledger.open_ledger`)
 
     @property
     def num_shards(self) -> int:

@@ -11,25 +11,17 @@ from types import FrameType
 
 import uvicorn
 
-from cluster.api.accounts import Accounts
 from cluster.api.backend import EngineBackend
-from cluster.api.server import build_api, system_fingerprint
-from cluster.dtype import dtype_name
 from cluster.engine.async_engine import AsyncEngine
+from cluster.serve.api_app import served_api
 from cluster.serve.drain import Drain
 from cluster.serve.engine_builder import build_engine, in_process_executor
 from cluster.serve.resolved import ResolvedArgs
-from cluster.tokenizer import load_tokenizer
 
 
 def build_standalone_app(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine]:
     engine = AsyncEngine(lambda: build_engine(resolved, in_process_executor(resolved)))
-    backend = EngineBackend(engine, resolved.moe_kernel)
-    accounts = Accounts(resolved.db, resolved.pricing, resolved.args.reservation_ttl_s)
-    app = build_api(backend, load_tokenizer(resolved.tokenizer_version), resolved.model_name,
-                    resolved.config.max_position_embeddings, resolved.sampling, resolved.api,
-                    system_fingerprint(resolved.model_name, dtype_name(resolved.dtype)), accounts)
-    return Drain(app), engine
+    return served_api(resolved, EngineBackend(engine, resolved.moe_kernel)), engine
 
 
 class _DrainingServer(uvicorn.Server):
@@ -67,8 +59,6 @@ def run_standalone(resolved: ResolvedArgs, host: str, port: int) -> None:
                             lifespan="on")
     server = _DrainingServer(config, app, resolved.args.shutdown_grace_s)
     print(f"serving {resolved.model_name} on http://{host}:{port}/v1 (single process)", file=sys.stderr, flush=True)
-    if resolved.db is None:
-        print("no --db: the API is open, without keys or credits", file=sys.stderr, flush=True)
     try:
         server.run()
     finally:
