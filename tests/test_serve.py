@@ -4,6 +4,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -176,8 +177,14 @@ def test_the_serve_config_file_holds_valid_app_args():
 def test_serve_args_refuse_what_cannot_run(tiny_dir):
     from cluster.config import ModelConfig
 
-    with pytest.raises(ValueError, match="shards"):
-        ServeArgs(shards=0)
+    with pytest.raises(ValueError, match="shards=0 is for a dense model"):
+        ServeArgs(model=str(tiny_dir), shards=0).num_shards(ModelConfig.from_file(tiny_dir))
+    with pytest.raises(ValueError, match="units is a fixed count"):
+        ServeArgs(units=2, max_units=4)
+    with pytest.raises(ValueError, match="min_units=3 is above max_units=2"):
+        ServeArgs(min_units=3, max_units=2)
+    with pytest.raises(ValueError, match="need max_units"):
+        ServeArgs(min_units=1)
     with pytest.raises(ValueError, match="unknown_option"):
         ServeArgs.model_validate({"unknown_option": 1})
     with pytest.raises(ValueError, match="9 shards for 8 experts"):
@@ -220,6 +227,45 @@ def test_build_app_reserves_the_planned_unit_on_gpus(tiny_dir, gpus, bundles):
     assert router._replica_config.placement_group_strategy == "STRICT_PACK"
     plan = plan_placement(ModelConfig.from_file(tiny_dir), gpus or 2, 2**34, num_shards=2, min_kv_tokens=0)
     assert len(bundles) == plan.layout.num_gpus
+
+
+def test_build_app_needs_no_checkpoint_on_the_node_that_builds_it(tmp_path):
+    """Mixtral 8x22B on 8 GPUs, autoscaled, built where /models does not exist (a KubeRay head): the reservation
+    comes from the arguments; the replica, where the checkpoint is, reads config.json and finds the same unit."""
+    from ray.serve.config import AutoscalingConfig
+
+    from cluster.serve.app import build_app
+    from cluster.serve.router import resolve_unit
+
+    absent = tmp_path / "Mixtral-8x22B-Instruct-v0.1"
+    args = {"model": str(absent), "shards": 8, "device": "cuda", "dtype": "bf16", "min_units": 1, "max_units": 3,
+            "max_num_seqs": 96, "replica_cpus": 4, "shard_cpus": 2}
+    ingress = build_app(args)._bound_deployment
+    router = ingress.init_args[0]._bound_deployment
+    assert router._replica_config.placement_group_bundles == [{"CPU": 4, "GPU": 1}] + [{"CPU": 2, "GPU": 1}] * 7
+    assert router._replica_config.placement_group_strategy == "STRICT_PACK"
+    scaling = router._deployment_config.autoscaling_config
+    assert isinstance(scaling, AutoscalingConfig)
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 96)  # one unit's batch
+    assert ingress.num_replicas == 2
+    assert router._deployment_config.graceful_shutdown_timeout_s > 30  # the requests in flight get their grace
+    assert not absent.exists()
+
+    # On the replica's node: the real config.json (weights are not needed to resolve).
+    config_dir = Path(__file__).parent / "data" / "configs" / "mixtral-8x22b-instruct"
+    on_replica = ServeArgs.model_validate({**args, "model": str(config_dir)})
+    resolved = resolve_unit(on_replica)
+    assert (resolved.num_shards, resolved.config.hidden_size, resolved.tokenizer_version) == (8, 6144, "v3")
+    assert resolved.layout.num_gpus == 8
+
+
+def test_a_unit_reserved_for_the_wrong_model_is_refused_on_its_replica(tiny_dense_dir, tiny_dir):
+    from cluster.serve.router import resolve_unit
+
+    with pytest.raises(ValueError, match="needs 0 expert shards, but the unit reserved 2: set shards to 0"):
+        resolve_unit(ServeArgs(model=str(tiny_dense_dir), shards=2, device="cpu"))
+    assert resolve_unit(ServeArgs(model=str(tiny_dense_dir), shards=0, device="cpu")).num_shards == 0
+    assert resolve_unit(ServeArgs(model=str(tiny_dir), shards=2, device="cpu")).num_shards == 2
 
 
 @pytest.mark.e2e  # the HTTP app over a real engine

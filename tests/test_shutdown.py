@@ -61,7 +61,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tiny_dir), "--port", str(self.port),
                "--device", "cpu", "--dtype", "fp32", "--kv-cache-bytes", "32MiB", "--shutdown-grace-s", str(grace_s)]
-        self.proc = subprocess.Popen(cmd + ([] if ray else ["--no-ray"]), stdout=subprocess.PIPE,
+        # On Ray two Ingress replicas, as on a cluster: the driver must drain each (the streams land on both).
+        mode = ["--ingress-replicas", "2"] if ray else ["--no-ray"]
+        self.proc = subprocess.Popen(cmd + mode, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.log: list[str] = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()

@@ -5,6 +5,11 @@
 Started by `moe-cluster serve`, by `serve run cluster.serve.app:build_app model=DIR shards=4`, by a Serve config
 file (deploy/serve_config.yaml) or by KubeRay's RayService, all through this one function.
 
+Building the app needs no checkpoint: Serve builds it in a task that usually runs on the head, a node with no GPU
+and no model volume. What Serve must reserve (a unit's GPU bundles, the replica counts) comes from the arguments
+alone (`deployment_plan`); each replica reads config.json itself where it runs (`ServeArgs.resolve`), so the
+checkpoint is needed only on the nodes that run replicas.
+
 With `db` set, each Ingress replica opens the ledger itself (cluster.api.accounts); its PostgreSQL password is read
 from MOE_CLUSTER_DB_PASSWORD in the replica's own environment (the pod's, from a k8s Secret), so it never enters the
 Serve config or the runtime_env that Ray stores.
@@ -12,46 +17,82 @@ Serve config or the runtime_env that Ray stores.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import ray
 from ray import serve
 from ray.serve import Application
 
-from cluster.serve.args import ServeArgs
+from cluster.serve.args import CLUSTER_INGRESS_REPLICAS, ServeArgs
 from cluster.serve.ingress import Ingress
-from cluster.serve.resolved import ResolvedArgs
 from cluster.serve.router import AttentionRouter
 from cluster.serve.unit import UNIT_ENV, replica_gpus, unit_bundles
 
 MAX_ONGOING_REQUESTS = 1024  # the engine batches continuously; Serve must not cap it at its default of 5
+_CUT_MARGIN_S = 10.0  # beyond shutdown_grace_s: for the requests cut at its end to send their last event
+
+
+@dataclass(frozen=True)
+class DeploymentPlan:
+    """The `.options(...)` of each deployment: what Serve reserves and how many replicas it keeps."""
+
+    router: dict[str, Any]  # AttentionRouter: one replica per unit, its placement group the unit's bundles
+    ingress: dict[str, Any]
 
 
 def build_app(args: ServeArgs | dict) -> Application:
-    return serve_app(resolve_on_cluster(args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)))
+    return serve_app(decide_device(args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)))
 
 
-def resolve_on_cluster(args: ServeArgs) -> ResolvedArgs:
-    """`args.resolve()`, where `device: auto` means GPUs when the Ray cluster has any (the driver itself may run on
-    a CPU-only head node)."""
-    if args.device == "auto" and ray.is_initialized():
-        args = args.model_copy(update={"device": "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"})
-    return args.resolve()
+def decide_device(args: ServeArgs) -> ServeArgs:
+    """`args` with `device: auto` decided where the app is built: GPUs when the Ray cluster has any (the builder
+    itself may be a CPU-only head node), else this machine's own choice."""
+    if args.device != "auto":
+        return args
+    if ray.is_initialized():
+        return args.model_copy(update={"device": "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"})
+    return args.model_copy(update={"device": args.resolved_device()})
 
 
-def serve_app(resolved: ResolvedArgs) -> Application:
-    """The deployments, each handed `resolved` whole."""
-    args, layout = resolved.args, resolved.layout
-    router = serve.deployment(AttentionRouter).options(
-        name="AttentionRouter",
-        num_replicas=args.units,
-        ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": replica_gpus(layout),
-                           "runtime_env": {"env_vars": UNIT_ENV}},
-        placement_group_bundles=unit_bundles(args, layout),
-        placement_group_strategy=layout.strategy,
-        max_ongoing_requests=MAX_ONGOING_REQUESTS,
-        health_check_period_s=5,
-        health_check_timeout_s=30,
-    ).bind(resolved)
-    ingress = serve.deployment(Ingress).options(
-        name="Ingress", ray_actor_options={"num_cpus": args.ingress_cpus}, max_ongoing_requests=MAX_ONGOING_REQUESTS,
-    )
-    return ingress.bind(router, resolved)
+def deployment_plan(args: ServeArgs) -> DeploymentPlan:
+    """What Serve is asked for, from `args` alone (their device decided: see `decide_device`)."""
+    if args.device == "auto":
+        raise ValueError("deployment_plan needs a decided device (decide_device)")
+    layout = args.planned_layout(args.device)
+    # A replica being stopped (scale-down, upgrade, a drained node) first lets its requests finish.
+    shutdown = {"graceful_shutdown_timeout_s": args.shutdown_grace_s + _CUT_MARGIN_S,
+                "max_ongoing_requests": MAX_ONGOING_REQUESTS}
+    router = {
+        "name": "AttentionRouter",
+        **_unit_scaling(args),
+        "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": replica_gpus(layout),
+                              "runtime_env": {"env_vars": UNIT_ENV}},
+        "placement_group_bundles": unit_bundles(args, layout),
+        "placement_group_strategy": layout.strategy,
+        "health_check_period_s": 5,
+        "health_check_timeout_s": 30,
+        **shutdown,
+    }
+    ingress = {"name": "Ingress", "num_replicas": args.ingress_replicas or CLUSTER_INGRESS_REPLICAS,
+               "ray_actor_options": {"num_cpus": args.ingress_cpus}, **shutdown}
+    return DeploymentPlan(router, ingress)
+
+
+def _unit_scaling(args: ServeArgs) -> dict[str, Any]:
+    """A fixed number of units, or Serve's autoscaling of them by ongoing requests per unit."""
+    if args.max_units is None:
+        return {"num_replicas": args.units}
+    low = args.min_units or 1
+    return {"autoscaling_config": {
+        "min_replicas": low, "initial_replicas": low, "max_replicas": args.max_units,
+        "target_ongoing_requests": args.target_ongoing_requests or args.max_num_seqs,
+        "upscale_delay_s": args.upscale_delay_s, "downscale_delay_s": args.downscale_delay_s,
+    }}
+
+
+def serve_app(args: ServeArgs) -> Application:
+    """The deployments, each handed `args` (device decided) to resolve where it runs."""
+    plan = deployment_plan(args)
+    router = serve.deployment(AttentionRouter).options(**plan.router).bind(args)
+    return serve.deployment(Ingress).options(**plan.ingress).bind(router, args)

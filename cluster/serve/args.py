@@ -8,7 +8,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.api.limits import APILimits
 from cluster.checkpoint.default import ensure_default_checkpoint
@@ -24,14 +24,31 @@ from cluster.serve.resolved import ResolvedArgs
 from cluster.tokenizer import resolve_tokenizer_version
 
 
+CLUSTER_INGRESS_REPLICAS = 2  # the Ingress default on a cluster: one replica lost leaves another serving
+
+
 class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str | None = Field(None, description="checkpoint directory; default: the embedded mini checkpoint")
     served_model_name: str | None = Field(None, description="the `model` name clients send; default: directory name")
     tokenizer: Literal["v1", "v2", "v3"] | None = Field(None, description="default: from the checkpoint")
-    shards: int = Field(2, ge=1, description="expert shards of one unit (at most the number of experts)")
-    units: int = Field(1, ge=1, description="AttentionRouter replicas, each with its own shards")
+    shards: int = Field(2, ge=0, description="expert shards of one unit (at most the number of experts; 0 for a "
+                                            "dense model)")
+    units: int = Field(1, ge=1, description="serving units (AttentionRouter replicas, each with its own shards), "
+                                            "fixed; min_units/max_units instead autoscale them")
+    min_units: int | None = Field(None, ge=1, description="autoscaling: the fewest units (default 1; with max_units)")
+    max_units: int | None = Field(None, ge=1, description="autoscaling: the most units; set, Serve adds and "
+                                                          "removes units by ongoing requests")
+    target_ongoing_requests: int | None = Field(
+        None, ge=1, description="autoscaling: the ongoing requests one unit should carry; default: max_num_seqs")
+    upscale_delay_s: float = Field(30.0, ge=0, description="autoscaling: how long load must stay high before a "
+                                                            "unit is added")
+    downscale_delay_s: float = Field(600.0, ge=0, description="autoscaling: how long load must stay low before a "
+                                                               "unit is removed (slow: a unit reloads every expert)")
+    ingress_replicas: int | None = Field(
+        None, ge=1, description="Ingress (HTTP API) replicas; default: 2 on a cluster, so one lost replica "
+                                "leaves another; 1 under `moe-cluster serve` on a Ray of its own")
     gpus: int | None = Field(
         None, ge=1, description="GPUs of one unit on CUDA: `shards` (default; the replica shares GPU 0 with shard 0, "
                                 "whose experts then run in the replica's process) or `shards` + 1 (the replica gets a "
@@ -105,6 +122,17 @@ class ServeArgs(BaseModel):
             raise ValueError("the ledger URL must not hold a password: set $MOE_CLUSTER_DB_PASSWORD instead")
         return db
 
+    @model_validator(mode="after")
+    def _check_scaling(self) -> "ServeArgs":
+        if self.max_units is None:
+            if self.min_units is not None or self.target_ongoing_requests is not None:
+                raise ValueError("min_units and target_ongoing_requests need max_units (autoscaling)")
+        elif "units" in self.model_fields_set:
+            raise ValueError("units is a fixed count: give min_units/max_units to autoscale, not both")
+        elif (self.min_units or 1) > self.max_units:
+            raise ValueError(f"min_units={self.min_units} is above max_units={self.max_units}")
+        return self
+
     @property
     def pricing(self) -> Pricing:
         return Pricing(parse_dollars(self.price_input_per_million), parse_dollars(self.price_output_per_million))
@@ -114,7 +142,7 @@ class ServeArgs(BaseModel):
         default checkpoint first when it is the one asked for and absent)."""
         model_dir = (Path(self.model) if self.model else ensure_default_checkpoint()).resolve()
         config = ModelConfig.from_file(model_dir)
-        device = self._device()
+        device = self.resolved_device()
         layout = self.layout(config, device)
         cuda_graphs = self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and device == "cuda")
         if cuda_graphs and device != "cuda":
@@ -133,7 +161,8 @@ class ServeArgs(BaseModel):
                             shard_groups=tuple(groups),
                             layout=layout, engine=engine, api=api)
 
-    def _device(self) -> str:
+    def resolved_device(self) -> str:
+        """`device`, with auto decided for this machine."""
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
@@ -144,11 +173,20 @@ class ServeArgs(BaseModel):
             return 0
         if self.shards > config.num_experts:
             raise ValueError(f"{self.shards} shards for {config.num_experts} experts: each shard needs an expert")
+        if self.shards == 0:
+            raise ValueError(f"shards=0 is for a dense model; this one has {config.num_experts} experts")
         return self.shards
 
     def layout(self, config: ModelConfig, device: str) -> UnitLayout:
         """Where the unit's replica and shards run (`cluster.parallel.layout`, the planner's rule too)."""
-        shards = self.num_shards(config)
+        return self._layout(self.num_shards(config), device)
+
+    def planned_layout(self, device: str) -> UnitLayout:
+        """The layout from these settings alone, without the checkpoint: what a cluster reserves for a unit before
+        any replica has read config.json (`shards` as given)."""
+        return self._layout(self.shards, device)
+
+    def _layout(self, shards: int, device: str) -> UnitLayout:
         if device == "cuda" and self.gpus not in (None, max(shards, 1), shards + 1):
             raise ValueError(f"gpus={self.gpus} for {shards} shards: a unit uses {shards} GPUs (the replica sharing "
                              f"GPU 0) or {shards + 1} (the replica on its own)" if shards else

@@ -12,6 +12,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.serve.api_app import served_api
+from cluster.serve.args import ServeArgs
 from cluster.serve.drain import Drain
 from cluster.serve.health import Health
 from cluster.serve.resolved import ResolvedArgs
@@ -108,19 +109,20 @@ class RouterBackend:
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, router: DeploymentHandle, resolved: ResolvedArgs):
+    def __init__(self, router: DeploymentHandle, args: ServeArgs):
         self.router = router
-        self.resolved = resolved
+        self.resolved: ResolvedArgs = args.resolve()  # config.json is read here, on the replica's node
         self.drainer: Drain | None = None  # (not `app`: Serve's ingress wrapper owns that name)
 
     def __serve_build_asgi_app__(self) -> Drain:
         self.drainer = served_api(self.resolved, RouterBackend(self.router))
         return self.drainer
 
-    async def drain(self, grace_s: float) -> int:
+    async def drain(self, grace_s: float) -> tuple[str, int]:
         """Stop admitting, let the requests in flight finish for `grace_s`, cut the rest (see `Drain.close`);
-        -> the requests that were in flight. The driver calls this before it shuts Serve down."""
+        -> (this replica's id, the requests that were in flight). The driver calls this on every replica before it
+        shuts Serve down; a replica already drained answers at once."""
         assert self.drainer is not None
         in_flight = self.drainer.in_flight
         await self.drainer.close(grace_s)
-        return in_flight
+        return serve.get_replica_context().replica_id.unique_id, in_flight

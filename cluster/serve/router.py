@@ -14,6 +14,7 @@ from cluster.api.backend import EngineBackend, final_outputs
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
+from cluster.serve.args import ServeArgs
 from cluster.serve.engine_builder import build_engine
 from cluster.serve.health import Health
 from cluster.serve.resolved import ResolvedArgs
@@ -21,10 +22,22 @@ from cluster.serve.resolved import ResolvedArgs
 log = logging.getLogger(__name__)
 
 
+def resolve_unit(args: ServeArgs) -> ResolvedArgs:
+    """`args.resolve()` in the replica (which reads config.json here), checked against what the cluster reserved
+    for the unit from the arguments alone (`ServeArgs.planned_layout`)."""
+    resolved = args.resolve()
+    planned = args.planned_layout(resolved.device)
+    if resolved.layout != planned:
+        raise ValueError(f"{resolved.model_dir.name} needs {resolved.num_shards} expert shards, but the unit "
+                         f"reserved {planned.num_shards}: set shards to {resolved.num_shards}")
+    return resolved
+
+
 class AttentionRouter:
-    def __init__(self, resolved: ResolvedArgs):
+    def __init__(self, args: ServeArgs):
         from cluster.serve.unit import ShardedUnit  # needs Ray: imported where Ray runs
 
+        resolved = resolve_unit(args)
         self.unit: ShardedUnit | None = None
 
         def factory():
