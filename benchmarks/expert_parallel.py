@@ -223,7 +223,7 @@ def main() -> int:
     model_dir = Path(opts.model) if opts.model else ensure_default_checkpoint("mini")
     config = ModelConfig.from_file(model_dir)
     dtype = dtype_name(resolve_dtype(opts.dtype, "cpu"))
-    args = ServeArgs(model=str(model_dir), dtype=dtype, max_num_seqs=max(64, opts.requests))
+    args = ServeArgs(model=str(model_dir), dtype=dtype, max_num_seqs=max(64, opts.requests), ingress_replicas=1)
     ray.init(num_cpus=8, include_dashboard=False, configure_logging=False)  # logical CPUs: actors are mostly idle
 
     print(f"1. round trip per layer, {config.hidden_size}-wide {dtype} tokens, top-{config.experts_per_token}",
