@@ -1,0 +1,104 @@
+"""A strict schema of the RayService fields k8s/ uses, written from KubeRay v1.7.0's documented `ray.io/v1` API
+(ray-operator/apis/ray/v1/rayservice_types.go and raycluster_types.go at that release).
+
+No cluster is reachable here, so nothing would tell a misspelled or misplaced field from a real one: the API server
+prunes unknown fields of a custom resource silently, and KubeRay then runs with its defaults. Every model forbids
+fields it does not declare, and the Go types are kept strictly (a `map[string]string` takes no integers, an `*int32`
+no strings). Pod templates and the serve Service are core Kubernetes types: they are checked against Kubernetes'
+own strict schemas (kubernetes-validate). A field the manifests start using is added here from the KubeRay API
+reference of that release, with its Go type.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import kubernetes_validate
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+KUBERAY_VERSION = "v1.7.0"
+_INT32_MAX = 2**31 - 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ObjectMeta(_Strict):
+    name: StrictStr
+    namespace: StrictStr | None = None
+    labels: dict[StrictStr, StrictStr] | None = None
+    annotations: dict[StrictStr, StrictStr] | None = None
+
+
+class RayServiceUpgradeStrategy(_Strict):
+    type: Literal["NewCluster", "NewClusterWithIncrementalUpgrade", "None"] | None = None
+
+
+class AutoscalerOptions(_Strict):
+    version: Literal["v1", "v2"] | None = None
+    upscalingMode: Literal["Default", "Aggressive", "Conservative"] | None = None
+    idleTimeoutSeconds: StrictInt | None = Field(None, ge=0, le=_INT32_MAX)  # *int32
+
+
+class HeadGroupSpec(_Strict):
+    rayStartParams: dict[StrictStr, StrictStr] | None = None
+    template: dict[str, Any]  # corev1.PodTemplateSpec: checked by `validate_rayservice`
+
+
+class WorkerGroupSpec(_Strict):
+    groupName: StrictStr
+    replicas: StrictInt | None = Field(None, ge=0, le=_INT32_MAX)  # *int32
+    minReplicas: StrictInt | None = Field(None, ge=0, le=_INT32_MAX)  # *int32
+    maxReplicas: StrictInt | None = Field(None, ge=0, le=_INT32_MAX)  # *int32
+    rayStartParams: dict[StrictStr, StrictStr] | None = None
+    template: dict[str, Any]  # corev1.PodTemplateSpec: checked by `validate_rayservice`
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "WorkerGroupSpec":
+        """KubeRay's validation: minReplicas <= maxReplicas (and replicas between them when set)."""
+        low, high = self.minReplicas or 0, _INT32_MAX if self.maxReplicas is None else self.maxReplicas
+        if low > high:
+            raise ValueError(f"worker group {self.groupName}: minReplicas {low} > maxReplicas {high}")
+        if self.replicas is not None and not low <= self.replicas <= high:
+            raise ValueError(f"worker group {self.groupName}: replicas {self.replicas} outside [{low}, {high}]")
+        return self
+
+
+class RayClusterSpec(_Strict):
+    rayVersion: StrictStr | None = None
+    enableInTreeAutoscaling: StrictBool | None = None
+    autoscalerOptions: AutoscalerOptions | None = None
+    headGroupSpec: HeadGroupSpec
+    workerGroupSpecs: list[WorkerGroupSpec] | None = None
+
+
+class RayServiceSpec(_Strict):
+    serveConfigV2: StrictStr | None = None
+    rayClusterConfig: RayClusterSpec
+    serveService: dict[str, Any] | None = None  # corev1.Service: checked by `validate_rayservice`
+    excludeHeadPodFromServeSvc: StrictBool | None = None
+    upgradeStrategy: RayServiceUpgradeStrategy | None = None
+
+
+class RayService(_Strict):
+    apiVersion: Literal["ray.io/v1"]
+    kind: Literal["RayService"]
+    metadata: ObjectMeta
+    spec: RayServiceSpec
+
+
+def validate_rayservice(doc: dict[str, Any], k8s_version: str) -> RayService:
+    """`doc` against the KubeRay model above and its pod templates and serve Service against Kubernetes' strict
+    schemas of `k8s_version`; raises pydantic's or kubernetes-validate's ValidationError."""
+    service = RayService.model_validate(doc)
+    cluster = service.spec.rayClusterConfig
+    groups = [("head", cluster.headGroupSpec.template)]
+    groups += [(g.groupName, g.template) for g in cluster.workerGroupSpecs or []]
+    for name, template in groups:
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
+                                      "template": template}, k8s_version, strict=True)
+    if service.spec.serveService is not None:
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Service", **service.spec.serveService},
+                                     k8s_version, strict=True)
+    return service

@@ -1,0 +1,337 @@
+"""The Kubernetes manifests (k8s/), checked offline: there is no cluster and no Docker here.
+
+Each overlay is built the way `kubectl apply -k` builds it (`kubectl kustomize`, a subprocess: those tests are e2e),
+and the built output is checked against KubeRay's v1 API (tests/kuberay_schema.py), Kubernetes' own schemas
+(kubernetes-validate), Ray Serve's config schema and `ServeArgs`, and against what `build_app` would reserve
+(`deployment_plan`): one unit and the Ingress fit a worker pod, the pods outlive Serve's graceful shutdown, the
+checkpoint is wherever a replica can run. The Serve configs in deploy/ and the strict schema's refusals are checked
+without kubectl.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import kubernetes_validate
+import pydantic
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.serve.app import deployment_plan
+from cluster.serve.args import ServeArgs
+from tests.kuberay_schema import KUBERAY_VERSION, validate_rayservice
+
+ROOT = Path(__file__).parents[1]
+K8S_VERSION = "1.32.0"  # the Kubernetes release whose schemas the core kinds are checked against
+OVERLAYS = {  # overlay -> the Serve config its RayService embeds
+    "single-node": ROOT / "deploy" / "serve_config.yaml",
+    "autoscaling": ROOT / "deploy" / "serve_config_autoscaling.yaml",
+}
+LEDGER_ENV = "MOE_CLUSTER_DB_PASSWORD"
+# Seconds the preStop and Ray need beyond the drain deadline (the drain request itself; Ray's stop after SIGTERM),
+# and Serve's control loop beyond a replica's graceful shutdown before the deadline.
+DRAIN_CALL_S, RAY_STOP_S, SERVE_NOTICE_S = 10, 10, 10
+
+_QUANTITY = re.compile(r"^([0-9.]+)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_FACTORS = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes resource quantity ("16Gi", "500m", "8") as a number."""
+    match = _QUANTITY.match(str(value))
+    assert match, f"not a quantity: {value!r}"
+    return float(match[1]) * _FACTORS[match[2]]
+
+
+def kubectl() -> str:
+    """kubectl's path. Without it the build tests skip, except in CI, where that is a failure."""
+    path = shutil.which("kubectl")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("no kubectl: CI must provide it to build the kustomize overlays", pytrace=False)
+        pytest.skip("no kubectl to build the kustomize overlays (in CI this is a failure)")
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(OVERLAYS))
+def built(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    """(overlay, its documents) as `kubectl kustomize k8s/overlays/<overlay>` prints them."""
+    out = subprocess.run([kubectl(), "kustomize", str(ROOT / "k8s" / "overlays" / request.param)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return request.param, [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def only(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def serve_args(config: dict[str, Any]) -> ServeArgs:
+    (app,) = config["applications"]
+    return ServeArgs.model_validate(app["args"])
+
+
+def groups(rayservice: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, group spec) of the head and every worker group."""
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    return [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+
+
+def workers(rayservice: dict[str, Any]) -> list[dict[str, Any]]:
+    return rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+
+
+def ray_container(group: dict[str, Any]) -> dict[str, Any]:
+    return group["template"]["spec"]["containers"][0]  # KubeRay runs Ray in the first container
+
+
+def limits(group: dict[str, Any]) -> dict[str, Any]:
+    return ray_container(group)["resources"]["limits"]
+
+
+# --- The Serve configs and the strict schema: no kubectl -------------------------------------------------------------
+
+
+def test_every_serve_config_is_embedded_by_one_overlay():
+    assert sorted((ROOT / "deploy").glob("serve_config*.yaml")) == sorted(OVERLAYS.values())
+
+
+@pytest.mark.parametrize("path", sorted(OVERLAYS.values()), ids=lambda p: p.name)
+def test_serve_configs_validate_with_ray_and_serve_args(path: Path):
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "cluster.serve.app:build_app"
+    args = ServeArgs.model_validate(app["args"])
+    # The head that builds the app has no GPU and no checkpoint: the device is given, never guessed there.
+    assert args.device == "cuda" and args.shards == 8 and args.dtype == "bf16"
+    assert PurePosixPath(args.model).is_absolute()
+    plan = deployment_plan(args)
+    assert plan.router["placement_group_strategy"] == "STRICT_PACK"
+    assert plan.ingress["num_replicas"] >= 2
+
+
+def test_the_strict_schema_refuses_misspelled_and_misplaced_fields():
+    base = yaml.safe_load((ROOT / "k8s" / "base" / "rayservice.yaml").read_text())
+    validate_rayservice(base, K8S_VERSION)
+
+    def refused(change, error: type[Exception]) -> None:
+        doc = copy.deepcopy(base)
+        change(doc)
+        with pytest.raises(error):
+            validate_rayservice(doc, K8S_VERSION)
+
+    cluster = lambda d: d["spec"]["rayClusterConfig"]  # noqa: E731
+    worker = lambda d: cluster(d)["workerGroupSpecs"][0]  # noqa: E731
+    # Misspelled: the API server would prune it silently and KubeRay run without autoscaling.
+    refused(lambda d: cluster(d).update(enableInTreeAutoscalling=cluster(d).pop("enableInTreeAutoscaling")),
+            pydantic.ValidationError)
+    # Misplaced: rayVersion belongs to rayClusterConfig, maxReplicas to a worker group.
+    refused(lambda d: d["spec"].update(rayVersion=cluster(d).pop("rayVersion")), pydantic.ValidationError)
+    refused(lambda d: cluster(d)["headGroupSpec"].update(maxReplicas=4), pydantic.ValidationError)
+    # The Go types: rayStartParams is a map of strings; minReplicas <= maxReplicas.
+    refused(lambda d: cluster(d)["headGroupSpec"]["rayStartParams"].update({"num-gpus": 0}), pydantic.ValidationError)
+    refused(lambda d: worker(d).update(minReplicas=3, maxReplicas=2), pydantic.ValidationError)
+    # Inside the pod template, Kubernetes' own schema: a misspelled and a misplaced container field.
+    refused(lambda d: ray_container(worker(d)).update(volumeMount=ray_container(worker(d)).pop("volumeMounts")),
+            kubernetes_validate.ValidationError)
+    probe_to_pod = lambda d: worker(d)["template"]["spec"].update(  # noqa: E731
+        readinessProbe=ray_container(worker(d)).pop("readinessProbe"))
+    refused(probe_to_pod, kubernetes_validate.ValidationError)
+    refused(lambda d: d["spec"]["serveService"]["spec"].update(port=8000), kubernetes_validate.ValidationError)
+
+
+def test_quantities_parse():
+    assert (quantity("16Gi"), quantity("500m"), quantity(8), quantity("2G")) == (16 * 2**30, 0.5, 8, 2e9)
+    with pytest.raises(AssertionError):
+        quantity("16 GB")
+
+
+# --- The built overlays ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_overlay_builds_into_valid_kinds(built):
+    overlay, docs = built
+    assert sorted(d["kind"] for d in docs) == ["PersistentVolumeClaim", "PodDisruptionBudget", "RayService"]
+    for doc in docs:
+        if doc["kind"] == "RayService":
+            service = validate_rayservice(doc, K8S_VERSION)
+            assert service.spec.upgradeStrategy is not None and service.spec.upgradeStrategy.type is not None
+            assert service.spec.rayClusterConfig.enableInTreeAutoscaling is not None
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert KUBERAY_VERSION in (ROOT / "k8s" / "README.md").read_text()
+
+
+@pytest.mark.e2e
+def test_serve_config_v2_is_the_deploy_config(built):
+    overlay, docs = built
+    embedded = yaml.safe_load(only(docs, "RayService")["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(embedded)
+    serve_args(embedded)
+    assert embedded == yaml.safe_load(OVERLAYS[overlay].read_text()), f"{overlay} drifted from {OVERLAYS[overlay]}"
+
+
+@pytest.mark.e2e
+def test_one_unit_and_the_ingress_fit_one_worker_pod(built):
+    overlay, docs = built
+    rayservice = only(docs, "RayService")
+    plan = deployment_plan(serve_args(yaml.safe_load(rayservice["spec"]["serveConfigV2"])))
+    bundles = plan.router["placement_group_bundles"]
+    unit_gpus, unit_cpus = sum(b.get("GPU", 0) for b in bundles), sum(b["CPU"] for b in bundles)
+    ingress_cpus = plan.ingress["num_replicas"] * plan.ingress["ray_actor_options"]["num_cpus"]
+    assert plan.router["placement_group_strategy"] == "STRICT_PACK"  # the unit's bundles share one pod
+    for group in workers(rayservice):
+        params = group["rayStartParams"]
+        gpus, cpus = int(params["num-gpus"]), float(params["num-cpus"])
+        # What Ray is told the pod has is what Kubernetes gives it.
+        assert gpus == int(limits(group)["nvidia.com/gpu"]) and cpus == quantity(limits(group)["cpu"])
+        assert unit_gpus <= gpus, f"{group['groupName']}: a unit needs {unit_gpus} GPUs, the pod has {gpus}"
+        assert unit_cpus + ingress_cpus <= cpus, f"{group['groupName']}: {unit_cpus} + {ingress_cpus} CPUs > {cpus}"
+        assert 2 * unit_gpus > gpus  # one unit per pod: the worker group's bounds count units
+
+
+@pytest.mark.e2e
+def test_worker_group_bounds_cover_the_units(built):
+    overlay, docs = built
+    rayservice = only(docs, "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    args = serve_args(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+    (group,) = workers(rayservice)
+    plan = deployment_plan(args)
+    scaling = plan.router.get("autoscaling_config")
+    if overlay == "autoscaling":
+        assert scaling is not None and cluster["enableInTreeAutoscaling"] is True
+        assert group["minReplicas"] <= scaling["min_replicas"] <= scaling["max_replicas"] <= group["maxReplicas"]
+        # An idle pod outlives Serve's wait before it drops a unit: a unit coming back finds a warm node.
+        assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] >= args.downscale_delay_s
+        assert rayservice["spec"]["upgradeStrategy"]["type"] == "NewCluster"
+    else:
+        assert scaling is None and cluster["enableInTreeAutoscaling"] is False
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == plan.router["num_replicas"]
+
+
+@pytest.mark.e2e
+def test_the_head_has_no_gpus_and_runs_no_replica(built):
+    _, docs = built
+    head = only(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["num-cpus"] == "0"
+    for container in head["template"]["spec"]["containers"]:
+        resources = container.get("resources", {})
+        assert not any("gpu" in name for part in resources.values() for name in part)
+    assert not head["template"]["spec"].get("tolerations")
+
+
+@pytest.mark.e2e
+def test_one_image_everywhere_and_ray_version_is_the_images(built):
+    _, docs = built
+    rayservice = only(docs, "RayService")
+    images = {c["image"] for _, g in groups(rayservice) for c in g["template"]["spec"]["containers"]}
+    assert len(images) == 1 and ":" in images.pop()  # kustomize's `images:` set one tagged image
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    (ray_version,) = re.findall(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.M)
+    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == ray_version
+
+
+@pytest.mark.e2e
+def test_the_checkpoint_is_mounted_read_only_wherever_a_replica_can_run(built):
+    _, docs = built
+    rayservice = only(docs, "RayService")
+    args = serve_args(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+    claim = only(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    models_dir = str(PurePosixPath(args.model).parent)
+    for name, group in groups(rayservice):
+        if group["rayStartParams"]["num-cpus"] == "0" and group["rayStartParams"]["num-gpus"] == "0":
+            continue  # nothing can be placed here (the head)
+        volumes = {v["name"]: v for v in group["template"]["spec"].get("volumes", [])}
+        mounts = [m for m in ray_container(group).get("volumeMounts", []) if m["mountPath"] == models_dir]
+        assert len(mounts) == 1 and mounts[0].get("readOnly") is True, f"{name}: no read-only {models_dir}"
+        source = volumes[mounts[0]["name"]]["persistentVolumeClaim"]
+        assert source == {"claimName": claim["metadata"]["name"], "readOnly": True}
+
+
+@pytest.mark.e2e
+def test_pods_outlive_the_graceful_shutdown_and_drain_first(built):
+    _, docs = built
+    rayservice = only(docs, "RayService")
+    plan = deployment_plan(serve_args(yaml.safe_load(rayservice["spec"]["serveConfigV2"])))
+    grace = max(plan.router["graceful_shutdown_timeout_s"], plan.ingress["graceful_shutdown_timeout_s"])
+    for group in workers(rayservice):
+        container = ray_container(group)
+        script = container["lifecycle"]["preStop"]["exec"]["command"][-1]
+        drain, sleep = (shlex.split(step) for step in script.split(";"))
+        assert drain[:2] == ["ray", "drain-node"] and "--node-id" not in drain  # this pod's own node
+        assert drain[drain.index("--reason") + 1] == "DRAIN_NODE_REASON_PREEMPTION"
+        deadline = int(drain[drain.index("--deadline-remaining-seconds") + 1])
+        # Serve stops a draining node's replicas by deadline - graceful_shutdown_timeout_s: that must come after
+        # the drain starts, and the node must stay up to the deadline.
+        assert deadline >= grace + SERVE_NOTICE_S, (deadline, grace)
+        assert sleep[0] == "sleep" and int(sleep[1]) >= deadline
+        period = group["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert period >= DRAIN_CALL_S + int(sleep[1]) + RAY_STOP_S, period
+        # Ready only while this pod's proxy admits and the app's /health says 200.
+        probe = " ".join(container["readinessProbe"]["exec"]["command"])
+        port = ServeDeploySchema.model_validate(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).http_options.port
+        for path in ("/-/healthz", "/health"):
+            assert re.search(rf"http://localhost:{port}{re.escape(path)}(\s|$)", probe), path
+        assert container["readinessProbe"]["failureThreshold"] == 1
+
+
+@pytest.mark.e2e
+def test_every_group_has_a_sized_shm_ports_and_gpu_placement(built):
+    _, docs = built
+    rayservice = only(docs, "RayService")
+    for name, group in groups(rayservice):
+        spec, container = group["template"]["spec"], ray_container(group)
+        (shm,) = [v for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+        assert {"name": shm["name"], "mountPath": "/dev/shm"} in container["volumeMounts"], name
+        size = quantity(shm["emptyDir"]["sizeLimit"])
+        # Ray's object store lives there; a memory-backed emptyDir counts against the container's memory.
+        assert quantity(group["rayStartParams"]["object-store-memory"]) <= size <= quantity(limits(group)["memory"])
+        # Ray's metrics on the port k8s/monitoring's PodMonitor scrapes by name; Serve on the port KubeRay finds.
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["metrics"] == int(group["rayStartParams"]["metrics-export-port"]) == 8080, name
+        assert ports["serve"] == 8000, name
+        if int(limits(group).get("nvidia.com/gpu", 0)) > 0:
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+            assert spec["nodeSelector"], name
+
+
+@pytest.mark.e2e
+def test_the_service_and_the_disruption_budget_select_the_right_pods(built):
+    _, docs = built
+    rayservice = only(docs, "RayService")
+    service = rayservice["spec"]["serveService"]
+    assert service["spec"]["ports"] == [{"name": "serve", "port": 8000}]
+    assert rayservice["spec"]["excludeHeadPodFromServeSvc"] is True  # the head runs no Ingress
+    selector = only(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+    for name, group in groups(rayservice):
+        labels = group["template"]["metadata"]["labels"]
+        assert (selector.items() <= labels.items()) == (name != "head"), name
+
+
+@pytest.mark.e2e
+def test_the_ledger_password_comes_from_a_secret_on_every_pod(built):
+    overlay, docs = built
+    rayservice = only(docs, "RayService")
+    args = serve_args(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+    assert all(d["kind"] != "Secret" for d in docs)  # no secret is committed: k8s/README.md creates it
+    for name, group in groups(rayservice):
+        env = {e["name"]: e for e in ray_container(group).get("env", [])}
+        if args.db is None:
+            assert LEDGER_ENV not in env, name
+            continue
+        assert env[LEDGER_ENV]["valueFrom"]["secretKeyRef"].keys() == {"name", "key"}, name
+    assert (args.db is not None) == (overlay == "autoscaling")
