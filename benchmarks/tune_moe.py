@@ -81,7 +81,8 @@ def tune_m(m: int, args, w13: torch.Tensor, w2: torch.Tensor, bench):
     from cluster.kernels.fused_moe import down, gate_up
     from cluster.kernels.tuning import MoEConfig
 
-    e, d, f, k = args.experts, args.hidden, args.ffn, args.top_k
+    e, d, f = args.experts, args.hidden, args.ffn
+    k = min(args.top_k, e)  # a token reaches each local expert at most once (a shard of one expert: k = 1)
     x = torch.randn(m, d, dtype=w13.dtype, device=DEVICE)  # [M, D]
     probs = torch.softmax(torch.randn(m, e, device=DEVICE), dim=-1)
     tw, ids = probs.topk(k, dim=-1)  # [M, K]

@@ -11,11 +11,12 @@ import torch
 from cluster.checkpoint.presets import preset
 from cluster.checkpoint.writer import write_random_checkpoint
 from cluster.engine.engine import EngineConfig, LLMEngine
-from cluster.engine.guided import GrammarGuide
 from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.kernels.cpu_build import cpu_kernel_library, cpu_supports_kernels, find_compiler, load_cpu_kernels
 from cluster.model.loader import load_model
-from cluster.tokenizer import load_tokenizer
+
+# Imported where used: the tokenizer (mistral-common) and the grammar engine (llguidance), which the GPU machine
+# lacks, so the kernel test files collect there (benchmarks/gpu_check.py's kernel_tests).
 
 # Triton kernels run under the interpreter on machines without a GPU; this must be set before any kernel is defined
 # (no module imported above defines one).
@@ -65,7 +66,15 @@ def model(tiny_dir):
 
 @pytest.fixture(scope="module")
 def tok():
+    from cluster.tokenizer import load_tokenizer  # (mistral-common: see "Imported where used" above)
+
     return load_tokenizer("v3")
+
+
+def grammar_guide(tokenizer_version: str):
+    from cluster.engine.guided import GrammarGuide  # (llguidance: see "Imported where used" above)
+
+    return GrammarGuide.for_tokenizer(tokenizer_version)
 
 
 @pytest.fixture
@@ -75,7 +84,7 @@ def make_engine(model, tok):
 
     def make(blocks: int = 256, guided: bool = False, **kw) -> LLMEngine:
         block_bytes = kv_bytes_per_block(model.config, 16, torch.float32)
-        guide = GrammarGuide.for_tokenizer(tok.version) if guided else None
+        guide = grammar_guide(tok.version) if guided else None
         engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=blocks * block_bytes, **kw),
                            guide)
         engines.append(engine)
@@ -99,7 +108,10 @@ def local_ray():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False)
+    # Metrics reach the node's metrics agent every second (Ray's floor; its default is 10 s), so the metrics tests
+    # see their traffic quickly.
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, configure_logging=False,
+             _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
