@@ -235,37 +235,44 @@ def test_build_app_needs_no_checkpoint_on_the_node_that_builds_it(tmp_path):
     from ray.serve.config import AutoscalingConfig
 
     from cluster.serve.app import build_app
-    from cluster.serve.router import resolve_unit
 
     absent = tmp_path / "Mixtral-8x22B-Instruct-v0.1"
     args = {"model": str(absent), "shards": 8, "device": "cuda", "dtype": "bf16", "min_units": 1, "max_units": 3,
-            "max_num_seqs": 96, "replica_cpus": 4, "shard_cpus": 2}
+            "max_num_seqs": 96, "replica_cpus": 4, "shard_cpus": 2, "ingress_resource": "moe_ingress"}
     ingress = build_app(args)._bound_deployment
     router = ingress.init_args[0]._bound_deployment
     assert router._replica_config.placement_group_bundles == [{"CPU": 4, "GPU": 1}] + [{"CPU": 2, "GPU": 1}] * 7
     assert router._replica_config.placement_group_strategy == "STRICT_PACK"
     scaling = router._deployment_config.autoscaling_config
     assert isinstance(scaling, AutoscalingConfig)
-    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 96)  # one unit's batch
-    assert ingress.num_replicas == 2
-    assert router._deployment_config.graceful_shutdown_timeout_s > 30  # the requests in flight get their grace
-    assert not absent.exists()
+    # target: one unit's batch (max_num_seqs)
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 96)
+    assert ingress.num_replicas == 2 and ingress.ray_actor_options["resources"] == {"moe_ingress": 1}
+    # A replica Serve stops lets its requests run for the shutdown grace.
+    assert router._deployment_config.graceful_shutdown_timeout_s == ServeArgs().shutdown_grace_s
 
     # On the replica's node: the real config.json (weights are not needed to resolve).
     config_dir = Path(__file__).parent / "data" / "configs" / "mixtral-8x22b-instruct"
     on_replica = ServeArgs.model_validate({**args, "model": str(config_dir)})
-    resolved = resolve_unit(on_replica)
+    resolved = on_replica.resolve_planned()
     assert (resolved.num_shards, resolved.config.hidden_size, resolved.tokenizer_version) == (8, 6144, "v3")
     assert resolved.layout.num_gpus == 8
 
 
-def test_a_unit_reserved_for_the_wrong_model_is_refused_on_its_replica(tiny_dense_dir, tiny_dir):
-    from cluster.serve.router import resolve_unit
+def test_moe_cluster_serve_reserves_no_shards_for_a_dense_checkpoint(tiny_dense_dir, tiny_dir):
+    """With `shards` left at its default; one given explicitly stays, and its replica would refuse it."""
+    from cluster.serve.local_ray import _fit_to_checkpoint
 
+    assert _fit_to_checkpoint(ServeArgs(model=str(tiny_dense_dir), device="cpu")).shards == 0
+    assert _fit_to_checkpoint(ServeArgs(model=str(tiny_dense_dir), device="cpu", shards=2)).shards == 2
+    assert _fit_to_checkpoint(ServeArgs(model=str(tiny_dir), device="cpu")).shards == ServeArgs().shards
+
+
+def test_a_unit_reserved_for_the_wrong_model_is_refused_on_its_replica(tiny_dense_dir, tiny_dir):
     with pytest.raises(ValueError, match="needs 0 expert shards, but the unit reserved 2: set shards to 0"):
-        resolve_unit(ServeArgs(model=str(tiny_dense_dir), shards=2, device="cpu"))
-    assert resolve_unit(ServeArgs(model=str(tiny_dense_dir), shards=0, device="cpu")).num_shards == 0
-    assert resolve_unit(ServeArgs(model=str(tiny_dir), shards=2, device="cpu")).num_shards == 2
+        ServeArgs(model=str(tiny_dense_dir), shards=2, device="cpu").resolve_planned()
+    assert ServeArgs(model=str(tiny_dense_dir), shards=0, device="cpu").resolve_planned().num_shards == 0
+    assert ServeArgs(model=str(tiny_dir), shards=2, device="cpu").resolve_planned().num_shards == 2
 
 
 @pytest.mark.e2e  # the HTTP app over a real engine

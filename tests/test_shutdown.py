@@ -4,6 +4,7 @@ process or /dev/shm file is left behind."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,6 +144,10 @@ def test_sigterm_drains_then_exits_0_leaving_nothing(tiny_dir, ray, grace_s, max
     assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
     assert refused.json()["error"]["type"] == "service_unavailable_error"
     assert [_outcome(stream) for stream in lines] == [finish] * STREAMS
+    # On Ray both Ingress replicas carried streams, and the driver drained each.
+    drained = re.findall(r"drained Ingress replica (\S+) \((\d+) requests in flight\)", "".join(server.log))
+    assert len({replica for replica, _ in drained}) == (2 if ray else 0), drained
+    assert all(int(in_flight) > 0 for _, in_flight in drained), drained
     time.sleep(1)  # the kernel reaps the last children
     assert _session(server.proc.pid) == set()
     assert _ray_processes() - ray_before == set()

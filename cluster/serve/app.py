@@ -24,13 +24,13 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from cluster.serve.args import CLUSTER_INGRESS_REPLICAS, ServeArgs
+from cluster.serve.args import ServeArgs
 from cluster.serve.ingress import Ingress
 from cluster.serve.router import AttentionRouter
 from cluster.serve.unit import UNIT_ENV, replica_gpus, unit_bundles
 
 MAX_ONGOING_REQUESTS = 1024  # the engine batches continuously; Serve must not cap it at its default of 5
-_CUT_MARGIN_S = 10.0  # beyond shutdown_grace_s: for the requests cut at its end to send their last event
+CLUSTER_INGRESS_REPLICAS = 2  # one lost Ingress replica leaves another serving
 
 
 @dataclass(frozen=True)
@@ -42,27 +42,31 @@ class DeploymentPlan:
 
 
 def build_app(args: ServeArgs | dict) -> Application:
-    return serve_app(decide_device(args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)))
+    return serve_app(decide(args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)))
 
 
-def decide_device(args: ServeArgs) -> ServeArgs:
-    """`args` with `device: auto` decided where the app is built: GPUs when the Ray cluster has any (the builder
-    itself may be a CPU-only head node), else this machine's own choice."""
-    if args.device != "auto":
-        return args
-    if ray.is_initialized():
-        return args.model_copy(update={"device": "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"})
-    return args.model_copy(update={"device": args.resolved_device()})
+def decide(args: ServeArgs, own_ray: bool = False) -> ServeArgs:
+    """`args` with what depends on where the app is built decided, once: `device: auto` (GPUs when the Ray cluster
+    has any: the builder itself may be a CPU-only head node; else this machine's choice) and the Ingress replicas
+    (2 on a cluster; 1 on a Ray this process started for itself, where a second would add nothing)."""
+    decided = {}
+    if args.device == "auto":
+        on_ray = ray.is_initialized()
+        decided["device"] = (("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu") if on_ray
+                             else args.resolved_device())
+    if args.ingress_replicas is None:
+        decided["ingress_replicas"] = 1 if own_ray else CLUSTER_INGRESS_REPLICAS
+    return args.model_copy(update=decided)
 
 
 def deployment_plan(args: ServeArgs) -> DeploymentPlan:
-    """What Serve is asked for, from `args` alone (their device decided: see `decide_device`)."""
-    if args.device == "auto":
-        raise ValueError("deployment_plan needs a decided device (decide_device)")
+    """What Serve is asked for, from `args` alone (decided: see `decide`)."""
+    if args.device == "auto" or args.ingress_replicas is None:
+        raise ValueError("deployment_plan needs decided arguments (cluster.serve.app.decide)")
     layout = args.planned_layout(args.device)
-    # A replica being stopped (scale-down, upgrade, a drained node) first lets its requests finish.
-    shutdown = {"graceful_shutdown_timeout_s": args.shutdown_grace_s + _CUT_MARGIN_S,
-                "max_ongoing_requests": MAX_ONGOING_REQUESTS}
+    # A replica Serve stops (scale-down, upgrade, a drained node) gets the shutdown grace for its requests in flight;
+    # those still running then are severed.
+    common = {"graceful_shutdown_timeout_s": args.shutdown_grace_s, "max_ongoing_requests": MAX_ONGOING_REQUESTS}
     router = {
         "name": "AttentionRouter",
         **_unit_scaling(args),
@@ -72,10 +76,13 @@ def deployment_plan(args: ServeArgs) -> DeploymentPlan:
         "placement_group_strategy": layout.strategy,
         "health_check_period_s": 5,
         "health_check_timeout_s": 30,
-        **shutdown,
+        **common,
     }
-    ingress = {"name": "Ingress", "num_replicas": args.ingress_replicas or CLUSTER_INGRESS_REPLICAS,
-               "ray_actor_options": {"num_cpus": args.ingress_cpus}, **shutdown}
+    ingress_options: dict[str, Any] = {"num_cpus": args.ingress_cpus}
+    if args.ingress_resource is not None:
+        ingress_options["resources"] = {args.ingress_resource: 1}
+    ingress = {"name": "Ingress", "num_replicas": args.ingress_replicas, "ray_actor_options": ingress_options,
+               **common}
     return DeploymentPlan(router, ingress)
 
 
@@ -92,7 +99,7 @@ def _unit_scaling(args: ServeArgs) -> dict[str, Any]:
 
 
 def serve_app(args: ServeArgs) -> Application:
-    """The deployments, each handed `args` (device decided) to resolve where it runs."""
+    """The deployments, each handed `args` (decided) to resolve where it runs."""
     plan = deployment_plan(args)
     router = serve.deployment(AttentionRouter).options(**plan.router).bind(args)
     return serve.deployment(Ingress).options(**plan.ingress).bind(router, args)

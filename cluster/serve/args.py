@@ -24,9 +24,6 @@ from cluster.serve.resolved import ResolvedArgs
 from cluster.tokenizer import resolve_tokenizer_version
 
 
-CLUSTER_INGRESS_REPLICAS = 2  # the Ingress default on a cluster: one replica lost leaves another serving
-
-
 class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,13 +45,20 @@ class ServeArgs(BaseModel):
                                                                "unit is removed (slow: a unit reloads every expert)")
     ingress_replicas: int | None = Field(
         None, ge=1, description="Ingress (HTTP API) replicas; default: 2 on a cluster, so one lost replica "
-                                "leaves another; 1 under `moe-cluster serve` on a Ray of its own")
+                                "leaves another; 1 under `moe-cluster serve` on a Ray of its own (decided by "
+                                "cluster.serve.app.decide)")
+    ingress_resource: str | None = Field(
+        None, min_length=1, description="a custom Ray resource each Ingress replica takes 1 of, to keep the "
+                                        "replicas on the nodes that advertise it (on KubeRay: a CPU group, so they "
+                                        "never hold a GPU node up); default: none, anywhere")
     gpus: int | None = Field(
         None, ge=1, description="GPUs of one unit on CUDA: `shards` (default; the replica shares GPU 0 with shard 0, "
                                 "whose experts then run in the replica's process) or `shards` + 1 (the replica gets a "
                                 "GPU of its own); as `moe-cluster plan --gpus`")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible (on Ray: "
-                                                                      "when the cluster has GPUs), else cpu")
+                                                                      "when the cluster has GPUs when the app is "
+                                                                      "built; set cuda where GPU nodes join later), "
+                                                                      "else cpu")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on GPUs and on CPUs with AMX, else fp32 (see cluster/dtype.py)")
     moe_backend: Literal["auto", "cpu", "torch", "triton"] = Field(
@@ -89,7 +93,7 @@ class ServeArgs(BaseModel):
                                   description="threads that parse and encode requests off the event loop")
     replica_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved for the AttentionRouter replica")
     shard_cpus: float = Field(0.25, gt=0, description="Ray CPUs reserved for each expert shard")
-    ingress_cpus: float = Field(0.1, gt=0, description="Ray CPUs reserved for the Ingress replica")
+    ingress_cpus: float = Field(0.1, gt=0, description="Ray CPUs reserved for each Ingress replica")
     shard_threads: int | None = Field(None, ge=1, description="torch threads per CPU shard; default: cores / shards")
     step_timeout_s: float = Field(120.0, gt=0, description="longest wait for a layer's replies from the shards; "
                                                             "a shard that misses it is restarted")
@@ -160,6 +164,16 @@ class ServeArgs(BaseModel):
                             moe_backend=backend_name(self.moe_backend, device) if groups else self.moe_backend,
                             shard_groups=tuple(groups),
                             layout=layout, engine=engine, api=api)
+
+    def resolve_planned(self) -> ResolvedArgs:
+        """`resolve()` where a replica runs (config.json read there), checked against what the cluster reserved for
+        the unit from these settings alone (`planned_layout`)."""
+        resolved = self.resolve()
+        planned = self.planned_layout(resolved.device)
+        if resolved.layout != planned:
+            raise ValueError(f"{resolved.model_dir.name} needs {resolved.num_shards} expert shards, but the unit "
+                             f"reserved {planned.num_shards}: set shards to {resolved.num_shards}")
+        return resolved
 
     def resolved_device(self) -> str:
         """`device`, with auto decided for this machine."""

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 _PROBE_PERIOD_S = 0.1
 _PROBE_TIMEOUT_S = 0.4  # a live replica answers a health call in milliseconds
 _PROBE_MISSES = 2  # consecutive probes unanswered before requests are refused (within a second of a replica's loss)
+_HEALTH_PROBES = 3  # router replicas `/health` asks before it reports the last one's trouble
 
 
 class RouterBackend:
@@ -80,8 +81,14 @@ class RouterBackend:
         return None  # not known here without a hop: the AttentionRouter refuses with 429 itself
 
     async def health(self) -> Health:
+        """The API's health: ok while some unit serves. Each probe reaches one AttentionRouter replica, Serve's
+        choice, so a unit recovering beside healthy ones is asked past (up to `_HEALTH_PROBES` probes)."""
         self._watch()
-        return await self._probe()
+        for _ in range(_HEALTH_PROBES):
+            health = await self._probe()
+            if health.ok:
+                break
+        return health
 
     def _watch(self) -> None:
         if self._watcher is None or self._watcher.done():

@@ -1,10 +1,10 @@
 """`moe-cluster serve`: start Ray on this machine (or join the cluster at RAY_ADDRESS) and run the Serve app until
 SIGTERM or SIGINT.
 
-A signal drains every Ingress replica (`Ingress.drain`: 503 for new requests, `shutdown_grace_s` for those in
-flight, then an error event and [DONE] for the rest), shuts Serve down and, when this process started the local Ray, Ray too,
-removing its temporary directory; then the process exits 0. A second signal skips the drain, and a signal during
-start-up stops it at once.
+A signal drains every Ingress replica (`Ingress.drain`: 503 for new requests, `shutdown_grace_s` for those
+in flight, then an error event and [DONE] for the rest), shuts Serve down and, when this process started the local
+Ray, Ray too, removing its temporary directory; then the process exits 0. A second signal skips the drain, and a
+signal during start-up stops it at once.
 """
 
 from __future__ import annotations
@@ -28,21 +28,19 @@ def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
     import ray
     from ray import serve
 
-    from cluster.serve.app import decide_device, deployment_plan, serve_app
+    from cluster.serve.app import decide, serve_app
 
     # A cluster this process starts keeps its sockets, logs and spill files here, removed when it stops (short:
     # Ray's socket paths must fit 107 characters). With RAY_ADDRESS set, the process joins that cluster instead.
     own_ray = "RAY_ADDRESS" not in os.environ
     temp_dir = tempfile.mkdtemp(prefix="moe-ray-", dir="/tmp") if own_ray else None
-    if own_ray and args.ingress_replicas is None:
-        args = args.model_copy(update={"ingress_replicas": 1})  # one machine: a second Ingress would add nothing
     try:
         ray.init(log_to_driver=True, _temp_dir=temp_dir)
         stop = _StopSignals()  # after ray.init, which sets a SIGTERM handler of its own (exit at once)
         try:
             serve.start(http_options={"host": host, "port": port})
-            args = decide_device(args)
-            resolved = args.resolve()  # here too, so a bad checkpoint or setting fails before any replica starts
+            args = _fit_to_checkpoint(decide(args, own_ray))
+            resolved = args.resolve_planned()  # here too: a bad checkpoint or setting fails before any replica
             serve.run(serve_app(args), name=APP_NAME, route_prefix="/")
             stop.serving = True
             print(f"serving {resolved.model_name} on http://{host}:{port}/v1 ({resolved.num_shards} expert shards "
@@ -50,7 +48,7 @@ def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
             signum = stop.wait()
             print(f"{signal.Signals(signum).name}: draining for up to {args.shutdown_grace_s:g}s", file=sys.stderr,
                   flush=True)
-            _drain(serve, deployment_plan(args).ingress["num_replicas"], args.shutdown_grace_s, stop)
+            _drain(serve, args.ingress_replicas, args.shutdown_grace_s, stop)
         except KeyboardInterrupt:  # a signal during start-up: nothing to drain
             print("stopping during start-up", file=sys.stderr, flush=True)
         finally:
@@ -63,12 +61,26 @@ def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
     print("stopped", file=sys.stderr, flush=True)
 
 
+def _fit_to_checkpoint(args: ServeArgs) -> ServeArgs:
+    """A dense checkpoint has no experts to shard: with `shards` left at its default, reserve none (here the
+    checkpoint is readable; a Serve config on a cluster says `shards: 0` itself)."""
+    if "shards" in args.model_fields_set or args.resolve().num_shards == args.shards:
+        return args
+    return args.model_copy(update={"shards": 0})
+
+
 def _drain(serve, replicas: int, grace_s: float, stop: "_StopSignals") -> None:
     """Drain every Ingress replica, unless a second signal comes first (the drain is then abandoned)."""
     ingress = serve.get_deployment_handle("Ingress", APP_NAME)
     done = threading.Event()
-    waiter = threading.Thread(target=lambda: (_drain_all(ingress, replicas, grace_s), done.set()), daemon=True)
-    waiter.start()
+
+    def drain_all() -> None:
+        try:
+            _drain_all(ingress, replicas, grace_s)
+        finally:
+            done.set()
+
+    threading.Thread(target=drain_all, daemon=True).start()
     while not done.wait(0.1):
         if stop.count > 1:
             print("second signal: stopping without draining", file=sys.stderr, flush=True)
@@ -76,16 +88,25 @@ def _drain(serve, replicas: int, grace_s: float, stop: "_StopSignals") -> None:
 
 
 def _drain_all(ingress, replicas: int, grace_s: float) -> None:
-    """A handle call reaches one replica, Serve's choice: so drain calls go out together, several a replica, in
-    rounds until each replica has answered (a drained one answers at once)."""
-    drained: set[str] = set()
+    """A handle call reaches one replica, Serve's choice: so drain calls go out together, two a replica not yet
+    drained, in rounds until each replica has answered (a drained one answers at once)."""
+    drained: dict[str, int] = {}  # replica id -> the requests it had in flight
     for _ in range(_DRAIN_ROUNDS):
-        responses = [ingress.drain.remote(grace_s) for _ in range(2 * (replicas - len(drained)))]
         try:
-            drained.update(response.result(timeout_s=grace_s + 30)[0] for response in responses)
-        except Exception as e:  # an Ingress is gone or stuck: shut down regardless
+            responses = [ingress.drain.remote(grace_s) for _ in range(2 * (replicas - len(drained)))]
+        except Exception as e:  # the app is gone: nothing left to drain
             print(f"draining the Ingress failed: {e}", file=sys.stderr, flush=True)
             return
+        for response in responses:
+            try:
+                replica, in_flight = response.result(timeout_s=grace_s + 30)
+            except Exception as e:  # this replica is gone or stuck; the others still drain
+                print(f"draining an Ingress replica failed: {e}", file=sys.stderr, flush=True)
+                continue
+            if replica not in drained:
+                drained[replica] = in_flight
+                print(f"drained Ingress replica {replica} ({in_flight} requests in flight)", file=sys.stderr,
+                      flush=True)
         if len(drained) >= replicas:
             return
     print(f"drained {len(drained)} of {replicas} Ingress replicas", file=sys.stderr, flush=True)
