@@ -7,13 +7,18 @@ the engine is full) or an unavailable unit (503) yields one `RequestOutput` per 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from contextlib import aclosing
-from typing import AsyncIterator, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.outputs import Refusal, RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.serve.health import Health
+
+if TYPE_CHECKING:
+    from cluster.metrics.engine_metrics import EngineMetrics
 
 
 class GenerationBackend(Protocol):
@@ -34,23 +39,39 @@ class GenerationBackend(Protocol):
 
 
 class EngineBackend:
-    """An `AsyncEngine` in this process (single-process mode, and inside the AttentionRouter replica)."""
+    """An `AsyncEngine` in this process (single-process mode, and inside the AttentionRouter replica).
 
-    def __init__(self, engine: AsyncEngine, moe_kernel: str | None = None):
+    With `metrics`, each admitted request's outputs are timed and counted on their way out (`cluster.metrics`), and
+    `metrics_text` serves them where this process exposes them itself (single-process mode)."""
+
+    def __init__(self, engine: AsyncEngine, moe_kernel: str | None = None, metrics: EngineMetrics | None = None):
         self.engine = engine
         self.moe_kernel = moe_kernel  # reported in health stats beside the engine's attention kernel
+        self.metrics = metrics
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        stream: bool = True) -> AsyncIterator[RequestOutput]:
+        arrival = time.monotonic()
         try:
             deltas = await self.engine.add_request(request_id, prompt, params)
         except (Refusal, ValueError) as e:  # RequestError and bad parameters (400), OverloadedError (429)
             for out in RequestOutput.refused(request_id, params.n, e):
                 yield out
             return
+        timer = self.metrics.requests.request(len(prompt), params, arrival) if self.metrics else None
         async with aclosing(deltas):  # a consumer that stops early releases the request's admission at once
-            async for out in deltas:
-                yield out
+            try:
+                async for out in deltas:
+                    if timer is not None:
+                        timer.output(out)
+                    yield out
+            finally:
+                if timer is not None:
+                    timer.close()
+
+    async def metrics_text(self) -> bytes | None:
+        """The Prometheus text of this process's metrics, or None where they are exported otherwise (Ray)."""
+        return await asyncio.to_thread(self.metrics.render) if self.metrics else None
 
     def overloaded(self) -> str | None:
         refusal = self.engine.overloaded()

@@ -1,5 +1,6 @@
 """The HTTP API over a `GenerationBackend`: POST /v1/chat/completions (JSON or SSE), POST /v1/completions
-(completions.py), GET /v1/models[/{id}], GET /health.
+(completions.py), GET /v1/models[/{id}], GET /health, and GET /metrics (Prometheus text) where the backend exposes
+its metrics itself (the single process; on Ray each node's metrics agent exports them instead).
 
 With a ledger (`Accounts`, accounts.py) every /v1 route needs a key, and each generation is reserved before the
 backend sees it and settled to its usage when it ends.
@@ -22,7 +23,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, ClassVar, Iterator
+from typing import AsyncIterator, Awaitable, Callable, ClassVar, Iterator
 
 from pydantic import BaseModel
 from starlette.applications import Starlette
@@ -53,6 +54,8 @@ from cluster.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+_PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # the exposition format's content type
+
 
 def system_fingerprint(model_name: str, dtype: str) -> str:
     """OpenAI's `system_fingerprint`: stable while the model, its dtype and this server's version stay the same."""
@@ -82,6 +85,9 @@ def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str,
               Route("/v1/models", api.models, methods=["GET"]),
               Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
               Route("/health", api.health, methods=["GET"])]
+    exposition = getattr(backend, "metrics_text", None)  # EngineBackend's; a Serve handle's backend has none
+    if exposition is not None:
+        routes.append(Route("/metrics", _metrics_endpoint(exposition), methods=["GET"]))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -93,6 +99,16 @@ def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str,
 
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=lifespan,
                      middleware=[Middleware(AuthMiddleware, accounts=accounts)])
+
+
+def _metrics_endpoint(exposition: Callable[[], Awaitable[bytes | None]]) -> Callable[[Request], Awaitable[Response]]:
+    async def metrics(request: Request) -> Response:
+        text = await exposition()
+        if text is None:
+            return error_response(404, "this process exports no metrics itself: scrape the Ray metrics port")
+        return Response(text, media_type=_PROMETHEUS_TEXT)
+
+    return metrics
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

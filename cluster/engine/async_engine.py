@@ -58,6 +58,11 @@ class AsyncEngine:
         return done
 
     @property
+    def running(self) -> bool:
+        """The engine thread is up and not told to stop."""
+        return not self._stopped and self._thread.is_alive()
+
+    @property
     def in_flight(self) -> int:
         """Sequences of the requests admitted and not yet done (running + waiting)."""
         return self._in_flight

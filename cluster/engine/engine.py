@@ -22,6 +22,7 @@ from cluster.engine.sequence import Sequence
 from cluster.engine.stop import StopStringFilter
 from cluster.engine.warm_up import warm_up
 from cluster.model.decoder import CausalLM
+from cluster.moe.load import ExpertLoad
 from cluster.tokenizer.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         cache = PagedKVCache(mc, num_blocks, config.block_size, dtype, device, backend=config.attention_backend)
+        self.expert_load = _expert_load(model, cache, max(config.max_num_batched_tokens, config.max_num_seqs))
         graphs = choose_graphs(model, cache) if config.cuda_graphs else None
         if graphs is not None and graphs.kind is None:
             log.warning("decode steps run eagerly: %s", graphs.reason)
@@ -115,6 +117,8 @@ class LLMEngine:
             warm_up(self.runner, config.max_num_batched_tokens, num_blocks)
         if kind:
             self.runner.capture_graphs(kind)
+        if self.expert_load is not None:
+            self.expert_load.reset()  # warm-up and capture steps routed made-up tokens
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         self.siblings: dict[str, list[Sequence]] = {}  # choices 1..n-1, admitted once choice 0 has its prompt KV
@@ -243,6 +247,7 @@ class LLMEngine:
     def _final(self, seq: Sequence, text: str, tokens: list[tuple[int, TokenLogprobs | None]]) -> RequestOutput:
         out = self._delta(seq, text, tokens)
         out.finish_reason = seq.finish_reason
+        out.scheduled_at = seq.scheduled_at
         return out
 
     def _forget_if_done(self, request_id: str) -> None:
@@ -271,6 +276,16 @@ class LLMEngine:
                 "prefix_hit_tokens": b.prefix_hit_tokens, "prefix_query_tokens": b.prefix_query_tokens,
                 "prefix_collisions": b.prefix_collisions,
                 "attention_kernel": self.runner.cache.backend.name}
+
+
+def _expert_load(model: CausalLM, cache: PagedKVCache, rows: int) -> ExpertLoad | None:
+    """The count of tokens routed to each expert (None for a dense model), laid out by the cache each step."""
+    mc = model.config
+    if not mc.is_moe:
+        return None
+    layers = [layer.block_sparse_moe for layer in model.model.layers]
+    cache.expert_load = ExpertLoad(layers, mc.num_layers, mc.num_experts, mc.experts_per_token, cache.k.device, rows)
+    return cache.expert_load
 
 
 def _num_blocks(config: EngineConfig, block_bytes: int, device: torch.device) -> int:

@@ -21,6 +21,7 @@ from cluster.attention.metadata import AttentionMetadata
 from cluster.attention.selector import select_backend
 from cluster.attention.torch_backend import DEFAULT_WORKSPACE_BYTES
 from cluster.config import ModelConfig
+from cluster.moe.load import ExpertLoad
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:
@@ -51,6 +52,7 @@ class PagedKVCache:
                                       use_kernel=use_kernel, workspace_bytes=workspace_bytes)
         self._write = _triton_write() if self.backend.name == "triton" else _torch_write
         self.meta: AttentionMetadata | None = None
+        self.expert_load: ExpertLoad | None = None  # lays out each step's routing count (`cluster.moe.load`)
 
     @property
     def kernel(self) -> Callable[..., None] | None:
@@ -60,6 +62,8 @@ class PagedKVCache:
     def begin_step(self, meta: AttentionMetadata) -> None:
         self.meta = meta
         self.backend.plan(meta)
+        if self.expert_load is not None:
+            self.expert_load.begin_step(meta.slot_mapping)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, Dh]; k, v [T, KV, Dh] -> [T, H, Dh]."""

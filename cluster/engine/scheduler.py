@@ -9,6 +9,7 @@ kept, so it resumes exactly where it was).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -94,6 +95,8 @@ class Scheduler:
             self.waiting.popleft()
             self.blocks.allocate(seq, num_new)
             seq.status = Status.RUNNING
+            if seq.scheduled_at is None:
+                seq.scheduled_at = time.monotonic()
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new

@@ -36,6 +36,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None  # time.monotonic() when it was first scheduled (left the waiting queue)
 
     @property
     def tokens(self) -> list[int]:

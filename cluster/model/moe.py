@@ -12,6 +12,7 @@ from torch import nn
 
 from cluster.model.router import route as top_k_route
 from cluster.moe.executor import ExpertExecutor
+from cluster.moe.load import ExpertLoad
 
 
 class MoELayer(nn.Module):
@@ -21,6 +22,7 @@ class MoELayer(nn.Module):
         self.top_k = top_k
         self.layer = layer
         self.executor: ExpertExecutor | None = None  # set by the loader; may be local or remote
+        self.load: ExpertLoad | None = None  # counts the routing when an engine's step attached one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]. Legend: T = tokens, D = hidden, K = experts per token."""
@@ -32,4 +34,7 @@ class MoELayer(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (topk_weights [T, K] fp32, topk_ids [T, K]): what the executor is handed. Apart from
         `forward` so a decode step split at the executor (`cluster.engine.piecewise_graphs`) routes the same way."""
-        return top_k_route(self.gate(x), self.top_k)
+        weights, ids = top_k_route(self.gate(x), self.top_k)
+        if self.load is not None:
+            self.load.add(self.layer, ids)
+        return weights, ids

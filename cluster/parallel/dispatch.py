@@ -5,6 +5,8 @@ Legend: T = tokens, N = tokens routed to one shard, D = hidden, K = experts per 
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,6 +77,10 @@ class ExpertParallelExecutor:
     Up to `broadcast_rows` tokens (decode batches) every shard gets the whole layer's tokens: splitting them costs
     more than the bytes it saves (a dozen small ops a layer, against a few tens of KB sent).
     Larger batches (prefill) are split, so each shard receives only the tokens routed to it.
+
+    Timing, for metrics: with `round_times` set (a bounded deque its reader drains), each round's duration from
+    sending to the last reply is appended (two clock reads a layer); `probe` times a one-token round to each shard
+    alone, which tells the shards apart (a step's round ends with its slowest).
     """
 
     graph_safe = False  # a round waits on other processes: CUDA graphs capture around it (piecewise)
@@ -84,6 +90,7 @@ class ExpertParallelExecutor:
         self.broadcast_rows = broadcast_rows
         self.owners = torch.tensor(expert_owners, dtype=torch.long)  # [E] shard of each expert
         self._owners_on: dict[torch.device, torch.Tensor] = {}
+        self.round_times: deque[float] | None = None  # seconds of each round, when a reader asked for them
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
@@ -100,7 +107,7 @@ class ExpertParallelExecutor:
         if shards == 1 or x.shape[0] <= self.broadcast_rows:
             # Every shard gets every token (one frame packed once); each adds only its own experts' terms.
             whole = RoutedBatch(layer, x, topk_ids, topk_weights)
-            partials = self.transport.run([whole] * shards)
+            partials = self._timed([whole] * shards)
             out = partials[0] + partials[1] if shards > 1 else partials[0].clone()
             for partial in partials[2:]:
                 out += partial
@@ -111,13 +118,46 @@ class ExpertParallelExecutor:
             r = (owner == s).any(dim=1).nonzero().squeeze(1)  # [N_s]
             rows.append(r)
             batches.append(RoutedBatch(layer, x[r], topk_ids[r], topk_weights[r]) if r.numel() else None)
+        partials = self._timed(batches)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
-        for r, partial in zip(rows, self.transport.run(batches)):
+        for r, partial in zip(rows, partials):
             if partial is not None:
                 out.index_add_(0, r, partial)
         return out.to(x.dtype)
+
+    def _timed(self, batches: list[RoutedBatch | None]) -> list[torch.Tensor | None]:
+        times = self.round_times
+        if times is None:
+            return self.transport.run(batches)
+        t0 = time.perf_counter()
+        partials = self.transport.run(batches)
+        times.append(time.perf_counter() - t0)
+        return partials
+
+    def probe(self, x: torch.Tensor, top_k: int) -> list[float]:
+        """Seconds of a one-token round of layer 0 sent to each shard alone, in shard order. x [1, D]: the token
+        (any values, in the model's dtype and device); its K choices all name one expert of the shard. Call between
+        steps, on the thread that steps; raises `UnavailableError` when a shard cannot be reached."""
+        owners = self.owners.tolist()
+        weights = torch.full((1, top_k), 1.0 / top_k, dtype=torch.float32, device=x.device)
+        seconds = []
+        for s in range(self.transport.num_shards):
+            ids = torch.full((1, top_k), owners.index(s), dtype=torch.long, device=x.device)
+            batches: list[RoutedBatch | None] = [None] * self.transport.num_shards
+            batches[s] = RoutedBatch(0, x, ids, weights)
+            _sync(x.device)
+            t0 = time.perf_counter()
+            self.transport.run(batches)
+            _sync(x.device)  # a shard in this process computes asynchronously on a GPU
+            seconds.append(time.perf_counter() - t0)
+        return seconds
 
     def _owners(self, device: torch.device) -> torch.Tensor:
         if device not in self._owners_on:
             self._owners_on[device] = self.owners.to(device)
         return self._owners_on[device]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -14,30 +14,19 @@ from cluster.api.backend import EngineBackend, final_outputs
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
+from cluster.metrics.engine_metrics import replica_metrics
 from cluster.serve.args import ServeArgs
 from cluster.serve.engine_builder import build_engine
 from cluster.serve.health import Health
-from cluster.serve.resolved import ResolvedArgs
 
 log = logging.getLogger(__name__)
-
-
-def resolve_unit(args: ServeArgs) -> ResolvedArgs:
-    """`args.resolve()` in the replica (which reads config.json here), checked against what the cluster reserved
-    for the unit from the arguments alone (`ServeArgs.planned_layout`)."""
-    resolved = args.resolve()
-    planned = args.planned_layout(resolved.device)
-    if resolved.layout != planned:
-        raise ValueError(f"{resolved.model_dir.name} needs {resolved.num_shards} expert shards, but the unit "
-                         f"reserved {planned.num_shards}: set shards to {resolved.num_shards}")
-    return resolved
 
 
 class AttentionRouter:
     def __init__(self, args: ServeArgs):
         from cluster.serve.unit import ShardedUnit  # needs Ray: imported where Ray runs
 
-        resolved = resolve_unit(args)
+        resolved = args.resolve_planned()  # config.json is read here, on the replica's node
         self.unit: ShardedUnit | None = None
 
         def factory():
@@ -48,7 +37,8 @@ class AttentionRouter:
         self.engine = AsyncEngine(factory)  # shards, channel and engine are all built on the engine thread
         if self.unit is not None:
             self.unit.supervise(self.engine.call)
-        self.backend = EngineBackend(self.engine, resolved.moe_kernel)
+        self.backend = EngineBackend(self.engine, resolved.moe_kernel,
+                                     replica_metrics(resolved.model_name, self.engine, self._unit_health))
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        stream: bool = True) -> AsyncIterator[RequestOutput]:

@@ -13,6 +13,7 @@ import uvicorn
 
 from cluster.api.backend import EngineBackend
 from cluster.engine.async_engine import AsyncEngine
+from cluster.metrics.engine_metrics import single_process_metrics
 from cluster.serve.api_app import served_api
 from cluster.serve.drain import Drain
 from cluster.serve.engine_builder import build_engine, in_process_executor
@@ -21,7 +22,8 @@ from cluster.serve.resolved import ResolvedArgs
 
 def build_standalone_app(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine]:
     engine = AsyncEngine(lambda: build_engine(resolved, in_process_executor(resolved)))
-    return served_api(resolved, EngineBackend(engine, resolved.moe_kernel)), engine
+    metrics = single_process_metrics(resolved.model_name, engine)
+    return served_api(resolved, EngineBackend(engine, resolved.moe_kernel, metrics)), engine
 
 
 class _DrainingServer(uvicorn.Server):

@@ -1,0 +1,48 @@
+"""The metrics of one engine's process: built where the engine runs (the AttentionRouter replica with the Ray sink,
+the single process with prometheus_client), handed to its `EngineBackend`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cluster.engine.async_engine import AsyncEngine
+from cluster.metrics.recorder import RequestMetrics
+from cluster.metrics.sampler import SAMPLE_PERIOD_S, Sampler
+from cluster.metrics.sink import Sink
+from cluster.serve.health import Health
+
+_SCRAPE_WAIT_S = 2.0  # a scrape waits this long at most for the engine's facts (else it shows the last ones)
+
+
+class EngineMetrics:
+    """Requests recorded as they pass (`requests`), the rest sampled every period on a thread until the engine
+    stops; `render` is the text a GET /metrics serves (None where Ray exports the metrics instead)."""
+
+    def __init__(self, sink: Sink, model_name: str, engine: AsyncEngine,
+                 unit_health: Callable[[], Health] | None = None, period_s: float = SAMPLE_PERIOD_S):
+        self.sink = sink
+        self.requests = RequestMetrics(sink, model_name)
+        self.sampler = Sampler(sink, model_name, engine, self.requests, unit_health, period_s=period_s)
+        self.sampler.sample(wait_s=_SCRAPE_WAIT_S)  # every gauge is there from the start
+        self.sampler.start()
+
+    def render(self) -> bytes | None:
+        """A fresh sample, then everything recorded, as Prometheus text; None on Ray. Blocks: call off the loop."""
+        if not self.sink.exposes:
+            return None
+        self.sampler.sample(wait_s=_SCRAPE_WAIT_S)
+        return self.sink.render()
+
+
+def single_process_metrics(model_name: str, engine: AsyncEngine) -> EngineMetrics:
+    """`moe-cluster serve --no-ray`: prometheus_client, served at GET /metrics."""
+    from cluster.metrics.prometheus_sink import PrometheusSink
+
+    return EngineMetrics(PrometheusSink(), model_name, engine)
+
+
+def replica_metrics(model_name: str, engine: AsyncEngine, unit_health: Callable[[], Health]) -> EngineMetrics:
+    """An AttentionRouter replica: `ray.util.metrics`, exported by its node's metrics agent."""
+    from cluster.metrics.ray_sink import RaySink
+
+    return EngineMetrics(RaySink(), model_name, engine, unit_health)

@@ -1,0 +1,143 @@
+"""Every metric the service exports: its name, kind, labels and buckets, in one place for both sinks.
+
+vLLM's names (v1 engine) for what vLLM also measures, so the dashboards and alerts operators already run keep
+working; `moe_cluster_*` for what only this system knows (expert routing, shard round trips, unit state, GPUs).
+Every metric carries `model_name` (the served model name) before its own labels.
+
+What a scraper sees (`scraped_base`):
+- single process (`moe-cluster serve --no-ray`, GET /metrics): the names as written here, e.g.
+  `vllm:generation_tokens_total`, `vllm:time_to_first_token_seconds_bucket`, `moe_cluster_expert_tokens_total`.
+- on Ray (each node's metrics agent, the `metrics` port): Ray refuses ':' in names and prefixes `ray_`, so
+  `ray_vllm_generation_tokens_total`, `ray_vllm_time_to_first_token_seconds_bucket`,
+  `ray_moe_cluster_expert_tokens_total`: the names vLLM itself exports under Ray Serve LLM. Ray adds its own
+  labels (WorkerId, NodeAddress, SessionName, Component, Version). Its histograms' `_sum` is estimated from bucket
+  midpoints (Ray's OpenTelemetry export keeps bucket counts only); `_count` and the buckets are exact.
+Counters get `_total`; histograms `_bucket`, `_sum` and `_count`.
+
+Semantics. A request with n choices is n sequences in the engine, as vLLM forks n child requests: the latency
+histograms, `request_success` and `request_generation_tokens` count each choice; `prompt_tokens` and
+`request_prompt_tokens` count a request's prompt once (so `prompt_tokens` adds up to the responses' usage
+`prompt_tokens`, and `generation_tokens` to their `completion_tokens`); `num_requests_running` / `_waiting` count
+sequences. Buckets are this project's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+# Seconds, roughly geometric: a request's first token (prefill, queueing) spans milliseconds to minutes.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
+                20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# One decode step per token: milliseconds on a GPU, tens of milliseconds on CPUs or under load.
+TOKEN_GAP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                     2.0, 5.0, 10.0)
+# Whole requests and their phases: up to the longest generations (a full 64k context at tens of tokens a second).
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
+                   180.0, 300.0, 600.0, 1200.0, 3600.0)
+# Token counts, 1-2-5 up past the largest context (65536).
+TOKEN_COUNT_BUCKETS = tuple(float(m * 10 ** e) for e in range(6) for m in (1, 2, 5))
+N_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+# One layer's round to the expert shards: tens of microseconds in process, milliseconds over a channel.
+ROUND_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # as the single process exports it (counters without `_total`)
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()  # beyond model_name
+    buckets: tuple[float, ...] = ()  # histograms only
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return ("model_name", *self.labels)
+
+    @property
+    def ray_name(self) -> str:
+        """The name handed to `ray.util.metrics` (Ray exports it with `ray_` before it)."""
+        return self.name.replace(":", "_")
+
+    def scraped_base(self, ray: bool) -> str:
+        """The name a scraper sees before any `_total` / `_bucket` / `_sum` / `_count`."""
+        return f"ray_{self.ray_name}" if ray else self.name
+
+    def scraped_names(self, ray: bool) -> tuple[str, ...]:
+        base = self.scraped_base(ray)
+        if self.kind == "counter":
+            return (f"{base}_total",)
+        if self.kind == "histogram":
+            return (f"{base}_bucket", f"{base}_sum", f"{base}_count")
+        return (base,)
+
+
+def _spec(name: str, kind: Kind, help: str, labels: tuple[str, ...] = (),
+          buckets: tuple[float, ...] = ()) -> MetricSpec:
+    return MetricSpec(name, kind, help, labels, buckets)
+
+
+# -- vLLM's --------------------------------------------------------------------------------------------------------
+RUNNING = _spec("vllm:num_requests_running", "gauge", "Sequences in the engine's running batch.")
+WAITING = _spec("vllm:num_requests_waiting", "gauge", "Sequences waiting to be scheduled.")
+KV_CACHE_USAGE = _spec("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage: the fraction of blocks in use (1 = full).")
+PREFIX_CACHE_QUERIES = _spec("vllm:prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache.")
+PREFIX_CACHE_HITS = _spec("vllm:prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache.")
+PREEMPTIONS = _spec("vllm:num_preemptions", "counter", "Sequences preempted (their KV freed, recomputed later).")
+PROMPT_TOKENS = _spec("vllm:prompt_tokens", "counter", "Prompt tokens of requests whose prefill finished.")
+GENERATION_TOKENS = _spec("vllm:generation_tokens", "counter", "Tokens generated (the usage completion_tokens).")
+REQUEST_SUCCESS = _spec("vllm:request_success", "counter", "Finished sequences (choices), by finish reason.",
+                        ("finished_reason",))
+REQUEST_PROMPT_TOKENS = _spec("vllm:request_prompt_tokens", "histogram", "Prompt tokens per request.",
+                              buckets=TOKEN_COUNT_BUCKETS)
+REQUEST_GENERATION_TOKENS = _spec("vllm:request_generation_tokens", "histogram", "Generated tokens per choice.",
+                                  buckets=TOKEN_COUNT_BUCKETS)
+REQUEST_PARAMS_N = _spec("vllm:request_params_n", "histogram", "The n parameter of requests.", buckets=N_BUCKETS)
+REQUEST_PARAMS_MAX_TOKENS = _spec("vllm:request_params_max_tokens", "histogram", "The max_tokens of requests.",
+                                  buckets=TOKEN_COUNT_BUCKETS)
+TTFT = _spec("vllm:time_to_first_token_seconds", "histogram", "Time from arrival to a choice's first token.",
+             buckets=TTFT_BUCKETS)
+ITL = _spec("vllm:inter_token_latency_seconds", "histogram", "Time between consecutive tokens of a choice.",
+            buckets=TOKEN_GAP_BUCKETS)
+TPOT = _spec("vllm:request_time_per_output_token_seconds", "histogram",
+             "A choice's decode time per token after its first.", buckets=TOKEN_GAP_BUCKETS)
+E2E = _spec("vllm:e2e_request_latency_seconds", "histogram", "Time from arrival to a choice's end.",
+            buckets=REQUEST_BUCKETS)
+QUEUE = _spec("vllm:request_queue_time_seconds", "histogram", "Time from arrival to a choice's first step.",
+              buckets=REQUEST_BUCKETS)
+INFERENCE = _spec("vllm:request_inference_time_seconds", "histogram", "Time from a choice's first step to its end.",
+                  buckets=REQUEST_BUCKETS)
+PREFILL = _spec("vllm:request_prefill_time_seconds", "histogram", "Time from a choice's first step to its first "
+                "token.", buckets=REQUEST_BUCKETS)
+DECODE = _spec("vllm:request_decode_time_seconds", "histogram", "Time from a choice's first token to its end.",
+               buckets=REQUEST_BUCKETS)
+
+# -- this system's -------------------------------------------------------------------------------------------------
+EXPERT_TOKENS = _spec("moe_cluster_expert_tokens", "counter", "Tokens the router sent to each expert of each layer.",
+                      ("layer", "expert"))
+EXPERT_ROUND = _spec("moe_cluster_expert_round_seconds", "histogram", "One layer's round to the expert shards in an "
+                     "engine step, from sending its tokens to the last reply.", buckets=ROUND_BUCKETS)
+SHARD_ROUND_TRIP = _spec("moe_cluster_shard_round_trip_seconds", "histogram", "A one-token round to one expert shard "
+                         "alone, probed between steps.", ("shard",), ROUND_BUCKETS)
+UNIT_STATE = _spec("moe_cluster_unit_state", "gauge", "1 for the serving unit's current state, 0 for the others.",
+                   ("state",))
+UNIT_RECOVERIES = _spec("moe_cluster_unit_recoveries", "counter", "Times the serving unit brought its expert shards "
+                        "back.")
+GPU_MEMORY_USED = _spec("moe_cluster_gpu_memory_used_bytes", "gauge", "GPU memory in use (NVML).",
+                        ("gpu", "gpu_uuid"))
+GPU_MEMORY_TOTAL = _spec("moe_cluster_gpu_memory_total_bytes", "gauge", "GPU memory (NVML).", ("gpu", "gpu_uuid"))
+GPU_UTILIZATION = _spec("moe_cluster_gpu_utilization_ratio", "gauge", "Fraction of the last sample period a kernel "
+                        "ran on the GPU (NVML).", ("gpu", "gpu_uuid"))
+
+UNIT_STATES = ("starting", "ok", "recovering", "failed")
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+ALL: tuple[MetricSpec, ...] = (
+    RUNNING, WAITING, KV_CACHE_USAGE, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, PREEMPTIONS, PROMPT_TOKENS,
+    GENERATION_TOKENS, REQUEST_SUCCESS, REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS, REQUEST_PARAMS_N,
+    REQUEST_PARAMS_MAX_TOKENS, TTFT, ITL, TPOT, E2E, QUEUE, INFERENCE, PREFILL, DECODE,
+    EXPERT_TOKENS, EXPERT_ROUND, SHARD_ROUND_TRIP, UNIT_STATE, UNIT_RECOVERIES, GPU_MEMORY_USED, GPU_MEMORY_TOTAL,
+    GPU_UTILIZATION,
+)

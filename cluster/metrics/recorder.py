@@ -1,0 +1,132 @@
+"""Request-level metrics, recorded in the process that runs the engine as each request's outputs pass through its
+backend (`cluster.api.backend.EngineBackend`, the same in both modes).
+
+Per request and per finished choice the series are called directly. Per token only a clock read, a deque append
+(the gap since the choice's last token) and a locked integer add happen: the sampler thread drains them into the
+inter-token histogram and the generation counter (`flush`), off the event loop's path.
+
+Times are `time.monotonic()` in this process: the arrival when the backend got the request, a choice's first step
+from the engine (`RequestOutput.scheduled_at`), its tokens as their outputs arrive here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from cluster.engine.outputs import RequestOutput
+from cluster.engine.sampling_params import SamplingParams
+from cluster.metrics import names as mn
+from cluster.metrics.sink import Series, Sink
+
+# Token gaps waiting for the sampler: a stalled sampler drops the oldest (histogram samples, never counts).
+_MAX_PENDING_GAPS = 1 << 16
+
+
+class RequestMetrics:
+    def __init__(self, sink: Sink, model_name: str):
+        self.sink = sink
+        self.model_name = model_name
+        s = lambda spec: sink.series(spec, model_name)  # noqa: E731
+        self.prompt_tokens, self.generation_tokens = s(mn.PROMPT_TOKENS), s(mn.GENERATION_TOKENS)
+        self.request_prompt_tokens, self.request_generation_tokens = (s(mn.REQUEST_PROMPT_TOKENS),
+                                                                      s(mn.REQUEST_GENERATION_TOKENS))
+        self.params_n, self.params_max_tokens = s(mn.REQUEST_PARAMS_N), s(mn.REQUEST_PARAMS_MAX_TOKENS)
+        self.ttft, self.itl, self.tpot, self.e2e = s(mn.TTFT), s(mn.ITL), s(mn.TPOT), s(mn.E2E)
+        self.queue, self.inference, self.prefill, self.decode = (s(mn.QUEUE), s(mn.INFERENCE), s(mn.PREFILL),
+                                                                 s(mn.DECODE))
+        self._success: dict[str, Series] = {r: sink.series(mn.REQUEST_SUCCESS, model_name, r)
+                                            for r in mn.FINISH_REASONS}
+        for counter in (self.prompt_tokens, self.generation_tokens, *self._success.values()):
+            counter.inc(0)  # exported from 0
+        self._gaps: deque[float] = deque(maxlen=_MAX_PENDING_GAPS)
+        self._lock = threading.Lock()
+        self._generated = 0  # tokens seen so far; `flush` adds what it did not add yet
+        self._flushed = 0
+
+    def request(self, prompt_tokens: int, params: SamplingParams, arrival: float) -> RequestTimer:
+        """An admitted request's timer (`arrival`: time.monotonic() when the backend got it)."""
+        self.params_n.observe(params.n)
+        self.params_max_tokens.observe(params.max_tokens)
+        return RequestTimer(self, prompt_tokens, params.n, arrival)
+
+    def flush(self) -> None:
+        """Record the token gaps and counts gathered since the last flush (the sampler's thread)."""
+        gaps = self._gaps
+        while gaps:
+            self.itl.observe(gaps.popleft())
+        with self._lock:
+            new, self._flushed = self._generated - self._flushed, self._generated
+        self.generation_tokens.inc(new)
+
+    def success(self, reason: str) -> Series:
+        if reason not in self._success:
+            self._success[reason] = self.sink.series(mn.REQUEST_SUCCESS, self.model_name, reason)
+        return self._success[reason]
+
+    def _add_generated(self, n: int) -> None:
+        with self._lock:
+            self._generated += n
+
+
+class RequestTimer:
+    """One request's choices: their token counts and times, recorded as its outputs arrive (`output`) and, for
+    choices that never finished (a client that went away), as aborted at `close`."""
+
+    __slots__ = ("metrics", "prompt_tokens", "arrival", "prefilled", "tokens", "first", "last", "done")
+
+    def __init__(self, metrics: RequestMetrics, prompt_tokens: int, n: int, arrival: float):
+        self.metrics = metrics
+        self.prompt_tokens = prompt_tokens
+        self.arrival = arrival
+        self.prefilled = False  # the prompt counted (at the request's first token)
+        self.tokens = [0] * n  # completion tokens of each choice so far
+        self.first: list[float | None] = [None] * n  # when each choice's first token arrived
+        self.last = [0.0] * n  # when its latest token arrived
+        self.done = [False] * n
+
+    def output(self, out: RequestOutput) -> None:
+        i = out.index
+        new = out.completion_tokens - self.tokens[i]
+        if new > 0:
+            now = time.monotonic()
+            if self.first[i] is None:
+                self._first_token(i, now)
+            else:
+                self.metrics._gaps.append(now - self.last[i])
+            self.metrics._add_generated(new)
+            self.tokens[i], self.last[i] = out.completion_tokens, now
+        if out.finish_reason is not None and not self.done[i]:
+            self._finish(i, out.finish_reason, out.scheduled_at)
+
+    def close(self) -> None:
+        """The request's stream ended: choices without a finish were aborted."""
+        for i, done in enumerate(self.done):
+            if not done:
+                self._finish(i, "abort", None)
+
+    def _first_token(self, i: int, now: float) -> None:
+        m = self.metrics
+        self.first[i] = now
+        m.ttft.observe(now - self.arrival)
+        if not self.prefilled:
+            self.prefilled = True
+            m.prompt_tokens.inc(self.prompt_tokens)
+            m.request_prompt_tokens.observe(self.prompt_tokens)
+
+    def _finish(self, i: int, reason: str, scheduled_at: float | None) -> None:
+        m, now, first, tokens = self.metrics, time.monotonic(), self.first[i], self.tokens[i]
+        self.done[i] = True
+        m.success(reason).inc()
+        m.e2e.observe(now - self.arrival)
+        m.request_generation_tokens.observe(tokens)
+        if scheduled_at is not None:
+            m.queue.observe(max(0.0, scheduled_at - self.arrival))
+            m.inference.observe(max(0.0, now - scheduled_at))
+            if first is not None:
+                m.prefill.observe(max(0.0, first - scheduled_at))
+        if first is not None:
+            m.decode.observe(now - first)
+            if tokens > 1:
+                m.tpot.observe((self.last[i] - first) / (tokens - 1))

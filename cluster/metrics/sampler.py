@@ -1,0 +1,171 @@
+"""What is sampled rather than recorded as it happens: every period (and at each scrape of the single process) a
+thread reads the engine's scheduler and cache, its expert counts and shard round times, the unit's state and the
+GPUs, and records gauges and counter increments.
+
+The engine's facts are read on the engine thread between two steps (`AsyncEngine.call`): the expert counts live on
+the device and are copied to the host there, where no step is in flight. A sample waits for the engine at most its
+period; one still waiting is not asked again (a stuck engine thread gets one question, not a queue of them).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import torch
+
+from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.engine import LLMEngine
+from cluster.metrics import names as mn
+from cluster.metrics.gpu import GpuReader
+from cluster.metrics.recorder import RequestMetrics
+from cluster.metrics.sink import Series, Sink
+from cluster.parallel.dispatch import ExpertParallelExecutor, UnavailableError
+from cluster.serve.health import Health
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PERIOD_S = 1.0
+_MAX_PENDING_ROUNDS = 1 << 16  # layer rounds between two samples that are kept (the oldest go first)
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    stats: dict[str, int | str]
+    expert_counts: list[list[int]] | None  # [L][E] since the engine started; None for a dense model
+    rounds: list[float]  # seconds of each layer round to the shards since the last read
+    probes: list[float] | None  # each shard's probed round trip; None without shards or when unreachable
+
+
+def read_engine(engine: LLMEngine) -> EngineFacts:
+    """The facts a sample records; runs on the engine thread between steps."""
+    executor = _parallel_executor(engine)
+    rounds: list[float] = []
+    probes = None
+    if executor is not None:
+        if executor.round_times is None:
+            executor.round_times = deque(maxlen=_MAX_PENDING_ROUNDS)
+        times = executor.round_times
+        rounds = [times.popleft() for _ in range(len(times))]
+        weight = engine.model.lm_head.weight
+        token = torch.zeros(1, engine.model.config.hidden_size, dtype=weight.dtype, device=weight.device)
+        try:
+            probes = executor.probe(token, engine.model.config.experts_per_token)
+        except UnavailableError:  # the unit is recovering; its state says so
+            probes = None
+    counts = engine.expert_load.snapshot() if engine.expert_load is not None else None
+    return EngineFacts(engine.stats(), counts, rounds, probes)
+
+
+def _parallel_executor(engine: LLMEngine) -> ExpertParallelExecutor | None:
+    for layer in engine.model.model.layers:
+        executor = getattr(getattr(layer, "block_sparse_moe", None), "executor", None)
+        if isinstance(executor, ExpertParallelExecutor):
+            return executor
+    return None
+
+
+class Sampler:
+    def __init__(self, sink: Sink, model_name: str, engine: AsyncEngine, requests: RequestMetrics,
+                 unit_health: Callable[[], Health] | None = None, gpus: GpuReader | None = None,
+                 period_s: float = SAMPLE_PERIOD_S):
+        self.sink = sink
+        self.model_name = model_name
+        self.engine = engine
+        self.requests = requests
+        self.unit_health = unit_health or Health
+        self.gpus = gpus if gpus is not None else GpuReader()
+        self.period_s = period_s
+        self._lock = threading.Lock()  # one sample at a time: counters advance by differences of totals
+        self._totals: dict[tuple, int] = {}
+        self._bound: dict[tuple, Series] = {}
+        self._pending: Future | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def sample(self, wait_s: float | None = None) -> None:
+        """Record one sample now (waiting at most `wait_s`, default the period, for the engine's facts)."""
+        with self._lock:
+            self.requests.flush()
+            facts = self._engine_facts(self.period_s if wait_s is None else wait_s)
+            if facts is not None:
+                self._record_engine(facts)
+            self._record_unit(self.unit_health())
+            self._record_gpus()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s) and self.engine.running:
+            try:
+                self.sample()
+            except Exception:  # a failed sample must not end the sampling
+                log.exception("metrics sample failed")
+
+    def _engine_facts(self, wait_s: float) -> EngineFacts | None:
+        if self._pending is None:
+            self._pending = self.engine.call(read_engine)
+        try:
+            facts = self._pending.result(timeout=wait_s)
+        except FutureTimeout:
+            return None  # the engine is in a long step: the same question is read next time
+        except Exception:
+            log.exception("reading the engine's metrics failed")
+            facts = None
+        self._pending = None
+        return facts
+
+    # -- recording ----------------------------------------------------------------------------------------------
+    def _series(self, spec: mn.MetricSpec, *labels: str) -> Series:
+        key = (spec.name, *labels)
+        if key not in self._bound:
+            self._bound[key] = self.sink.series(spec, self.model_name, *labels)
+        return self._bound[key]
+
+    def _count(self, spec: mn.MetricSpec, total: int, *labels: str) -> None:
+        """Advance a counter to `total` (a running total kept by the thing measured)."""
+        key = (spec.name, *labels)
+        new = total - self._totals.get(key, 0)
+        if new > 0 or key not in self._totals:  # the first sample exports it, from 0
+            self._series(spec, *labels).inc(max(new, 0))
+            self._totals[key] = total
+
+    def _record_engine(self, facts: EngineFacts) -> None:
+        stats = facts.stats
+        self._series(mn.RUNNING).set(int(stats["running"]))
+        self._series(mn.WAITING).set(int(stats["waiting"]))
+        total = int(stats["total_blocks"])
+        self._series(mn.KV_CACHE_USAGE).set((total - int(stats["free_blocks"])) / total if total else 0.0)
+        self._count(mn.PREEMPTIONS, int(stats["preemptions"]))
+        self._count(mn.PREFIX_CACHE_QUERIES, int(stats["prefix_query_tokens"]))
+        self._count(mn.PREFIX_CACHE_HITS, int(stats["prefix_hit_tokens"]))
+        for layer, row in enumerate(facts.expert_counts or ()):
+            for expert, tokens in enumerate(row):
+                self._count(mn.EXPERT_TOKENS, tokens, str(layer), str(expert))
+        if facts.rounds:
+            rounds = self._series(mn.EXPERT_ROUND)
+            for seconds in facts.rounds:
+                rounds.observe(seconds)
+        for shard, seconds in enumerate(facts.probes or ()):
+            self._series(mn.SHARD_ROUND_TRIP, str(shard)).observe(seconds)
+
+    def _record_unit(self, health: Health) -> None:
+        for state in mn.UNIT_STATES:
+            self._series(mn.UNIT_STATE, state).set(1.0 if health.status == state else 0.0)
+        self._count(mn.UNIT_RECOVERIES, int(health.stats.get("recoveries", 0)))
+
+    def _record_gpus(self) -> None:
+        for gpu in self.gpus.read():
+            labels = (str(gpu.index), gpu.uuid)
+            self._series(mn.GPU_MEMORY_USED, *labels).set(gpu.memory_used)
+            self._series(mn.GPU_MEMORY_TOTAL, *labels).set(gpu.memory_total)
+            self._series(mn.GPU_UTILIZATION, *labels).set(gpu.utilization)

@@ -1,0 +1,583 @@
+"""Metrics: the sinks and recorders, the expert counts on the device (padding and CUDA graphs), and live: the single
+process's GET /metrics and the Ray metrics agent's export of a Serve app, scraped before and after traffic, move by
+what the responses say; a killed shard counts as one recovery of its unit; every metric the Grafana dashboard and the
+alert rules query is emitted.
+
+Imports beyond torch and the core are made inside the tests: the GPU machine (no Ray, pydantic, starlette or
+prometheus_client) runs the device tests of this file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import deque
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import ModelConfig
+from cluster.engine.engine import EngineConfig, LLMEngine
+from cluster.engine.model_runner import ModelRunner
+from cluster.engine.paged_cache import PagedKVCache
+from cluster.engine.sampling_params import SamplingParams
+from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput
+from cluster.engine.sequence import Sequence
+from cluster.model.loader import load_model
+from cluster.moe.load import ExpertLoad
+from cluster.parallel.dispatch import ExpertParallelExecutor
+from cluster.parallel.in_process import InProcessTransport
+from cluster.parallel.placement import assign_experts, expert_owners
+from cluster.parallel.shard_worker import ShardWorker
+
+ROOT = Path(__file__).resolve().parents[1]
+MONITORING = ROOT / "k8s" / "monitoring"
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+# -- names and sinks -------------------------------------------------------------------------------------------------
+def test_every_name_is_valid_unique_and_ray_safe():
+    from cluster.metrics import names as mn
+
+    prometheus = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+    assert len({s.name for s in mn.ALL}) == len(mn.ALL)
+    for spec in mn.ALL:
+        assert prometheus.match(spec.name) and not spec.name.endswith("_total"), spec.name
+        assert re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", spec.ray_name), spec.ray_name
+        assert spec.name.startswith("vllm:") or spec.name.startswith("moe_cluster_"), spec.name
+        assert spec.label_names[0] == "model_name"
+        assert (spec.kind == "histogram") == bool(spec.buckets), spec.name
+        assert list(spec.buckets) == sorted(set(spec.buckets)) and all(b > 0 for b in spec.buckets), spec.name
+    assert mn.GENERATION_TOKENS.scraped_names(ray=False) == ("vllm:generation_tokens_total",)
+    assert mn.TTFT.scraped_names(ray=True) == ("ray_vllm_time_to_first_token_seconds_bucket",
+                                               "ray_vllm_time_to_first_token_seconds_sum",
+                                               "ray_vllm_time_to_first_token_seconds_count")
+
+
+def test_prometheus_sink_renders_each_kind_in_its_own_registry():
+    from cluster.metrics import names as mn
+    from cluster.metrics.prometheus_sink import PrometheusSink
+
+    first, second = PrometheusSink(), PrometheusSink()  # two apps in one process
+    first.series(mn.GENERATION_TOKENS, "m").inc(7)
+    first.series(mn.RUNNING, "m").set(3)
+    ttft = first.series(mn.TTFT, "m")
+    for seconds in (0.004, 0.3, 0.3):
+        ttft.observe(seconds)
+    first.series(mn.EXPERT_TOKENS, "m", "1", "5").inc(0)
+    got = _samples(first.render())
+    assert got[("vllm:generation_tokens_total", (("model_name", "m"),))] == 7
+    assert got[("vllm:num_requests_running", (("model_name", "m"),))] == 3
+    assert got[("vllm:time_to_first_token_seconds_count", (("model_name", "m"),))] == 3
+    assert got[("vllm:time_to_first_token_seconds_bucket", (("le", "0.005"), ("model_name", "m")))] == 1
+    assert got[("vllm:time_to_first_token_seconds_bucket", (("le", "0.35"), ("model_name", "m")))] == 3
+    assert got[("moe_cluster_expert_tokens_total", (("expert", "5"), ("layer", "1"), ("model_name", "m")))] == 0
+    assert not any(name.endswith("_created") for name, _ in got)
+    assert ("vllm:generation_tokens_total", (("model_name", "m"),)) not in _samples(second.render())
+
+
+def _out(index: int, tokens: int, finish: str | None = None, scheduled_at: float | None = None):
+    from cluster.engine.outputs import RequestOutput
+
+    return RequestOutput("r", index, "x", [1], completion_tokens=tokens, finish_reason=finish, prompt_tokens=9,
+                         scheduled_at=scheduled_at)
+
+
+def test_a_request_counts_its_prompt_once_and_every_choice_and_token():
+    from cluster.metrics.prometheus_sink import PrometheusSink
+    from cluster.metrics.recorder import RequestMetrics
+
+    sink = PrometheusSink()
+    metrics = RequestMetrics(sink, "m")
+    arrival = time.monotonic()
+    timer = metrics.request(9, SamplingParams(n=3, max_tokens=4), arrival)
+    # choice 0: 3 tokens then stop; choice 1: 4 tokens, length; choice 2: one token, then the client leaves
+    for tokens in (1, 2, 3):
+        timer.output(_out(0, tokens))
+    timer.output(_out(0, 3, "stop", arrival))
+    for tokens in (1, 2, 3):
+        timer.output(_out(1, tokens))
+    timer.output(_out(1, 4, "length", arrival))
+    timer.output(_out(2, 1))
+    timer.close()
+    timer.close()  # closing again records nothing more
+    metrics.flush()
+    got = _totals(sink.render())
+    assert got["vllm:prompt_tokens_total"] == 9 and got["vllm:request_prompt_tokens_count"] == 1
+    assert got["vllm:generation_tokens_total"] == 3 + 4 + 1
+    assert got["vllm:request_generation_tokens_sum"] == 8 and got["vllm:request_generation_tokens_count"] == 3
+    assert _by_reason(sink.render()) == {"stop": 1, "length": 1, "abort": 1, "error": 0}
+    assert got["vllm:time_to_first_token_seconds_count"] == 3
+    assert got["vllm:inter_token_latency_seconds_count"] == 2 + 3 + 0
+    assert got["vllm:e2e_request_latency_seconds_count"] == 3
+    assert got["vllm:request_queue_time_seconds_count"] == 2  # the aborted choice's first step is not known
+    assert got["vllm:request_time_per_output_token_seconds_count"] == 2  # choices with a second token
+    assert got["vllm:request_params_n_sum"] == 3 and got["vllm:request_params_max_tokens_sum"] == 4
+
+
+# -- expert counts on the device -------------------------------------------------------------------------------------
+BLOCK, NUM_BLOCKS = 16, 32
+PROMPTS = (5, 33, 16)
+
+
+def _load_for(model, cache: PagedKVCache, rows: int = 64) -> ExpertLoad:
+    c = model.config
+    load = ExpertLoad([layer.block_sparse_moe for layer in model.model.layers], c.num_layers, c.num_experts,
+                      c.experts_per_token, cache.k.device, rows)
+    cache.expert_load = load
+    return load
+
+
+def _prefill(runner: ModelRunner, vocab: int) -> list[ScheduledSeq]:
+    """`PROMPTS` prefilled through `runner` (greedy), each then scheduled for one decode token."""
+    g = torch.Generator().manual_seed(5)
+    free = torch.randperm(NUM_BLOCKS, generator=g).tolist()
+    seqs = []
+    for i, n in enumerate(PROMPTS):
+        seq = Sequence(i, f"r{i}", 0, torch.randint(3, vocab, (n,), generator=g).tolist(), SamplingParams())
+        seq.block_table = [free.pop() for _ in range(-(-(n + 3) // BLOCK))]
+        seqs.append(seq)
+    logits, _ = runner.run(SchedulerOutput([ScheduledSeq(s, s.num_tokens) for s in seqs]))
+    for s, token in zip(seqs, logits.argmax(-1).tolist()):
+        s.num_computed = s.num_tokens
+        s.output.append(token)
+    return sorted((ScheduledSeq(s, 1) for s in seqs), key=lambda s: s.seq.num_computed)
+
+
+def test_padding_rows_of_a_decode_bucket_are_not_counted(tiny_dir):
+    """The same decode step, padded to a bucket of 8 (static buffers, as CUDA graphs replay it) and unpadded: the
+    same count per expert, K per real token of each layer. Two runners share the model: each counts its own steps."""
+    model = load_model(tiny_dir, "fp32", "cpu").model
+    c = model.config
+    deltas = []
+    for buckets in ((8,), ()):
+        cache = PagedKVCache(c, NUM_BLOCKS, BLOCK, torch.float32, "cpu", backend="torch")
+        load = _load_for(model, cache)
+        runner = ModelRunner(model, cache, buckets)
+        items = _prefill(runner, c.vocab_size)
+        assert load.counts.sum(dim=1).tolist() == [sum(PROMPTS) * c.experts_per_token] * c.num_layers
+        before = load.counts.clone()
+        runner.run(SchedulerOutput(items))
+        deltas.append(load.counts - before)
+    padded, plain = deltas
+    assert padded.sum(dim=1).tolist() == [len(PROMPTS) * c.experts_per_token] * c.num_layers
+    assert torch.equal(padded, plain)
+
+
+def test_engine_counts_top_k_per_token_it_computed(make_engine, model):
+    """Prompts sharing a prefix (cache hits), n=2 (siblings reuse the prompt's blocks), chunked prefills: each
+    layer's count is K x the tokens the engine computed, from the outputs' own usage."""
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randint(3, 32000, (40,), generator=g).tolist()
+    requests = {"a": (shared + [7, 8, 9], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)),
+                "b": (shared + [10], SamplingParams(max_tokens=5, temperature=0.9, seed=1, n=2, ignore_eos=True)),
+                "c": (torch.randint(3, 32000, (21,), generator=g).tolist(),
+                      SamplingParams(max_tokens=4, temperature=0, n=3, ignore_eos=True))}
+    engine = make_engine(max_num_batched_tokens=32)
+    finals = []
+    engine.add_request("a", *requests["a"])
+    while engine.has_work():  # "a" first, so "b" finds its prefix cached
+        finals += [o for o in engine.step() if o.finished]
+    for rid in ("b", "c"):
+        engine.add_request(rid, *requests[rid])
+    while engine.has_work():
+        finals += [o for o in engine.step() if o.finished]
+    assert engine.scheduler.num_preemptions == 0 and len(finals) == 6
+    assert any(o.cached_prompt_tokens for o in finals)
+    computed = sum(o.prompt_tokens - o.cached_prompt_tokens + o.completion_tokens - 1 for o in finals)
+    k = model.config.experts_per_token
+    assert [sum(row) for row in engine.expert_load.snapshot()] == [k * computed] * model.config.num_layers
+
+
+def test_shard_rounds_are_timed_and_probed(tiny_dir):
+    config = ModelConfig.from_file(tiny_dir)
+    groups = assign_experts(config.num_experts, 2)
+    workers = [ShardWorker.load(tiny_dir, config, g, torch.float32, "cpu", "auto") for g in groups]
+    executor = ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups), broadcast_rows=4)
+    x = torch.randn(6, config.hidden_size)
+    ids = torch.tensor([[e % config.num_experts, (e + 3) % config.num_experts] for e in range(6)])
+    weights = torch.full((6, 2), 0.5)
+    untimed = executor(0, x, ids, weights)
+    executor.round_times = deque(maxlen=8)
+    assert torch.equal(executor(0, x, ids, weights), untimed)  # split (6 rows > 4)
+    executor(1, x[:2], ids[:2], weights[:2])  # broadcast
+    assert len(executor.round_times) == 2 and all(t > 0 for t in executor.round_times)
+    probes = executor.probe(torch.zeros(1, config.hidden_size), config.experts_per_token)
+    assert len(probes) == 2 and all(t > 0 for t in probes)
+
+
+def test_gpu_metrics_are_absent_without_nvml_and_present_with_it():
+    from cluster.metrics.gpu import GpuReader
+
+    samples = GpuReader().read()
+    assert len(samples) == _nvml_devices()
+    assert all(s.memory_total > 0 and 0 <= s.memory_used <= s.memory_total and 0 <= s.utilization <= 1
+               for s in samples)
+
+
+def _nvml_devices() -> int:
+    """What NVML itself says, asked independently: 0 where it cannot start."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount()
+    except Exception:
+        return 0
+
+
+@CUDA
+@pytest.mark.parametrize("experts", ["local", "two in-process shards"])
+def test_cuda_graph_replays_count_what_eager_steps_count(tiny_dir, experts):
+    """Whole graphs (experts in this process) and piecewise ones (around an expert-parallel executor): an engine
+    replaying captured decode steps counts per expert exactly what an eager engine counts for the same tokens."""
+    lm = load_model(tiny_dir, "fp32", "cuda")
+    model = lm.model
+    if experts != "local":
+        config = model.config
+        groups = assign_experts(config.num_experts, 2)
+        workers = [ShardWorker.load(tiny_dir, config, g, torch.float32, "cuda", "auto") for g in groups]
+        model.attach_experts(ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups)))
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 32000, (n,), generator=g).tolist() for n in (9, 30, 17, 3, 50)]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    counts, tokens = [], []
+    for graphs in (True, False):
+        engine = LLMEngine(model, lambda ids: "", 2, EngineConfig(kv_cache_bytes=2**26, max_num_seqs=8,
+                                                                  cuda_graphs=graphs))
+        assert (engine.runner.graphs is not None) == graphs
+        assert engine.expert_load.counts.sum().item() == 0  # warm-up and capture left nothing counted
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, greedy)
+        out: dict[str, list[int]] = {}
+        while engine.has_work():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.token_ids)
+        counts.append(engine.expert_load.snapshot())
+        tokens.append(out)
+    assert tokens[0] == tokens[1]
+    assert counts[0] == counts[1]
+    k = model.config.experts_per_token
+    computed = sum(len(p) + 12 - 1 for p in prompts)
+    assert [sum(row) for row in counts[0]] == [k * computed] * model.config.num_layers
+
+
+# -- live: the single process and the Serve app, before and after traffic --------------------------------------------
+CHAT_PREFIX = ("You are a careful assistant. Answer in one short sentence, and say so when you do not know. "
+               "The user writes in English or in French.")
+
+
+def _traffic() -> list[dict]:
+    """Sequential requests: streamed and not, n > 1, the same prompt twice (its second time hits the prefix
+    cache), a length limit and EOS both possible (the random model may stop on its own)."""
+    def chat(text: str, **kw) -> dict:
+        return {"messages": [{"role": "system", "content": CHAT_PREFIX}, {"role": "user", "content": text}], **kw}
+
+    return [chat("What is the capital of France?", max_tokens=12, temperature=0),
+            chat("What is the capital of France?", max_tokens=10, temperature=0, stream=True,
+                 stream_options={"include_usage": True}),
+            chat("Quelle heure est-il ?", max_tokens=9, temperature=0.9, seed=3, n=3),
+            chat("Name a colour.", max_tokens=7, temperature=0.7, seed=5, n=2, stream=True,
+                 stream_options={"include_usage": True})]
+
+
+async def _send(client, body: dict) -> dict:
+    """-> {"n", "usage", "finish_reasons"} of one response (streamed ones read to [DONE])."""
+    if not body.get("stream"):
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        data = r.json()
+        return {"n": len(data["choices"]), "usage": data["usage"],
+                "finish_reasons": [c["finish_reason"] for c in data["choices"]]}
+    reasons: dict[int, str] = {}
+    usage = None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            for c in chunk["choices"]:
+                if c.get("finish_reason"):
+                    reasons[c["index"]] = c["finish_reason"]
+    return {"n": len(reasons), "usage": usage, "finish_reasons": [reasons[i] for i in sorted(reasons)]}
+
+
+def _expected(responses: list[dict], block_size: int) -> dict:
+    """What the counters must move by. Tokens computed: choice 0 computes its prompt less what it found cached
+    (usage's cached_tokens); each sibling (n > 1) is admitted once choice 0 cached the prompt's full blocks, so it
+    computes the rest of the prompt; every choice computes its tokens but the last (sampled, never fed back)."""
+    computed = 0
+    for r in responses:
+        u, n = r["usage"], r["n"]
+        prompt, cached = u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"]
+        sibling_cached = (prompt - 1) // block_size * block_size
+        computed += n * prompt - cached - (n - 1) * sibling_cached + u["completion_tokens"] - n
+    choices = sum(r["n"] for r in responses)
+    reasons = [f for r in responses for f in r["finish_reasons"]]
+    return {"prompt": sum(r["usage"]["prompt_tokens"] for r in responses),
+            "generation": sum(r["usage"]["completion_tokens"] for r in responses),
+            "choices": choices, "requests": len(responses), "computed": computed,
+            "cached_first": sum(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in responses),
+            "reasons": {reason: reasons.count(reason) for reason in ("stop", "length")}}
+
+
+def _mismatches(before: dict, after: dict, want: dict, ray: bool, model: str, config: ModelConfig) -> list[str]:
+    """Every way the scrape `after` (minus `before`) disagrees with `want`; [] when it all adds up."""
+    from cluster.metrics import names as mn
+
+    def delta(spec: mn.MetricSpec, suffix: str = "", **labels: str) -> float:
+        name = spec.scraped_base(ray) + suffix
+        return _sum(after, name, model_name=model, **labels) - _sum(before, name, model_name=model, **labels)
+
+    checks = {
+        "generation tokens": (delta(mn.GENERATION_TOKENS, "_total"), want["generation"]),
+        "prompt tokens": (delta(mn.PROMPT_TOKENS, "_total"), want["prompt"]),
+        "ttft count": (delta(mn.TTFT, "_count"), want["choices"]),
+        "e2e count": (delta(mn.E2E, "_count"), want["choices"]),
+        "queue count": (delta(mn.QUEUE, "_count"), want["choices"]),
+        "itl count": (delta(mn.ITL, "_count"), want["generation"] - want["choices"]),
+        "per-choice generation count": (delta(mn.REQUEST_GENERATION_TOKENS, "_count"), want["choices"]),
+        "prompt histogram count": (delta(mn.REQUEST_PROMPT_TOKENS, "_count"), want["requests"]),
+        "n histogram count": (delta(mn.REQUEST_PARAMS_N, "_count"), want["requests"]),
+        "preemptions": (delta(mn.PREEMPTIONS, "_total"), 0),
+        **{f"success {r}": (delta(mn.REQUEST_SUCCESS, "_total", finished_reason=r), want["reasons"][r])
+           for r in ("stop", "length")},
+        **{f"success {r}": (delta(mn.REQUEST_SUCCESS, "_total", finished_reason=r), 0) for r in ("abort", "error")},
+        "unit ok": (_sum(after, mn.UNIT_STATE.scraped_base(ray), model_name=model, state="ok"), 1),
+    }
+    if not ray:  # Ray estimates histogram sums from bucket midpoints
+        checks["generation histogram sum"] = (delta(mn.REQUEST_GENERATION_TOKENS, "_sum"), want["generation"])
+    experts = mn.EXPERT_TOKENS.scraped_base(ray) + "_total"
+    for layer in range(config.num_layers):
+        routed = sum(delta(mn.EXPERT_TOKENS, "_total", layer=str(layer), expert=str(e))
+                     for e in range(config.num_experts))
+        checks[f"layer {layer} routed"] = (routed, config.experts_per_token * want["computed"])
+    wrong = [f"{what}: {got} != {expected}" for what, (got, expected) in checks.items() if got != expected]
+    series = {name for name, labels in after if dict(labels).get("model_name") == model}
+    for spec in (mn.RUNNING, mn.WAITING, mn.KV_CACHE_USAGE):
+        if spec.scraped_base(ray) not in series:
+            wrong.append(f"{spec.scraped_base(ray)} is missing")
+    if experts not in series:
+        wrong.append(f"{experts} is missing")
+    return wrong
+
+
+@pytest.mark.e2e
+def test_single_process_metrics_move_by_the_traffic(tiny_dir):
+    import httpx
+
+    from cluster.serve.args import ServeArgs
+    from cluster.serve.standalone import build_standalone_app
+
+    resolved = ServeArgs(model=str(tiny_dir), shards=2, dtype="fp32", kv_cache_bytes=2**24).resolve()
+    app, engine = build_standalone_app(resolved)
+
+    async def run() -> tuple[dict, list[dict], dict, str]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                     timeout=120) as client:
+            before = (await client.get("/metrics")).text
+            responses = [await _send(client, body) for body in _traffic()]
+            scraped = await client.get("/metrics")
+            assert scraped.headers["content-type"].startswith("text/plain")
+            return _samples(before), responses, _samples(scraped.text), scraped.text
+
+    try:
+        before, responses, after, text = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    want = _expected(responses, resolved.engine.block_size)
+    assert want["cached_first"] > 0  # the repeated prompt hit the prefix cache: the count accounts for it
+    assert _mismatches(before, after, want, False, resolved.model_name, resolved.config) == []
+    assert "vllm:num_requests_running" in text and "# TYPE vllm:generation_tokens_total counter" in text
+
+
+@pytest.fixture(scope="module")
+def metrics_app(local_ray, tiny_dir):
+    """The Serve app, as `moe-cluster serve` runs it, under a model name of its own (other apps of the session
+    exported their own series), and the URL of the node's metrics agent."""
+    from ray import serve
+
+    from cluster.parallel.channel import free_port
+    from cluster.serve.app import build_app
+    from cluster.serve.args import ServeArgs
+    from cluster.serve.local_ray import APP_NAME
+
+    args = ServeArgs(model=str(tiny_dir), served_model_name="metrics-check", shards=2, dtype="fp32",
+                     kv_cache_bytes=2**24, shard_cpus=0.5, ingress_replicas=1)
+    port = free_port("127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    node = next(n for n in local_ray.nodes() if n["Alive"])
+    yield (f"http://127.0.0.1:{port}", f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics",
+           args.resolve())
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+def test_ray_metrics_export_moves_by_the_traffic(metrics_app):
+    import httpx
+
+    url, metrics_url, resolved = metrics_app
+    before = _samples(httpx.get(metrics_url, timeout=30).text)
+
+    async def run() -> list[dict]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return [await _send(client, body) for body in _traffic()]
+
+    responses = asyncio.run(run())
+    want = _expected(responses, resolved.engine.block_size)
+    assert want["cached_first"] > 0
+    deadline = time.monotonic() + 60  # sampled each second, exported each second: a few seconds in practice
+    while True:
+        after = _samples(httpx.get(metrics_url, timeout=30).text)
+        wrong = _mismatches(before, after, want, True, "metrics-check", resolved.config)
+        if not wrong or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert wrong == []
+    # The dashboard and the alerts target this mode: every metric they query is in the export, but the GPU ones
+    # where NVML is missing (they are absent then, by design).
+    from cluster.metrics import names as mn
+    from cluster.metrics.gpu import GpuReader
+
+    exported = {name for name, _ in after}
+    gpu = {n for spec in (mn.GPU_MEMORY_USED, mn.GPU_MEMORY_TOTAL, mn.GPU_UTILIZATION)
+           for n in spec.scraped_names(ray=True)}
+    absent = set() if GpuReader().available else gpu
+    queried = _dashboard_metrics() | _rule_metrics()
+    assert queried - absent <= exported, sorted(queried - absent - exported)
+
+
+def test_a_killed_shard_shows_as_a_recovery_of_the_unit(metrics_app):
+    import os
+    import signal
+
+    import httpx
+    from ray import serve
+
+    from cluster.metrics import names as mn
+    from cluster.serve.local_ray import APP_NAME
+
+    _, metrics_url, _ = metrics_app
+    recoveries = mn.UNIT_RECOVERIES.scraped_base(ray=True) + "_total"
+    ok = mn.UNIT_STATE.scraped_base(ray=True)
+
+    def scrape() -> tuple[float, float]:
+        samples = _samples(httpx.get(metrics_url, timeout=30).text)
+        return (_sum(samples, recoveries, model_name="metrics-check"),
+                _sum(samples, ok, model_name="metrics-check", state="ok"))
+
+    before, _ = scrape()
+    router = serve.get_deployment_handle("AttentionRouter", APP_NAME)
+    os.kill(router.shard_info.remote().result()[1]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while (now := scrape()) != (before + 1, 1) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert now == (before + 1, 1)
+
+
+# -- the dashboard and the rules -------------------------------------------------------------------------------------
+def _exprs(node) -> list[str]:
+    """Every PromQL expression in a dashboard: targets' `expr` and template variables' queries."""
+    if isinstance(node, dict):
+        found = [node["expr"]] if isinstance(node.get("expr"), str) else []
+        if isinstance(node.get("definition"), str):
+            found.append(node["definition"])
+        return found + [e for v in node.values() for e in _exprs(v)]
+    if isinstance(node, list):
+        return [e for v in node for e in _exprs(v)]
+    return []
+
+
+def _metric_names(exprs: list[str]) -> set[str]:
+    return {m for e in exprs for m in re.findall(r"\b(?:ray_|vllm:|moe_cluster_)[A-Za-z0-9_:]*", e)}
+
+
+def _dashboard_metrics() -> set[str]:
+    return _metric_names(_exprs(json.loads((MONITORING / "moe-cluster-dashboard.json").read_text())))
+
+
+def _rule_metrics() -> set[str]:
+    import yaml
+
+    rules = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
+    return _metric_names([r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]])
+
+
+def test_dashboard_and_rules_query_only_what_ray_exports():
+    """Ray's names (the mode on Kubernetes), each one a metric of `names`, and every kind of metric charted."""
+    from cluster.metrics import names as mn
+
+    dashboard, rules = _dashboard_metrics(), _rule_metrics()
+    exported = {n for spec in mn.ALL for n in spec.scraped_names(ray=True)}
+    assert dashboard and rules and (dashboard | rules) <= exported, sorted((dashboard | rules) - exported)
+    charted = {spec.name for spec in mn.ALL if set(spec.scraped_names(ray=True)) & dashboard}
+    required = {mn.RUNNING, mn.WAITING, mn.KV_CACHE_USAGE, mn.TTFT, mn.ITL, mn.E2E, mn.QUEUE, mn.PROMPT_TOKENS,
+                mn.GENERATION_TOKENS, mn.REQUEST_SUCCESS, mn.EXPERT_TOKENS, mn.SHARD_ROUND_TRIP, mn.UNIT_STATE,
+                mn.UNIT_RECOVERIES, mn.GPU_MEMORY_USED, mn.GPU_UTILIZATION}
+    assert {s.name for s in required} <= charted, sorted({s.name for s in required} - charted)
+    assert {"ray_vllm_time_to_first_token_seconds_bucket", "ray_moe_cluster_unit_state",
+            "ray_vllm_kv_cache_usage_perc"} <= rules
+
+
+@pytest.mark.e2e  # runs kubectl
+def test_monitoring_kustomization_builds_the_dashboard_configmap():
+    import os
+    import shutil
+    import subprocess
+
+    import kubernetes_validate
+    import yaml
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        if os.environ.get("CI"):
+            pytest.fail("no kubectl: CI must provide it to build the kustomizations", pytrace=False)
+        pytest.skip("no kubectl to build k8s/monitoring (in CI this is a failure)")
+    built = subprocess.run([kubectl, "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    docs = {d["kind"]: d for d in yaml.safe_load_all(built.stdout)}
+    assert set(docs) == {"ConfigMap", "PodMonitor", "PrometheusRule"}
+    cm = docs["ConfigMap"]
+    kubernetes_validate.validate(cm, "1.32.0", strict=True)
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["moe-cluster-dashboard.json"])["uid"] == "moe-cluster"
+    endpoint = docs["PodMonitor"]["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] == "metrics"
+    assert docs["PodMonitor"]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "moe-cluster"}
+
+
+# -- parsing scrapes -------------------------------------------------------------------------------------------------
+def _samples(text: str | bytes) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, Ray's own labels kept (a name's series are summed by `_sum`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if isinstance(text, bytes):
+        text = text.decode()
+    out: dict[tuple[str, tuple], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def _sum(samples: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+def _totals(text: bytes) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for (name, _), v in _samples(text).items():
+        totals[name] = totals.get(name, 0.0) + v
+    return totals
+
+
+def _by_reason(text: bytes) -> dict[str, float]:
+    return {dict(ls)["finished_reason"]: v for (n, ls), v in _samples(text).items()
+            if n == "vllm:request_success_total"}
