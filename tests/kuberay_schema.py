@@ -6,18 +6,55 @@ prunes unknown fields of a custom resource silently, and KubeRay then runs with 
 fields it does not declare, and the Go types are kept strictly (a `map[string]string` takes no integers, an `*int32`
 no strings). Pod templates and the serve Service are core Kubernetes types: they are checked against Kubernetes'
 own strict schemas (kubernetes-validate). A field the manifests start using is added here from the KubeRay API
-reference of that release, with its Go type.
+reference of that release, with its Go type. `rayStartParams` become `ray start` flags (KubeRay writes
+`--KEY=VALUE` into the shell command that starts Ray): each key must be a flag of the `ray start` in this
+environment, the image's Ray, and `resources` must be a JSON object quoted for that shell.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+import shlex
+from typing import Annotated, Any, Literal
 
 import kubernetes_validate
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
+                      model_validator)
+from ray.scripts.scripts import start as ray_start
 
 KUBERAY_VERSION = "v1.7.0"
 _INT32_MAX = 2**31 - 1
+
+
+_RAY_START_FLAGS = frozenset(opt[2:] for param in ray_start.params for opt in param.opts + param.secondary_opts
+                              if opt.startswith("--"))
+
+
+def ray_start_resources(params: dict[str, str] | None) -> dict[str, int]:
+    r"""The custom resources a group's rayStartParams advertise, read as the shell running `ray start` reads them
+    (KubeRay's documented form: `resources: '"{\"Custom1\": 1}"'`); {} without `resources`. Whole amounts only:
+    the Ray autoscaler refuses others."""
+    if not params or "resources" not in params:
+        return {}
+    words = shlex.split(params["resources"])
+    if len(words) != 1:
+        raise ValueError(f"resources {params['resources']!r} is {len(words)} shell words: quote the JSON")
+    resources = json.loads(words[0])
+    if not isinstance(resources, dict) or not all(
+            type(amount) is int and amount >= 0 for amount in resources.values()):
+        raise ValueError(f"resources {params['resources']!r}: not a JSON object of whole amounts")
+    return resources
+
+
+def _check_ray_start_params(params: dict[str, str]) -> dict[str, str]:
+    unknown = sorted(set(params) - _RAY_START_FLAGS)
+    if unknown:
+        raise ValueError(f"not `ray start` flags: {unknown}")
+    ray_start_resources(params)
+    return params
+
+
+RayStartParams = Annotated[dict[StrictStr, StrictStr], AfterValidator(_check_ray_start_params)]
 
 
 class _Strict(BaseModel):
@@ -42,7 +79,7 @@ class AutoscalerOptions(_Strict):
 
 
 class HeadGroupSpec(_Strict):
-    rayStartParams: dict[StrictStr, StrictStr] | None = None
+    rayStartParams: RayStartParams | None = None
     template: dict[str, Any]  # corev1.PodTemplateSpec: checked by `validate_rayservice`
 
 
@@ -51,7 +88,7 @@ class WorkerGroupSpec(_Strict):
     replicas: StrictInt | None = Field(None, ge=0, le=_INT32_MAX)  # *int32
     minReplicas: StrictInt | None = Field(None, ge=0, le=_INT32_MAX)  # *int32
     maxReplicas: StrictInt | None = Field(None, ge=0, le=_INT32_MAX)  # *int32
-    rayStartParams: dict[StrictStr, StrictStr] | None = None
+    rayStartParams: RayStartParams | None = None
     template: dict[str, Any]  # corev1.PodTemplateSpec: checked by `validate_rayservice`
 
     @model_validator(mode="after")

@@ -3,9 +3,9 @@
 Each overlay is built the way `kubectl apply -k` builds it (`kubectl kustomize`, a subprocess: those tests are e2e),
 and the built output is checked against KubeRay's v1 API (tests/kuberay_schema.py), Kubernetes' own schemas
 (kubernetes-validate), Ray Serve's config schema and `ServeArgs`, and against what `build_app` would reserve
-(`deployment_plan`): one unit and the Ingress fit a worker pod, the pods outlive Serve's graceful shutdown, the
-checkpoint is wherever a replica can run. The Serve configs in deploy/ and the strict schema's refusals are checked
-without kubectl.
+(`deployment_plan`): a unit fits a GPU pod, the Ingress replicas fit the pods that advertise what they ask for, the
+pods outlive Serve's graceful shutdown, the checkpoint is wherever a replica can run. The Serve configs in deploy/
+and the strict schema's refusals are checked without kubectl.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ import kubernetes_validate
 import pydantic
 import pytest
 import yaml
+from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.serve.app import deployment_plan
+from cluster.serve.app import DeploymentPlan, decide, deployment_plan
 from cluster.serve.args import ServeArgs
-from tests.kuberay_schema import KUBERAY_VERSION, validate_rayservice
+from tests.kuberay_schema import KUBERAY_VERSION, ray_start_resources, validate_rayservice
 
 ROOT = Path(__file__).parents[1]
 K8S_VERSION = "1.32.0"  # the Kubernetes release whose schemas the core kinds are checked against
@@ -36,8 +37,9 @@ OVERLAYS = {  # overlay -> the Serve config its RayService embeds
     "autoscaling": ROOT / "deploy" / "serve_config_autoscaling.yaml",
 }
 LEDGER_ENV = "MOE_CLUSTER_DB_PASSWORD"
-# Seconds the preStop and Ray need beyond the drain deadline (the drain request itself; Ray's stop after SIGTERM),
-# and Serve's control loop beyond a replica's graceful shutdown before the deadline.
+# Allowances, not measurements: the seconds the manifests must leave for the drain request itself and for Ray's
+# stop after SIGTERM (beyond the drain deadline), and for Serve's control loop to act on the drain before it stops
+# the node's replicas at deadline - graceful_shutdown_timeout_s.
 DRAIN_CALL_S, RAY_STOP_S, SERVE_NOTICE_S = 10, 10, 10
 
 _QUANTITY = re.compile(r"^([0-9.]+)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
@@ -81,6 +83,15 @@ def serve_args(config: dict[str, Any]) -> ServeArgs:
     return ServeArgs.model_validate(app["args"])
 
 
+def embedded_args(rayservice: dict[str, Any]) -> ServeArgs:
+    return serve_args(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+
+
+def plan_of(args: ServeArgs) -> DeploymentPlan:
+    """What build_app would ask Serve for (the configs give device and ingress_replicas, so nothing is guessed)."""
+    return deployment_plan(decide(args))
+
+
 def groups(rayservice: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(name, group spec) of the head and every worker group."""
     cluster = rayservice["spec"]["rayClusterConfig"]
@@ -97,6 +108,14 @@ def ray_container(group: dict[str, Any]) -> dict[str, Any]:
 
 def limits(group: dict[str, Any]) -> dict[str, Any]:
     return ray_container(group)["resources"]["limits"]
+
+
+def group_gpus(group: dict[str, Any]) -> int:
+    return int(group["rayStartParams"]["num-gpus"])
+
+
+def gpu_workers(rayservice: dict[str, Any]) -> list[dict[str, Any]]:
+    return [g for g in workers(rayservice) if group_gpus(g) > 0]
 
 
 # --- The Serve configs and the strict schema: no kubectl -------------------------------------------------------------
@@ -116,7 +135,7 @@ def test_serve_configs_validate_with_ray_and_serve_args(path: Path):
     # The head that builds the app has no GPU and no checkpoint: the device is given, never guessed there.
     assert args.device == "cuda" and args.shards == 8 and args.dtype == "bf16"
     assert PurePosixPath(args.model).is_absolute()
-    plan = deployment_plan(args)
+    plan = plan_of(args)
     assert plan.router["placement_group_strategy"] == "STRICT_PACK"
     assert plan.ingress["num_replicas"] >= 2
 
@@ -142,6 +161,17 @@ def test_the_strict_schema_refuses_misspelled_and_misplaced_fields():
     # The Go types: rayStartParams is a map of strings; minReplicas <= maxReplicas.
     refused(lambda d: cluster(d)["headGroupSpec"]["rayStartParams"].update({"num-gpus": 0}), pydantic.ValidationError)
     refused(lambda d: worker(d).update(minReplicas=3, maxReplicas=2), pydantic.ValidationError)
+    # rayStartParams are `ray start` flags: a misspelled one would stop the pod's Ray from starting.
+    refused(lambda d: worker(d)["rayStartParams"].update({"num-gpu": "8"}), pydantic.ValidationError)
+    # Custom resources: KubeRay's quoted JSON is accepted; bare JSON splits into shell words, and Ray's autoscaler
+    # takes whole amounts only.
+    documented = copy.deepcopy(base)
+    worker(documented)["rayStartParams"]["resources"] = '"{\\"moe_ingress\\": 1}"'
+    validate_rayservice(documented, K8S_VERSION)
+    assert ray_start_resources(worker(documented)["rayStartParams"]) == {"moe_ingress": 1}
+    refused(lambda d: worker(d)["rayStartParams"].update(resources='{"moe_ingress": 1}'), pydantic.ValidationError)
+    refused(lambda d: worker(d)["rayStartParams"].update(resources='"{\\"moe_ingress\\": 0.5}"'),
+            pydantic.ValidationError)
     # Inside the pod template, Kubernetes' own schema: a misspelled and a misplaced container field.
     refused(lambda d: ray_container(worker(d)).update(volumeMount=ray_container(worker(d)).pop("volumeMounts")),
             kubernetes_validate.ValidationError)
@@ -163,7 +193,9 @@ def test_quantities_parse():
 @pytest.mark.e2e
 def test_overlay_builds_into_valid_kinds(built):
     overlay, docs = built
-    assert sorted(d["kind"] for d in docs) == ["PersistentVolumeClaim", "PodDisruptionBudget", "RayService"]
+    budgets = {"single-node": 1, "autoscaling": 2}[overlay]  # the GPU pods'; autoscaling's api pods'
+    assert sorted(d["kind"] for d in docs) == ["PersistentVolumeClaim"] + ["PodDisruptionBudget"] * budgets + [
+        "RayService"]
     for doc in docs:
         if doc["kind"] == "RayService":
             service = validate_rayservice(doc, K8S_VERSION)
@@ -184,22 +216,50 @@ def test_serve_config_v2_is_the_deploy_config(built):
 
 
 @pytest.mark.e2e
-def test_one_unit_and_the_ingress_fit_one_worker_pod(built):
+def test_every_group_tells_ray_what_kubernetes_gives_it(built):
+    _, docs = built
+    for group in workers(only(docs, "RayService")):
+        params = group["rayStartParams"]
+        gpus, cpus = group_gpus(group), float(params["num-cpus"])
+        assert gpus == int(limits(group).get("nvidia.com/gpu", 0)) and cpus == quantity(limits(group)["cpu"])
+        # The Ray autoscaler reads a group's resources from the same fields, custom ones included.
+        seen = _get_ray_resources_from_group_spec(group, is_head=False)
+        assert (seen["CPU"], seen.get("GPU", 0)) == (cpus, gpus), group["groupName"]
+        assert {k: seen[k] for k in ray_start_resources(params)} == ray_start_resources(params), group["groupName"]
+
+
+@pytest.mark.e2e
+def test_a_unit_fits_a_gpu_pod_and_the_ingress_its_pods(built):
     overlay, docs = built
     rayservice = only(docs, "RayService")
-    plan = deployment_plan(serve_args(yaml.safe_load(rayservice["spec"]["serveConfigV2"])))
+    args = embedded_args(rayservice)
+    plan = plan_of(args)
     bundles = plan.router["placement_group_bundles"]
     unit_gpus, unit_cpus = sum(b.get("GPU", 0) for b in bundles), sum(b["CPU"] for b in bundles)
-    ingress_cpus = plan.ingress["num_replicas"] * plan.ingress["ray_actor_options"]["num_cpus"]
+    ingress = plan.ingress["ray_actor_options"]
+    ingress_replicas, ingress_cpus = plan.ingress["num_replicas"], ingress["num_cpus"]
     assert plan.router["placement_group_strategy"] == "STRICT_PACK"  # the unit's bundles share one pod
-    for group in workers(rayservice):
-        params = group["rayStartParams"]
-        gpus, cpus = int(params["num-gpus"]), float(params["num-cpus"])
-        # What Ray is told the pod has is what Kubernetes gives it.
-        assert gpus == int(limits(group)["nvidia.com/gpu"]) and cpus == quantity(limits(group)["cpu"])
-        assert unit_gpus <= gpus, f"{group['groupName']}: a unit needs {unit_gpus} GPUs, the pod has {gpus}"
-        assert unit_cpus + ingress_cpus <= cpus, f"{group['groupName']}: {unit_cpus} + {ingress_cpus} CPUs > {cpus}"
-        assert 2 * unit_gpus > gpus  # one unit per pod: the worker group's bounds count units
+    # Each overlay takes one branch below: single-node's Ingress goes anywhere, autoscaling's to its api pods.
+    assert (args.ingress_resource is None) == (overlay == "single-node")
+    (gpu_group,) = gpu_workers(rayservice)
+    gpus, cpus = group_gpus(gpu_group), float(gpu_group["rayStartParams"]["num-cpus"])
+    assert unit_gpus <= gpus and 2 * unit_gpus > gpus  # one unit per pod: the group's bounds count units
+    if args.ingress_resource is None:
+        # The Ingress replicas may land anywhere: the GPU pod, the only worker, holds them beside the unit.
+        assert workers(rayservice) == [gpu_group] and "resources" not in ingress
+        assert unit_cpus + ingress_replicas * ingress_cpus <= cpus, (unit_cpus, ingress_replicas, cpus)
+        return
+    # The Ingress replicas need the custom resource, which only a CPU-only group advertises: no GPU pod is ever
+    # kept from being idle by one, and the GPU pod holds a unit alone.
+    assert ingress["resources"] == {args.ingress_resource: 1}
+    assert unit_cpus <= cpus
+    hosts = [g for g in workers(rayservice) if args.ingress_resource in ray_start_resources(g["rayStartParams"])]
+    (api,) = hosts
+    assert group_gpus(api) == 0 and "nvidia.com/gpu" not in limits(api)
+    per_pod = ray_start_resources(api["rayStartParams"])[args.ingress_resource]  # Ingress replicas a pod holds
+    assert api["replicas"] == api["minReplicas"] == api["maxReplicas"]  # fixed: the autoscaler leaves it alone
+    assert api["minReplicas"] * per_pod >= ingress_replicas, (api["minReplicas"], per_pod, ingress_replicas)
+    assert per_pod * ingress_cpus <= float(api["rayStartParams"]["num-cpus"])
 
 
 @pytest.mark.e2e
@@ -207,15 +267,14 @@ def test_worker_group_bounds_cover_the_units(built):
     overlay, docs = built
     rayservice = only(docs, "RayService")
     cluster = rayservice["spec"]["rayClusterConfig"]
-    args = serve_args(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
-    (group,) = workers(rayservice)
-    plan = deployment_plan(args)
+    (group,) = gpu_workers(rayservice)
+    plan = plan_of(embedded_args(rayservice))
     scaling = plan.router.get("autoscaling_config")
     if overlay == "autoscaling":
         assert scaling is not None and cluster["enableInTreeAutoscaling"] is True
-        assert group["minReplicas"] <= scaling["min_replicas"] <= scaling["max_replicas"] <= group["maxReplicas"]
-        # An idle pod outlives Serve's wait before it drops a unit: a unit coming back finds a warm node.
-        assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] >= args.downscale_delay_s
+        assert group["minReplicas"] <= scaling["min_replicas"] <= scaling["max_replicas"] < group["maxReplicas"]
+        # v2 drains a node before deleting its pod.
+        assert cluster["autoscalerOptions"]["version"] == "v2"
         assert rayservice["spec"]["upgradeStrategy"]["type"] == "NewCluster"
     else:
         assert scaling is None and cluster["enableInTreeAutoscaling"] is False
@@ -248,7 +307,7 @@ def test_one_image_everywhere_and_ray_version_is_the_images(built):
 def test_the_checkpoint_is_mounted_read_only_wherever_a_replica_can_run(built):
     _, docs = built
     rayservice = only(docs, "RayService")
-    args = serve_args(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+    args = embedded_args(rayservice)
     claim = only(docs, "PersistentVolumeClaim")
     assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
     models_dir = str(PurePosixPath(args.model).parent)
@@ -266,8 +325,9 @@ def test_the_checkpoint_is_mounted_read_only_wherever_a_replica_can_run(built):
 def test_pods_outlive_the_graceful_shutdown_and_drain_first(built):
     _, docs = built
     rayservice = only(docs, "RayService")
-    plan = deployment_plan(serve_args(yaml.safe_load(rayservice["spec"]["serveConfigV2"])))
+    plan = plan_of(embedded_args(rayservice))
     grace = max(plan.router["graceful_shutdown_timeout_s"], plan.ingress["graceful_shutdown_timeout_s"])
+    port = ServeDeploySchema.model_validate(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).http_options.port
     for group in workers(rayservice):
         container = ray_container(group)
         script = container["lifecycle"]["preStop"]["exec"]["command"][-1]
@@ -275,18 +335,18 @@ def test_pods_outlive_the_graceful_shutdown_and_drain_first(built):
         assert drain[:2] == ["ray", "drain-node"] and "--node-id" not in drain  # this pod's own node
         assert drain[drain.index("--reason") + 1] == "DRAIN_NODE_REASON_PREEMPTION"
         deadline = int(drain[drain.index("--deadline-remaining-seconds") + 1])
-        # Serve stops a draining node's replicas by deadline - graceful_shutdown_timeout_s: that must come after
+        # Serve stops a draining node's replicas at deadline - graceful_shutdown_timeout_s: that must come after
         # the drain starts, and the node must stay up to the deadline.
         assert deadline >= grace + SERVE_NOTICE_S, (deadline, grace)
         assert sleep[0] == "sleep" and int(sleep[1]) >= deadline
         period = group["template"]["spec"]["terminationGracePeriodSeconds"]
         assert period >= DRAIN_CALL_S + int(sleep[1]) + RAY_STOP_S, period
-        # Ready only while this pod's proxy admits and the app's /health says 200.
+        # Ready only while this pod's proxy admits (/-/healthz) and the app answers /health (through that proxy,
+        # any Ingress replica); two failures in a row take the pod out.
         probe = " ".join(container["readinessProbe"]["exec"]["command"])
-        port = ServeDeploySchema.model_validate(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).http_options.port
         for path in ("/-/healthz", "/health"):
-            assert re.search(rf"http://localhost:{port}{re.escape(path)}(\s|$)", probe), path
-        assert container["readinessProbe"]["failureThreshold"] == 1
+            assert re.search(rf"http://localhost:{port}{re.escape(path)}(\s|$)", probe), (group["groupName"], path)
+        assert container["readinessProbe"]["failureThreshold"] == 2, group["groupName"]
 
 
 @pytest.mark.e2e
@@ -307,26 +367,32 @@ def test_every_group_has_a_sized_shm_ports_and_gpu_placement(built):
         if int(limits(group).get("nvidia.com/gpu", 0)) > 0:
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
             assert spec["nodeSelector"], name
+        else:  # a CPU-only pod stays off the GPU nodes
+            assert not spec.get("tolerations") and not spec.get("nodeSelector"), name
 
 
 @pytest.mark.e2e
-def test_the_service_and_the_disruption_budget_select_the_right_pods(built):
+def test_the_service_and_the_disruption_budgets_select_the_right_pods(built):
     _, docs = built
     rayservice = only(docs, "RayService")
     service = rayservice["spec"]["serveService"]
     assert service["spec"]["ports"] == [{"name": "serve", "port": 8000}]
     assert rayservice["spec"]["excludeHeadPodFromServeSvc"] is True  # the head runs no Ingress
-    selector = only(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+    budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
     for name, group in groups(rayservice):
         labels = group["template"]["metadata"]["labels"]
-        assert (selector.items() <= labels.items()) == (name != "head"), name
+        assert labels["app.kubernetes.io/name"] == "moe-cluster", name  # k8s/monitoring's PodMonitor selects it
+        covering = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        # Every worker group by exactly one budget, evicting one pod at a time; the head by none.
+        assert len(covering) == (name != "head"), name
+        assert all(b["spec"]["maxUnavailable"] == 1 for b in covering), name
 
 
 @pytest.mark.e2e
 def test_the_ledger_password_comes_from_a_secret_on_every_pod(built):
     overlay, docs = built
     rayservice = only(docs, "RayService")
-    args = serve_args(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+    args = embedded_args(rayservice)
     assert all(d["kind"] != "Secret" for d in docs)  # no secret is committed: k8s/README.md creates it
     for name, group in groups(rayservice):
         env = {e["name"]: e for e in ray_container(group).get("env", [])}
