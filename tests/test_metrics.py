@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -116,6 +117,169 @@ def test_a_request_counts_its_prompt_once_and_every_choice_and_token():
     assert got["vllm:request_queue_time_seconds_count"] == 2  # the aborted choice's first step is not known
     assert got["vllm:request_time_per_output_token_seconds_count"] == 2  # choices with a second token
     assert got["vllm:request_params_n_sum"] == 3 and got["vllm:request_params_max_tokens_sum"] == 4
+
+
+def test_a_failed_choice_moves_only_the_error_count():
+    """Choice 0 fails after two tokens (a unit lost mid-step), choice 1 ends normally: only the time to first token
+    (taken at once, when each choice's first token came) sees choice 0; no other latency or per-choice token
+    histogram does, and the tokens it generated were generated all the same."""
+    from cluster.engine.outputs import RequestOutput
+    from cluster.metrics.prometheus_sink import PrometheusSink
+    from cluster.metrics.recorder import RequestMetrics
+
+    sink = PrometheusSink()
+    metrics = RequestMetrics(sink, "m")
+    arrival = time.monotonic()
+    timer = metrics.request(9, SamplingParams(n=2, max_tokens=4), arrival)
+    for tokens in (1, 2):
+        timer.output(_out(0, tokens))
+        timer.output(_out(1, tokens))
+    timer.output(RequestOutput("r", 0, "", [], finish_reason="error", completion_tokens=2, error="lost",
+                               error_status=503))
+    timer.output(_out(1, 3, "stop", arrival))
+    timer.close()
+    metrics.flush()
+    got = _totals(sink.render())
+    assert _by_reason(sink.render()) == {"stop": 1, "length": 0, "abort": 0, "error": 1}
+    assert got["vllm:time_to_first_token_seconds_count"] == 2  # both choices had a first token
+    for histogram in ("e2e_request_latency_seconds", "request_queue_time_seconds",
+                      "request_inference_time_seconds", "request_prefill_time_seconds",
+                      "request_decode_time_seconds", "request_time_per_output_token_seconds",
+                      "request_generation_tokens"):
+        assert got[f"vllm:{histogram}_count"] == 1, histogram  # choice 1's alone
+    assert got["vllm:inter_token_latency_seconds_count"] == 2  # choice 1's two gaps
+    assert got["vllm:request_generation_tokens_sum"] == 3
+    assert got["vllm:generation_tokens_total"] == 2 + 3 and got["vllm:prompt_tokens_total"] == 9
+
+
+def test_refused_requests_are_counted_by_status(model, tok):
+    """An engine with room for one sequence, held busy: a request asking more choices than it allows is 400, one
+    past its room 429, whether `generate` or the API's early check (`overloaded`) refuses it."""
+    from cluster.api.backend import EngineBackend
+    from cluster.engine.async_engine import AsyncEngine
+    from cluster.engine.paged_cache import kv_bytes_per_block
+    from cluster.metrics.engine_metrics import EngineMetrics
+    from cluster.metrics.prometheus_sink import PrometheusSink
+
+    short = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    front = AsyncEngine(lambda: LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(
+        kv_cache_bytes=64 * kv_bytes_per_block(model.config, 16, torch.float32), max_num_seqs=1, max_waiting=0,
+        max_n=2)))
+    metrics = EngineMetrics(PrometheusSink(), "m", front)
+    backend = EngineBackend(front, None, metrics)
+
+    async def scenario() -> list:
+        release = threading.Event()
+        held = front.call(lambda engine: release.wait(30))
+        try:
+            admitted = asyncio.create_task(_finishes(backend.generate("a", [1, 2], short)))
+            while front.in_flight == 0:  # it takes the one place
+                await asyncio.sleep(0.001)
+            outs = [o async for o in backend.generate("n3", [1, 2], SamplingParams(n=3, max_tokens=2))]
+            outs += [o async for o in backend.generate("full", [1, 2], short)]
+            assert backend.overloaded() is not None
+        finally:
+            release.set()
+        held.result(timeout=30)
+        assert await admitted == ["length"]
+        return outs
+
+    try:
+        outs = asyncio.run(scenario())
+        body, _ = metrics.render()
+    finally:
+        metrics.sampler.stop()
+        front.shutdown()
+    assert [(o.finish_reason, o.error_status) for o in outs] == [("error", 400)] * 3 + [("error", 429)]
+    refused = {dict(ls)["status"]: v for (n, ls), v in _samples(body).items()
+               if n == "moe_cluster_requests_refused_total"}
+    assert refused == {"400": 1, "429": 2, "503": 0}
+    assert _by_reason(body) == {"stop": 0, "length": 1, "abort": 0, "error": 0}  # the admitted request only
+
+
+async def _finishes(outputs) -> list[str]:
+    return [o.finish_reason async for o in outputs if o.finished]
+
+
+def test_a_recovering_unit_shows_in_its_state(make_engine):
+    from cluster.engine.async_engine import AsyncEngine
+    from cluster.metrics.prometheus_sink import PrometheusSink
+    from cluster.metrics.recorder import RequestMetrics
+    from cluster.metrics.sampler import Sampler
+    from cluster.serve.health import Health
+
+    front = AsyncEngine(make_engine)
+    sink = PrometheusSink()
+    try:
+        Sampler(sink, "m", front, RequestMetrics(sink, "m"), 1.0, lambda: Health("recovering")).sample()
+    finally:
+        front.shutdown()
+    states = {dict(ls)["state"]: v for (n, ls), v in _samples(sink.render()).items()
+              if n == "moe_cluster_unit_state"}
+    assert states == {"ok": 0, "recovering": 1, "failed": 0}
+
+
+def test_waiting_counts_the_choices_not_yet_admitted(make_engine):
+    from cluster.metrics.sampler import read_engine
+
+    engine = make_engine()
+    engine.add_request("n3", [5] * 20, SamplingParams(max_tokens=2, n=3, temperature=0, ignore_eos=True))
+    stats = read_engine(engine, probe=False).stats
+    assert (stats["running"], stats["waiting"]) == (0, 3)  # choice 0 queued, choices 1 and 2 held back
+    engine.step()  # choice 0's prefill: its siblings join the queue
+    stats = read_engine(engine, probe=False).stats
+    assert (stats["running"], stats["waiting"]) == (1, 2)
+    engine.abort("n3")
+
+
+def test_a_prefix_lookup_is_counted_once_when_its_blocks_are_allocated():
+    """The head of the queue finds two cached blocks but not the room for the rest: looked up at every step, counted
+    only at the step that admits it."""
+    from cluster.engine.block_manager import BlockManager
+    from cluster.engine.scheduler import Scheduler, SchedulerConfig
+
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), blocks)
+    holder = Sequence(0, "a", 0, list(range(10, 22)), SamplingParams())  # 12 tokens: 3 blocks
+    blocks.allocate(holder, 12)
+    holder.num_computed = 12
+    blocks.register_full_blocks(holder)
+    head = Sequence(1, "b", 0, list(range(10, 18)) + [1, 2, 3, 4, 5], SamplingParams())  # 13: 2 cached + 2 new
+    scheduler.add(head)
+    for _ in range(3):
+        assert not scheduler.schedule()  # 1 block free, 2 needed
+    assert (blocks.prefix_query_tokens, blocks.prefix_hit_tokens) == (0, 0)
+    blocks.free_sequence(holder)
+    assert [s.seq for s in scheduler.schedule().scheduled] == [head]
+    assert (blocks.prefix_query_tokens, blocks.prefix_hit_tokens) == (13, 8)
+
+
+def test_shards_are_probed_only_while_the_engine_is_idle(tiny_dir, tok):
+    from cluster.metrics.sampler import read_engine
+
+    model = load_model(tiny_dir, "fp32", "cpu").model
+    config = model.config
+    groups = assign_experts(config.num_experts, 2)
+    workers = [ShardWorker.load(tiny_dir, config, g, torch.float32, "cpu", "auto") for g in groups]
+    model.attach_experts(ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups)))
+    engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=2**22))
+    engine.add_request("r", [5] * 9, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    busy = read_engine(engine, probe=True)
+    while engine.has_work():
+        engine.step()
+    idle, scraped = read_engine(engine, probe=True), read_engine(engine, probe=False)
+    assert busy.probes is None and scraped.probes is None
+    assert idle.probes is not None and len(idle.probes) == 2 and all(t > 0 for t in idle.probes)
+    assert len(idle.rounds) == 3 * config.num_layers  # the steps' rounds, every layer of each: the probe adds none
+
+
+def test_a_step_larger_than_the_expert_load_is_refused(model):
+    load = ExpertLoad([], model.config.num_layers, model.config.num_experts, 2, "cpu", rows=4)
+    weights = load._weights
+    load.begin_step(torch.tensor([0, 1, -1, 2]))
+    with pytest.raises(ValueError, match="a step of 5 tokens, but the expert load was sized for 4 rows"):
+        load.begin_step(torch.arange(5))
+    assert load._weights is weights  # captured graphs keep reading this storage
 
 
 # -- expert counts on the device -------------------------------------------------------------------------------------
@@ -292,19 +456,66 @@ async def _send(client, body: dict) -> dict:
         data = r.json()
         return {"n": len(data["choices"]), "usage": data["usage"],
                 "finish_reasons": [c["finish_reason"] for c in data["choices"]]}
-    reasons: dict[int, str] = {}
-    usage = None
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            for c in chunk["choices"]:
-                if c.get("finish_reason"):
-                    reasons[c["index"]] = c["finish_reason"]
+        return _stream_summary([line async for line in r.aiter_lines()])
+
+
+def _stream_summary(lines: list[str]) -> dict:
+    """`_send`'s summary of a streamed response's SSE lines."""
+    reasons: dict[int, str] = {}
+    usage = None
+    for line in lines:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        usage = chunk.get("usage") or usage
+        for c in chunk["choices"]:
+            if c.get("finish_reason"):
+                reasons[c["index"]] = c["finish_reason"]
     return {"n": len(reasons), "usage": usage, "finish_reasons": [reasons[i] for i in sorted(reasons)]}
+
+
+async def _held_stream(app, body: dict, while_held) -> tuple[dict, object]:
+    """A streamed request posted straight into the ASGI app (httpx's ASGI transport hands a response over only once
+    it has ended): once its first chunk is out (its first token sampled), `await while_held()`; then the request is
+    read to its end. -> (its `_send` summary, what `while_held` returned)."""
+    raw = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "client": ("test", 1), "server": ("test", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]}
+    chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+    ended = asyncio.Event()
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await ended.wait()  # the client stays until its response has ended
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            assert message["status"] == 200, message
+        elif message["type"] == "http.response.body":
+            if message.get("body"):
+                chunks.put_nowait(message["body"])
+            if not message.get("more_body", False):
+                ended.set()
+                chunks.put_nowait(None)
+
+    call = asyncio.create_task(app(scope, receive, send))
+    first = await asyncio.wait_for(chunks.get(), timeout=60)
+    assert first is not None, "the stream ended before its first chunk"
+    held = await while_held()
+    text = [first]
+    while (chunk := await asyncio.wait_for(chunks.get(), timeout=120)) is not None:
+        text.append(chunk)
+    await call
+    return _stream_summary(b"".join(text).decode().splitlines()), held
 
 
 def _expected(responses: list[dict], block_size: int) -> dict:
@@ -323,7 +534,8 @@ def _expected(responses: list[dict], block_size: int) -> dict:
             "generation": sum(r["usage"]["completion_tokens"] for r in responses),
             "choices": choices, "requests": len(responses), "computed": computed,
             "cached_first": sum(r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in responses),
-            "reasons": {reason: reasons.count(reason) for reason in ("stop", "length")}}
+            "reasons": {reason: reasons.count(reason) for reason in ("stop", "length")},
+            "refused": {status: 0 for status in ("400", "429", "503")}}
 
 
 def _mismatches(before: dict, after: dict, want: dict, ray: bool, model: str, config: ModelConfig) -> list[str]:
@@ -348,6 +560,8 @@ def _mismatches(before: dict, after: dict, want: dict, ray: bool, model: str, co
         **{f"success {r}": (delta(mn.REQUEST_SUCCESS, "_total", finished_reason=r), want["reasons"][r])
            for r in ("stop", "length")},
         **{f"success {r}": (delta(mn.REQUEST_SUCCESS, "_total", finished_reason=r), 0) for r in ("abort", "error")},
+        **{f"refused {status}": (delta(mn.REQUESTS_REFUSED, "_total", status=status), n)
+           for status, n in want["refused"].items()},
         "unit ok": (_sum(after, mn.UNIT_STATE.scraped_base(ray), model_name=model, state="ok"), 1),
     }
     if not ray:  # Ray estimates histogram sums from bucket midpoints
@@ -371,29 +585,52 @@ def _mismatches(before: dict, after: dict, want: dict, ray: bool, model: str, co
 def test_single_process_metrics_move_by_the_traffic(tiny_dir):
     import httpx
 
+    from cluster.metrics import names as mn
+    from cluster.metrics.prometheus_sink import CONTENT_TYPE as PROMETHEUS_TEXT
     from cluster.serve.args import ServeArgs
     from cluster.serve.standalone import build_standalone_app
 
     resolved = ServeArgs(model=str(tiny_dir), shards=2, dtype="fp32", kv_cache_bytes=2**24).resolve()
     app, engine = build_standalone_app(resolved)
 
-    async def run() -> tuple[dict, list[dict], dict, str]:
+    model = resolved.model_name
+    # Held open while /metrics is scraped: long enough (EOS ignored) to be still running when the scrape reads the
+    # engine, one step after its first token.
+    held_body = {"messages": [{"role": "user", "content": "Count slowly."}], "max_tokens": 400, "temperature": 0,
+                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    too_many = {"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2,
+                "n": resolved.engine.max_n + 1}  # the engine refuses it (400) before it runs
+
+    async def run() -> tuple[dict, dict, list[dict], dict, str]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
                                      timeout=120) as client:
-            before = (await client.get("/metrics")).text
-            responses = [await _send(client, body) for body in _traffic()]
+            async def scrape() -> dict:
+                return _samples((await client.get("/metrics")).text)
+
+            before = await scrape()
+            held, during = await _held_stream(app, held_body, scrape)
+            responses = [held] + [await _send(client, body) for body in _traffic()]
+            refused = await client.post("/v1/chat/completions", json=too_many)
+            assert refused.status_code == 400, refused.text
             scraped = await client.get("/metrics")
-            assert scraped.headers["content-type"].startswith("text/plain")
-            return _samples(before), responses, _samples(scraped.text), scraped.text
+            assert scraped.headers["content-type"] == PROMETHEUS_TEXT
+            return before, during, responses, _samples(scraped.text), scraped.text
 
     try:
-        before, responses, after, text = asyncio.run(run())
+        before, during, responses, after, text = asyncio.run(run())
     finally:
         engine.shutdown()
     want = _expected(responses, resolved.engine.block_size)
+    want["refused"]["400"] = 1
     assert want["cached_first"] > 0  # the repeated prompt hit the prefix cache: the count accounts for it
-    assert _mismatches(before, after, want, False, resolved.model_name, resolved.config) == []
+    assert _mismatches(before, after, want, False, model, resolved.config) == []
     assert "vllm:num_requests_running" in text and "# TYPE vllm:generation_tokens_total counter" in text
+    gauge = lambda samples, spec: _sum(samples, spec.name, model_name=model)  # noqa: E731
+    assert gauge(during, mn.RUNNING) >= 1 and 0 < gauge(during, mn.KV_CACHE_USAGE) <= 1
+    # Once every request has ended no sequence holds a block. The prefix cache keeps the blocks' contents, but a
+    # cached block nobody holds is on the free list (handed out again when needed), so the usage is 0, not the
+    # cache's footprint.
+    assert (gauge(after, mn.RUNNING), gauge(after, mn.WAITING), gauge(after, mn.KV_CACHE_USAGE)) == (0, 0, 0)
 
 
 @pytest.fixture(scope="module")
@@ -422,8 +659,21 @@ def metrics_app(local_ray, tiny_dir):
 def test_ray_metrics_export_moves_by_the_traffic(metrics_app):
     import httpx
 
+    from cluster.metrics import names as mn
+
     url, metrics_url, resolved = metrics_app
-    before = _samples(httpx.get(metrics_url, timeout=30).text)
+    # Counters are exported from 0: before any traffic the replica's aborted choices are there, at 0 (the replica
+    # hands its values to the agent each second).
+    aborted = mn.REQUEST_SUCCESS.scraped_base(ray=True) + "_total"
+    deadline = time.monotonic() + 60
+    while True:
+        before = _samples(httpx.get(metrics_url, timeout=30).text)
+        zero = [v for (name, labels), v in before.items() if name == aborted
+                and {"model_name": "metrics-check", "finished_reason": "abort"}.items() <= dict(labels).items()]
+        if zero or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert zero == [0.0]
 
     async def run() -> list[dict]:
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
@@ -442,7 +692,6 @@ def test_ray_metrics_export_moves_by_the_traffic(metrics_app):
     assert wrong == []
     # The dashboard and the alerts target this mode: every metric they query is in the export, but the GPU ones
     # where NVML is missing (they are absent then, by design).
-    from cluster.metrics import names as mn
     from cluster.metrics.gpu import GpuReader
 
     exported = {name for name, _ in after}

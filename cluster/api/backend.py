@@ -55,7 +55,10 @@ class EngineBackend:
         try:
             deltas = await self.engine.add_request(request_id, prompt, params)
         except (Refusal, ValueError) as e:  # RequestError and bad parameters (400), OverloadedError (429)
-            for out in RequestOutput.refused(request_id, params.n, e):
+            refused = RequestOutput.refused(request_id, params.n, e)
+            if self.metrics:
+                self.metrics.requests.refused(refused[0].error_status)
+            for out in refused:
                 yield out
             return
         timer = self.metrics.requests.request(len(prompt), params, arrival) if self.metrics else None
@@ -69,13 +72,18 @@ class EngineBackend:
                 if timer is not None:
                     timer.close()
 
-    async def metrics_text(self) -> bytes | None:
-        """The Prometheus text of this process's metrics, or None where they are exported otherwise (Ray)."""
+    async def metrics_text(self) -> tuple[bytes, str] | None:
+        """The Prometheus text of this process's metrics and its content type, or None where they are exported
+        otherwise (Ray)."""
         return await asyncio.to_thread(self.metrics.render) if self.metrics else None
 
     def overloaded(self) -> str | None:
         refusal = self.engine.overloaded()
-        return None if refusal is None else str(refusal)
+        if refusal is None:
+            return None
+        if self.metrics:  # the API refuses the request when this answers, before `generate`
+            self.metrics.requests.refused(refusal.status)
+        return str(refusal)
 
     async def health(self) -> Health:
         stats = self.engine.engine.stats()

@@ -54,8 +54,6 @@ from cluster.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-_PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # the exposition format's content type
-
 
 def system_fingerprint(model_name: str, dtype: str) -> str:
     """OpenAI's `system_fingerprint`: stable while the model, its dtype and this server's version stay the same."""
@@ -101,12 +99,14 @@ def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str,
                      middleware=[Middleware(AuthMiddleware, accounts=accounts)])
 
 
-def _metrics_endpoint(exposition: Callable[[], Awaitable[bytes | None]]) -> Callable[[Request], Awaitable[Response]]:
+def _metrics_endpoint(exposition: Callable[[], Awaitable[tuple[bytes, str] | None]]
+                      ) -> Callable[[Request], Awaitable[Response]]:
     async def metrics(request: Request) -> Response:
-        text = await exposition()
-        if text is None:
+        exposed = await exposition()
+        if exposed is None:
             return error_response(404, "this process exports no metrics itself: scrape the Ray metrics port")
-        return Response(text, media_type=_PROMETHEUS_TEXT)
+        text, content_type = exposed
+        return Response(text, media_type=content_type)
 
     return metrics
 

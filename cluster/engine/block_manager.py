@@ -72,8 +72,10 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.hash_fn = hash_fn  # tests inject a colliding one
         self._entries = itertools.count()
-        self.prefix_hit_tokens = 0  # prompt tokens served from the prefix cache
-        self.prefix_query_tokens = 0  # prompt tokens looked up
+        # Prompt tokens looked up / served from the prefix cache, counted once a lookup's blocks are allocated
+        # (`count_lookup`): a sequence looked up again while it waits for room counts once.
+        self.prefix_hit_tokens = 0
+        self.prefix_query_tokens = 0
         self.prefix_collisions = 0  # lookups that found the key holding other contents (each a miss)
 
     @property
@@ -121,10 +123,13 @@ class BlockManager:
             self._ref(block_id)
             seq.block_table.append(block_id)
             parent = block.entry
-        hit = len(seq.block_table) * self.block_size
-        self.prefix_query_tokens += len(seq.prompt)
-        self.prefix_hit_tokens += min(hit, len(seq.prompt))
-        return hit
+        return len(seq.block_table) * self.block_size
+
+    def count_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """Count a `match_prefix` whose sequence was then allocated: its prompt and the prompt tokens it found."""
+        if self.enable_prefix_caching:
+            self.prefix_query_tokens += prompt_tokens
+            self.prefix_hit_tokens += hit_tokens
 
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -94,6 +94,7 @@ class Scheduler:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.blocks.allocate(seq, num_new)
+            self.blocks.count_lookup(len(seq.prompt), seq.num_cached_prompt)
             seq.status = Status.RUNNING
             if seq.scheduled_at is None:
                 seq.scheduled_at = time.monotonic()

@@ -7,10 +7,11 @@ from collections.abc import Callable
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.metrics.recorder import RequestMetrics
-from cluster.metrics.sampler import SAMPLE_PERIOD_S, Sampler
+from cluster.metrics.sampler import Sampler
 from cluster.metrics.sink import Sink
 from cluster.serve.health import Health
 
+SAMPLE_PERIOD_S = 1.0  # how often the sampler records the gauges and sampled counters (and probes an idle unit)
 _SCRAPE_WAIT_S = 2.0  # a scrape waits this long at most for the engine's facts (else it shows the last ones)
 
 
@@ -22,16 +23,17 @@ class EngineMetrics:
                  unit_health: Callable[[], Health] | None = None, period_s: float = SAMPLE_PERIOD_S):
         self.sink = sink
         self.requests = RequestMetrics(sink, model_name)
-        self.sampler = Sampler(sink, model_name, engine, self.requests, unit_health, period_s=period_s)
+        self.sampler = Sampler(sink, model_name, engine, self.requests, period_s, unit_health)
         self.sampler.sample(wait_s=_SCRAPE_WAIT_S)  # every gauge is there from the start
         self.sampler.start()
 
-    def render(self) -> bytes | None:
-        """A fresh sample, then everything recorded, as Prometheus text; None on Ray. Blocks: call off the loop."""
+    def render(self) -> tuple[bytes, str] | None:
+        """A fresh sample (no shard probe), then everything recorded, as Prometheus text with its content type; None
+        on Ray. Blocks: call off the loop."""
         if not self.sink.exposes:
             return None
         self.sampler.sample(wait_s=_SCRAPE_WAIT_S)
-        return self.sink.render()
+        return self.sink.render(), self.sink.content_type
 
 
 def single_process_metrics(model_name: str, engine: AsyncEngine) -> EngineMetrics:

@@ -18,7 +18,10 @@ Semantics. A request with n choices is n sequences in the engine, as vLLM forks 
 histograms, `request_success` and `request_generation_tokens` count each choice; `prompt_tokens` and
 `request_prompt_tokens` count a request's prompt once (so `prompt_tokens` adds up to the responses' usage
 `prompt_tokens`, and `generation_tokens` to their `completion_tokens`); `num_requests_running` / `_waiting` count
-sequences. Buckets are this project's own.
+sequences. A choice's latencies and generated-token count are observed when it ends, and a choice that ends in an
+error moves only `request_success{finished_reason="error"}` (a failure's times say nothing of the service's speed;
+the tokens it generated before still count in `generation_tokens`). A request refused before it ran counts only in
+`moe_cluster_requests_refused`. Buckets are this project's own.
 """
 
 from __future__ import annotations
@@ -28,19 +31,19 @@ from typing import Literal
 
 Kind = Literal["counter", "gauge", "histogram"]
 
-# Seconds, roughly geometric: a request's first token (prefill, queueing) spans milliseconds to minutes.
+# Seconds from arrival to a choice's first token (queueing and prefill included).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
                 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-# One decode step per token: milliseconds on a GPU, tens of milliseconds on CPUs or under load.
+# Seconds between two tokens of a choice: one decode step, longer under load.
 TOKEN_GAP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                      2.0, 5.0, 10.0)
-# Whole requests and their phases: up to the longest generations (a full 64k context at tens of tokens a second).
+# Whole requests and their phases, up to an hour (the longest generations).
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
                    180.0, 300.0, 600.0, 1200.0, 3600.0)
 # Token counts, 1-2-5 up past the largest context (65536).
 TOKEN_COUNT_BUCKETS = tuple(float(m * 10 ** e) for e in range(6) for m in (1, 2, 5))
 N_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
-# One layer's round to the expert shards: tens of microseconds in process, milliseconds over a channel.
+# Seconds of one round to the expert shards (in this process or over a channel).
 ROUND_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -74,70 +77,76 @@ class MetricSpec:
         return (base,)
 
 
-def _spec(name: str, kind: Kind, help: str, labels: tuple[str, ...] = (),
-          buckets: tuple[float, ...] = ()) -> MetricSpec:
-    return MetricSpec(name, kind, help, labels, buckets)
-
 
 # -- vLLM's --------------------------------------------------------------------------------------------------------
-RUNNING = _spec("vllm:num_requests_running", "gauge", "Sequences in the engine's running batch.")
-WAITING = _spec("vllm:num_requests_waiting", "gauge", "Sequences waiting to be scheduled.")
-KV_CACHE_USAGE = _spec("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage: the fraction of blocks in use (1 = full).")
-PREFIX_CACHE_QUERIES = _spec("vllm:prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix cache.")
-PREFIX_CACHE_HITS = _spec("vllm:prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache.")
-PREEMPTIONS = _spec("vllm:num_preemptions", "counter", "Sequences preempted (their KV freed, recomputed later).")
-PROMPT_TOKENS = _spec("vllm:prompt_tokens", "counter", "Prompt tokens of requests whose prefill finished.")
-GENERATION_TOKENS = _spec("vllm:generation_tokens", "counter", "Tokens generated (the usage completion_tokens).")
-REQUEST_SUCCESS = _spec("vllm:request_success", "counter", "Finished sequences (choices), by finish reason.",
-                        ("finished_reason",))
-REQUEST_PROMPT_TOKENS = _spec("vllm:request_prompt_tokens", "histogram", "Prompt tokens per request.",
-                              buckets=TOKEN_COUNT_BUCKETS)
-REQUEST_GENERATION_TOKENS = _spec("vllm:request_generation_tokens", "histogram", "Generated tokens per choice.",
-                                  buckets=TOKEN_COUNT_BUCKETS)
-REQUEST_PARAMS_N = _spec("vllm:request_params_n", "histogram", "The n parameter of requests.", buckets=N_BUCKETS)
-REQUEST_PARAMS_MAX_TOKENS = _spec("vllm:request_params_max_tokens", "histogram", "The max_tokens of requests.",
-                                  buckets=TOKEN_COUNT_BUCKETS)
-TTFT = _spec("vllm:time_to_first_token_seconds", "histogram", "Time from arrival to a choice's first token.",
-             buckets=TTFT_BUCKETS)
-ITL = _spec("vllm:inter_token_latency_seconds", "histogram", "Time between consecutive tokens of a choice.",
-            buckets=TOKEN_GAP_BUCKETS)
-TPOT = _spec("vllm:request_time_per_output_token_seconds", "histogram",
-             "A choice's decode time per token after its first.", buckets=TOKEN_GAP_BUCKETS)
-E2E = _spec("vllm:e2e_request_latency_seconds", "histogram", "Time from arrival to a choice's end.",
-            buckets=REQUEST_BUCKETS)
-QUEUE = _spec("vllm:request_queue_time_seconds", "histogram", "Time from arrival to a choice's first step.",
-              buckets=REQUEST_BUCKETS)
-INFERENCE = _spec("vllm:request_inference_time_seconds", "histogram", "Time from a choice's first step to its end.",
-                  buckets=REQUEST_BUCKETS)
-PREFILL = _spec("vllm:request_prefill_time_seconds", "histogram", "Time from a choice's first step to its first "
-                "token.", buckets=REQUEST_BUCKETS)
-DECODE = _spec("vllm:request_decode_time_seconds", "histogram", "Time from a choice's first token to its end.",
-               buckets=REQUEST_BUCKETS)
+RUNNING = MetricSpec("vllm:num_requests_running", "gauge", "Sequences in the engine's running batch.")
+WAITING = MetricSpec("vllm:num_requests_waiting", "gauge", "Sequences waiting to be scheduled (choices of n > 1 not "
+                     "yet admitted included).")
+KV_CACHE_USAGE = MetricSpec("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage: the fraction of blocks held by "
+                            "sequences (1 = full).")
+PREFIX_CACHE_QUERIES = MetricSpec("vllm:prefix_cache_queries", "counter", "Prompt tokens looked up in the prefix "
+                                  "cache, once per admission.")
+PREFIX_CACHE_HITS = MetricSpec("vllm:prefix_cache_hits", "counter", "Prompt tokens found in the prefix cache.")
+PREEMPTIONS = MetricSpec("vllm:num_preemptions", "counter", "Sequences preempted (their KV freed, recomputed later).")
+PROMPT_TOKENS = MetricSpec("vllm:prompt_tokens", "counter", "Prompt tokens of requests whose prefill finished.")
+GENERATION_TOKENS = MetricSpec("vllm:generation_tokens", "counter", "Tokens generated (the usage completion_tokens).")
+REQUEST_SUCCESS = MetricSpec("vllm:request_success", "counter", "Finished sequences (choices), by finish reason.",
+                             ("finished_reason",))
+REQUEST_PROMPT_TOKENS = MetricSpec("vllm:request_prompt_tokens", "histogram", "Prompt tokens per request.",
+                                   buckets=TOKEN_COUNT_BUCKETS)
+REQUEST_GENERATION_TOKENS = MetricSpec("vllm:request_generation_tokens", "histogram", "Generated tokens per choice.",
+                                       buckets=TOKEN_COUNT_BUCKETS)
+REQUEST_PARAMS_N = MetricSpec("vllm:request_params_n", "histogram", "The n parameter of requests.", buckets=N_BUCKETS)
+REQUEST_PARAMS_MAX_TOKENS = MetricSpec("vllm:request_params_max_tokens", "histogram", "The max_tokens of requests.",
+                                       buckets=TOKEN_COUNT_BUCKETS)
+TTFT = MetricSpec("vllm:time_to_first_token_seconds", "histogram", "Time from arrival to a choice's first token.",
+                  buckets=TTFT_BUCKETS)
+ITL = MetricSpec("vllm:inter_token_latency_seconds", "histogram", "Time between consecutive tokens of a choice.",
+                 buckets=TOKEN_GAP_BUCKETS)
+TPOT = MetricSpec("vllm:request_time_per_output_token_seconds", "histogram",
+                  "A choice's decode time per token after its first.", buckets=TOKEN_GAP_BUCKETS)
+E2E = MetricSpec("vllm:e2e_request_latency_seconds", "histogram", "Time from arrival to a choice's end.",
+                 buckets=REQUEST_BUCKETS)
+QUEUE = MetricSpec("vllm:request_queue_time_seconds", "histogram", "Time from arrival to a choice's first step.",
+                   buckets=REQUEST_BUCKETS)
+INFERENCE = MetricSpec("vllm:request_inference_time_seconds", "histogram", "Time from a choice's first step to its "
+                       "end.", buckets=REQUEST_BUCKETS)
+PREFILL = MetricSpec("vllm:request_prefill_time_seconds", "histogram", "Time from a choice's first step to its first "
+                     "token.", buckets=REQUEST_BUCKETS)
+DECODE = MetricSpec("vllm:request_decode_time_seconds", "histogram", "Time from a choice's first token to its end.",
+                    buckets=REQUEST_BUCKETS)
 
 # -- this system's -------------------------------------------------------------------------------------------------
-EXPERT_TOKENS = _spec("moe_cluster_expert_tokens", "counter", "Tokens the router sent to each expert of each layer.",
-                      ("layer", "expert"))
-EXPERT_ROUND = _spec("moe_cluster_expert_round_seconds", "histogram", "One layer's round to the expert shards in an "
-                     "engine step, from sending its tokens to the last reply.", buckets=ROUND_BUCKETS)
-SHARD_ROUND_TRIP = _spec("moe_cluster_shard_round_trip_seconds", "histogram", "A one-token round to one expert shard "
-                         "alone, probed between steps.", ("shard",), ROUND_BUCKETS)
-UNIT_STATE = _spec("moe_cluster_unit_state", "gauge", "1 for the serving unit's current state, 0 for the others.",
-                   ("state",))
-UNIT_RECOVERIES = _spec("moe_cluster_unit_recoveries", "counter", "Times the serving unit brought its expert shards "
-                        "back.")
-GPU_MEMORY_USED = _spec("moe_cluster_gpu_memory_used_bytes", "gauge", "GPU memory in use (NVML).",
-                        ("gpu", "gpu_uuid"))
-GPU_MEMORY_TOTAL = _spec("moe_cluster_gpu_memory_total_bytes", "gauge", "GPU memory (NVML).", ("gpu", "gpu_uuid"))
-GPU_UTILIZATION = _spec("moe_cluster_gpu_utilization_ratio", "gauge", "Fraction of the last sample period a kernel "
-                        "ran on the GPU (NVML).", ("gpu", "gpu_uuid"))
+REQUESTS_REFUSED = MetricSpec("moe_cluster_requests_refused", "counter", "Requests the engine's process refused "
+                              "before they ran, by HTTP status: 400 invalid for this engine, 429 over capacity, 503 "
+                              "serving unit unavailable.", ("status",))
+EXPERT_TOKENS = MetricSpec("moe_cluster_expert_tokens", "counter", "Tokens the router sent to each expert of each "
+                           "layer.", ("layer", "expert"))
+EXPERT_ROUND = MetricSpec("moe_cluster_expert_round_seconds", "histogram", "Host-side time of one layer's round to "
+                          "the expert shards in an engine step (with shards in this process on a GPU, the launch "
+                          "time).", buckets=ROUND_BUCKETS)
+SHARD_ROUND_TRIP = MetricSpec("moe_cluster_shard_round_trip_seconds", "histogram", "A one-token round to one expert "
+                              "shard alone, probed between steps only while the engine is idle (no sequence running "
+                              "or waiting): the shards' round trip without load.", ("shard",), ROUND_BUCKETS)
+UNIT_STATE = MetricSpec("moe_cluster_unit_state", "gauge", "1 for the serving unit's current state, 0 for the others "
+                        "(a replica still loading its unit exports nothing yet).", ("state",))
+UNIT_RECOVERIES = MetricSpec("moe_cluster_unit_recoveries", "counter", "Times the serving unit brought its expert "
+                             "shards back.")
+GPU_MEMORY_USED = MetricSpec("moe_cluster_gpu_memory_used_bytes", "gauge", "GPU memory in use (NVML).",
+                             ("gpu", "gpu_uuid"))
+GPU_MEMORY_TOTAL = MetricSpec("moe_cluster_gpu_memory_total_bytes", "gauge", "GPU memory (NVML).",
+                              ("gpu", "gpu_uuid"))
+GPU_UTILIZATION = MetricSpec("moe_cluster_gpu_utilization_ratio", "gauge", "Fraction of the last sample period a "
+                             "kernel ran on the GPU (NVML).", ("gpu", "gpu_uuid"))
 
-UNIT_STATES = ("starting", "ok", "recovering", "failed")
+UNIT_STATES = ("ok", "recovering", "failed")  # metrics start once the unit has loaded: never "starting"
 FINISH_REASONS = ("stop", "length", "abort", "error")
+REFUSAL_STATUSES = ("400", "429", "503")
 
 ALL: tuple[MetricSpec, ...] = (
     RUNNING, WAITING, KV_CACHE_USAGE, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, PREEMPTIONS, PROMPT_TOKENS,
     GENERATION_TOKENS, REQUEST_SUCCESS, REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS, REQUEST_PARAMS_N,
     REQUEST_PARAMS_MAX_TOKENS, TTFT, ITL, TPOT, E2E, QUEUE, INFERENCE, PREFILL, DECODE,
-    EXPERT_TOKENS, EXPERT_ROUND, SHARD_ROUND_TRIP, UNIT_STATE, UNIT_RECOVERIES, GPU_MEMORY_USED, GPU_MEMORY_TOTAL,
-    GPU_UTILIZATION,
+    REQUESTS_REFUSED, EXPERT_TOKENS, EXPERT_ROUND, SHARD_ROUND_TRIP, UNIT_STATE, UNIT_RECOVERIES, GPU_MEMORY_USED,
+    GPU_MEMORY_TOTAL, GPU_UTILIZATION,
 )

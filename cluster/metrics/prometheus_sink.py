@@ -3,24 +3,27 @@ process may build several apps, as tests do), rendered for GET /metrics."""
 
 from __future__ import annotations
 
-import prometheus_client
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from cluster.metrics.names import ALL, MetricSpec
 from cluster.metrics.sink import Series
 
-CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+# What `generate_latest` writes: the text format 0.0.4 (prometheus_client's own handler serves it so when the
+# scraper negotiates nothing else).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class PrometheusSink:
     exposes = True
+    content_type = CONTENT_TYPE
 
     def __init__(self, specs: tuple[MetricSpec, ...] = ALL):
-        # The `_created` series double every counter and histogram for no dashboard's use (vLLM drops them too);
-        # the switch is process-wide and only affects what is exposed.
-        prometheus_client.disable_created_metrics()
+        self._metrics = {spec.name: _make(spec) for spec in specs}
         self.registry = CollectorRegistry()
-        self._metrics = {spec.name: _make(spec, self.registry) for spec in specs}
+        self.registry.register(_WithoutCreated(list(self._metrics.values())))
 
     def series(self, spec: MetricSpec, *labels: str) -> Series:
         return self._metrics[spec.name].labels(*labels)
@@ -29,9 +32,24 @@ class PrometheusSink:
         return generate_latest(self.registry)
 
 
-def _make(spec: MetricSpec, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+class _WithoutCreated:
+    """The metrics without their `_created` samples, which double every counter and histogram for no dashboard's use
+    (vLLM drops them too). prometheus_client's own switch for that is process-wide; this keeps it to the registry."""
+
+    def __init__(self, metrics: list[Counter | Gauge | Histogram]):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.metrics:
+            for family in metric.collect():  # fresh families at each collection
+                family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+                yield family
+
+
+def _make(spec: MetricSpec) -> Counter | Gauge | Histogram:
+    """A metric in no registry (`_WithoutCreated` collects it)."""
     if spec.kind == "counter":
-        return Counter(spec.name, spec.help, spec.label_names, registry=registry)
+        return Counter(spec.name, spec.help, spec.label_names, registry=None)
     if spec.kind == "gauge":
-        return Gauge(spec.name, spec.help, spec.label_names, registry=registry)
-    return Histogram(spec.name, spec.help, spec.label_names, registry=registry, buckets=spec.buckets)
+        return Gauge(spec.name, spec.help, spec.label_names, registry=None)
+    return Histogram(spec.name, spec.help, spec.label_names, registry=None, buckets=spec.buckets)

@@ -11,6 +11,7 @@ from cluster.metrics.sink import Series
 
 class RaySink:
     exposes = False
+    content_type = None
 
     def __init__(self, specs: tuple[MetricSpec, ...] = ALL):
         self._metrics = {spec.name: _make(spec) for spec in specs}
@@ -32,8 +33,11 @@ class _RaySeries:
             self.metric.inc(value, tags=self.tags)
         elif value == 0:
             # `inc` refuses 0, but a counter exported from 0 lets `increase()` count its first events (a series that
-            # first appears at 5 loses those 5) and shows it exists before anything happened.
-            self.metric._record(0.0, tags=self.tags)
+            # first appears at 5 loses those 5) and shows it exists before anything happened. Only Ray's private
+            # `_record` sets it: where a Ray lacks it, the series appears at its first event instead.
+            record = getattr(self.metric, "_record", None)
+            if record is not None:
+                record(0.0, tags=self.tags)
 
     def set(self, value: float) -> None:
         self.metric.set(value, tags=self.tags)

@@ -1,9 +1,11 @@
 """Request-level metrics, recorded in the process that runs the engine as each request's outputs pass through its
 backend (`cluster.api.backend.EngineBackend`, the same in both modes).
 
-Per request and per finished choice the series are called directly. Per token only a clock read, a deque append
-(the gap since the choice's last token) and a locked integer add happen: the sampler thread drains them into the
-inter-token histogram and the generation counter (`flush`), off the event loop's path.
+Per request and per finished choice the series are called directly. Per token only a clock read, an append to the
+choice's own gaps and a locked integer add happen. A choice's latencies wait for its end: one that ends in an error
+records none of them (only `request_success{finished_reason="error"}`), so failures never skew the latency
+histograms. Its gaps then go to a queue that the sampler thread drains into the inter-token histogram, with the
+generation counter (`flush`), off the event loop's path.
 
 Times are `time.monotonic()` in this process: the arrival when the backend got the request, a choice's first step
 from the engine (`RequestOutput.scheduled_at`), its tokens as their outputs arrive here.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from array import array
 from collections import deque
 
 from cluster.engine.outputs import RequestOutput
@@ -38,7 +41,9 @@ class RequestMetrics:
                                                                  s(mn.DECODE))
         self._success: dict[str, Series] = {r: sink.series(mn.REQUEST_SUCCESS, model_name, r)
                                             for r in mn.FINISH_REASONS}
-        for counter in (self.prompt_tokens, self.generation_tokens, *self._success.values()):
+        self._refused: dict[str, Series] = {status: sink.series(mn.REQUESTS_REFUSED, model_name, status)
+                                            for status in mn.REFUSAL_STATUSES}
+        for counter in (self.prompt_tokens, self.generation_tokens, *self._success.values(), *self._refused.values()):
             counter.inc(0)  # exported from 0
         self._gaps: deque[float] = deque(maxlen=_MAX_PENDING_GAPS)
         self._lock = threading.Lock()
@@ -60,6 +65,13 @@ class RequestMetrics:
             new, self._flushed = self._generated - self._flushed, self._generated
         self.generation_tokens.inc(new)
 
+    def refused(self, status: int) -> None:
+        """A request refused before it ran, with this HTTP status."""
+        key = str(status)
+        if key not in self._refused:
+            self._refused[key] = self.sink.series(mn.REQUESTS_REFUSED, self.model_name, key)
+        self._refused[key].inc()
+
     def success(self, reason: str) -> Series:
         if reason not in self._success:
             self._success[reason] = self.sink.series(mn.REQUEST_SUCCESS, self.model_name, reason)
@@ -74,7 +86,7 @@ class RequestTimer:
     """One request's choices: their token counts and times, recorded as its outputs arrive (`output`) and, for
     choices that never finished (a client that went away), as aborted at `close`."""
 
-    __slots__ = ("metrics", "prompt_tokens", "arrival", "prefilled", "tokens", "first", "last", "done")
+    __slots__ = ("metrics", "prompt_tokens", "arrival", "prefilled", "tokens", "first", "last", "gaps", "done")
 
     def __init__(self, metrics: RequestMetrics, prompt_tokens: int, n: int, arrival: float):
         self.metrics = metrics
@@ -84,20 +96,26 @@ class RequestTimer:
         self.tokens = [0] * n  # completion tokens of each choice so far
         self.first: list[float | None] = [None] * n  # when each choice's first token arrived
         self.last = [0.0] * n  # when its latest token arrived
+        self.gaps = [array("d") for _ in range(n)]  # seconds between its tokens, recorded when it ends
         self.done = [False] * n
 
     def output(self, out: RequestOutput) -> None:
         i = out.index
+        if self.done[i]:
+            return
+        if out.error is not None or out.finish_reason == "error":
+            self._fail(i)
+            return
         new = out.completion_tokens - self.tokens[i]
         if new > 0:
             now = time.monotonic()
             if self.first[i] is None:
                 self._first_token(i, now)
             else:
-                self.metrics._gaps.append(now - self.last[i])
+                self.gaps[i].append(now - self.last[i])
             self.metrics._add_generated(new)
             self.tokens[i], self.last[i] = out.completion_tokens, now
-        if out.finish_reason is not None and not self.done[i]:
+        if out.finish_reason is not None:
             self._finish(i, out.finish_reason, out.scheduled_at)
 
     def close(self) -> None:
@@ -107,13 +125,20 @@ class RequestTimer:
                 self._finish(i, "abort", None)
 
     def _first_token(self, i: int, now: float) -> None:
-        m = self.metrics
+        """At once, so a high time to first token alerts while the choice still runs (a first token means the
+        choice started; a failure after it does not make this time wrong)."""
         self.first[i] = now
-        m.ttft.observe(now - self.arrival)
+        self.metrics.ttft.observe(now - self.arrival)
         if not self.prefilled:
             self.prefilled = True
+            m = self.metrics
             m.prompt_tokens.inc(self.prompt_tokens)
             m.request_prompt_tokens.observe(self.prompt_tokens)
+
+    def _fail(self, i: int) -> None:
+        self.done[i] = True
+        self.gaps[i] = array("d")
+        self.metrics.success("error").inc()
 
     def _finish(self, i: int, reason: str, scheduled_at: float | None) -> None:
         m, now, first, tokens = self.metrics, time.monotonic(), self.first[i], self.tokens[i]
@@ -127,6 +152,8 @@ class RequestTimer:
             if first is not None:
                 m.prefill.observe(max(0.0, first - scheduled_at))
         if first is not None:
+            m._gaps.extend(self.gaps[i])
+            self.gaps[i] = array("d")
             m.decode.observe(now - first)
             if tokens > 1:
                 m.tpot.observe((self.last[i] - first) / (tokens - 1))

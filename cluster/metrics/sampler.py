@@ -5,6 +5,9 @@ GPUs, and records gauges and counter increments.
 The engine's facts are read on the engine thread between two steps (`AsyncEngine.call`): the expert counts live on
 the device and are copied to the host there, where no step is in flight. A sample waits for the engine at most its
 period; one still waiting is not asked again (a stuck engine thread gets one question, not a queue of them).
+
+The shards' round trip is probed by the periodic sample alone, and only while the engine is idle (no sequence running
+or waiting): a probe would delay the next step, and a scrape must not cost the engine anything.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from functools import partial
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -30,7 +34,6 @@ from cluster.serve.health import Health
 
 log = logging.getLogger(__name__)
 
-SAMPLE_PERIOD_S = 1.0
 _MAX_PENDING_ROUNDS = 1 << 16  # layer rounds between two samples that are kept (the oldest go first)
 
 
@@ -39,11 +42,15 @@ class EngineFacts:
     stats: dict[str, int | str]
     expert_counts: list[list[int]] | None  # [L][E] since the engine started; None for a dense model
     rounds: list[float]  # seconds of each layer round to the shards since the last read
-    probes: list[float] | None  # each shard's probed round trip; None without shards or when unreachable
+    probes: list[float] | None  # each shard's probed round trip; None without shards, unprobed or unreachable
 
 
-def read_engine(engine: LLMEngine) -> EngineFacts:
-    """The facts a sample records; runs on the engine thread between steps."""
+def read_engine(engine: LLMEngine, probe: bool) -> EngineFacts:
+    """The facts a sample records; runs on the engine thread between steps. With `probe`, the shards' round trips
+    are measured too, if the engine is idle."""
+    stats = engine.stats()
+    # Choices 1..n-1 of a request wait apart (`siblings`) until choice 0 has its prompt's KV: they wait all the same.
+    stats["waiting"] = int(stats["waiting"]) + sum(len(s) for s in engine.siblings.values())
     executor = _parallel_executor(engine)
     rounds: list[float] = []
     probes = None
@@ -52,6 +59,7 @@ def read_engine(engine: LLMEngine) -> EngineFacts:
             executor.round_times = deque(maxlen=_MAX_PENDING_ROUNDS)
         times = executor.round_times
         rounds = [times.popleft() for _ in range(len(times))]
+    if executor is not None and probe and not engine.has_work():
         weight = engine.model.lm_head.weight
         token = torch.zeros(1, engine.model.config.hidden_size, dtype=weight.dtype, device=weight.device)
         try:
@@ -59,7 +67,7 @@ def read_engine(engine: LLMEngine) -> EngineFacts:
         except UnavailableError:  # the unit is recovering; its state says so
             probes = None
     counts = engine.expert_load.snapshot() if engine.expert_load is not None else None
-    return EngineFacts(engine.stats(), counts, rounds, probes)
+    return EngineFacts(stats, counts, rounds, probes)
 
 
 def _parallel_executor(engine: LLMEngine) -> ExpertParallelExecutor | None:
@@ -72,8 +80,7 @@ def _parallel_executor(engine: LLMEngine) -> ExpertParallelExecutor | None:
 
 class Sampler:
     def __init__(self, sink: Sink, model_name: str, engine: AsyncEngine, requests: RequestMetrics,
-                 unit_health: Callable[[], Health] | None = None, gpus: GpuReader | None = None,
-                 period_s: float = SAMPLE_PERIOD_S):
+                 period_s: float, unit_health: Callable[[], Health] | None = None, gpus: GpuReader | None = None):
         self.sink = sink
         self.model_name = model_name
         self.engine = engine
@@ -94,11 +101,12 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
 
-    def sample(self, wait_s: float | None = None) -> None:
-        """Record one sample now (waiting at most `wait_s`, default the period, for the engine's facts)."""
+    def sample(self, wait_s: float | None = None, probe: bool = False) -> None:
+        """Record one sample now (waiting at most `wait_s`, default the period, for the engine's facts); `probe`:
+        the periodic sample's, which probes the shards of an idle engine."""
         with self._lock:
             self.requests.flush()
-            facts = self._engine_facts(self.period_s if wait_s is None else wait_s)
+            facts = self._engine_facts(self.period_s if wait_s is None else wait_s, probe)
             if facts is not None:
                 self._record_engine(facts)
             self._record_unit(self.unit_health())
@@ -107,13 +115,13 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(self.period_s) and self.engine.running:
             try:
-                self.sample()
+                self.sample(probe=True)
             except Exception:  # a failed sample must not end the sampling
                 log.exception("metrics sample failed")
 
-    def _engine_facts(self, wait_s: float) -> EngineFacts | None:
+    def _engine_facts(self, wait_s: float, probe: bool) -> EngineFacts | None:
         if self._pending is None:
-            self._pending = self.engine.call(read_engine)
+            self._pending = self.engine.call(partial(read_engine, probe=probe))
         try:
             facts = self._pending.result(timeout=wait_s)
         except FutureTimeout:

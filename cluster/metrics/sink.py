@@ -29,6 +29,7 @@ class Series(Protocol):
 
 class Sink(Protocol):
     exposes: bool  # whether this process serves the text itself (`render`); else another one exports it (Ray's agent)
+    content_type: str | None  # of what `render` returns
 
     def series(self, spec: MetricSpec, *labels: str) -> Series:
         """`spec` bound to its label values, in `spec.label_names` order (model_name first)."""

@@ -26,7 +26,8 @@ class ExpertLoad:
     def __init__(self, layers: list[_RoutedLayer], num_layers: int, num_experts: int, top_k: int,
                  device: torch.device | str, rows: int):
         """`layers`: the model's MoE layers, which add to this load while it is theirs (`begin_step` makes it so);
-        `rows`: the most tokens a step brings (more are allowed: the weight buffer then grows, outside a capture)."""
+        `rows`: the most tokens a step brings. The weight buffer is made once, for `rows`: captured graphs read its
+        storage, so it never grows."""
         self.layers = layers
         self.top_k = top_k
         # Normal tensors even when made under inference mode: they are written in place in every forward.
@@ -37,11 +38,10 @@ class ExpertLoad:
 
     def begin_step(self, slot_mapping: torch.Tensor) -> None:
         """Lay out the step's weights from its slots [T] (-1: a padding row) and make the layers add here (a model
-        shared by several engines counts for the one stepping)."""
+        shared by several engines counts for the one stepping). Raises ValueError for more tokens than `rows`."""
         t = slot_mapping.shape[0]
         if t > self._weights.shape[0]:
-            with torch.inference_mode(False):
-                self._weights = torch.zeros(t, self.top_k, dtype=torch.int64, device=self._weights.device)
+            raise ValueError(f"a step of {t} tokens, but the expert load was sized for {self._weights.shape[0]} rows")
         weights = self._weights[:t]  # [T, K]
         weights.copy_((slot_mapping >= 0).unsqueeze(1).expand(t, self.top_k))
         self._step = weights.view(-1)

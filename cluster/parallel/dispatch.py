@@ -78,9 +78,10 @@ class ExpertParallelExecutor:
     more than the bytes it saves (a dozen small ops a layer, against a few tens of KB sent).
     Larger batches (prefill) are split, so each shard receives only the tokens routed to it.
 
-    Timing, for metrics: with `round_times` set (a bounded deque its reader drains), each round's duration from
-    sending to the last reply is appended (two clock reads a layer); `probe` times a one-token round to each shard
-    alone, which tells the shards apart (a step's round ends with its slowest).
+    Timing, for metrics: with `round_times` set (a bounded deque its reader drains), each round's host-side duration
+    is appended (two clock reads a layer): until the last reply over a channel, only the launch for shards in this
+    process on a GPU. `probe` times a one-token round to each shard alone (synchronized), which tells the shards
+    apart (a step's round ends with its slowest).
     """
 
     graph_safe = False  # a round waits on other processes: CUDA graphs capture around it (piecewise)
@@ -90,7 +91,7 @@ class ExpertParallelExecutor:
         self.broadcast_rows = broadcast_rows
         self.owners = torch.tensor(expert_owners, dtype=torch.long)  # [E] shard of each expert
         self._owners_on: dict[torch.device, torch.Tensor] = {}
-        self.round_times: deque[float] | None = None  # seconds of each round, when a reader asked for them
+        self.round_times: deque[float] | None = None  # host seconds of each round, when a reader asked for them
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:

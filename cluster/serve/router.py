@@ -37,8 +37,8 @@ class AttentionRouter:
         self.engine = AsyncEngine(factory)  # shards, channel and engine are all built on the engine thread
         if self.unit is not None:
             self.unit.supervise(self.engine.call)
-        self.backend = EngineBackend(self.engine, resolved.moe_kernel,
-                                     replica_metrics(resolved.model_name, self.engine, self._unit_health))
+        self.metrics = replica_metrics(resolved.model_name, self.engine, self._unit_health)
+        self.backend = EngineBackend(self.engine, resolved.moe_kernel, self.metrics)
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        stream: bool = True) -> AsyncIterator[RequestOutput]:
@@ -47,6 +47,7 @@ class AttentionRouter:
         health = self._unit_health()
         if not health.ok:
             message = f"the serving unit is {health.status}: {health.detail}"
+            self.metrics.requests.refused(503)
             for out in RequestOutput.errors(request_id, params.n, message, 503):
                 yield out
             return
