@@ -23,6 +23,7 @@ from cluster.model.loader import load_model
 from cluster.serve.args import ServeArgs
 from cluster.serve.standalone import build_standalone_app
 from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version
+from tests.asgi_client import asgi_post
 
 SHORT = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
 
@@ -219,34 +220,17 @@ class _Answer:
 async def _asgi_post(app, path: str, body: dict) -> _Answer:
     """One POST straight into the ASGI app, timed from its arrival there: what a client elsewhere would wait, without
     an in-process HTTP client's own work (which, for 1000 clients in this event loop, would double the figure)."""
-    raw = json.dumps(body).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "client": ("test", 1),
-             "server": ("test", 80), "headers": [(b"content-type", b"application/json"),
-                                                 (b"content-length", str(len(raw)).encode())]}
     chunks: list[bytes] = []
     start: dict = {}
-    ended = asyncio.Event()
-    sent = False
 
-    async def receive() -> dict:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await ended.wait()  # the client stays until its response has ended
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
+    def on_message(message: dict) -> None:
         if message["type"] == "http.response.start":
             start.update(message)
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                ended.set()
 
     began = time.monotonic()
-    await app(scope, receive, send)
+    await asgi_post(app, path, body, on_message)
     headers = {k.decode().lower(): v.decode() for k, v in start.get("headers", [])}
     return _Answer(start["status"], headers, b"".join(chunks), time.monotonic() - began)
 

@@ -30,9 +30,11 @@ from cluster.engine.sequence import Sequence
 from cluster.model.loader import load_model
 from cluster.moe.load import ExpertLoad
 from cluster.parallel.dispatch import ExpertParallelExecutor
+from cluster.parallel.frames import ChannelSpec
 from cluster.parallel.in_process import InProcessTransport
 from cluster.parallel.placement import assign_experts, expert_owners
 from cluster.parallel.shard_worker import ShardWorker
+from tests.asgi_client import asgi_post
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "k8s" / "monitoring"
@@ -364,12 +366,47 @@ def test_shard_rounds_are_timed_and_probed(tiny_dir):
     x = torch.randn(6, config.hidden_size)
     ids = torch.tensor([[e % config.num_experts, (e + 3) % config.num_experts] for e in range(6)])
     weights = torch.full((6, 2), 0.5)
-    untimed = executor(0, x, ids, weights)
-    executor.round_times = deque(maxlen=8)
-    assert torch.equal(executor(0, x, ids, weights), untimed)  # split (6 rows > 4)
-    executor(1, x[:2], ids[:2], weights[:2])  # broadcast
+    with torch.inference_mode():  # as the engine steps: what the rounds allocate are inference tensors
+        untimed = executor(0, x, ids, weights)
+        executor.round_times = deque(maxlen=8)
+        assert torch.equal(executor(0, x, ids, weights), untimed)  # split (6 rows > 4)
+        executor(1, x[:2], ids[:2], weights[:2])  # broadcast
     assert len(executor.round_times) == 2 and all(t > 0 for t in executor.round_times)
+    # The sampler probes from outside inference mode, between steps.
     probes = executor.probe(torch.zeros(1, config.hidden_size), config.experts_per_token)
+    assert len(probes) == 2 and all(t > 0 for t in probes)
+
+
+def test_a_probe_between_steps_runs_over_the_channel_the_steps_used(tiny_dir):
+    """A real shared-memory channel to two shard workers (threads): rounds under inference mode, as the engine steps,
+    then the sampler's probe from outside it, which must not write the channel's buffers as a plain tensor."""
+    from cluster.parallel import shm_channel
+
+    config = ModelConfig.from_file(tiny_dir)
+    groups = assign_experts(config.num_experts, 2)
+    spec = ChannelSpec("", 0, 2, config.hidden_size, config.experts_per_token, "fp32", max_rows=8, backend="shm",
+                       path=shm_channel.shm_directory(), timeout_s=30, connect_timeout_s=30)
+    shm_channel.create_files(spec)
+    workers = [ShardWorker.load(tiny_dir, config, g, torch.float32, "cpu", "torch") for g in groups]
+    shards = [threading.Thread(target=shm_channel.serve_shard_shm, args=(spec, r + 1, w), daemon=True)
+              for r, w in enumerate(workers)]
+    for t in shards:
+        t.start()
+    channel = shm_channel.ShmReplicaChannel(spec)
+    try:
+        executor = ExpertParallelExecutor(channel, expert_owners(groups))
+        # One token, as a decode step of one sequence: the channel's views for one-row frames are made here.
+        x = torch.randn(1, config.hidden_size, generator=torch.Generator().manual_seed(0))
+        ids, weights = torch.tensor([[0, config.num_experts - 1]]), torch.full((1, 2), 0.5)
+        with torch.inference_mode():
+            step = executor(0, x, ids, weights)
+        probes = executor.probe(torch.zeros(1, config.hidden_size), config.experts_per_token)
+        with torch.inference_mode():
+            assert torch.equal(executor(0, x, ids, weights), step)  # the channel still works
+    finally:
+        channel.close()
+    for t in shards:
+        t.join(10)
     assert len(probes) == 2 and all(t > 0 for t in probes)
 
 
@@ -480,34 +517,18 @@ async def _held_stream(app, body: dict, while_held) -> tuple[dict, object]:
     """A streamed request posted straight into the ASGI app (httpx's ASGI transport hands a response over only once
     it has ended): once its first chunk is out (its first token sampled), `await while_held()`; then the request is
     read to its end. -> (its `_send` summary, what `while_held` returned)."""
-    raw = json.dumps(body).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
-             "root_path": "", "client": ("test", 1), "server": ("test", 80),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]}
     chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
-    ended = asyncio.Event()
-    sent = False
 
-    async def receive() -> dict:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await ended.wait()  # the client stays until its response has ended
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
+    def on_message(message: dict) -> None:
         if message["type"] == "http.response.start":
             assert message["status"] == 200, message
         elif message["type"] == "http.response.body":
             if message.get("body"):
                 chunks.put_nowait(message["body"])
             if not message.get("more_body", False):
-                ended.set()
                 chunks.put_nowait(None)
 
-    call = asyncio.create_task(app(scope, receive, send))
+    call = asyncio.create_task(asgi_post(app, "/v1/chat/completions", body, on_message))
     first = await asyncio.wait_for(chunks.get(), timeout=60)
     assert first is not None, "the stream ended before its first chunk"
     held = await while_held()

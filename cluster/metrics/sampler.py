@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from functools import partial
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -65,6 +65,9 @@ def read_engine(engine: LLMEngine, probe: bool) -> EngineFacts:
         try:
             probes = executor.probe(token, engine.model.config.experts_per_token)
         except UnavailableError:  # the unit is recovering; its state says so
+            probes = None
+        except Exception:  # a probe that fails otherwise must not take the sample's other facts with it
+            log.exception("probing the expert shards failed")
             probes = None
     counts = engine.expert_load.snapshot() if engine.expert_load is not None else None
     return EngineFacts(stats, counts, rounds, probes)

@@ -135,6 +135,7 @@ class ExpertParallelExecutor:
         times.append(time.perf_counter() - t0)
         return partials
 
+    @torch.inference_mode()  # as a step's rounds: the channel's buffers, made in steps, are inference tensors
     def probe(self, x: torch.Tensor, top_k: int) -> list[float]:
         """Seconds of a one-token round of layer 0 sent to each shard alone, in shard order. x [1, D]: the token
         (any values, in the model's dtype and device); its K choices all name one expert of the shard. Call between
