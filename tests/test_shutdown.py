@@ -130,10 +130,13 @@ def test_sigterm_drains_then_exits_0_leaving_nothing(tiny_dir, ray, grace_s, max
         lines, everyone, threads = _streams(server.url, max_tokens)
         assert everyone.wait(120), "".join(server.log)[-3000:]
         server.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10  # on Ray the driver reaches the Ingress first
-        while httpx.get(f"{server.url}/health", timeout=10).status_code != 503:
-            assert time.monotonic() < deadline, "/health still admits after SIGTERM"
+        # On Ray the driver first reaches every Ingress replica; the single process closes at once.
+        closed = "every Ingress replica (2) stopped admitting" if ray else "SIGTERM: draining"
+        deadline = time.monotonic() + 10
+        while not any(line.startswith(closed) for line in server.log):
+            assert time.monotonic() < deadline, "".join(server.log)[-3000:]
             time.sleep(0.05)
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 503
         refused = httpx.post(f"{server.url}/v1/chat/completions", json={**_stream_body(4), "stream": False},
                              timeout=30)
         for t in threads:
@@ -145,7 +148,7 @@ def test_sigterm_drains_then_exits_0_leaving_nothing(tiny_dir, ray, grace_s, max
     assert refused.json()["error"]["type"] == "service_unavailable_error"
     assert [_outcome(stream) for stream in lines] == [finish] * STREAMS
     # On Ray both Ingress replicas carried streams, and the driver drained each.
-    drained = re.findall(r"drained Ingress replica (\S+) \((\d+) requests in flight\)", "".join(server.log))
+    drained = re.findall(r"draining Ingress replica (\S+) \((\d+) requests in flight\)", "".join(server.log))
     assert len({replica for replica, _ in drained}) == (2 if ray else 0), drained
     assert all(int(in_flight) > 0 for _, in_flight in drained), drained
     time.sleep(1)  # the kernel reaps the last children

@@ -91,9 +91,13 @@ class Drain:
         finally:
             self._handlers.pop(handler, None)
 
+    def stop_admitting(self) -> None:
+        """From now on every new request gets 503 (`close` does this first)."""
+        self.closing = True
+
     async def close(self, grace_s: float) -> None:
         """Stop admitting, give the requests in flight `grace_s` to finish, then cut the rest."""
-        self.closing = True
+        self.stop_admitting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         while self._handlers and loop.time() < deadline:

@@ -120,16 +120,28 @@ class Ingress:
         self.router = router
         self.resolved: ResolvedArgs = args.resolve()  # config.json is read here, on the replica's node
         self.drainer: Drain | None = None  # (not `app`: Serve's ingress wrapper owns that name)
+        self._draining: asyncio.Task | None = None
+        self._in_flight = 0
 
     def __serve_build_asgi_app__(self) -> Drain:
         self.drainer = served_api(self.resolved, RouterBackend(self.router))
         return self.drainer
 
-    async def drain(self, grace_s: float) -> tuple[str, int]:
-        """Stop admitting, let the requests in flight finish for `grace_s`, cut the rest (see `Drain.close`);
-        -> (this replica's id, the requests that were in flight). The driver calls this on every replica before it
-        shuts Serve down; a replica already drained answers at once."""
+    async def begin_drain(self, grace_s: float) -> tuple[str, int]:
+        """Stop admitting now; in the background let the requests in flight finish for `grace_s` and cut the rest
+        (see `Drain.close`). -> (this replica's id, the requests in flight when it was first asked). The driver
+        asks every replica before it shuts Serve down; asking again changes nothing."""
         assert self.drainer is not None
-        in_flight = self.drainer.in_flight
-        await self.drainer.close(grace_s)
-        return serve.get_replica_context().replica_id.unique_id, in_flight
+        if self._draining is None:
+            self._in_flight = self.drainer.in_flight
+            self.drainer.stop_admitting()  # before this answers: the driver says so once every replica has
+            self._draining = asyncio.get_running_loop().create_task(self.drainer.close(grace_s))
+        return self._replica_id(), self._in_flight
+
+    async def drained(self) -> tuple[str, bool]:
+        """(this replica's id, whether its drain has ended)."""
+        return self._replica_id(), self._draining is not None and self._draining.done()
+
+    @staticmethod
+    def _replica_id() -> str:
+        return serve.get_replica_context().replica_id.unique_id

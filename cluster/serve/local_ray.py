@@ -1,7 +1,7 @@
 """`moe-cluster serve`: start Ray on this machine (or join the cluster at RAY_ADDRESS) and run the Serve app until
 SIGTERM or SIGINT.
 
-A signal drains every Ingress replica (`Ingress.drain`: 503 for new requests, `shutdown_grace_s` for those
+A signal drains every Ingress replica (`Ingress.begin_drain`: 503 for new requests, `shutdown_grace_s` for those
 in flight, then an error event and [DONE] for the rest), shuts Serve down and, when this process started the local
 Ray, Ray too, removing its temporary directory; then the process exits 0. A second signal skips the drain, and a
 signal during start-up stops it at once.
@@ -15,12 +15,15 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 
 from cluster.serve.args import ServeArgs
 
 APP_NAME = "moe-cluster"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_DRAIN_ROUNDS = 10
+_DRAIN_ROUNDS = 50  # of quick calls: Serve spreads them as its view of the replicas' queues catches up
+_CALL_TIMEOUT_S = 30.0
+_DRAIN_SLACK_S = 30.0  # beyond the grace: for the cut requests to unwind
 
 
 def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
@@ -88,28 +91,47 @@ def _drain(serve, replicas: int, grace_s: float, stop: "_StopSignals") -> None:
 
 
 def _drain_all(ingress, replicas: int, grace_s: float) -> None:
-    """A handle call reaches one replica, Serve's choice: so drain calls go out together, two a replica not yet
-    drained, in rounds until each replica has answered (a drained one answers at once)."""
-    drained: dict[str, int] = {}  # replica id -> the requests it had in flight
+    """A handle call reaches one replica, Serve's choice: so the quick `begin_drain` goes out two a replica not yet
+    asked, in rounds, until every replica id has answered (all stop admitting within those rounds); then `drained`
+    the same way, until each one's drain has ended."""
+    began: dict[str, int] = {}  # replica id -> the requests it had in flight
+    if not _rounds(lambda: ingress.begin_drain.remote(grace_s), replicas, began):
+        return
+    print(f"every Ingress replica ({len(began)}) stopped admitting", file=sys.stderr, flush=True)
+    for replica, in_flight in began.items():
+        print(f"draining Ingress replica {replica} ({in_flight} requests in flight)", file=sys.stderr, flush=True)
+    done: dict[str, bool] = {}
+    deadline = time.monotonic() + grace_s + _DRAIN_SLACK_S
+    while time.monotonic() < deadline:
+        if not _rounds(lambda: ingress.drained.remote(), replicas, done):
+            return
+        if all(done.values()):
+            return
+        done = {replica: ended for replica, ended in done.items() if ended}  # ask again about the others
+        time.sleep(0.1)
+    print("the Ingress replicas did not finish draining in time", file=sys.stderr, flush=True)
+
+
+def _rounds(ask, replicas: int, answers: dict) -> bool:
+    """Send `ask()` two a replica not yet in `answers`, in rounds, adding each (replica id, value) answer, until
+    `replicas` ids have answered or the rounds run out -> False if they did not, or the app is gone."""
     for _ in range(_DRAIN_ROUNDS):
         try:
-            responses = [ingress.drain.remote(grace_s) for _ in range(2 * (replicas - len(drained)))]
+            responses = [ask() for _ in range(2 * (replicas - len(answers)))]
         except Exception as e:  # the app is gone: nothing left to drain
             print(f"draining the Ingress failed: {e}", file=sys.stderr, flush=True)
-            return
+            return False
         for response in responses:
             try:
-                replica, in_flight = response.result(timeout_s=grace_s + 30)
+                replica, value = response.result(timeout_s=_CALL_TIMEOUT_S)
             except Exception as e:  # this replica is gone or stuck; the others still drain
                 print(f"draining an Ingress replica failed: {e}", file=sys.stderr, flush=True)
                 continue
-            if replica not in drained:
-                drained[replica] = in_flight
-                print(f"drained Ingress replica {replica} ({in_flight} requests in flight)", file=sys.stderr,
-                      flush=True)
-        if len(drained) >= replicas:
-            return
-    print(f"drained {len(drained)} of {replicas} Ingress replicas", file=sys.stderr, flush=True)
+            answers.setdefault(replica, value)
+        if len(answers) >= replicas:
+            return True
+    print(f"{len(answers)} of {replicas} Ingress replicas answered", file=sys.stderr, flush=True)
+    return False
 
 
 class _StopSignals:
