@@ -263,9 +263,12 @@ def test_moe_cluster_serve_reserves_no_shards_for_a_dense_checkpoint(tiny_dense_
     """With `shards` left at its default; one given explicitly stays, and its replica would refuse it."""
     from cluster.serve.local_ray import _fit_to_checkpoint
 
-    assert _fit_to_checkpoint(ServeArgs(model=str(tiny_dense_dir), device="cpu")).shards == 0
-    assert _fit_to_checkpoint(ServeArgs(model=str(tiny_dense_dir), device="cpu", shards=2)).shards == 2
-    assert _fit_to_checkpoint(ServeArgs(model=str(tiny_dir), device="cpu")).shards == ServeArgs().shards
+    def fit(args: ServeArgs) -> int:
+        return _fit_to_checkpoint(args, args.resolve()).shards
+
+    assert fit(ServeArgs(model=str(tiny_dense_dir), device="cpu")) == 0
+    assert fit(ServeArgs(model=str(tiny_dense_dir), device="cpu", shards=2)) == 2
+    assert fit(ServeArgs(model=str(tiny_dir), device="cpu")) == ServeArgs().shards
 
 
 def test_a_unit_reserved_for_the_wrong_model_is_refused_on_its_replica(tiny_dense_dir, tiny_dir):

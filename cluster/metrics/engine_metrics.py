@@ -24,8 +24,7 @@ class EngineMetrics:
         self.sink = sink
         self.requests = RequestMetrics(sink, model_name)
         self.sampler = Sampler(sink, model_name, engine, self.requests, period_s, unit_health)
-        self.sampler.sample(wait_s=_SCRAPE_WAIT_S)  # every gauge is there from the start
-        self.sampler.start()
+        self.sampler.start()  # its first sample at once, without holding up the engine's start
 
     def render(self) -> tuple[bytes, str] | None:
         """A fresh sample (no shard probe), then everything recorded, as Prometheus text with its content type; None

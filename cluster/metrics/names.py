@@ -18,9 +18,10 @@ Semantics. A request with n choices is n sequences in the engine, as vLLM forks 
 histograms, `request_success` and `request_generation_tokens` count each choice; `prompt_tokens` and
 `request_prompt_tokens` count a request's prompt once (so `prompt_tokens` adds up to the responses' usage
 `prompt_tokens`, and `generation_tokens` to their `completion_tokens`); `num_requests_running` / `_waiting` count
-sequences. A choice's latencies and generated-token count are observed when it ends, and a choice that ends in an
-error moves only `request_success{finished_reason="error"}` (a failure's times say nothing of the service's speed;
-the tokens it generated before still count in `generation_tokens`). A request refused before it ran counts only in
+sequences. A choice's time to first token is observed at its first token, its other latencies and generated-token
+count when it ends; a choice that ends in an error records none of those, only `request_success{finished_reason=
+"error"}` (a failure's times say nothing of the service's speed; the tokens it generated before still count in
+`generation_tokens`). A request refused before it ran counts only in
 `moe_cluster_requests_refused`. Buckets are this project's own.
 """
 
@@ -75,7 +76,6 @@ class MetricSpec:
         if self.kind == "histogram":
             return (f"{base}_bucket", f"{base}_sum", f"{base}_count")
         return (base,)
-
 
 
 # -- vLLM's --------------------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ backend (`cluster.api.backend.EngineBackend`, the same in both modes).
 Per request and per finished choice the series are called directly. Per token only a clock read, an append to the
 choice's own gaps and a locked integer add happen. The time to first token is recorded at once (so its alert
 fires while choices still run); a choice's other latencies wait for its end: one that ends in an error records
-none of them (only `request_success{finished_reason="error"}`), so failures never skew them. Its gaps then go to a queue that the sampler thread drains into the inter-token histogram, with the
-generation counter (`flush`), off the event loop's path.
+none of them (only `request_success{finished_reason="error"}`), so failures never skew them. Its gaps then go to
+a queue that the sampler thread drains into the inter-token histogram, with the generation counter (`flush`), off
+the event loop's path.
 
 Times are `time.monotonic()` in this process: the arrival when the backend got the request, a choice's first step
 from the engine (`RequestOutput.scheduled_at`), its tokens as their outputs arrive here.

@@ -116,11 +116,13 @@ class Sampler:
             self._record_gpus()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.period_s) and self.engine.running:
+        while self.engine.running:
             try:
                 self.sample(probe=True)
             except Exception:  # a failed sample must not end the sampling
                 log.exception("metrics sample failed")
+            if self._stop.wait(self.period_s):
+                return
 
     def _engine_facts(self, wait_s: float, probe: bool) -> EngineFacts | None:
         if self._pending is None:

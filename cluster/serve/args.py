@@ -168,7 +168,10 @@ class ServeArgs(BaseModel):
     def resolve_planned(self) -> ResolvedArgs:
         """`resolve()` where a replica runs (config.json read there), checked against what the cluster reserved for
         the unit from these settings alone (`planned_layout`)."""
-        resolved = self.resolve()
+        return self.check_planned(self.resolve())
+
+    def check_planned(self, resolved: ResolvedArgs) -> ResolvedArgs:
+        """`resolved`, if its checkpoint's unit is the one these settings reserve; else a ValueError naming `shards`."""
         planned = self.planned_layout(resolved.device)
         if resolved.layout != planned:
             raise ValueError(f"{resolved.model_dir.name} needs {resolved.num_shards} expert shards, but the unit "

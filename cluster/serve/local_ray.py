@@ -18,6 +18,7 @@ import threading
 import time
 
 from cluster.serve.args import ServeArgs
+from cluster.serve.resolved import ResolvedArgs
 
 APP_NAME = "moe-cluster"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -42,8 +43,10 @@ def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
         stop = _StopSignals()  # after ray.init, which sets a SIGTERM handler of its own (exit at once)
         try:
             serve.start(http_options={"host": host, "port": port})
-            args = _fit_to_checkpoint(decide(args, own_ray))
-            resolved = args.resolve_planned()  # here too: a bad checkpoint or setting fails before any replica
+            args = decide(args, own_ray)
+            resolved = args.resolve()  # here too: a bad checkpoint or setting fails before any replica starts
+            args = _fit_to_checkpoint(args, resolved)
+            args.check_planned(resolved)
             serve.run(serve_app(args), name=APP_NAME, route_prefix="/")
             stop.serving = True
             print(f"serving {resolved.model_name} on http://{host}:{port}/v1 ({resolved.num_shards} expert shards "
@@ -64,10 +67,10 @@ def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
     print("stopped", file=sys.stderr, flush=True)
 
 
-def _fit_to_checkpoint(args: ServeArgs) -> ServeArgs:
+def _fit_to_checkpoint(args: ServeArgs, resolved: ResolvedArgs) -> ServeArgs:
     """A dense checkpoint has no experts to shard: with `shards` left at its default, reserve none (here the
     checkpoint is readable; a Serve config on a cluster says `shards: 0` itself)."""
-    if "shards" in args.model_fields_set or args.resolve().num_shards == args.shards:
+    if "shards" in args.model_fields_set or resolved.num_shards == args.shards:
         return args
     return args.model_copy(update={"shards": 0})
 
