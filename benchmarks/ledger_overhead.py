@@ -28,12 +28,13 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.api.accounts import Accounts  # noqa: E402
-from cluster.api.backend import EngineBackend  # noqa: E402
 from cluster.api.server import build_api  # noqa: E402
 from cluster.engine.async_engine import AsyncEngine  # noqa: E402
 from cluster.ledger import open_ledger  # noqa: E402
 from cluster.serve.args import ServeArgs  # noqa: E402
+from cluster.serve.engine_backend import EngineBackend  # noqa: E402
 from cluster.serve.engine_builder import build_engine, in_process_executor  # noqa: E402
+from cluster.serve.resolved import resolve
 from cluster.tokenizer import load_tokenizer  # noqa: E402
 
 COMPLETION_TOKENS = 16
@@ -69,7 +70,7 @@ async def new_key(url: str) -> str:
 
 
 async def run(args: argparse.Namespace, pg_url: str | None, workdir: Path) -> None:
-    resolved = ServeArgs(model=args.model, device=args.device, max_num_seqs=max(args.concurrency, 1)).resolve()
+    resolved = resolve(ServeArgs(model=args.model, device=args.device, max_num_seqs=max(args.concurrency, 1)))
     engine = AsyncEngine(lambda: build_engine(resolved, in_process_executor(resolved)))
     try:
         backend = EngineBackend(engine, resolved.moe_kernel)

@@ -1,4 +1,7 @@
-"""The `moe-cluster` command line."""
+"""The `moe-cluster` command line.
+
+Each command imports what it needs when it runs, and only the chosen command's options are built: `keys list`
+reads the ledger without importing torch or the serving stack."""
 
 from __future__ import annotations
 
@@ -7,19 +10,17 @@ import sys
 import time
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
-
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+from typing import Any, Callable, Literal, Union, get_args, get_origin
 
 
 def parse_size(text: str) -> int:
-    """'2GB', '512MiB', '1000' -> bytes."""
-    s = text.strip().upper()
-    number = s.rstrip("KMGIB")
-    unit = s[len(number):]
-    if unit not in _SIZE_UNITS or not number:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GB or 512MiB)")
-    return int(float(number) * _SIZE_UNITS[unit])
+    """'2GB', '512MiB', '1000' -> bytes: pydantic's `ByteSize`, as the byte-size fields of a Serve config read them."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GB or 512MiB)") from None
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
@@ -79,9 +80,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve_args = ServeArgs(**{name: getattr(args, name) for name in ServeArgs.model_fields if hasattr(args, name)})
     if args.no_ray:
+        from cluster.serve.resolved import resolve
         from cluster.serve.standalone import run_standalone
 
-        run_standalone(serve_args.resolve(), args.host, args.port)
+        run_standalone(resolve(serve_args), args.host, args.port)
     else:
         from cluster.serve.local_ray import run_on_ray
 
@@ -157,8 +159,7 @@ def _dollars(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
-    keys = sub.add_parser("keys", help="API keys and their credits: create, list, revoke, credit, usage")
+def _keys_options(keys: argparse.ArgumentParser) -> None:
     actions = keys.add_subparsers(dest="keys_command", required=True)
     db = argparse.ArgumentParser(add_help=False)
     db.add_argument("--db", metavar="URL", help="sqlite:///path.db, a path, or postgresql://user@host:port/db "
@@ -183,6 +184,8 @@ def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
 def add_model_options(parser: argparse.ArgumentParser, model: type) -> None:
     """One option per field of the pydantic `model`, named, typed and described by the field. Options left out
     are not set, so the model's own defaults apply (they have one owner)."""
+    from pydantic import ByteSize
+
     for name, field in model.model_fields.items():
         kind, choices = _option_type(field.annotation)
         default = field.get_default(call_default_factory=True)
@@ -193,9 +196,9 @@ def add_model_options(parser: argparse.ArgumentParser, model: type) -> None:
             parser.add_argument(option, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=described + shown)
             continue
-        parser.add_argument(option, type=parse_size if name.endswith("_bytes") else kind, choices=choices,
-                            default=argparse.SUPPRESS, help=described + shown,
-                            metavar="SIZE" if name.endswith("_bytes") else None)
+        size = kind is ByteSize
+        parser.add_argument(option, type=parse_size if size else kind, choices=choices, default=argparse.SUPPRESS,
+                            help=described + shown, metavar="SIZE" if size else None)
 
 
 def _option_type(annotation: Any) -> tuple[Any, list | None]:
@@ -208,14 +211,9 @@ def _option_type(annotation: Any) -> tuple[Any, list | None]:
     return inner, None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _make_checkpoint_options(p: argparse.ArgumentParser) -> None:
     from cluster.dtype import DTYPE_CHOICES
-    from cluster.serve.args import ServeArgs
 
-    parser = argparse.ArgumentParser(prog="moe-cluster", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("make-checkpoint", help="write a random Mixtral-shaped checkpoint in the HF layout")
     p.add_argument("directory")
     p.add_argument("--preset", choices=["tiny", "mini"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
@@ -224,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest safetensors file; bigger checkpoints are sharded with an index (default 2GB)")
     p.set_defaults(run=_make_checkpoint)
 
-    p = sub.add_parser("generate", help="greedy generation for one prompt, straight on the model")
+
+def _generate_options(p: argparse.ArgumentParser) -> None:
+    from cluster.dtype import DTYPE_CHOICES
+
     p.add_argument("--model", help="checkpoint directory (default: the embedded mini checkpoint)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -234,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="encode the prompt as plain text, without the chat template")
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser("plan", help="plan expert shards and memory per GPU from config.json; refuse what does not fit")
+
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    from cluster.dtype import DTYPE_CHOICES
+
     p.add_argument("--model", required=True, help="checkpoint directory or config.json (no weights needed)")
     p.add_argument("--gpus", type=int, required=True, help="GPUs for one serving unit (0: CPU shards, with --shards)")
     p.add_argument("--gpu-memory", type=parse_size, default=parse_size("80GiB"), help="per GPU (default 80GiB)")
@@ -244,19 +248,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-kv-tokens", type=int, help="KV-cache tokens the replica's GPU must hold (default: context)")
     p.set_defaults(run=_plan)
 
-    p = sub.add_parser("serve", help="serve the OpenAI chat-completions API (Ray Serve, or one process)")
+
+def _serve_options(p: argparse.ArgumentParser) -> None:
+    from cluster.serve.args import ServeArgs
+
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     p.add_argument("--no-ray", action="store_true", help="one process, same API: experts run in this process")
     add_model_options(p, ServeArgs)
     p.set_defaults(run=_serve)
 
-    _add_keys_parser(sub)
+
+# name -> (help, what adds its options and its `run`)
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "make-checkpoint": ("write a random Mixtral-shaped checkpoint in the HF layout", _make_checkpoint_options),
+    "generate": ("greedy generation for one prompt, straight on the model", _generate_options),
+    "plan": ("plan expert shards and memory per GPU from config.json; refuse what does not fit", _plan_options),
+    "serve": ("serve the OpenAI chat-completions API (Ray Serve, or one process)", _serve_options),
+    "keys": ("API keys and their credits: create, list, revoke, credit, usage", _keys_options),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: every command is listed, only the one `argv` names gets its options (each command's
+    options import what they describe, e.g. `serve`'s the settings model)."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = argparse.ArgumentParser(prog="moe-cluster", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (text, add_options) in _COMMANDS.items():
+        command = sub.add_parser(name, help=text, description=text)
+        if name == chosen:
+            add_options(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from cluster.logs import configure_logging
+
+    args = build_parser(argv).parse_args(argv)
+    configure_logging()
     try:
         return args.run(args)
     except (ValueError, RuntimeError, OSError) as e:

@@ -47,6 +47,10 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V of every layer for one token: what the engine's cache and the planner both count."""
+        return 2 * self.num_layers * self.kv_size * dtype_bytes
+
     def __post_init__(self) -> None:
         _validate(self)
 

@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from cluster.api.accounts import Accounts
-from cluster.api.backend import EngineBackend
 from cluster.api.server import build_api
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import EngineConfig, LLMEngine
@@ -31,6 +30,7 @@ from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.engine.sampling_params import SamplingDefaults
 from cluster.ledger import Ledger, Pricing, format_dollars, open_ledger
 from cluster.model.loader import load_model
+from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version
 from tests.test_api_fuzz import uvicorn_server
 

@@ -11,7 +11,6 @@ import httpx
 import pytest
 import torch
 
-from cluster.api.backend import EngineBackend
 from cluster.api.server import build_api
 from cluster.config import ModelConfig
 from cluster.engine.async_engine import AsyncEngine
@@ -21,6 +20,8 @@ from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.engine.sampling_params import SamplingDefaults, SamplingParams
 from cluster.model.loader import load_model
 from cluster.serve.args import ServeArgs
+from cluster.serve.engine_backend import EngineBackend
+from cluster.serve.resolved import resolve
 from cluster.serve.standalone import build_standalone_app
 from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version
 from tests.asgi_client import asgi_post
@@ -79,7 +80,7 @@ def test_n_is_capped_by_the_config(model, tok):
 
 
 def test_serve_args_reach_the_engine_config(tiny_dir):
-    resolved = ServeArgs(model=str(tiny_dir), device="cpu", max_waiting=7, max_n=3, max_num_seqs=5).resolve()
+    resolved = resolve(ServeArgs(model=str(tiny_dir), device="cpu", max_waiting=7, max_n=3, max_num_seqs=5))
     assert (resolved.engine.max_waiting, resolved.engine.max_n, resolved.engine.max_num_seqs) == (7, 3, 5)
     assert ServeArgs().shutdown_grace_s == 30.0
     with pytest.raises(ValueError, match="max_n"):
@@ -243,7 +244,7 @@ def test_a_thousand_concurrent_requests_get_200_or_a_quick_429(tiny_dir: Path):
     args = ServeArgs(model=str(tiny_dir), device="cpu", dtype="fp32", moe_backend="torch", attention_backend="torch",
                      kv_cache_bytes=512 * kv_bytes_per_block(config, 16, torch.float32), max_num_seqs=MAX_NUM_SEQS,
                      max_waiting=MAX_WAITING)
-    resolved = args.resolve()
+    resolved = resolve(args)
     app, front = build_standalone_app(resolved)
     engine = front.engine
     most = {"in_engine": 0}

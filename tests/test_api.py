@@ -14,7 +14,6 @@ import openai
 import pytest
 import torch
 
-from cluster.api.backend import EngineBackend
 from cluster.api.server import build_api
 from cluster.config import ModelConfig
 from cluster.engine.async_engine import AsyncEngine
@@ -22,9 +21,10 @@ from cluster.engine.engine import EngineConfig, LLMEngine
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.engine.sampling_params import SamplingDefaults, SamplingParams
+from cluster.health import Health
 from cluster.model.loader import load_model
 from cluster.parallel.dispatch import UnavailableError
-from cluster.serve.health import Health
+from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_version
 
 pytestmark = pytest.mark.e2e  # the whole HTTP stack, from requests through the app to a real engine

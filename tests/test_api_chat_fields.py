@@ -13,7 +13,6 @@ import jsonschema
 import pytest
 import torch
 
-from cluster.api.backend import EngineBackend
 from cluster.api.server import build_api, system_fingerprint
 from cluster.api.tool_calls import model_tool_id
 from cluster.engine.async_engine import AsyncEngine
@@ -22,8 +21,9 @@ from cluster.engine.guided import GrammarGuide
 from cluster.engine.outputs import RequestOutput, TokenLogprobs
 from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.engine.sampling_params import SamplingDefaults, SamplingParams
+from cluster.health import Health
 from cluster.model.loader import load_model
-from cluster.serve.health import Health
+from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import IncrementalDetokenizer, load_tokenizer, resolve_tokenizer_version
 
 pytestmark = pytest.mark.e2e  # the whole HTTP stack, from requests through the app to a real engine

@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mistral_common.exceptions import InvalidMessageStructureException
 
-from cluster.api.backend import EngineBackend
 from cluster.api.errors import APIError
 from cluster.api.limits import MiB, APILimits
 from cluster.api.prompt import encode_prompt
@@ -38,8 +37,9 @@ from cluster.engine.guided import GrammarGuide
 from cluster.engine.outputs import RequestOutput, TokenLogprobs
 from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.engine.sampling_params import SamplingDefaults, SamplingParams
+from cluster.health import Health
 from cluster.model.loader import load_model
-from cluster.serve.health import Health
+from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import Tokenizer, TokenizerError, load_tokenizer, resolve_tokenizer_version
 
 MODEL = "mixtral-tiny"

@@ -58,16 +58,17 @@ def test_parse_size(text, size):
 
 
 def test_serve_has_one_option_per_serve_arg_and_leaves_the_defaults_to_it(tmp_path, monkeypatch):
+    import cluster.serve.resolved as resolved
     import cluster.serve.standalone as standalone
     from cluster.cli import build_parser
     from cluster.serve.args import ServeArgs
 
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    serve = build_parser(["serve"])._subparsers._group_actions[0].choices["serve"]
     dests = {a.dest for a in serve._actions} - {"help", "host", "port", "no_ray"}
     assert dests == set(ServeArgs.model_fields)
     started = []
     monkeypatch.setattr(standalone, "run_standalone", lambda resolved, host, port: started.append(resolved))
-    monkeypatch.setattr(ServeArgs, "resolve", lambda self: self)  # what the CLI hands over, unresolved
+    monkeypatch.setattr(resolved, "resolve", lambda args: args)  # what the CLI hands over, unresolved
     assert main(["serve", "--no-ray", "--model", str(tmp_path), "--max-num-seqs", "3", "--kv-cache-bytes", "2MiB",
                  "--dtype", "fp32", "--shard-threads", "2"]) == 0
     assert started == [ServeArgs(model=str(tmp_path), max_num_seqs=3, kv_cache_bytes=2 * 2**20, dtype="fp32",
@@ -104,3 +105,22 @@ def test_a_no_ray_serve_start_reads_config_json_once(tiny_dir):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == "1", result.stdout
+
+
+_IMPORTS_AFTER = """
+import sys
+from cluster.cli import main
+assert main(sys.argv[1:]) == 0
+import cluster.serve.args  # the settings model: declarations, read by the CLI and Serve configs alike
+print(" ".join(m for m in ("torch", "ray", "starlette", "cluster.engine.engine") if m in sys.modules) or "none")
+"""
+
+
+@pytest.mark.e2e  # another interpreter, so that nothing is imported yet
+def test_keys_and_the_settings_model_import_neither_torch_nor_the_serving_stack(tmp_path):
+    (tmp_path / "ledger").mkdir(mode=0o700)
+    db = tmp_path / "ledger" / "ledger.db"
+    result = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER, "keys", "list", "--db", str(db)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[-2] == "none", result.stdout

@@ -24,7 +24,7 @@ from cluster.parallel.shard_worker import ShardWorker
 from cluster.parallel.shm_channel import ShmReplicaChannel, create_files, shm_directory
 from cluster.serve.args import ServeArgs
 from cluster.serve.engine_builder import build_engine, in_process_executor
-from cluster.serve.resolved import ResolvedArgs
+from cluster.serve.resolved import ResolvedArgs, resolve
 from tests.test_expert_parallel import _drive
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -39,8 +39,8 @@ def _prompts(count: int, seed: int = 5) -> list[list[int]]:
 
 def _args(tiny_dir, shards: int, layout: UnitLayout | None = None, **kw) -> ResolvedArgs:
     """The unit's resolved settings on CPU; `layout` replaces the CPU one (to run the GPU layout here)."""
-    resolved = ServeArgs(model=str(tiny_dir), shards=shards, device="cpu", dtype="fp32", kv_cache_bytes=2**24,
-                         max_num_batched_tokens=48, shard_cpus=0.5, **kw).resolve()
+    resolved = resolve(ServeArgs(model=str(tiny_dir), shards=shards, device="cpu", dtype="fp32", kv_cache_bytes=2**24,
+                         max_num_batched_tokens=48, shard_cpus=0.5, **kw))
     return dataclasses.replace(resolved, layout=layout) if layout else resolved
 
 

@@ -16,6 +16,7 @@ from cluster.parallel.placement import assign_experts, expert_owners
 from cluster.parallel.shard_worker import ShardWorker
 from cluster.serve.args import ServeArgs
 from cluster.serve.engine_builder import build_engine, in_process_executor
+from cluster.serve.resolved import resolve
 from cluster.tokenizer import load_tokenizer
 
 E, D, F, K, LAYERS = 8, 64, 96, 2, 3
@@ -124,7 +125,7 @@ def test_in_process_shards_generate_what_one_executor_generates(tiny_dir, shards
     lengths = torch.randint(1, 60, (10,), generator=g)
     prompts = [torch.randint(3, 32768, (int(n),), generator=g).tolist() for n in lengths]
     single = LLMEngine(load_model(tiny_dir, "fp32").model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=2**24))
-    args = ServeArgs(model=str(tiny_dir), shards=shards, device="cpu", dtype="fp32", kv_cache_bytes=2**24).resolve()
+    args = resolve(ServeArgs(model=str(tiny_dir), shards=shards, device="cpu", dtype="fp32", kv_cache_bytes=2**24))
     sharded = build_engine(args, in_process_executor(args))
     expected = _drive(single, prompts, params)
     assert len(expected) == 10 and all(len(t) == 20 for t in expected.values())

@@ -157,7 +157,7 @@ def test_a_failed_choice_moves_only_the_error_count():
 def test_refused_requests_are_counted_by_status(model, tok):
     """An engine with room for one sequence, held busy: a request asking more choices than it allows is 400, one
     past its room 429, whether `generate` or the API's early check (`overloaded`) refuses it."""
-    from cluster.api.backend import EngineBackend
+    from cluster.serve.engine_backend import EngineBackend
     from cluster.engine.async_engine import AsyncEngine
     from cluster.engine.paged_cache import kv_bytes_per_block
     from cluster.metrics.engine_metrics import EngineMetrics
@@ -208,7 +208,7 @@ def test_a_recovering_unit_shows_in_its_state(make_engine):
     from cluster.metrics.prometheus_sink import PrometheusSink
     from cluster.metrics.recorder import RequestMetrics
     from cluster.metrics.sampler import Sampler
-    from cluster.serve.health import Health
+    from cluster.health import Health
 
     front = AsyncEngine(make_engine)
     sink = PrometheusSink()
@@ -609,9 +609,10 @@ def test_single_process_metrics_move_by_the_traffic(tiny_dir):
     from cluster.metrics import names as mn
     from cluster.metrics.prometheus_sink import CONTENT_TYPE as PROMETHEUS_TEXT
     from cluster.serve.args import ServeArgs
+    from cluster.serve.resolved import resolve
     from cluster.serve.standalone import build_standalone_app
 
-    resolved = ServeArgs(model=str(tiny_dir), shards=2, dtype="fp32", kv_cache_bytes=2**24).resolve()
+    resolved = resolve(ServeArgs(model=str(tiny_dir), shards=2, dtype="fp32", kv_cache_bytes=2**24))
     app, engine = build_standalone_app(resolved)
 
     model = resolved.model_name
@@ -664,6 +665,7 @@ def metrics_app(local_ray, tiny_dir):
     from cluster.serve.app import build_app
     from cluster.serve.args import ServeArgs
     from cluster.serve.local_ray import APP_NAME
+    from cluster.serve.resolved import resolve
 
     args = ServeArgs(model=str(tiny_dir), served_model_name="metrics-check", shards=2, dtype="fp32",
                      kv_cache_bytes=2**24, shard_cpus=0.5, ingress_replicas=1)
@@ -672,7 +674,7 @@ def metrics_app(local_ray, tiny_dir):
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     node = next(n for n in local_ray.nodes() if n["Alive"])
     yield (f"http://127.0.0.1:{port}", f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics",
-           args.resolve())
+           resolve(args))
     serve.delete(APP_NAME)
     serve.shutdown()
 

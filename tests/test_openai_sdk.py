@@ -17,6 +17,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.serve.args import ServeArgs
+from cluster.serve.resolved import resolve
 from cluster.serve.standalone import build_standalone_app
 from tests.test_api_fuzz import uvicorn_server
 
@@ -50,7 +51,7 @@ def server(tiny_dir) -> Iterator[tuple[str, str]]:
     """(base URL, model name) of `moe-cluster serve --no-ray`'s app (its engine with the grammar guide)."""
     args = ServeArgs(model=str(tiny_dir), device="cpu", dtype="fp32", kv_cache_bytes=2**24, moe_backend="torch",
                      attention_backend="torch")
-    resolved = args.resolve()
+    resolved = resolve(args)
     app, engine = build_standalone_app(resolved)
     try:
         with uvicorn_server(app) as port:

@@ -13,8 +13,7 @@ from cluster.cli import main
 from cluster.config import ModelConfig
 from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.parallel.layout import unit_layout
-from cluster.parallel.placement import (PlacementError, assign_experts, expert_owners, kv_bytes_per_token,
-                                        plan_placement)
+from cluster.parallel.placement import PlacementError, assign_experts, expert_owners, plan_placement
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 X22B, X7B, M7B = (CONFIGS / n for n in ("mixtral-8x22b-instruct", "mixtral-8x7b-instruct", "mistral-7b-instruct-v0.2"))
@@ -127,8 +126,8 @@ def test_kv_room_shorter_than_one_context_is_refused():
 def test_kv_bytes_per_token_matches_the_paged_cache():
     for path in (X22B, X7B, M7B):
         config = ModelConfig.from_file(path)
-        assert kv_bytes_per_token(config, 2) * 16 == kv_bytes_per_block(config, 16, torch.bfloat16)
-        assert kv_bytes_per_token(config, 4) * 16 == kv_bytes_per_block(config, 16, torch.float32)
+        assert config.kv_bytes_per_token(2) * 16 == kv_bytes_per_block(config, 16, torch.bfloat16)
+        assert config.kv_bytes_per_token(4) * 16 == kv_bytes_per_block(config, 16, torch.float32)
 
 
 def test_fp32_doubles_every_weight():
@@ -276,13 +275,14 @@ def test_cli_plan_options(args, code, text, capsys):
 def test_serve_bundles_reserve_what_the_planner_plans(shards, spare):
     pytest.importorskip("ray")
     from cluster.serve.args import ServeArgs
+    from cluster.serve.resolved import unit_layout_of
     from cluster.serve.unit import replica_gpus, shard_options, unit_bundles
 
     config = ModelConfig.from_file(X7B)
     gpus = shards + spare
     plan = plan_placement(config, gpus, 200 * GiB, num_shards=shards, min_kv_tokens=0)
     args = ServeArgs(shards=shards, gpus=gpus if spare else None)
-    layout = args.layout(config, "cuda")
+    layout = unit_layout_of(args, config, "cuda")
     assert layout == plan.layout and layout.strategy == "STRICT_PACK"
     bundles = unit_bundles(args, layout)
 
@@ -320,11 +320,12 @@ def test_serve_bundles_reserve_what_the_planner_plans(shards, spare):
 def test_cpu_units_keep_every_shard_in_its_own_process(shards):
     pytest.importorskip("ray")
     from cluster.serve.args import ServeArgs
+    from cluster.serve.resolved import unit_layout_of
     from cluster.serve.unit import replica_gpus, shard_options, unit_bundles
 
     config = ModelConfig.from_file(X7B)
     args = ServeArgs(shards=shards, gpus=3)  # gpus applies to CUDA only
-    layout = args.layout(config, "cpu")
+    layout = unit_layout_of(args, config, "cpu")
     plan = plan_placement(config, 0, num_shards=shards)
     assert layout == plan.layout and layout.strategy == "PACK" and layout.local_shards == ()
     assert [s.channel_rank for s in plan.shards] == list(range(1, shards + 1))
@@ -337,10 +338,11 @@ def test_cpu_units_keep_every_shard_in_its_own_process(shards):
 def test_a_dense_unit_is_the_replica_on_one_gpu():
     pytest.importorskip("ray")
     from cluster.serve.args import ServeArgs
+    from cluster.serve.resolved import unit_layout_of
     from cluster.serve.unit import unit_bundles
 
     config = ModelConfig.from_file(M7B)
-    layout = ServeArgs().layout(config, "cuda")
+    layout = unit_layout_of(ServeArgs(), config, "cuda")
     assert layout == plan_placement(config, 1, 80 * GiB).layout
     assert unit_bundles(ServeArgs(), layout) == [{"CPU": 0.5, "GPU": 1}]
 
@@ -348,12 +350,13 @@ def test_a_dense_unit_is_the_replica_on_one_gpu():
 @pytest.mark.parametrize("shards, gpus", [(4, 3), (4, 6), (2, 1)])
 def test_serve_args_refuse_gpu_counts_no_layout_uses(shards, gpus):
     from cluster.serve.args import ServeArgs
+    from cluster.serve.resolved import unit_layout_of
 
     with pytest.raises(ValueError, match=re.escape(f"a unit uses {shards} GPUs (the replica sharing GPU 0) or "
                                                    f"{shards + 1} (the replica on its own)")):
-        ServeArgs(shards=shards, gpus=gpus).layout(ModelConfig.from_file(X7B), "cuda")
+        unit_layout_of(ServeArgs(shards=shards, gpus=gpus), ModelConfig.from_file(X7B), "cuda")
     with pytest.raises(ValueError, match="a dense model"):
-        ServeArgs(gpus=2).layout(ModelConfig.from_file(M7B), "cuda")
+        unit_layout_of(ServeArgs(gpus=2), ModelConfig.from_file(M7B), "cuda")
 
 
 def test_the_layout_rule_refuses_fewer_gpus_than_shards():

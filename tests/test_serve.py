@@ -11,7 +11,9 @@ import pytest
 
 from cluster.serve.args import ServeArgs
 from cluster.serve.local_ray import APP_NAME
+from cluster.serve.resolved import num_shards, resolve, resolve_planned
 from cluster.serve.standalone import build_standalone_app
+from tests.waiting import wait_until, wait_until_async
 
 CHAT = {"messages": [{"role": "user", "content": "Bonjour, qui es-tu ?"}], "temperature": 0, "max_tokens": 24}
 
@@ -39,7 +41,7 @@ def served(local_ray, tiny_dir):
 
 def _standalone_text(tiny_dir, body: dict) -> str:
     """The same request on the single-process app (`--no-ray`), no Ray involved."""
-    app, engine = build_standalone_app(_args(tiny_dir).resolve())
+    app, engine = build_standalone_app(resolve(_args(tiny_dir)))
 
     async def ask() -> dict:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -110,7 +112,12 @@ def test_killed_shard_gives_503s_then_the_unit_recovers(served):
     async def load_then_kill() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             tasks = [asyncio.create_task(client.post("/v1/chat/completions", json=long)) for _ in range(8)]
-            await asyncio.sleep(1.5)  # the requests are decoding
+
+            async def decoding() -> bool:
+                stats = (await asyncio.to_thread(lambda: router.health.remote().result())).stats
+                return stats["running"] > 0 and stats["waiting"] == 0
+
+            await wait_until_async(decoding, 60, "the requests decoding")
             os.kill(victim, signal.SIGKILL)
             return await asyncio.gather(*tasks)
 
@@ -140,7 +147,7 @@ def test_a_killed_router_replica_gives_quick_503s_until_serve_brings_it_back(ser
     url, router = served
     victim = router.health.remote().result().stats["pid"]
     os.kill(victim, signal.SIGKILL)
-    time.sleep(1.0)  # the watcher's probes see it within a probe timeout
+    wait_until(lambda: httpx.get(f"{url}/health", timeout=60).status_code == 503, 30, "/health to see it gone")
     refusals = []
     with httpx.Client(base_url=url, timeout=60) as client:
         deadline = time.monotonic() + 180
@@ -174,11 +181,29 @@ def test_the_serve_config_file_holds_valid_app_args():
     assert args.shards == 8 and args.device == "cuda"
 
 
+def test_byte_sizes_read_the_same_in_a_config_file_as_on_the_command_line():
+    from typing import get_args
+
+    from pydantic import ByteSize
+
+    from cluster.cli import parse_size
+
+    sized = {name: field.annotation for name, field in ServeArgs.model_fields.items() if name.endswith("_bytes")}
+    assert sized.keys() == {"kv_cache_bytes", "max_body_bytes"}
+    assert [name for name, kind in sized.items() if ByteSize not in (kind, *get_args(kind))] == []
+    args = ServeArgs.model_validate({"kv_cache_bytes": "2GB", "max_body_bytes": "512KiB"})  # as a YAML file has it
+    assert (args.kv_cache_bytes, args.max_body_bytes) == (2 * 10**9, 512 * 2**10) == (parse_size("2GB"),
+                                                                                      parse_size("512KiB"))
+    assert ServeArgs.model_validate({"kv_cache_bytes": 2**24}).kv_cache_bytes == 2**24
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        ServeArgs.model_validate({"kv_cache_bytes": "two gigabytes"})
+
+
 def test_serve_args_refuse_what_cannot_run(tiny_dir):
     from cluster.config import ModelConfig
 
     with pytest.raises(ValueError, match="shards=0 is for a dense model"):
-        ServeArgs(model=str(tiny_dir), shards=0).num_shards(ModelConfig.from_file(tiny_dir))
+        num_shards(ServeArgs(model=str(tiny_dir), shards=0), ModelConfig.from_file(tiny_dir))
     with pytest.raises(ValueError, match="units is a fixed count"):
         ServeArgs(units=2, max_units=4)
     with pytest.raises(ValueError, match="min_units=3 is above max_units=2"):
@@ -188,7 +213,7 @@ def test_serve_args_refuse_what_cannot_run(tiny_dir):
     with pytest.raises(ValueError, match="unknown_option"):
         ServeArgs.model_validate({"unknown_option": 1})
     with pytest.raises(ValueError, match="9 shards for 8 experts"):
-        ServeArgs(model=str(tiny_dir), shards=9).num_shards(ModelConfig.from_file(tiny_dir))
+        num_shards(ServeArgs(model=str(tiny_dir), shards=9), ModelConfig.from_file(tiny_dir))
 
 
 def test_resolve_decides_every_setting_once(tiny_dir, tiny_dense_dir):
@@ -196,19 +221,19 @@ def test_resolve_decides_every_setting_once(tiny_dir, tiny_dense_dir):
 
     from cluster.config import ModelConfig
 
-    r = ServeArgs(model=str(tiny_dir), shards=3, device="cpu", dtype="bf16", max_num_seqs=7, cuda_graphs="auto",
-                  served_model_name="mix").resolve()
+    r = resolve(ServeArgs(model=str(tiny_dir), shards=3, device="cpu", dtype="bf16", max_num_seqs=7, cuda_graphs="auto",
+                  served_model_name="mix"))
     assert r.model_dir == tiny_dir.resolve() and r.model_dir.is_absolute()
     assert r.config == ModelConfig.from_file(tiny_dir) and r.model_name == "mix"
     assert (r.device, r.dtype, r.tokenizer_version) == ("cpu", torch.bfloat16, "v3")
     assert r.shard_groups == ((0, 1, 2), (3, 4, 5), (6, 7)) and r.layout.num_shards == 3
     assert (r.engine.max_num_seqs, r.engine.cuda_graphs, r.sampling.temperature) == (7, False, 0.5)
-    dense = ServeArgs(model=str(tiny_dense_dir), device="cpu").resolve()
+    dense = resolve(ServeArgs(model=str(tiny_dense_dir), device="cpu"))
     assert (dense.num_shards, dense.sampling.temperature, dense.tokenizer_version) == (0, 0.3, "v1")
-    on_gpus = ServeArgs(model=str(tiny_dir), device="cuda", dtype="auto").resolve()  # decided without a GPU here
+    on_gpus = resolve(ServeArgs(model=str(tiny_dir), device="cuda", dtype="auto"))  # decided without a GPU here
     assert (on_gpus.dtype, on_gpus.engine.cuda_graphs, on_gpus.layout.local_shards) == (torch.bfloat16, True, (0,))
     with pytest.raises(ValueError, match="cuda_graphs=on needs a CUDA device"):
-        ServeArgs(model=str(tiny_dir), device="cpu", cuda_graphs="on").resolve()
+        resolve(ServeArgs(model=str(tiny_dir), device="cpu", cuda_graphs="on"))
 
 
 @pytest.mark.parametrize("gpus, bundles", [(None, [{"CPU": 0.5, "GPU": 1}, {"CPU": 0.25, "GPU": 1}]),
@@ -254,7 +279,7 @@ def test_build_app_needs_no_checkpoint_on_the_node_that_builds_it(tmp_path):
     # On the replica's node: the real config.json (weights are not needed to resolve).
     config_dir = Path(__file__).parent / "data" / "configs" / "mixtral-8x22b-instruct"
     on_replica = ServeArgs.model_validate({**args, "model": str(config_dir)})
-    resolved = on_replica.resolve_planned()
+    resolved = resolve_planned(on_replica)
     assert (resolved.num_shards, resolved.config.hidden_size, resolved.tokenizer_version) == (8, 6144, "v3")
     assert resolved.layout.num_gpus == 8
 
@@ -264,7 +289,7 @@ def test_moe_cluster_serve_reserves_no_shards_for_a_dense_checkpoint(tiny_dense_
     from cluster.serve.local_ray import _fit_to_checkpoint
 
     def fit(args: ServeArgs) -> int:
-        return _fit_to_checkpoint(args, args.resolve()).shards
+        return _fit_to_checkpoint(args, resolve(args)).shards
 
     assert fit(ServeArgs(model=str(tiny_dense_dir), device="cpu")) == 0
     assert fit(ServeArgs(model=str(tiny_dense_dir), device="cpu", shards=2)) == 2
@@ -273,16 +298,16 @@ def test_moe_cluster_serve_reserves_no_shards_for_a_dense_checkpoint(tiny_dense_
 
 def test_a_unit_reserved_for_the_wrong_model_is_refused_on_its_replica(tiny_dense_dir, tiny_dir):
     with pytest.raises(ValueError, match="needs 0 expert shards, but the unit reserved 2: set shards to 0"):
-        ServeArgs(model=str(tiny_dense_dir), shards=2, device="cpu").resolve_planned()
-    assert ServeArgs(model=str(tiny_dense_dir), shards=0, device="cpu").resolve_planned().num_shards == 0
-    assert ServeArgs(model=str(tiny_dir), shards=2, device="cpu").resolve_planned().num_shards == 2
+        resolve_planned(ServeArgs(model=str(tiny_dense_dir), shards=2, device="cpu"))
+    assert resolve_planned(ServeArgs(model=str(tiny_dense_dir), shards=0, device="cpu")).num_shards == 0
+    assert resolve_planned(ServeArgs(model=str(tiny_dir), shards=2, device="cpu")).num_shards == 2
 
 
 @pytest.mark.e2e  # the HTTP app over a real engine
 def test_health_names_the_kernels_in_use(tiny_dir):
     args = ServeArgs(model=str(tiny_dir), device="cpu", dtype="fp32", kv_cache_bytes=2**24, moe_backend="torch",
                      attention_backend="torch")
-    app, engine = build_standalone_app(args.resolve())
+    app, engine = build_standalone_app(resolve(args))
 
     async def health() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:

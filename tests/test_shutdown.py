@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from cluster.parallel.channel import free_port
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e  # a server process of its own
 
@@ -68,12 +68,16 @@ class Server:
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.log: list[str] = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
-        deadline = time.monotonic() + 240
-        # Ready: the CLI said so (a signal before that line stops start-up at once) and /health answers.
-        while not (any(line.startswith("serving ") for line in self.log) and self._healthy()):
-            assert self.proc.poll() is None, "".join(self.log)[-3000:]
-            assert time.monotonic() < deadline, "".join(self.log)[-3000:]
-            time.sleep(0.5)
+        # Ready: the CLI logged so (a signal before that line stops start-up at once) and /health answers.
+        wait_until(lambda: self._logged("serving ") and self._healthy() or self.proc.poll() is not None, 240,
+                   self.tail)
+        assert self.proc.poll() is None, self.tail()
+
+    def _logged(self, sentence: str) -> bool:
+        return any(sentence in line for line in self.log)
+
+    def tail(self) -> str:
+        return "".join(self.log)[-3000:]
 
     def _healthy(self) -> bool:
         try:
@@ -128,20 +132,17 @@ def test_sigterm_drains_then_exits_0_leaving_nothing(tiny_dir, ray, grace_s, max
     server = Server(tiny_dir, ray, grace_s)
     try:
         lines, everyone, threads = _streams(server.url, max_tokens)
-        assert everyone.wait(120), "".join(server.log)[-3000:]
+        assert everyone.wait(120), server.tail()
         server.proc.send_signal(signal.SIGTERM)
         # On Ray the driver first reaches every Ingress replica; the single process closes at once.
         closed = "every Ingress replica (2) stopped admitting" if ray else "SIGTERM: draining"
-        deadline = time.monotonic() + 10
-        while not any(line.startswith(closed) for line in server.log):
-            assert time.monotonic() < deadline, "".join(server.log)[-3000:]
-            time.sleep(0.05)
+        wait_until(lambda: server._logged(closed), 10, server.tail)
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 503
         refused = httpx.post(f"{server.url}/v1/chat/completions", json={**_stream_body(4), "stream": False},
                              timeout=30)
         for t in threads:
             t.join(120)
-        assert server.proc.wait(120) == 0, "".join(server.log)[-3000:]
+        assert server.proc.wait(120) == 0, server.tail()
     finally:
         server.stop()
     assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
@@ -151,7 +152,7 @@ def test_sigterm_drains_then_exits_0_leaving_nothing(tiny_dir, ray, grace_s, max
     drained = re.findall(r"draining Ingress replica (\S+) \((\d+) requests in flight\)", "".join(server.log))
     assert len({replica for replica, _ in drained}) == (2 if ray else 0), drained
     assert all(int(in_flight) > 0 for _, in_flight in drained), drained
-    time.sleep(1)  # the kernel reaps the last children
-    assert _session(server.proc.pid) == set()
-    assert _ray_processes() - ray_before == set()
-    assert _shm() - shm_before == set()
+    # The kernel reaps the last children, and they their files, a moment after the server's exit.
+    wait_until(lambda: not _session(server.proc.pid), 30, lambda: f"session members {_session(server.proc.pid)}")
+    wait_until(lambda: not _ray_processes() - ray_before, 30, lambda: f"Ray processes {_ray_processes() - ray_before}")
+    wait_until(lambda: not _shm() - shm_before, 30, lambda: f"/dev/shm files {_shm() - shm_before}")

@@ -5,8 +5,8 @@ Only under a checked cache root (`cluster.user_cache`): a root another user can 
 
 from __future__ import annotations
 
+import logging
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,6 +16,8 @@ from cluster.user_cache import private_directory
 
 DEFAULT_PRESET = "mini"
 
+log = logging.getLogger(__name__)
+
 
 def ensure_default_checkpoint(name: str = DEFAULT_PRESET, seed: int = 0) -> Path:
     """The path of the `name` preset checkpoint, written there first if absent (atomically, by rename).
@@ -24,7 +26,7 @@ def ensure_default_checkpoint(name: str = DEFAULT_PRESET, seed: int = 0) -> Path
     target = private_directory() / f"{name}-seed{seed}"
     if (target / "config.json").is_file():
         return target
-    print(f"writing the embedded {name} checkpoint to {target} (first run only)", file=sys.stderr, flush=True)
+    log.info("writing the embedded %s checkpoint to %s (first run only)", name, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         write_random_checkpoint(tmp, preset(name), seed=seed)

@@ -1,21 +1,23 @@
-"""Progress lines for long checkpoint loads."""
+"""Progress lines for long checkpoint loads, logged."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
-from typing import Callable, TextIO
+from typing import Callable
 
 ProgressCallback = Callable[[int, int], None]  # (bytes loaded so far, total bytes)
 
 _GB = 1e9
 
+log = logging.getLogger(__name__)
+
 
 class ProgressPrinter:
-    """Prints 'loaded X/Y GB (p%) at R GB/s' at most every `interval` seconds, and once at the end."""
+    """Logs 'LABEL: X/Y GB (p%) at R GB/s' at most every `interval` seconds, and once at the end."""
 
-    def __init__(self, label: str, stream: TextIO = sys.stderr, interval: float = 1.0):
-        self.label, self.stream, self.interval = label, stream, interval
+    def __init__(self, label: str, interval: float = 1.0):
+        self.label, self.interval = label, interval
         self.started = time.monotonic()
         self.last = 0.0
 
@@ -26,8 +28,7 @@ class ProgressPrinter:
         self.last = now
         rate = done / max(now - self.started, 1e-9) / _GB
         pct = 100.0 * done / total if total else 100.0
-        print(f"{self.label}: {done / _GB:.2f}/{total / _GB:.2f} GB ({pct:.0f}%) at {rate:.2f} GB/s",
-              file=self.stream, flush=True)
+        log.info("%s: %.2f/%.2f GB (%.0f%%) at %.2f GB/s", self.label, done / _GB, total / _GB, pct, rate)
 
 
 def default_progress(label: str, total_bytes: int, threshold: int = 256 * 2**20) -> ProgressCallback | None:

@@ -24,13 +24,8 @@ from cluster.config import ModelConfig
 from cluster.moe.load import ExpertLoad
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:
-    """K and V of every layer for one token."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes
-
-
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return block_size * kv_bytes_per_token(config, dtype.itemsize)
+    return block_size * config.kv_bytes_per_token(dtype.itemsize)
 
 
 class PagedKVCache:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cluster.engine.async_engine import AsyncEngine
+from cluster.health import Health
 from cluster.metrics.recorder import RequestMetrics
 from cluster.metrics.sampler import Sampler
 from cluster.metrics.sink import Sink
-from cluster.serve.health import Health
 
 SAMPLE_PERIOD_S = 1.0  # how often the sampler records the gauges and sampled counters (and probes an idle unit)
 _SCRAPE_WAIT_S = 2.0  # a scrape waits this long at most for the engine's facts (else it shows the last ones)

@@ -1,5 +1,5 @@
 """Request-level metrics, recorded in the process that runs the engine as each request's outputs pass through its
-backend (`cluster.api.backend.EngineBackend`, the same in both modes).
+backend (`cluster.serve.engine_backend.EngineBackend`, the same in both modes).
 
 Per request and per finished choice the series are called directly. Per token only a clock read, an append to the
 choice's own gaps and a locked integer add happen. The time to first token is recorded at once (so its alert

@@ -25,12 +25,12 @@ import torch
 
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import LLMEngine
+from cluster.health import Health
 from cluster.metrics import names as mn
 from cluster.metrics.gpu import GpuReader
 from cluster.metrics.recorder import RequestMetrics
 from cluster.metrics.sink import Series, Sink
 from cluster.parallel.dispatch import ExpertParallelExecutor, UnavailableError
-from cluster.serve.health import Health
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, replace
 
 from cluster.checkpoint.names import dense_tensor_shapes, expert_tensor_shapes
 from cluster.config import ModelConfig
-from cluster.engine.paged_cache import kv_bytes_per_token
 from cluster.parallel.layout import UnitLayout, unit_layout
 
 
@@ -140,7 +139,7 @@ def plan_placement(config: ModelConfig, num_gpus: int, gpu_memory: int | None = 
         num_shards = min(num_gpus, config.num_experts)
     groups = assign_experts(config.num_experts, num_shards) if config.is_moe else []
     replica_bytes = dense_weight_bytes(config, dtype_bytes)
-    per_token = kv_bytes_per_token(config, dtype_bytes)
+    per_token = config.kv_bytes_per_token(dtype_bytes)
     layout = unit_layout(len(groups), "cuda" if num_gpus else "cpu", num_gpus or None)
     shards = tuple(Shard(i, g, layout.shard_gpus[i], expert_weight_bytes(config, g, dtype_bytes),
                          layout.channel_ranks[i]) for i, g in enumerate(groups))

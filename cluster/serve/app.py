@@ -7,7 +7,7 @@ file (deploy/serve_config.yaml) or by KubeRay's RayService, all through this one
 
 Building the app needs no checkpoint: Serve builds it in a task that usually runs on the head, a node with no GPU
 and no model volume. What Serve must reserve (a unit's GPU bundles, the replica counts) comes from the arguments
-alone (`deployment_plan`); each replica reads config.json itself where it runs (`ServeArgs.resolve`), so the
+alone (`deployment_plan`); each replica reads config.json itself where it runs (`resolved.resolve_planned`), so the
 checkpoint is needed only on the nodes that run replicas.
 
 With `db` set, each Ingress replica opens the ledger itself (cluster.api.accounts); its PostgreSQL password is read
@@ -26,6 +26,7 @@ from ray.serve import Application
 
 from cluster.serve.args import ServeArgs
 from cluster.serve.ingress import Ingress
+from cluster.serve.resolved import planned_layout, resolved_device
 from cluster.serve.router import AttentionRouter
 from cluster.serve.unit import UNIT_ENV, replica_gpus, unit_bundles
 
@@ -53,7 +54,7 @@ def decide(args: ServeArgs, own_ray: bool = False) -> ServeArgs:
     if args.device == "auto":
         on_ray = ray.is_initialized()
         decided["device"] = (("cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu") if on_ray
-                             else args.resolved_device())
+                             else resolved_device(args))
     if args.ingress_replicas is None:
         decided["ingress_replicas"] = 1 if own_ray else CLUSTER_INGRESS_REPLICAS
     return args.model_copy(update=decided)
@@ -63,7 +64,7 @@ def deployment_plan(args: ServeArgs) -> DeploymentPlan:
     """What Serve is asked for, from `args` alone (decided: see `decide`)."""
     if args.device == "auto" or args.ingress_replicas is None:
         raise ValueError("deployment_plan needs decided arguments (cluster.serve.app.decide)")
-    layout = args.planned_layout(args.device)
+    layout = planned_layout(args, args.device)
     # A replica Serve stops (scale-down, upgrade, a drained node) gets the shutdown grace for its requests in flight;
     # those still running then are severed.
     common = {"graceful_shutdown_timeout_s": args.shutdown_grace_s, "max_ongoing_requests": MAX_ONGOING_REQUESTS}

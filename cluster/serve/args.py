@@ -1,27 +1,18 @@
-"""The serving unit's settings, validated once, shared by `moe-cluster serve`, `serve run` configs and KubeRay."""
+"""The serving unit's settings as given, validated: shared by `moe-cluster serve`, `serve run` configs and KubeRay.
+
+Declarations only (pydantic, no torch): the command line builds its options from these fields. Deciding every
+`auto` and reading the checkpoint is `cluster.serve.resolved`'s job."""
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from cluster.api.limits import APILimits
-from cluster.checkpoint.default import ensure_default_checkpoint
-from cluster.config import ModelConfig
-from cluster.dtype import resolve_dtype
-from cluster.engine.engine import EngineConfig
-from cluster.engine.sampling_params import SamplingDefaults
+from cluster.engine.config import EngineConfig
 from cluster.ledger.pricing import Pricing, parse_dollars
-from cluster.moe.backend import backend_name
-from cluster.parallel.layout import UnitLayout, unit_layout
-from cluster.parallel.placement import assign_experts
-from cluster.serve.resolved import ResolvedArgs
-from cluster.tokenizer import resolve_tokenizer_version
 
 
 class ServeArgs(BaseModel):
@@ -71,8 +62,8 @@ class ServeArgs(BaseModel):
     channel: Literal["auto", "shm", "gloo", "nccl"] = Field(
         "auto", description="the per-layer token channel; auto: shm when a unit shares one machine on CPU, "
                             "else gloo on CPU and NCCL on GPU")
-    kv_cache_bytes: int | None = Field(None, gt=0, description="KV-cache memory, e.g. 2GB or 512MiB; default: 1 GiB "
-                                                                "on CPU, 90% of free memory on GPU")
+    kv_cache_bytes: ByteSize | None = Field(None, gt=0, description="KV-cache memory, e.g. 2GB or 512MiB; default: "
+                                                                     "1 GiB on CPU, 90% of free memory on GPU")
     max_num_seqs: int = Field(EngineConfig.max_num_seqs, ge=1, description="most sequences batched in one step")
     max_num_batched_tokens: int = Field(EngineConfig.max_num_batched_tokens, ge=16,
                                         description="most tokens one step computes (prefill chunks and decodes)")
@@ -83,8 +74,9 @@ class ServeArgs(BaseModel):
     enable_prefix_caching: bool = Field(EngineConfig.enable_prefix_caching,
                                         description="reuse the KV of prompt prefixes that requests with the same "
                                                     "cache_salt computed; off: cached_tokens is always 0")
-    max_body_bytes: int = Field(APILimits.max_body_bytes, ge=1,
-                                description="largest request body; a larger one gets 413 before it is read")
+    max_body_bytes: ByteSize = Field(ByteSize(APILimits.max_body_bytes), ge=1,
+                                     description="largest request body, e.g. 4MiB; a larger one gets 413 before it is "
+                                                 "read")
     body_timeout_s: float = Field(APILimits.body_timeout_s, gt=0,
                                   description="a body not fully received by then gets 408, and the connection closes")
     tokenize_budget_s: float = Field(APILimits.tokenize_budget_s, gt=0,
@@ -140,72 +132,3 @@ class ServeArgs(BaseModel):
     @property
     def pricing(self) -> Pricing:
         return Pricing(parse_dollars(self.price_input_per_million), parse_dollars(self.price_output_per_million))
-
-    def resolve(self) -> ResolvedArgs:
-        """Decide every `auto` for this machine and read the checkpoint's config.json, once (writing the embedded
-        default checkpoint first when it is the one asked for and absent)."""
-        model_dir = (Path(self.model) if self.model else ensure_default_checkpoint()).resolve()
-        config = ModelConfig.from_file(model_dir)
-        device = self.resolved_device()
-        layout = self.layout(config, device)
-        cuda_graphs = self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and device == "cuda")
-        if cuda_graphs and device != "cuda":
-            raise ValueError("cuda_graphs=on needs a CUDA device")
-        engine = EngineConfig(kv_cache_bytes=self.kv_cache_bytes, max_num_seqs=self.max_num_seqs,
-                              max_num_batched_tokens=self.max_num_batched_tokens, max_waiting=self.max_waiting,
-                              max_n=self.max_n, enable_prefix_caching=self.enable_prefix_caching,
-                              attention_backend=self.attention_backend, cuda_graphs=cuda_graphs)
-        api = APILimits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(APILimits)})
-        groups = assign_experts(config.num_experts, layout.num_shards) if layout.num_shards else []
-        return ResolvedArgs(args=self, model_dir=model_dir, model_name=self.served_model_name or model_dir.name,
-                            config=config, device=device, dtype=resolve_dtype(self.dtype, device),
-                            tokenizer_version=resolve_tokenizer_version(config, self.tokenizer),
-                            sampling=SamplingDefaults.for_model(config),
-                            moe_backend=backend_name(self.moe_backend, device) if groups else self.moe_backend,
-                            shard_groups=tuple(groups),
-                            layout=layout, engine=engine, api=api)
-
-    def resolve_planned(self) -> ResolvedArgs:
-        """`resolve()` where a replica runs (config.json read there), checked against what the cluster reserved for
-        the unit from these settings alone (`planned_layout`)."""
-        return self.check_planned(self.resolve())
-
-    def check_planned(self, resolved: ResolvedArgs) -> ResolvedArgs:
-        """`resolved`, if its checkpoint's unit is the one these settings reserve; else a ValueError naming `shards`."""
-        planned = self.planned_layout(resolved.device)
-        if resolved.layout != planned:
-            raise ValueError(f"{resolved.model_dir.name} needs {resolved.num_shards} expert shards, but the unit "
-                             f"reserved {planned.num_shards}: set shards to {resolved.num_shards}")
-        return resolved
-
-    def resolved_device(self) -> str:
-        """`device`, with auto decided for this machine."""
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
-
-    def num_shards(self, config: ModelConfig) -> int:
-        """Shards actually started: none for a dense model."""
-        if not config.is_moe:
-            return 0
-        if self.shards > config.num_experts:
-            raise ValueError(f"{self.shards} shards for {config.num_experts} experts: each shard needs an expert")
-        if self.shards == 0:
-            raise ValueError(f"shards=0 is for a dense model; this one has {config.num_experts} experts")
-        return self.shards
-
-    def layout(self, config: ModelConfig, device: str) -> UnitLayout:
-        """Where the unit's replica and shards run (`cluster.parallel.layout`, the planner's rule too)."""
-        return self._layout(self.num_shards(config), device)
-
-    def planned_layout(self, device: str) -> UnitLayout:
-        """The layout from these settings alone, without the checkpoint: what a cluster reserves for a unit before
-        any replica has read config.json (`shards` as given)."""
-        return self._layout(self.shards, device)
-
-    def _layout(self, shards: int, device: str) -> UnitLayout:
-        if device == "cuda" and self.gpus not in (None, max(shards, 1), shards + 1):
-            raise ValueError(f"gpus={self.gpus} for {shards} shards: a unit uses {shards} GPUs (the replica sharing "
-                             f"GPU 0) or {shards + 1} (the replica on its own)" if shards else
-                             f"gpus={self.gpus} for a dense model: its unit is the replica, on one GPU")
-        return unit_layout(shards, device, self.gpus if device == "cuda" else None)

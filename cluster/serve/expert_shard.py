@@ -16,9 +16,10 @@ import ray
 import torch
 
 from cluster.config import ModelConfig
+from cluster.logs import configure_logging
 from cluster.parallel.channel import ChannelSpec, abort_group, open_group, serve_shard
-from cluster.parallel.shm_channel import serve_shard_shm
 from cluster.parallel.shard_worker import ShardWorker
+from cluster.parallel.shm_channel import serve_shard_shm
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 class ExpertShard:
     def __init__(self, model_dir: str, config: ModelConfig, experts: tuple[int, ...], dtype: torch.dtype,
                  device: str, backend: str, threads: int | None):
+        configure_logging()  # this actor's process: its records reach the driver through Ray's log forwarding
         self.device = device  # "cuda": Ray sets CUDA_VISIBLE_DEVICES to this shard's GPU
         self.threads = threads
         t0 = time.perf_counter()

@@ -11,11 +11,12 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
+from cluster.health import Health
+from cluster.logs import configure_logging
 from cluster.serve.api_app import served_api
 from cluster.serve.args import ServeArgs
 from cluster.serve.drain import Drain
-from cluster.serve.health import Health
-from cluster.serve.resolved import ResolvedArgs
+from cluster.serve.resolved import ResolvedArgs, resolve
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,9 @@ class RouterBackend:
 @serve.ingress()
 class Ingress:
     def __init__(self, router: DeploymentHandle, args: ServeArgs):
+        configure_logging()  # this replica's process: its records reach the driver through Ray's log forwarding
         self.router = router
-        self.resolved: ResolvedArgs = args.resolve()  # config.json is read here, on the replica's node
+        self.resolved: ResolvedArgs = resolve(args)  # config.json is read here, on the replica's node
         self.drainer: Drain | None = None  # (not `app`: Serve's ingress wrapper owns that name)
         self._draining: asyncio.Task | None = None
         self._in_flight = 0

@@ -9,22 +9,24 @@ signal during start-up stops it at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
 
 from cluster.serve.args import ServeArgs
-from cluster.serve.resolved import ResolvedArgs
+from cluster.serve.resolved import ResolvedArgs, check_planned, resolve
 
 APP_NAME = "moe-cluster"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _DRAIN_ROUNDS = 50  # of quick calls: Serve spreads them as its view of the replicas' queues catches up
 _CALL_TIMEOUT_S = 30.0
 _DRAIN_SLACK_S = 30.0  # beyond the grace: for the cut requests to unwind
+
+log = logging.getLogger(__name__)
 
 
 def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
@@ -44,19 +46,18 @@ def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
         try:
             serve.start(http_options={"host": host, "port": port})
             args = decide(args, own_ray)
-            resolved = args.resolve()  # here too: a bad checkpoint or setting fails before any replica starts
+            resolved = resolve(args)  # here too: a bad checkpoint or setting fails before any replica starts
             args = _fit_to_checkpoint(args, resolved)
-            args.check_planned(resolved)
+            check_planned(args, resolved)
             serve.run(serve_app(args), name=APP_NAME, route_prefix="/")
             stop.serving = True
-            print(f"serving {resolved.model_name} on http://{host}:{port}/v1 ({resolved.num_shards} expert shards "
-                  f"on Ray); SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
+            log.info("serving %s on http://%s:%d/v1 (%d expert shards on Ray); SIGTERM or Ctrl-C stops",
+                     resolved.model_name, host, port, resolved.num_shards)
             signum = stop.wait()
-            print(f"{signal.Signals(signum).name}: draining for up to {args.shutdown_grace_s:g}s", file=sys.stderr,
-                  flush=True)
+            log.info("%s: draining for up to %gs", signal.Signals(signum).name, args.shutdown_grace_s)
             _drain(serve, args.ingress_replicas, args.shutdown_grace_s, stop)
         except KeyboardInterrupt:  # a signal during start-up: nothing to drain
-            print("stopping during start-up", file=sys.stderr, flush=True)
+            log.info("stopping during start-up")
         finally:
             serve.shutdown()
             stop.restore()
@@ -64,7 +65,7 @@ def run_on_ray(args: ServeArgs, host: str, port: int) -> None:
         ray.shutdown()
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    print("stopped", file=sys.stderr, flush=True)
+    log.info("stopped")
 
 
 def _fit_to_checkpoint(args: ServeArgs, resolved: ResolvedArgs) -> ServeArgs:
@@ -89,7 +90,7 @@ def _drain(serve, replicas: int, grace_s: float, stop: "_StopSignals") -> None:
     threading.Thread(target=drain_all, daemon=True).start()
     while not done.wait(0.1):
         if stop.count > 1:
-            print("second signal: stopping without draining", file=sys.stderr, flush=True)
+            log.warning("second signal: stopping without draining")
             return
 
 
@@ -100,9 +101,9 @@ def _drain_all(ingress, replicas: int, grace_s: float) -> None:
     began: dict[str, int] = {}  # replica id -> the requests it had in flight
     if not _rounds(lambda: ingress.begin_drain.remote(grace_s), replicas, began):
         return
-    print(f"every Ingress replica ({len(began)}) stopped admitting", file=sys.stderr, flush=True)
+    log.info("every Ingress replica (%d) stopped admitting", len(began))
     for replica, in_flight in began.items():
-        print(f"draining Ingress replica {replica} ({in_flight} requests in flight)", file=sys.stderr, flush=True)
+        log.info("draining Ingress replica %s (%d requests in flight)", replica, in_flight)
     done: dict[str, bool] = {}
     deadline = time.monotonic() + grace_s + _DRAIN_SLACK_S
     while time.monotonic() < deadline:
@@ -112,7 +113,7 @@ def _drain_all(ingress, replicas: int, grace_s: float) -> None:
             return
         done = {replica: ended for replica, ended in done.items() if ended}  # ask again about the others
         time.sleep(0.1)
-    print("the Ingress replicas did not finish draining in time", file=sys.stderr, flush=True)
+    log.warning("the Ingress replicas did not finish draining in time")
 
 
 def _rounds(ask, replicas: int, answers: dict) -> bool:
@@ -122,18 +123,18 @@ def _rounds(ask, replicas: int, answers: dict) -> bool:
         try:
             responses = [ask() for _ in range(2 * (replicas - len(answers)))]
         except Exception as e:  # the app is gone: nothing left to drain
-            print(f"draining the Ingress failed: {e}", file=sys.stderr, flush=True)
+            log.warning("draining the Ingress failed: %s", e)
             return False
         for response in responses:
             try:
                 replica, value = response.result(timeout_s=_CALL_TIMEOUT_S)
             except Exception as e:  # this replica is gone or stuck; the others still drain
-                print(f"draining an Ingress replica failed: {e}", file=sys.stderr, flush=True)
+                log.warning("draining an Ingress replica failed: %s", e)
                 continue
             answers.setdefault(replica, value)
         if len(answers) >= replicas:
             return True
-    print(f"{len(answers)} of {replicas} Ingress replicas answered", file=sys.stderr, flush=True)
+    log.warning("%d of %d Ingress replicas answered", len(answers), replicas)
     return False
 
 

@@ -10,14 +10,16 @@ import logging
 import os
 from typing import AsyncIterator
 
-from cluster.api.backend import EngineBackend, final_outputs
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
+from cluster.health import Health
+from cluster.logs import configure_logging
 from cluster.metrics.engine_metrics import replica_metrics
 from cluster.serve.args import ServeArgs
+from cluster.serve.engine_backend import EngineBackend, final_outputs
 from cluster.serve.engine_builder import build_engine
-from cluster.serve.health import Health
+from cluster.serve.resolved import resolve_planned
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,8 @@ class AttentionRouter:
     def __init__(self, args: ServeArgs):
         from cluster.serve.unit import ShardedUnit  # needs Ray: imported where Ray runs
 
-        resolved = args.resolve_planned()  # config.json is read here, on the replica's node
+        configure_logging()  # this replica's process: its records reach the driver through Ray's log forwarding
+        resolved = resolve_planned(args)  # config.json is read here, on the replica's node
         self.unit: ShardedUnit | None = None
 
         def factory():

@@ -5,19 +5,21 @@ signal stops it at once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-import sys
 from types import FrameType
 
 import uvicorn
 
-from cluster.api.backend import EngineBackend
 from cluster.engine.async_engine import AsyncEngine
 from cluster.metrics.engine_metrics import single_process_metrics
 from cluster.serve.api_app import served_api
 from cluster.serve.drain import Drain
+from cluster.serve.engine_backend import EngineBackend
 from cluster.serve.engine_builder import build_engine, in_process_executor
 from cluster.serve.resolved import ResolvedArgs
+
+log = logging.getLogger(__name__)
 
 
 def build_standalone_app(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine]:
@@ -42,7 +44,7 @@ class _DrainingServer(uvicorn.Server):
             self.should_exit = self.force_exit = True
             return
         self._signalled = True
-        print(f"{signal.Signals(sig).name}: draining for up to {self.grace_s:g}s", file=sys.stderr, flush=True)
+        log.info("%s: draining for up to %gs", signal.Signals(sig).name, self.grace_s)
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(self._start_draining, loop)
 
@@ -60,9 +62,9 @@ def run_standalone(resolved: ResolvedArgs, host: str, port: int) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
                             lifespan="on")
     server = _DrainingServer(config, app, resolved.args.shutdown_grace_s)
-    print(f"serving {resolved.model_name} on http://{host}:{port}/v1 (single process)", file=sys.stderr, flush=True)
+    log.info("serving %s on http://%s:%d/v1 (single process)", resolved.model_name, host, port)
     try:
         server.run()
     finally:
         engine.shutdown()
-    print("stopped", file=sys.stderr, flush=True)
+    log.info("stopped")

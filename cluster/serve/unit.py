@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -29,6 +28,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.health import Health
 from cluster.parallel.channel import ChannelSpec, ReplicaChannel, free_port
 from cluster.parallel.dispatch import ExpertParallelExecutor, ExpertTransport, SplitPhaseTransport
 from cluster.parallel.hybrid import HybridTransport
@@ -39,7 +39,6 @@ from cluster.parallel.shard_worker import ShardWorker
 from cluster.parallel.shm_channel import ShmReplicaChannel, create_files, shm_directory
 from cluster.serve.args import ServeArgs
 from cluster.serve.expert_shard import ExpertShard
-from cluster.serve.health import Health
 from cluster.serve.resolved import ResolvedArgs
 
 log = logging.getLogger(__name__)
@@ -113,16 +112,16 @@ class ShardedUnit:
                                   r.moe_backend)
         if self.device == "cuda":
             worker.warm_up(self.args.max_num_batched_tokens, self.config.experts_per_token)
-        print(f"expert shard {shard}: experts {list(worker.expert_ids)}, {worker.nbytes / 1e6:.1f} MB, loaded in "
-              f"{time.perf_counter() - t0:.2f}s in the replica's process", file=sys.stderr, flush=True)
+        log.info("expert shard %d: experts %s, %.1f MB, loaded in %.2fs in the replica's process", shard,
+                 list(worker.expert_ids), worker.nbytes / 1e6, time.perf_counter() - t0)
         return worker
 
     def _wait_loaded(self) -> None:
         t0 = time.perf_counter()
         for shard, actor in self.actors.items():
             info = ray.get(actor.info.remote())
-            print(f"expert shard {shard}: experts {info['experts']}, {info['bytes'] / 1e6:.1f} MB, "
-                  f"loaded in {info['load_s']}s (pid {info['pid']})", file=sys.stderr, flush=True)
+            log.info("expert shard %d: experts %s, %.1f MB, loaded in %ss (pid %s)", shard, info["experts"],
+                     info["bytes"] / 1e6, info["load_s"], info["pid"])
         log.info("%d expert shards ready in %.1fs", self.layout.num_shards, time.perf_counter() - t0)
 
     def _connect(self) -> ExpertTransport:
