@@ -26,7 +26,9 @@ from cluster.parallel.shard_worker import ShardWorker
 from tests.test_expert_parallel import D, E, LAYERS, _backend, _layers, _routing
 
 TIMEOUT_S = 1.0
-SLACK_S = 1.5
+# An upper bound only to tell "failed at its deadline" from "hung until some other timeout" (gloo's own is 30 min):
+# far above the deadline, so a loaded machine never trips it.
+NOT_HUNG_S = 30.0
 
 
 def _spec(shards: int, dtype: str = "fp32", **kw) -> ChannelSpec:
@@ -77,6 +79,13 @@ def _silent(release: threading.Event) -> Callable[[ChannelSpec, dist.ProcessGrou
         release.wait()
         return "silent"
     return serve
+
+
+class _Untouchable:
+    """Stands in for a process group that must not be used: any use fails the test."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the process group was used ({name})")
 
 
 class _Zeros:
@@ -144,12 +153,12 @@ def test_a_shard_that_never_replies_fails_the_round_within_the_timeout(release, 
     with pytest.raises(UnavailableError, match="rank\\(s\\) 2 sent no reply"):
         channel.run([batch, batch])
     elapsed = time.monotonic() - t0
-    assert TIMEOUT_S <= elapsed < TIMEOUT_S + SLACK_S, elapsed
+    assert TIMEOUT_S <= elapsed < NOT_HUNG_S, elapsed
     assert channel.broken and channel.late_ranks == (2,)
-    t0 = time.monotonic()
+    channel.group = _Untouchable()
     with pytest.raises(UnavailableError, match="reconnecting"):
-        channel.run([batch, batch])  # a broken channel is never reused
-    assert time.monotonic() - t0 < 0.1
+        channel.run([batch, batch])  # a broken channel is never reused: refused before its group is touched
+    channel.group = None
     release.set()
     shards.join(10)  # the group was aborted: the answering shard's loop ended too, without a stop frame
     assert shards.exits[1].startswith("channel closed"), shards.exits
@@ -166,10 +175,9 @@ def test_a_shard_that_went_away_fails_the_round_at_once_and_is_not_late(release)
 
     shards = _Shards(spec, [_serving(_Zeros()), leaves])
     channel = ReplicaChannel(spec)
-    t0 = time.monotonic()
     with pytest.raises(UnavailableError, match="stopped answering"):
-        channel.run([_batch(3)] * 2)
-    assert time.monotonic() - t0 < 10 and channel.late_ranks == ()
+        channel.run([_batch(3)] * 2)  # not "sent no reply", which only the 30 s deadline would give
+    assert channel.late_ranks == ()
     shards.join(10)
 
 
@@ -196,15 +204,16 @@ def test_polled_waits_keep_the_deadline():
     t0 = time.monotonic()
     works = [(1, _FakeWork(t0)), (2, _FakeWork(None)), (3, _FakeWork(t0 + 0.1)), (3, _FakeWork(None))]
     assert wait_works(works, t0 + TIMEOUT_S, poll=True, spin_s=1e-3) == (2, 3)
-    assert TIMEOUT_S <= time.monotonic() - t0 < TIMEOUT_S + SLACK_S
+    assert TIMEOUT_S <= time.monotonic() - t0 < NOT_HUNG_S
     assert not any(w.waited for _, w in works)
 
 
 def test_polled_waits_return_once_every_work_completed():
     t0 = time.monotonic()
     works = [(1, _FakeWork(t0 + 0.05)), (2, _FakeWork(t0 + 0.1))]
-    assert wait_works(works, t0 + 10, poll=True, spin_s=0.02) == ()
-    assert 0.1 <= time.monotonic() - t0 < 1 and all(w.waited for _, w in works)  # waited: orders the stream after it
+    assert wait_works(works, t0 + 10 * NOT_HUNG_S, poll=True, spin_s=0.02) == ()
+    # Returned when the last work completed, not at the deadline; waited: orders the stream after it.
+    assert 0.1 <= time.monotonic() - t0 < NOT_HUNG_S and all(w.waited for _, w in works)
     assert works[1][1].polls > 5  # spun, then slept in short steps: not one long sleep
 
 
