@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +27,8 @@ from cluster.moe.load import ExpertLoad
 from cluster.tokenizer.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
+
+_MAX_PENDING_STEPS = 1 << 16  # step sizes kept for the metrics sampler between two reads (the oldest go first)
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class LLMEngine:
         self.siblings: dict[str, list[Sequence]] = {}  # choices 1..n-1, admitted once choice 0 has its prompt KV
         self.outputs: dict[int, _SeqOutput] = {}
         self._ids = itertools.count()
+        self.step_tokens: deque[int] = deque(maxlen=_MAX_PENDING_STEPS)  # tokens each step computed, for metrics
 
     # -- admission ---------------------------------------------------------------------------------------------
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
@@ -202,6 +206,7 @@ class LLMEngine:
         if not batch:
             return []
         logits, sampling = self.runner.run(batch)
+        self.step_tokens.append(batch.num_tokens)
         rows = self._rows([s.seq for s in sampling])  # grammar masks: on a GPU, while the forward pass runs
         sampled = self.sampler(logits, rows) if sampling else None
         for s in batch.scheduled:
