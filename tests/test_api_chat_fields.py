@@ -499,6 +499,25 @@ def test_text_completions_are_routed(served):
     assert completion["object"] == "text_completion" and completion["system_fingerprint"] == FINGERPRINT
 
 
+def test_text_completions_take_the_vllm_extensions_too(served):
+    """The legacy route shares them: min_tokens holds back the EOS the model wants, continuous_usage_stats puts the
+    usage so far in every chunk, an unknown field is a 400 naming it."""
+    app, _, tok = served
+    body = {"prompt": "Hello", "max_tokens": 6, "temperature": 0, "logit_bias": {str(tok.eos_id): 100},
+            "min_tokens": 2, "stream": True, "stream_options": {"continuous_usage_stats": True}}
+
+    async def scenario():
+        async with _client(app) as client:
+            return (await client.post("/v1/completions", json=body),
+                    await client.post("/v1/completions", json={"prompt": "Hello", "guided_json": {}}))
+
+    streamed, unknown = asyncio.run(scenario())
+    *chunks, final = _events(streamed)
+    assert final["usage"]["completion_tokens"] == 3 and all(c["usage"] is not None for c in chunks)
+    assert [c["usage"]["completion_tokens"] for c in chunks][-1] == 3
+    assert _error(unknown)["param"] == "guided_json"
+
+
 def test_context_overflow_has_openai_code_and_param(served):
     app, _, _ = served
     for stream in (False, True):

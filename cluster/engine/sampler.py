@@ -145,7 +145,7 @@ def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
 
     banning = [i for i, r in enumerate(rows) if r.banned]
     if banning:
-        _ban(out, banning, [rows[i].banned for i in banning])
+        _ban(out, rows, banning)
 
     pen = [i for i, r in enumerate(rows) if (r.params.frequency_penalty or r.params.presence_penalty)
            and r.output_token_ids]
@@ -164,18 +164,20 @@ def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
     return out
 
 
-def _ban(out: torch.Tensor, idx_rows: list[int], banned: list[tuple[int, ...]]) -> None:
-    """-inf at each row's banned tokens of `out` [B, V], in place; a row that would be left with no finite logit (its
-    grammar allows only banned tokens) keeps its logits. Decided on the device: no sync."""
+def _ban(out: torch.Tensor, rows: list[SamplingRow], banning: list[int]) -> None:
+    """-inf at the banned tokens of rows `banning` of `out` [B, V], in place; a row left with no finite logit (only
+    its grammar can do that: it allows banned tokens alone) keeps its logits. Decided on the device: no sync."""
     device = out.device
-    idx = _on_device(idx_rows, torch.long, device)
-    before = out[idx]  # [K, V]
-    at = (_on_device([j for j, tokens in enumerate(banned) for _ in tokens], torch.long, device),
-          _on_device([t for tokens in banned for t in tokens], torch.long, device))
-    after = before.clone()
-    after[at] = _NEG_INF
-    empty = (after == _NEG_INF).all(dim=-1, keepdim=True)  # [K, 1]
-    out[idx] = torch.where(empty, before, after)
+    at = (_on_device([i for i in banning for _ in rows[i].banned], torch.long, device),
+          _on_device([t for i in banning for t in rows[i].banned], torch.long, device))
+    guarded = [i for i in banning if rows[i].allowed is not None]
+    if guarded:
+        idx = _on_device(guarded, torch.long, device)
+        kept = out[idx]  # [G, V], a copy
+    out.index_put_(at, out.new_full(at[1].shape, _NEG_INF))
+    if guarded:
+        banned = out[idx]
+        out[idx] = torch.where((banned == _NEG_INF).all(dim=-1, keepdim=True), kept, banned)
 
 
 def unpack_bitmask(words: torch.Tensor, V: int) -> torch.Tensor:
