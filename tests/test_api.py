@@ -271,9 +271,9 @@ def test_logprobs_come_with_each_token(served):
     plain, streamed = asyncio.run(scenario())
     choice = plain.json()["choices"][0]
     content = choice["logprobs"]["content"]
-    # One per token of the content (control tokens, which the content leaves out, have none): their texts and bytes
-    # make up the content exactly.
-    assert 0 < len(content) <= plain.json()["usage"]["completion_tokens"]
+    # One per generated token (control tokens, which the content leaves out, as "" with no bytes): their texts and
+    # bytes make up the content exactly.
+    assert len(content) == plain.json()["usage"]["completion_tokens"]
     assert "".join(item["token"] for item in content) == choice["message"]["content"]
     assert bytes(b for item in content for b in item["bytes"]).decode() == choice["message"]["content"]
     for item in content:

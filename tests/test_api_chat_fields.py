@@ -157,17 +157,26 @@ def test_tool_choice_required_returns_a_call_that_matches_its_schema(served, see
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_named_tool_choice_calls_that_function(served, stream):
+def test_a_named_tool_choice_calls_that_function_and_stops(served, stream):
+    """OpenAI (and vLLM) finish a forced named call with "stop"; "auto" and "required" finish with "tool_calls"."""
     app, _, _ = served
     body = {"messages": ASK, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}},
-            "max_tokens": 40, "seed": 3, "stream": stream}
+            "max_tokens": 40, "seed": 3, "stream": stream, "n": 2}
     response = _post(app, body)
-    calls = _assembled_calls(_events(response)) if stream else [
-        {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
-        for c in _ok(response)["choices"][0]["message"]["tool_calls"]]
-    (call,) = calls
-    assert call["name"] == "get_time"
-    jsonschema.validate(json.loads(call["arguments"]), SCHEMAS["get_time"])
+    if stream:
+        events = _events(response)
+        per_choice = [[e for e in events if [c["index"] for c in e["choices"]] == [i]] for i in range(2)]
+        choices = [(_assembled_calls(evs), [c["finish_reason"] for e in evs for c in e["choices"]
+                                            if c["finish_reason"]]) for evs in per_choice]
+    else:
+        choices = [([{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                     for c in choice["message"]["tool_calls"]], [choice["finish_reason"]])
+                   for choice in _ok(response)["choices"]]
+    assert len(choices) == 2
+    for calls, reasons in choices:
+        (call,) = calls
+        assert call["name"] == "get_time" and reasons == ["stop"], (calls, reasons)
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS["get_time"])
 
 
 def test_streamed_tool_call_deltas_reassemble_to_the_same_call(served):
@@ -260,12 +269,14 @@ def test_content_before_tool_calls_token_stays_content(served, merged):
     """The text before [TOOL_CALLS] is content, the text after it the calls, also when a backend merged a choice's
     outputs into one (the Ray Serve app does for non-streamed requests)."""
     _, _, tok = served
-    ids = (tok.encode("Let me check.") + [tok.tool_calls_token]
-           + tok.encode('[{"name": "get_time", "arguments": {"zone": "UTC"}}]') + [tok.eos_id])
+    content_ids = tok.encode("Let me check.")
+    ids = content_ids + [tok.tool_calls_token] + tok.encode('[{"name": "get_time", "arguments": {"zone": "UTC"}}]')
     detok = IncrementalDetokenizer(tok.decode)
-    outputs = [RequestOutput("r", 0, "" if i == tok.eos_id else detok.add([i]), [i], [TokenLogprobs(-0.5, [])],
-                             finish_reason="stop" if n == len(ids) - 1 else None, completion_tokens=n + 1)
+    outputs = [RequestOutput("r", 0, detok.add([i]), [i], [TokenLogprobs(-0.5, [])], completion_tokens=n + 1)
                for n, i in enumerate(ids)]
+    # The engine's last output: EOS ended the choice (not among the content's tokens, counted all the same).
+    outputs.append(RequestOutput("r", 0, "", [], finish_reason="stop", completion_tokens=len(ids) + 1,
+                                 stop_token=tok.eos_id, stop_token_logprobs=TokenLogprobs(-0.25, [])))
     if merged:
         outputs = [functools.reduce(RequestOutput.merged, outputs)]
     app = build_api(_Scripted(outputs), tok, MODEL, 4096, SamplingDefaults(temperature=0.5))
@@ -275,7 +286,12 @@ def test_content_before_tool_calls_token_stays_content(served, merged):
     assert choice["message"]["content"] == "Let me check." and choice["finish_reason"] == "tool_calls"
     (call,) = choice["message"]["tool_calls"]
     assert call["function"]["name"] == "get_time" and json.loads(call["function"]["arguments"]) == {"zone": "UTC"}
-    assert "".join(t["token"] for t in choice["logprobs"]["content"]) == "Let me check."
+    # One entry per token: the content's spell it, [TOOL_CALLS] and EOS are "", the call's carry its raw text.
+    entries = choice["logprobs"]["content"]
+    assert len(entries) == len(ids) + 1 == _ok(plain)["usage"]["completion_tokens"]
+    assert "".join(t["token"] for t in entries[:len(content_ids)]) == "Let me check."
+    assert [entries[len(content_ids)]["token"], entries[-1]["token"], entries[-1]["logprob"]] == ["", "", -0.25]
+    assert "get_time" in "".join(t["token"] for t in entries[len(content_ids) + 1:])
     events = _events(streamed)
     assert "".join(c["delta"].get("content") or "" for e in events for c in e["choices"]) == "Let me check."
     assert [(c["name"], c["arguments"]) for c in _assembled_calls(events)] == [
@@ -336,7 +352,10 @@ def test_a_bad_response_format_is_a_400_naming_it(served, fmt, param):
 # -- fields ----------------------------------------------------------------------------------------------------------
 NULLABLE = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
             "seed", "stream", "stream_options", "frequency_penalty", "presence_penalty", "logit_bias", "ignore_eos",
-            "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format", "user"]
+            "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format", "user",
+            "min_tokens", "stop_token_ids", "store", "metadata", "service_tier", "prompt_cache_key",
+            "safety_identifier", "modalities", "verbosity", "reasoning_effort", "audio", "prediction", "functions",
+            "function_call", "web_search_options", "return_token_ids", "prompt_logprobs"]
 
 
 def test_every_optional_field_takes_null(served):
@@ -394,6 +413,58 @@ def test_vllm_sampling_fields_reach_the_engine(served):
     assert backend.requests[-1][1].top_k == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_holds_back_eos_and_stop_token_ids(served, stream):
+    """vLLM's min_tokens: a model that wants to end at once (its end token biased +100) writes min_tokens tokens
+    first; the token that ends it is counted and has its logprob ("" with no bytes), its text is not content."""
+    app, backend, tok = served
+    word = tok.encode("Paris")[-1]
+    base = {"messages": ASK, "max_tokens": 10, "temperature": 0, "logprobs": True, "stream": stream,
+            **({"stream_options": {"include_usage": True}} if stream else {})}
+    cases = [({"logit_bias": {str(tok.eos_id): 100}}, 0, 1), ({"logit_bias": {str(tok.eos_id): 100}}, 4, 5),
+             ({"logit_bias": {str(word): 100}, "stop_token_ids": [word]}, 0, 1),
+             ({"logit_bias": {str(word): 100}, "stop_token_ids": [word]}, 3, 4)]
+    for fields, min_tokens, tokens in cases:
+        response = _post(app, {**base, **fields, "min_tokens": min_tokens})
+        if stream:
+            events = _events(response)
+            usage, chunks = events[-1]["usage"], [c for e in events for c in e["choices"]]
+            content = "".join(c["delta"].get("content") or "" for c in chunks)
+            entries = [t for c in chunks for t in (c["logprobs"] or {}).get("content") or []]
+            reason = [c["finish_reason"] for c in chunks if c["finish_reason"]]
+        else:
+            completion = _ok(response)
+            usage, choice = completion["usage"], completion["choices"][0]
+            content, entries, reason = (choice["message"]["content"], choice["logprobs"]["content"],
+                                        [choice["finish_reason"]])
+        assert (usage["completion_tokens"], reason, len(entries)) == (tokens, ["stop"], tokens), (fields, min_tokens)
+        assert entries[-1]["token"] == "" and entries[-1]["bytes"] == [], entries[-1]
+        assert "".join(t["token"] for t in entries) == content and tok.piece(word)[1:] not in content
+        assert backend.requests[-1][1].min_tokens == min_tokens
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_a_400(served):
+    app, backend, tok = served
+    sent = len(backend.requests)
+    error = _error(_post(app, {"messages": ASK, "stop_token_ids": [5, tok.vocab_size, tok.vocab_size + 7]}))
+    assert error["param"] == "stop_token_ids" and f"{tok.vocab_size}, {tok.vocab_size + 7}" in error["message"]
+    assert len(backend.requests) == sent
+
+
+def test_continuous_usage_stats_gives_every_chunk_the_usage_so_far(served):
+    app, _, _ = served
+    body = {"messages": ASK, "max_tokens": 5, "n": 2, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    events = _events(_post(app, body))
+    *chunks, final = events
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 10
+    so_far = [c["usage"]["completion_tokens"] for c in chunks]
+    assert so_far[:2] == [0, 0] and so_far == sorted(so_far) and so_far[-1] == 10, so_far  # the role chunks first
+    assert {c["usage"]["prompt_tokens"] for c in chunks} == {final["usage"]["prompt_tokens"]}
+    assert all(c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]
+               for c in chunks)
+
+
 def test_stream_options_need_stream(served):
     app, _, _ = served
     error = _error(_post(app, {"messages": ASK, "stream_options": {"include_usage": True}}))
@@ -426,6 +497,25 @@ def test_text_completions_are_routed(served):
 
     completion = _ok(asyncio.run(scenario()))
     assert completion["object"] == "text_completion" and completion["system_fingerprint"] == FINGERPRINT
+
+
+def test_text_completions_take_the_vllm_extensions_too(served):
+    """The legacy route shares them: min_tokens holds back the EOS the model wants, continuous_usage_stats puts the
+    usage so far in every chunk, an unknown field is a 400 naming it."""
+    app, _, tok = served
+    body = {"prompt": "Hello", "max_tokens": 6, "temperature": 0, "logit_bias": {str(tok.eos_id): 100},
+            "min_tokens": 2, "stream": True, "stream_options": {"continuous_usage_stats": True}}
+
+    async def scenario():
+        async with _client(app) as client:
+            return (await client.post("/v1/completions", json=body),
+                    await client.post("/v1/completions", json={"prompt": "Hello", "guided_json": {}}))
+
+    streamed, unknown = asyncio.run(scenario())
+    *chunks, final = _events(streamed)
+    assert final["usage"]["completion_tokens"] == 3 and all(c["usage"] is not None for c in chunks)
+    assert [c["usage"]["completion_tokens"] for c in chunks][-1] == 3
+    assert _error(unknown)["param"] == "guided_json"
 
 
 def test_context_overflow_has_openai_code_and_param(served):
@@ -475,6 +565,35 @@ def test_logprob_tokens_make_up_the_content_exactly(served):
         firsts.append(tokens[0])
     # The tiny model's first tokens mostly start a word: without the fix they all began with a space.
     assert firsts and not any(t.startswith(" ") for t in firsts), firsts
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_generated_token_has_its_logprob(served, stream):
+    """One entry per token completion_tokens counts, control tokens included (as "" with no bytes, so the entries
+    still spell the content); the issue's case: n=3, max_tokens=50 gave 48, 49 and 50 entries."""
+    app, _, tok = served
+    body = {"messages": ASK, "max_tokens": 50, "n": 3, "temperature": 1.0, "seed": 0, "logprobs": True,
+            "top_logprobs": 1, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+    response = _post(app, body)
+    entries: list[list[dict]] = [[], [], []]
+    texts = ["", "", ""]
+    if stream:
+        events = _events(response)
+        usage = events[-1]["usage"]
+        for e in events:
+            for c in e["choices"]:
+                entries[c["index"]] += (c["logprobs"] or {}).get("content") or []
+                texts[c["index"]] += c["delta"].get("content") or ""
+    else:
+        completion = _ok(response)
+        usage = completion["usage"]
+        for c in completion["choices"]:
+            entries[c["index"]], texts[c["index"]] = c["logprobs"]["content"], c["message"]["content"]
+    assert sum(len(e) for e in entries) == usage["completion_tokens"], [len(e) for e in entries]
+    control = [t for e in entries for t in e if t["token"] == "" and t["bytes"] == []]
+    assert control, "the case needs a sampled control token"
+    for e, text in zip(entries, texts):  # (a lone byte-fallback byte's text is "\\xbf": its bytes spell the text)
+        assert bytes(b for t in e for b in t["bytes"]).decode("utf-8", errors="replace") == text
 
 
 def test_logprobs_leave_out_the_tokens_of_a_stop_string(served):

@@ -48,13 +48,15 @@ def test_every_name_is_valid_unique_and_ray_safe():
     prometheus = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
     assert len({s.name for s in mn.ALL}) == len(mn.ALL)
     for spec in mn.ALL:
-        assert prometheus.match(spec.name) and not spec.name.endswith("_total"), spec.name
+        # prometheus_client appends a counter's `_total` itself; vLLM's histogram `iteration_tokens_total` has it
+        assert prometheus.match(spec.name) and not (spec.kind == "counter" and spec.name.endswith("_total")), spec.name
         assert re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", spec.ray_name), spec.ray_name
         assert spec.name.startswith("vllm:") or spec.name.startswith("moe_cluster_"), spec.name
         assert spec.label_names[0] == "model_name"
         assert (spec.kind == "histogram") == bool(spec.buckets), spec.name
         assert list(spec.buckets) == sorted(set(spec.buckets)) and all(b > 0 for b in spec.buckets), spec.name
     assert mn.GENERATION_TOKENS.scraped_names(ray=False) == ("vllm:generation_tokens_total",)
+    assert mn.ITERATION_TOKENS.scraped_names(ray=False)[0] == "vllm:iteration_tokens_total_bucket"
     assert mn.TTFT.scraped_names(ray=True) == ("ray_vllm_time_to_first_token_seconds_bucket",
                                                "ray_vllm_time_to_first_token_seconds_sum",
                                                "ray_vllm_time_to_first_token_seconds_count")
@@ -232,6 +234,40 @@ def test_waiting_counts_the_choices_not_yet_admitted(make_engine):
     stats = read_engine(engine, probe=False).stats
     assert (stats["running"], stats["waiting"]) == (1, 2)
     engine.abort("n3")
+
+
+def test_each_step_and_the_cache_configuration_are_exported(model, tok):
+    """vllm:iteration_tokens_total observes the tokens of every step, once (a 20-token prompt in chunks of 8, then
+    two decodes); vllm:cache_config_info is 1 under the cache's settings, written as vLLM writes them."""
+    from cluster.engine.async_engine import AsyncEngine
+    from cluster.engine.paged_cache import kv_bytes_per_block
+    from cluster.metrics.prometheus_sink import PrometheusSink
+    from cluster.metrics.recorder import RequestMetrics
+    from cluster.metrics.sampler import Sampler
+
+    front = AsyncEngine(lambda: LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(
+        kv_cache_bytes=64 * kv_bytes_per_block(model.config, 16, torch.float32), max_num_batched_tokens=8)))
+    sink = PrometheusSink()
+
+    async def run() -> None:
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        assert [o.finish_reason async for o in await front.add_request("r", list(range(5, 25)), params)][-1] == \
+            "length"
+
+    try:
+        asyncio.run(run())
+        sampler = Sampler(sink, "m", front, RequestMetrics(sink, "m"), 1.0)
+        sampler.sample()
+        sampler.sample()  # the steps were read once: a second sample adds none
+    finally:
+        front.shutdown()
+    samples = _samples(sink.render())
+    steps = {dict(ls)["le"]: v for (n, ls), v in samples.items() if n == "vllm:iteration_tokens_total_bucket"}
+    assert (steps["1.0"], steps["8.0"], steps["16.0"], steps["+Inf"]) == (2, 5, 5, 5)
+    assert _sum(samples, "vllm:iteration_tokens_total_sum") == 8 + 8 + 4 + 1 + 1
+    info = [(dict(ls), v) for (n, ls), v in samples.items() if n == "vllm:cache_config_info"]
+    assert info == [({"model_name": "m", "block_size": "16", "cache_dtype": "float32", "enable_prefix_caching": "True",
+                      "gpu_memory_utilization": "0.9", "num_gpu_blocks": "64"}, 1)]
 
 
 def test_a_prefix_lookup_is_counted_once_when_its_blocks_are_allocated():
@@ -585,8 +621,13 @@ def _mismatches(before: dict, after: dict, want: dict, ray: bool, model: str, co
            for status, n in want["refused"].items()},
         "unit ok": (_sum(after, mn.UNIT_STATE.scraped_base(ray), model_name=model, state="ok"), 1),
     }
+    # Every computed token was in some step; the cache's configuration is exported once, at 1
+    checks["steps observed"] = (delta(mn.ITERATION_TOKENS, "_count") > 0, True)
+    checks["cache config info"] = (_sum(after, mn.CACHE_CONFIG_INFO.scraped_base(ray), model_name=model,
+                                        enable_prefix_caching="True"), 1)
     if not ray:  # Ray estimates histogram sums from bucket midpoints
         checks["generation histogram sum"] = (delta(mn.REQUEST_GENERATION_TOKENS, "_sum"), want["generation"])
+        checks["step tokens"] = (delta(mn.ITERATION_TOKENS, "_sum"), want["computed"])
     experts = mn.EXPERT_TOKENS.scraped_base(ray) + "_total"
     for layer in range(config.num_layers):
         routed = sum(delta(mn.EXPERT_TOKENS, "_total", layer=str(layer), expert=str(e))

@@ -123,8 +123,9 @@ def test_forced_tool_calls_validate_and_stream_into_the_same_calls(client, serve
     seed = 11
     kw = dict(model=model, messages=ASK, tools=TOOLS, tool_choice=_choice(named), max_tokens=MAX_TOKENS, seed=seed,
               temperature=1.0)
+    reason = "stop" if named else "tool_calls"  # OpenAI's: a forced named call finishes with "stop"
     r = client.chat.completions.create(**kw)
-    assert r.choices[0].finish_reason == "tool_calls", r
+    assert r.choices[0].finish_reason == reason, r
     assert r.choices[0].message.role == "assistant"
     calls = _check_calls(r.choices[0].message.tool_calls, named, seed)
 
@@ -133,7 +134,7 @@ def test_forced_tool_calls_validate_and_stream_into_the_same_calls(client, serve
         final = stream.get_final_completion()
     assert [(e.name, e.arguments) for e in done] == calls
     assert _check_calls(final.choices[0].message.tool_calls, named, seed) == calls
-    assert final.choices[0].finish_reason == "tool_calls"
+    assert final.choices[0].finish_reason == reason
 
     async def with_async_client() -> tuple[Any, Any]:
         async with _async_client(server) as aclient:
@@ -314,6 +315,24 @@ def test_completions_refuse_echo_and_suffix_by_name(client, model):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=model, prompt="hi", max_tokens=2, **{field: value})
         assert e.value.body["param"] == field and field in e.value.body["message"], e.value.body
+
+
+def test_vllm_extensions_through_extra_body_and_unknown_fields_refused(client, model):
+    """What clients of vLLM send through the SDK's extra_body: min_tokens holds back an end the model wants at once
+    (EOS biased +100), every token has its logprob, continuous_usage_stats puts usage in every chunk; a field this
+    server does not know is a 400 naming it (the SDK's BadRequestError), never ignored."""
+    from cluster.tokenizer import load_tokenizer
+
+    eos = load_tokenizer("v3").eos_id
+    kw = dict(model=model, messages=ASK, max_tokens=8, temperature=0, logit_bias={str(eos): 100})
+    r = client.chat.completions.create(**kw, logprobs=True, extra_body={"min_tokens": 3})
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason, len(r.choices[0].logprobs.content)) == (4, "stop", 4)
+    chunks = list(client.chat.completions.create(**kw, stream=True, extra_body={"min_tokens": 3}, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}))
+    assert all(c.usage is not None for c in chunks) and chunks[-1].usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**kw, extra_body={"best_of": 2})
+    assert e.value.body["param"] == "best_of" and "Unrecognized request argument" in e.value.body["message"]
 
 
 def _nullable(method: Any) -> list[str]:

@@ -43,7 +43,7 @@ def _normalise(weights: dict[int, float], V: int) -> list[float]:
 
 def _frequencies(logits: list[float], row: SamplingRow, n: int = DRAWS) -> dict[int, float]:
     """Empirical token frequencies of n draws: n rows sharing one generator, in one batch."""
-    rows = [SamplingRow(row.params, row.output_token_ids, row.generator, row.allowed) for _ in range(n)]
+    rows = [SamplingRow(row.params, row.output_token_ids, row.generator, row.allowed, row.banned) for _ in range(n)]
     out = Sampler()(torch.tensor([logits] * n), rows)
     return {t: c / n for t, c in Counter(out.token_ids).items()}
 
@@ -170,6 +170,25 @@ def test_a_vanishing_temperature_samples_greedily_instead_of_overflowing(tempera
     row = SamplingRow(SamplingParams(temperature=temperature, seed=1), [], make_generator(1))
     assert row.params.greedy
     assert Sampler()(torch.tensor([LOGITS]), [row]).token_ids == [1]
+
+
+def test_banned_tokens_are_never_drawn_and_the_rest_renormalise():
+    """min_tokens: tokens that would end the output yet (EOS, stop_token_ids) are masked for their row alone."""
+    row = _row(temperature=1.0, seed=6)
+    row.banned = (1, 3)
+    _check(LOGITS, row, _normalise({t: p for t, p in enumerate(P) if t not in (1, 3)}, 6))
+    greedy = SamplingRow(SamplingParams(temperature=0), [], None, banned=(1,))
+    free = SamplingRow(SamplingParams(temperature=0), [], None)
+    assert Sampler()(torch.tensor([LOGITS] * 2), [greedy, free]).token_ids == [3, 1]
+
+
+def test_a_grammar_that_allows_only_banned_tokens_wins():
+    """The grammar can only end here (it allows EOS alone): the output ends, min_tokens or not; other rows of the
+    batch keep their bans."""
+    ending = SamplingRow(SamplingParams(temperature=1.0, seed=2), [], make_generator(2), _allow(4), banned=(4,))
+    banned = SamplingRow(SamplingParams(temperature=0), [], None, banned=(1, 3))
+    out = Sampler()(torch.tensor([LOGITS] * 2), [ending, banned])
+    assert out.token_ids == [4, 0]
 
 
 def test_a_mask_allowing_nothing_is_an_error():

@@ -40,9 +40,10 @@ _WORD_START = "\u2581"  # SentencePiece's word-start marker
 
 # -- request -------------------------------------------------------------------------------------------------------
 class CompletionRequest(SamplingRequest):
-    FIELD_ORDER = ("model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "best_of", "stop",
-                   "seed", "stream", "stream_options", "logprobs", "echo", "suffix", "frequency_penalty",
-                   "presence_penalty", "logit_bias", "ignore_eos", "user", "cache_salt")
+    FIELD_ORDER = ("model", "prompt", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "n",
+                   "best_of", "stop", "stop_token_ids", "seed", "stream", "stream_options", "logprobs", "echo", "suffix",
+                   "frequency_penalty", "presence_penalty", "logit_bias", "ignore_eos", "user", "cache_salt",
+                   "return_token_ids", "prompt_logprobs")
 
     # None: an empty document, BOS alone; checked below (one error naming every accepted form), also when left out
     prompt: Any = Field(default=None, validate_default=True)

@@ -1,5 +1,12 @@
-"""OpenAI chat-completions request and response models, with OpenAI's ranges; unknown request fields are ignored.
-`SamplingRequest` holds the fields the chat and text-completions requests share (completions.py has the latter).
+"""OpenAI chat-completions request and response models, with OpenAI's ranges. `SamplingRequest` holds the fields the
+chat and text-completions requests share (completions.py has the latter).
+
+No field is ignored silently. A request's own fields are OpenAI's, and vLLM's extensions that clients use; an unknown
+one is a 400 naming it ("Unrecognized request argument supplied", as OpenAI answers). Fields OpenAI defines that
+mean nothing to this server (`store`, `metadata`, ...) are taken without effect; those that would change the output
+and are not implemented (`audio`, `prediction`, ...) are a 400 naming them unless null (`_REFUSED`). Inside the
+request's objects (messages, tools) unknown keys are ignored: clients send back the assistant messages they got,
+with keys such as `refusal` and `annotations`.
 
 A request that validates is one the chat template can encode: fields have fixed shapes (the only free-form JSON is a
 tool's parameters and a response_format's schema: JSON schemas, which grammars.py bounds before it compiles them),
@@ -16,9 +23,10 @@ from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictBool, StrictIn
                       field_validator, model_serializer, model_validator)
 from typing_extensions import Self
 
+from cluster.api.errors import APIError
 from cluster.api.grammars import MAX_TOOLS
-from cluster.engine.sampling_params import (LOGIT_BIAS_RANGE, MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS,
-                                            SamplingDefaults, SamplingParams)
+from cluster.engine.sampling_params import (LOGIT_BIAS_RANGE, MAX_CACHE_SALT_CHARS, MAX_LOGIT_BIAS,
+                                            MAX_STOP_TOKEN_IDS, MAX_TOP_LOGPROBS, SamplingDefaults, SamplingParams)
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 128
@@ -26,6 +34,9 @@ MAX_MODEL_NAME_CHARS = 256
 MAX_TOOL_ID_CHARS = 256
 FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 _MAX_TOKEN_ID_DIGITS = 9
+MAX_NAMED = 5  # of several bad keys or values of one field, the first ones a message names
+MAX_METADATA = 16  # OpenAI's bounds on `metadata`: 16 pairs, keys of 64 characters, values of 512
+MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 64, 512
 # top_p == 0 (allowed by OpenAI) keeps only the most likely token; the sampler needs a positive mass.
 _MIN_TOP_P = 1e-9
 
@@ -142,7 +153,41 @@ ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaResponseFor
 
 
 class StreamOptions(_Request):
+    model_config = ConfigDict(extra="forbid")  # an option left unread would be ignored silently
+
     include_usage: Bool | None = None
+    continuous_usage_stats: Bool | None = None  # vLLM's: every chunk carries the usage so far
+    include_obfuscation: Bool | None = None  # OpenAI's padding of chunks; taken without effect (none is added)
+
+
+class PromptCacheOptions(_Request):
+    """OpenAI's prompt-cache options, taken without effect: the prefix cache here works on its own."""
+
+    mode: Literal["implicit", "explicit"] | None = None
+    ttl: str | None = Field(default=None, max_length=64)
+
+
+# Fields OpenAI or vLLM define that would change the output, and that this server does not implement: a 400 naming
+# the field unless it is null (or the one value that asks for nothing, where one exists: `_NOTHING_ASKED`).
+_REFUSED = {
+    "return_token_ids": "token ids are not returned (send false or leave it out)",
+    "prompt_logprobs": "prompt logprobs are not returned (leave it out)",
+    "audio": "this model writes text only (leave it out)",
+    "prediction": "predicted outputs are not supported (leave it out)",
+    "functions": "the legacy functions are not supported: send them as tools",
+    "function_call": "the legacy function_call is not supported: send tool_choice",
+    "web_search_options": "this server does not search the web (leave it out)",
+    "moderation": "this server does not run moderation (leave it out)",
+    "reasoning_effort": "this model does not reason (send \"none\" or leave it out)",
+    "verbosity": "this model answers at one verbosity, \"medium\" (send that or leave it out)",
+}
+_NOTHING_ASKED = {"return_token_ids": False, "reasoning_effort": "none", "verbosity": "medium"}
+
+
+def _refuse_unless_null(value: Any, info: ValidationInfo) -> Any:
+    if value is not None and value != _NOTHING_ASKED.get(info.field_name, None):
+        raise ValueError(f"not supported: {_REFUSED[info.field_name]}")
+    return value
 
 
 class SamplingRequest(_Request):
@@ -169,9 +214,18 @@ class SamplingRequest(_Request):
     presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, Float] | None = None
     ignore_eos: Bool | None = None
-    user: str | None = None
+    user: str | None = None  # taken without effect
     # vLLM's name: a request reuses cached prompt blocks only of requests with the same salt
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
+    # vLLM's: EOS and stop_token_ids cannot end the output, nor stop strings stop it, before this many tokens
+    min_tokens: Int | None = Field(default=None, ge=0)
+    # vLLM's: tokens that end the output (left out of the content, counted in completion_tokens)
+    stop_token_ids: Annotated[list[Annotated[int, Strict(), Field(ge=0)]],
+                              Field(max_length=MAX_STOP_TOKEN_IDS, fail_fast=True)] | None = None
+    return_token_ids: Bool | None = None  # vLLM's: refused (_REFUSED)
+    prompt_logprobs: Any = None  # vLLM's: refused (_REFUSED)
+
+    _check_refused = field_validator("return_token_ids", "prompt_logprobs")(_refuse_unless_null)
 
     @field_validator("stop")
     @classmethod
@@ -193,16 +247,23 @@ class SamplingRequest(_Request):
     @field_validator("logit_bias")
     @classmethod
     def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        """Every bad key and value is named (the first few of them), so a client fixes them in one round."""
         if bias is None:
             return None
         if len(bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
-        for key, value in bias.items():
-            if not (key.isascii() and key.isdigit() and len(key) <= _MAX_TOKEN_ID_DIGITS):
-                raise ValueError(f"logit_bias keys must be token ids as strings (\"1234\"), got {key[:40]!r}")
-            if not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
-                raise ValueError(f"logit_bias values must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], "
-                                 f"got {value:g} for token {key}")
+        bad_keys = [k for k in bias if not (k.isascii() and k.isdigit() and len(k) <= _MAX_TOKEN_ID_DIGITS)]
+        bad_values = [f"{v:g} for token {k}" for k, v in bias.items()
+                      if k not in bad_keys and not -LOGIT_BIAS_RANGE <= v <= LOGIT_BIAS_RANGE]
+        problems = []
+        if bad_keys:
+            problems.append(f"logit_bias keys must be token ids as strings (\"1234\"), got "
+                            f"{named_few([repr(k[:40]) for k in bad_keys])}")
+        if bad_values:
+            problems.append(f"logit_bias values must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}], got "
+                            f"{named_few(bad_values)}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return bias
 
     @classmethod
@@ -213,7 +274,12 @@ class SamplingRequest(_Request):
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Self:
-        """The request a JSON body sends; ValidationError with its errors in `FIELD_ORDER`."""
+        """The request a JSON body sends; ValidationError with its errors in `FIELD_ORDER`, APIError(400) naming
+        its unknown fields (before anything else is checked, as OpenAI answers)."""
+        unknown = [key for key in body if key not in cls.model_fields]
+        if unknown:
+            names = [repr(key[:64]) for key in unknown]
+            raise APIError(400, f"Unrecognized request argument supplied: {named_few(names)}", unknown[0][:64])
         try:
             return cls.model_validate(body)
         except ValidationError as e:
@@ -241,24 +307,45 @@ class SamplingRequest(_Request):
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and bool(self.stream_options.include_usage)
+        """The stream ends with a usage chunk (also asked for by continuous_usage_stats, which needs it)."""
+        return self.stream_options is not None and bool(self.stream_options.include_usage
+                                                        or self.stream_options.continuous_usage_stats)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Every chunk of the stream carries the usage so far (vLLM's continuous_usage_stats)."""
+        return self.stream_options is not None and bool(self.stream_options.continuous_usage_stats)
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
     def logit_bias_pairs(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
-        """(token id, bias) sorted by id; ValueError for an id outside the vocabulary."""
+        """(token id, bias) sorted by id; ValueError naming the ids outside the vocabulary."""
         pairs = sorted((int(k), v) for k, v in (self.logit_bias or {}).items())
-        bad = [i for i, _ in pairs if i >= vocab_size]
+        bad = [str(i) for i, _ in pairs if i >= vocab_size]
         if bad:
-            raise ValueError(f"logit_bias names token {bad[0]}, outside the vocabulary (ids 0..{vocab_size - 1})")
+            raise ValueError(f"logit_bias names token{'s' if len(bad) > 1 else ''} {named_few(bad)}, outside the "
+                             f"vocabulary (ids 0..{vocab_size - 1})")
         return tuple(pairs)
+
+    @property
+    def stop_token_set(self) -> tuple[int, ...]:
+        """stop_token_ids once each, in order."""
+        return tuple(dict.fromkeys(self.stop_token_ids or ()))
+
+    def check_stop_token_ids(self, vocab_size: int) -> None:
+        """ValueError naming the stop_token_ids outside the vocabulary."""
+        bad = [str(i) for i in self.stop_token_set if i >= vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids names token{'s' if len(bad) > 1 else ''} {named_few(bad)}, outside "
+                             f"the vocabulary (ids 0..{vocab_size - 1})")
 
     def to_sampling_params(self, defaults: SamplingDefaults, context_left: int, grammar: str | None = None,
                            logit_bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
         """The engine's parameters, `defaults` for those left out (max_tokens clipped to the `context_left` after
-        the prompt); raises ValueError for values the engine refuses. Each request says its own defaults."""
+        the prompt); raises ValueError for values the engine refuses, APIError(400) for a min_tokens above
+        max_tokens. Each request says its own defaults."""
         raise NotImplementedError
 
     def _sampling_params(self, defaults: SamplingDefaults, context_left: int, default_max_tokens: int,
@@ -266,22 +353,32 @@ class SamplingRequest(_Request):
                          logit_bias: tuple[tuple[int, float], ...]) -> SamplingParams:
         """`to_sampling_params` given the route's max_tokens default and its logprobs fields."""
         max_tokens = self.requested_max_tokens or max(1, min(default_max_tokens, context_left))
+        min_tokens = self.min_tokens or 0
+        if min_tokens > max_tokens:
+            said = "" if self.requested_max_tokens else " (its default here: the context the prompt leaves, at most " \
+                                                        f"{default_max_tokens})"
+            raise APIError(400, f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens}){said}",
+                           "min_tokens")
         temperature = defaults.temperature if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else max(self.top_p, _MIN_TOP_P)
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                               top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0, n=self.choices,
-                              seed=self.seed, stop=self.stop_sequences,
-                              frequency_penalty=self.frequency_penalty or 0.0,
+                              seed=self.seed, stop=self.stop_sequences, stop_token_ids=self.stop_token_set,
+                              min_tokens=min_tokens, frequency_penalty=self.frequency_penalty or 0.0,
                               presence_penalty=self.presence_penalty or 0.0, ignore_eos=bool(self.ignore_eos),
                               logprobs=logprobs, top_logprobs=top_logprobs,
                               logit_bias=logit_bias, grammar=grammar, cache_salt=self.cache_salt)
 
 
 class ChatCompletionRequest(SamplingRequest):
-    FIELD_ORDER = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
-                   "n", "stop", "seed", "stream", "stream_options", "frequency_penalty", "presence_penalty",
-                   "logit_bias", "ignore_eos", "logprobs", "top_logprobs", "tools", "tool_choice",
-                   "parallel_tool_calls", "response_format", "user", "cache_salt")
+    FIELD_ORDER = ("model", "messages", "max_tokens", "max_completion_tokens", "min_tokens", "temperature", "top_p",
+                   "top_k", "min_p", "n", "stop", "stop_token_ids", "seed", "stream", "stream_options",
+                   "frequency_penalty", "presence_penalty", "logit_bias", "ignore_eos", "logprobs", "top_logprobs",
+                   "tools", "tool_choice", "parallel_tool_calls", "response_format", "user", "cache_salt",
+                   "store", "metadata", "service_tier", "prompt_cache_key", "prompt_cache_retention",
+                   "prompt_cache_options", "safety_identifier", "modalities", "verbosity", "reasoning_effort",
+                   "audio", "prediction", "functions", "function_call", "web_search_options", "moderation",
+                   "return_token_ids", "prompt_logprobs")
 
     messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_completion_tokens: Int | None = Field(default=None, ge=1)  # OpenAI's name, which wins over max_tokens
@@ -291,6 +388,42 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = None  # checked below, so a bad one gets one error that names every form
     parallel_tool_calls: Bool | None = None
     response_format: ResponseFormat | None = None
+    # OpenAI's, taken without effect: nothing is stored, tiers and cache keys mean nothing to one model's server
+    store: Bool | None = None
+    metadata: dict[Annotated[str, Field(max_length=MAX_METADATA_KEY_CHARS)],
+                   Annotated[str, Field(max_length=MAX_METADATA_VALUE_CHARS)]] | None = None
+    service_tier: str | None = Field(default=None, max_length=64)
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = Field(default=None, max_length=64)
+    prompt_cache_options: PromptCacheOptions | None = None
+    safety_identifier: str | None = None
+    modalities: Annotated[list[str], Field(max_length=2, fail_fast=True)] | None = None  # ["text"] only
+    # OpenAI's, refused unless null or the value asking for nothing (_REFUSED)
+    verbosity: str | None = None
+    reasoning_effort: str | None = None
+    audio: Any = None
+    prediction: Any = None
+    functions: Any = None
+    function_call: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+
+    _check_chat_refused = field_validator("verbosity", "reasoning_effort", "audio", "prediction", "functions",
+                                          "function_call", "web_search_options", "moderation")(_refuse_unless_null)
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is not None and len(metadata) > MAX_METADATA:
+            raise ValueError(f"metadata may hold at most {MAX_METADATA} pairs, got {len(metadata)}")
+        return metadata
+
+    @field_validator("modalities")
+    @classmethod
+    def _check_modalities(cls, modalities: list[str] | None) -> list[str] | None:
+        if modalities is not None and any(m != "text" for m in modalities):
+            raise ValueError("not supported: this model writes text only (send [\"text\"] or leave it out)")
+        return modalities
 
     @field_validator("top_logprobs")
     @classmethod
@@ -302,7 +435,8 @@ class ChatCompletionRequest(SamplingRequest):
     @field_validator("tool_choice")
     @classmethod
     def _check_tool_choice(cls, choice: Any, info: ValidationInfo) -> str | None:
-        """None (left out), "none", "auto", "required", or the name of the function the model must call."""
+        """None (left out), "none", "auto", "required", or the name of the function the model must call. Any of
+        them needs tools, as OpenAI rules."""
         if choice is None or choice in ("none", "auto", "required"):
             named = None
         elif (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
@@ -310,17 +444,20 @@ class ChatCompletionRequest(SamplingRequest):
             named = choice["function"]["name"]
         else:
             raise ValueError(_TOOL_CHOICE_FORMS)
-        tools = info.data.get("tools") or []
-        if choice in ("required",) or named is not None:
-            if not tools:
-                raise ValueError(f"tool_choice {_choice_text(choice)} needs tools")
-            if named is not None and named not in {t.function.name for t in tools}:
-                raise ValueError(f"tool_choice names the function {named[:64]!r}, which is not in tools")
+        if "tools" not in info.data:  # the tools were refused: their error says enough
+            return named if named is not None else choice
+        tools = info.data["tools"] or []
+        if choice is not None and not tools:
+            raise ValueError("tool_choice is only allowed when tools are given (leave it out)")
+        if named is not None and named not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names the function {named[:64]!r}, which is not in tools")
         return named if named is not None else choice
 
     @field_validator("tools")
     @classmethod
     def _check_tools(cls, tools: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        if tools is not None and not tools:
+            raise ValueError("tools must hold at least one tool (leave it out for none)")
         names = [t.function.name for t in tools or []]
         if len(set(names)) < len(names):
             dup = next(n for n in names if names.count(n) > 1)
@@ -364,8 +501,10 @@ def _line_error(err: Any) -> Any:
                                                                                else {})
 
 
-def _choice_text(choice: Any) -> str:
-    return f"{choice!r}" if isinstance(choice, str) else "naming a function"
+def named_few(names: list[str]) -> str:
+    """'a, b, c' for a message, the first MAX_NAMED of `names` and "and N more" for the rest."""
+    shown = ", ".join(names[:MAX_NAMED])
+    return shown if len(names) <= MAX_NAMED else f"{shown} and {len(names) - MAX_NAMED} more"
 
 
 # -- responses -----------------------------------------------------------------------------------------------------

@@ -179,7 +179,8 @@ class _ChatAPI(GenerationRoute[ChatCompletionRequest]):
     def respond(self, p: Prepared[ChatCompletionRequest], request_id: str, charge: Charge) -> _Completion:
         tool_token = self.tokenizer.tool_calls_token if p.req.tool_mode != "none" else None
         return _Completion(request_id, int(time.time()), self.model_name, self.fingerprint, len(p.prompt),
-                           p.req.choices, p.req.include_usage, self.tokenizer, charge, tool_token)
+                           p.req.choices, p.req.include_usage, self.tokenizer, charge, tool_token,
+                           p.req.tool_mode == "named")
 
     def _grammar(self, req: ChatCompletionRequest) -> str | None:
         """The grammar the output must match: a forced tool call, else the response_format's JSON, else None."""
@@ -226,11 +227,15 @@ class _ChoiceState(ChoiceState):
 
 
 class _ChoiceReader:
-    """Splits a choice's outputs into content (with its logprobs) and tool-call text after [TOOL_CALLS]."""
+    """Splits a choice's outputs into content and tool-call text after [TOOL_CALLS], with their logprobs.
 
-    def __init__(self, tokenizer: Tokenizer, tool_token: int | None):
+    A choice whose calls end it finishes with "tool_calls", as OpenAI's do for tool_choice "auto" and "required";
+    a call forced by naming its function finishes with "stop", as OpenAI's (and vLLM's) do."""
+
+    def __init__(self, tokenizer: Tokenizer, tool_token: int | None, named: bool = False):
         self.tokenizer = tokenizer
         self.tool_token = tool_token  # None: the request offered no tools, all text is content
+        self.named = named  # tool_choice named the function
 
     def read(self, state: _ChoiceState, out: RequestOutput) -> _Delta:
         content, tool_text, content_ids = out.text, "", out.token_ids
@@ -241,7 +246,7 @@ class _ChoiceReader:
             content, tool_text = self._split(out.text, out.token_ids[k + 1:])
             content_ids = out.token_ids[:k]
             state.tools = ToolCallParser()
-        lps = self._logprobs(state, content_ids, out)
+        lps = self._logprobs(state, out, len(content_ids))
         deltas = state.tools.feed(tool_text) if state.tools is not None and tool_text else []
         for d in deltas:
             state.streamed[d.index] = state.streamed.get(d.index, "") + d.arguments
@@ -256,7 +261,7 @@ class _ChoiceReader:
             if leftover:  # text after [TOOL_CALLS] that was no call: the client still gets it
                 state.content.append(leftover)
                 content += leftover
-            if state.calls and out.finish_reason == "stop":
+            if state.calls and out.finish_reason == "stop" and not self.named:
                 state.finish_reason = "tool_calls"
         return _Delta(content, lps, deltas)
 
@@ -270,18 +275,21 @@ class _ChoiceReader:
                 return text[:len(text) - len(tail)], tail
         return "", text
 
-    def _logprobs(self, state: _ChoiceState, ids: list[int], out: RequestOutput) -> list[TokenLogprob]:
-        """Logprobs of the content's tokens, whose texts concatenate to the content: control tokens (EOS) are left
-        out, and the first token loses the leading space the content's decode dropped."""
+    def _logprobs(self, state: _ChoiceState, out: RequestOutput, content_count: int) -> list[TokenLogprob]:
+        """One entry per generated token, as completion_tokens counts them: the `content_count` first tokens of the
+        output are the content's, whose texts make up the content (the first one loses the leading space the
+        content's decode dropped); control tokens ([TOOL_CALLS], an EOS written past with ignore_eos) are "" with
+        no bytes; tool-call tokens come with their raw text; the token that ended the choice (EOS, one of
+        stop_token_ids) is "" as well. The tokens of a stop string are not in the output, nor their entries."""
         lps = []
-        for token_id, lp in zip(ids, out.logprobs):
-            if self.tokenizer.is_control(token_id):
-                continue
+        for j, (token_id, lp) in enumerate(zip(out.token_ids, out.logprobs)):
             item = token_logprob(self.tokenizer, token_id, lp)
-            if state.first_token:
+            if j < content_count and state.first_token and not self.tokenizer.is_control(token_id):
                 item = _without_leading_space(self.tokenizer, item, [token_id] + [t for t, _ in lp.top])
                 state.first_token = False
             lps.append(item)
+        if out.stop_token is not None and out.stop_token_logprobs is not None:
+            lps.append(token_logprob(self.tokenizer, out.stop_token, out.stop_token_logprobs, in_content=False))
         return lps
 
     @staticmethod
@@ -337,9 +345,10 @@ class _Completion(CompletionResponse[_ChoiceState, _Delta]):
     chunk_type: ClassVar[type[BaseModel]] = ChatCompletionChunk
 
     tool_token: int | None = None  # [TOOL_CALLS], when the request offered tools
+    named_tool: bool = False  # tool_choice named the function: its call finishes with "stop"
 
     def __post_init__(self) -> None:
-        self.reader = _ChoiceReader(self.tokenizer, self.tool_token)
+        self.reader = _ChoiceReader(self.tokenizer, self.tool_token, self.named_tool)
 
     def _state(self) -> _ChoiceState:
         return _ChoiceState()

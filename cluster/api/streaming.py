@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, AsyncIterator, ClassVar, Generic, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -105,6 +105,10 @@ async def _serve(request: Request, route: GenerationRoute[R]) -> Response:
     raw = await read_body(request, route.limits)
     p = await route.workers.run(route.prepare, raw)
     try:
+        p.req.check_stop_token_ids(route.tokenizer.vocab_size)
+    except ValueError as e:
+        raise APIError(400, str(e), "stop_token_ids") from None
+    try:
         params = p.req.to_sampling_params(route.defaults, route.context_len - len(p.prompt), p.grammar, p.logit_bias)
     except ValueError as e:
         raise APIError(400, str(e)) from e
@@ -123,6 +127,7 @@ async def _serve(request: Request, route: GenerationRoute[R]) -> Response:
 async def _generate(request: Request, route: GenerationRoute[R], p: Prepared[R], params: SamplingParams,
                     request_id: str, charge: Charge) -> Response:
     response = route.respond(p, request_id, charge)
+    response.continuous_usage = p.req.continuous_usage  # the shared stream options: one place for both routes
     outputs = route.backend.generate(request_id, p.prompt, params, stream=p.req.streaming)
     try:  # a long prefill: the client may leave
         first = await unless_disconnected(request, first_output(outputs, response.input_param))
@@ -224,6 +229,9 @@ class CompletionResponse(Generic[S, D]):
     include_usage: bool
     tokenizer: Tokenizer
     charge: Charge  # counts the tokens read, settles before a stream's usage chunk
+    # Every chunk carries the usage so far (vLLM's continuous_usage_stats); set by `serve_generation` for both routes
+    continuous_usage: bool = field(default=False, init=False)
+    _states: list[Any] = field(default_factory=list, init=False, repr=False)  # a stream's choices, for that usage
 
     # -- what a route's response says --------------------------------------------------------------------------------
     def _state(self) -> S:
@@ -263,7 +271,7 @@ class CompletionResponse(Generic[S, D]):
         return JSONResponse(self._completion(states, self._usage(states)).model_dump())
 
     async def events(self, first: RequestOutput, outputs: AsyncIterator[RequestOutput]) -> AsyncGenerator[str, None]:
-        states = [self._state() for _ in range(self.n)]
+        states = self._states = [self._state() for _ in range(self.n)]
         out: RequestOutput | None = first
         try:
             for event in self._opening():
@@ -298,9 +306,12 @@ class CompletionResponse(Generic[S, D]):
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=states[0].cached_tokens))
 
     def _chunk(self, choices: list[Any], usage: Usage | None = None) -> str:
+        if usage is None and self.continuous_usage:
+            usage = self._usage(self._states)
         chunk = self.chunk_type(id=self.id, created=self.created, model=self.model,
                                 system_fingerprint=self.fingerprint, choices=choices, usage=usage)
-        # With include_usage every chunk carries "usage" (null until the last one), as OpenAI sends it.
+        # With include_usage every chunk carries "usage" (null until the last one, as OpenAI sends it; the usage so
+        # far with continuous_usage_stats, as vLLM does).
         return f"data: {chunk.model_dump_json(exclude=None if self.include_usage else {'usage'})}\n\n"
 
 
@@ -315,11 +326,17 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> tuple[str, list[int]]:
     return text, list(text.encode())
 
 
-def token_logprob(tokenizer: Tokenizer, token_id: int, lp: TokenLogprobs) -> TokenLogprob:
-    """A sampled token's logprob in OpenAI's form."""
-    text, raw = token_text(tokenizer, token_id)
+def content_text(tokenizer: Tokenizer, token_id: int) -> tuple[str, list[int]]:
+    """`token_text`, but "" and no bytes for a control token (EOS, [TOOL_CALLS], ...): what it adds to the content."""
+    return ("", []) if tokenizer.is_control(token_id) else token_text(tokenizer, token_id)
+
+
+def token_logprob(tokenizer: Tokenizer, token_id: int, lp: TokenLogprobs, in_content: bool = True) -> TokenLogprob:
+    """A sampled token's logprob in OpenAI's form, control tokens as "" (`content_text`) wherever they appear;
+    `in_content` false: the token's text is not in the content (the token that ended it), so it is "" too."""
+    text, raw = content_text(tokenizer, token_id) if in_content else ("", [])
     top = []
     for tid, value in lp.top:
-        t, b = token_text(tokenizer, tid)
+        t, b = content_text(tokenizer, tid)
         top.append(TopLogprob(token=t, logprob=value, bytes=b))
     return TokenLogprob(token=text, logprob=lp.logprob, bytes=raw, top_logprobs=top)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import deque
 from typing import Callable
 
 import torch
@@ -27,6 +28,8 @@ from cluster.tokenizer.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
+_MAX_PENDING_STEPS = 1 << 16  # step sizes kept for the metrics sampler between two reads (the oldest go first)
+
 
 class _SeqOutput:
     """Per-choice text state: the incremental detokenizer, the stop-string filter, and the tokens waiting for their
@@ -45,12 +48,14 @@ class _SeqOutput:
         self.emitted = 0  # characters of content emitted (the rest is held back or a stop string)
         self.waiting: list[tuple[int, TokenLogprobs | None, int]] = []  # (token, logprobs, its first character)
 
-    def push(self, token: int, logprobs: TokenLogprobs | None) -> tuple[str, list[tuple[int, TokenLogprobs | None]]]:
-        """A generated token -> (the content it completes, the tokens to hand out with it)."""
+    def push(self, token: int, logprobs: TokenLogprobs | None,
+             can_stop: bool = True) -> tuple[str, list[tuple[int, TokenLogprobs | None]]]:
+        """A generated token -> (the content it completes, the tokens to hand out with it); `can_stop` false: the
+        output is not past its min_tokens yet, and no stop string may end in this token's text."""
         self.waiting.append((token, logprobs, self.produced))
         piece = self.detok.add([token])
         self.produced += len(piece)
-        return self._emit(self.stop.push(piece))
+        return self._emit(self.stop.push(piece, can_stop))
 
     def flush(self) -> tuple[str, list[tuple[int, TokenLogprobs | None]]]:
         """At a finish other than a stop string: the content and tokens still held back."""
@@ -105,6 +110,7 @@ class LLMEngine:
         self.siblings: dict[str, list[Sequence]] = {}  # choices 1..n-1, admitted once choice 0 has its prompt KV
         self.outputs: dict[int, _SeqOutput] = {}
         self._ids = itertools.count()
+        self.step_tokens: deque[int] = deque(maxlen=_MAX_PENDING_STEPS)  # tokens each step computed, for metrics
 
     # -- admission ---------------------------------------------------------------------------------------------
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
@@ -118,6 +124,8 @@ class LLMEngine:
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         if params.logit_bias and not all(0 <= t < vocab for t, _ in params.logit_bias):
             raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
+        if not all(0 <= t < vocab for t in params.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be in [0, {vocab})")
         if params.grammar is not None and self.guide is None:
             raise RequestError("this server does not enforce output formats (it runs without a grammar engine)")
         if len(prompt) >= self.context_len:
@@ -179,6 +187,7 @@ class LLMEngine:
         if not batch:
             return []
         logits, sampling = self.runner.run(batch)
+        self.step_tokens.append(batch.num_tokens)
         rows = self._rows([s.seq for s in sampling])  # grammar masks: on a GPU, while the forward pass runs
         sampled = self.sampler(logits, rows) if sampling else None
         for s in batch.scheduled:
@@ -190,12 +199,19 @@ class LLMEngine:
         return outs
 
     def _rows(self, seqs: list[Sequence]) -> list[SamplingRow]:
-        rows = [SamplingRow(seq.params, seq.output, seq.generator) for seq in seqs]
+        rows = [SamplingRow(seq.params, seq.output, seq.generator, banned=self._not_yet(seq)) for seq in seqs]
         masks = self.guide.masks(seqs, self.context_len) if self.guide is not None else None
         if masks is not None:
             for j, i in enumerate(masks[0]):
                 rows[i].allowed = masks[1][j]
         return rows
+
+    def _not_yet(self, seq: Sequence) -> tuple[int, ...]:
+        """The tokens that would end `seq`'s output, while it is shorter than its min_tokens (vLLM's rule)."""
+        p = seq.params
+        if len(seq.output) >= p.min_tokens:
+            return ()
+        return p.stop_token_ids if p.ignore_eos else (*p.stop_token_ids, self.eos_id)
 
     def _append(self, s: ScheduledSeq, token: int, logprobs: TokenLogprobs | None) -> list[RequestOutput]:
         seq, p = s.seq, s.seq.params
@@ -204,7 +220,7 @@ class LLMEngine:
         out = self.outputs[seq.seq_id]
         stop_token = (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids
         complete = self.guide is not None and self.guide.advance(seq, token)  # the grammar's output is whole
-        text, handed = ("", []) if stop_token else out.push(token, logprobs)
+        text, handed = ("", []) if stop_token else out.push(token, logprobs, len(seq.output) > p.min_tokens)
         if first and seq.index == 0:
             for sib in reversed(self.siblings.pop(seq.request_id, [])):  # the prompt's KV blocks are now cached
                 self.scheduler.add(sib, front=True)
@@ -217,6 +233,8 @@ class LLMEngine:
         rest, held = out.flush()
         self.scheduler.finish(seq, reason)
         final = self._final(seq, text + rest, handed + held)
+        if stop_token:  # not in the content, so not among its tokens; still a generated token
+            final.stop_token, final.stop_token_logprobs = token, logprobs
         self._forget_if_done(seq.request_id)
         return [final]
 

@@ -60,6 +60,10 @@ class RequestOutput:
     error_status: int = 500  # the HTTP status it maps to: 400 refused input, 429 overloaded, 503 unavailable, 500 fault
     error_code: str | None = None  # OpenAI's code for the error, e.g. "context_length_exceeded"
     scheduled_at: float | None = None  # on a finished choice: its first step, time.monotonic() in the engine's process
+    # On a choice's last output, the token that ended it (EOS or one of stop_token_ids) and its logprobs: counted in
+    # completion_tokens but not in token_ids, whose texts make up the content
+    stop_token: int | None = None
+    stop_token_logprobs: TokenLogprobs | None = None
 
     @property
     def finished(self) -> bool:
@@ -82,4 +86,4 @@ class RequestOutput:
         return RequestOutput(self.request_id, self.index, self.text + later.text, self.token_ids + later.token_ids,
                              self.logprobs + later.logprobs, later.finish_reason, later.prompt_tokens,
                              later.completion_tokens, later.cached_prompt_tokens, later.error, later.error_status,
-                             later.error_code, later.scheduled_at)
+                             later.error_code, later.scheduled_at, later.stop_token, later.stop_token_logprobs)

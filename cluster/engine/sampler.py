@@ -1,4 +1,5 @@
-"""The batched sampler: logit bias, allowed-token masks, penalties, temperature, top-k/top-p/min-p and seeded draws.
+"""The batched sampler: logit bias, allowed-token masks, tokens that may not end the output yet (min_tokens),
+penalties, temperature, top-k/top-p/min-p and seeded draws.
 
 Randomness is drawn on the logits' device. Unseeded rows share one batched draw from the sampler's own generator
 (seeded from the OS); a seeded row draws from its own generator, one fixed-size draw per step, so a seeded request
@@ -28,6 +29,9 @@ class SamplingRow:
     # The tokens its grammar allows (structured output), packed: int32 [ceil(V / 32)], bit t % 32 of word t // 32
     # allows token t. None: no restriction.
     allowed: torch.Tensor | None = None
+    # Tokens that would end the output (EOS, stop_token_ids) while it is shorter than params.min_tokens: masked,
+    # unless the grammar allows nothing else (a grammar's end wins over min_tokens).
+    banned: tuple[int, ...] = ()
 
 
 @dataclass
@@ -46,9 +50,10 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 class Sampler:
     """Picks one token per row of [B, V] logits.
 
-    Order, with OpenAI / vLLM semantics: logit_bias -> allowed-token mask -> frequency and presence penalties over
-    the row's output tokens -> greedy argmax when `params.greedy` (temperature ~0), else temperature -> top_k ->
-    top_p -> min_p -> a draw from the renormalised distribution with the row's own generator.
+    Order, with OpenAI / vLLM semantics: logit_bias -> allowed-token mask -> banned tokens (min_tokens) ->
+    frequency and presence penalties over the row's output tokens -> greedy argmax when `params.greedy` (temperature
+    ~0), else temperature -> top_k -> top_p -> min_p -> a draw from the renormalised distribution with the row's own
+    generator.
 
     Logprobs are those of the model's raw distribution (log_softmax of the logits as given, before the mask,
     penalties and temperature), as vLLM reports them by default.
@@ -116,7 +121,8 @@ def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Logit bias, allowed-token masks, then frequency/presence penalties; the logits given are left untouched."""
+    """Logit bias, allowed-token masks, banned tokens, then frequency/presence penalties; the logits given are left
+    untouched."""
     out = logits.float().clone()  # [B, V]
     B, V = out.shape
     device = out.device
@@ -137,6 +143,10 @@ def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
         allowed = unpack_bitmask(words.to(device, non_blocking=True), V)
         out[idx] = out[idx].masked_fill(~allowed, _NEG_INF)
 
+    banning = [i for i, r in enumerate(rows) if r.banned]
+    if banning:
+        _ban(out, rows, banning)
+
     pen = [i for i, r in enumerate(rows) if (r.params.frequency_penalty or r.params.presence_penalty)
            and r.output_token_ids]
     if pen:
@@ -152,6 +162,22 @@ def _mask_and_penalise(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.T
         idx = _on_device(pen, torch.long, device)
         out[idx] = out[idx] - freq * counts - pres * (counts > 0).float()
     return out
+
+
+def _ban(out: torch.Tensor, rows: list[SamplingRow], banning: list[int]) -> None:
+    """-inf at the banned tokens of rows `banning` of `out` [B, V], in place; a row left with no finite logit (only
+    its grammar can do that: it allows banned tokens alone) keeps its logits. Decided on the device: no sync."""
+    device = out.device
+    at = (_on_device([i for i in banning for _ in rows[i].banned], torch.long, device),
+          _on_device([t for i in banning for t in rows[i].banned], torch.long, device))
+    guarded = [i for i in banning if rows[i].allowed is not None]
+    if guarded:
+        idx = _on_device(guarded, torch.long, device)
+        kept = out[idx]  # [G, V], a copy
+    out.index_put_(at, out.new_full(at[1].shape, _NEG_INF))
+    if guarded:
+        banned = out[idx]
+        out[idx] = torch.where((banned == _NEG_INF).all(dim=-1, keepdim=True), kept, banned)
 
 
 def unpack_bitmask(words: torch.Tensor, V: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from cluster.config import ModelConfig
 MAX_TOP_LOGPROBS = 20
 MAX_CACHE_SALT_CHARS = 256
 MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI bounds it
+MAX_STOP_TOKEN_IDS = 64  # vLLM sets no bound; a stop list longer than this is no stop list
 LOGIT_BIAS_RANGE = 100.0  # each bias is in [-100, 100]
 # Temperatures below this sample greedily: dividing fp32 logits by a smaller one overflows them to inf (and NaN).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -25,7 +26,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None  # None: a fresh random seed
     stop: tuple[str, ...] = ()  # never part of the returned text
+    # Tokens that end the output (vLLM's): like EOS, the one sampled is not in the content but is counted
     stop_token_ids: tuple[int, ...] = ()
+    # vLLM's: EOS and stop_token_ids cannot be sampled, and stop strings do not stop, before this many tokens
+    min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
@@ -50,6 +54,10 @@ class SamplingParams:
             (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
              f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}"),
+            (len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS and all(t >= 0 for t in self.stop_token_ids),
+             f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} token ids, each >= 0"),
             (len(self.logit_bias) <= MAX_LOGIT_BIAS,
              f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}"),
             (all(-LOGIT_BIAS_RANGE <= b <= LOGIT_BIAS_RANGE for _, b in self.logit_bias),
@@ -74,7 +82,9 @@ class SamplingDefaults:
     """What a request gets for the parameters it leaves out."""
 
     temperature: float
-    max_tokens: int = 1024  # clipped to the context the prompt leaves
+    # The hosted chat-completion pages this service mirrors default to 1024 (OpenAI's own API has no fixed
+    # default); clipped to the context the prompt leaves
+    max_tokens: int = 1024
 
     @classmethod
     def for_model(cls, config: ModelConfig) -> "SamplingDefaults":

@@ -25,22 +25,26 @@ class StopStringFilter:
         self.stop = tuple(stop)
         self.stopped = False
         self.matched: str | None = None
-        self._held = ""  # never contains a whole stop string
+        self._held = ""  # never contains a whole stop string but in its first `_quiet` characters
+        self._quiet = 0  # leading characters of `_held` pushed with can_stop false: no stop may end within them
         self._longest = max((len(s) for s in self.stop), default=0)
 
-    def push(self, delta: str) -> str:
-        """Add a text delta; return what may be emitted now (possibly "")."""
+    def push(self, delta: str, can_stop: bool = True) -> str:
+        """Add a text delta; return what may be emitted now (possibly ""). With `can_stop` false (the output is
+        still shorter than its min_tokens) a stop string completed in this text is content like any other; only a
+        stop that ends in a later delta can stop it, as vLLM checks stops only in text past min_tokens."""
         if self.stopped:
             return ""
         text = self._held + delta
-        hit = self._first_stop(text)
+        hit = self._first_stop(text, self._quiet) if can_stop else None
         if hit is not None:
             start, stop = hit
             self.stopped, self.matched, self._held = True, stop, ""
             return text[:start]
-        keep = self._partial_tail(text)
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep]
+        cut = len(text) - self._partial_tail(text)
+        self._held = text[cut:]
+        self._quiet = len(self._held) if not can_stop else max(0, self._quiet - cut)
+        return text[:cut]
 
     @property
     def held(self) -> str:
@@ -52,11 +56,12 @@ class StopStringFilter:
         text, self._held = ("" if self.stopped else self._held), ""
         return text
 
-    def _first_stop(self, text: str) -> tuple[int, str] | None:
-        """(start, stop string) of the stop that ends first in `text`, ties going to the earlier start."""
+    def _first_stop(self, text: str, quiet: int = 0) -> tuple[int, str] | None:
+        """(start, stop string) of the stop that ends first in `text` after its first `quiet` characters, ties going
+        to the earlier start."""
         best: tuple[int, int, str] | None = None
         for s in self.stop:
-            i = text.find(s)
+            i = text.find(s, max(0, quiet - len(s) + 1))
             if i >= 0 and (best is None or (i + len(s), i) < best[:2]):
                 best = (i + len(s), i, s)
         return None if best is None else (best[1], best[2])

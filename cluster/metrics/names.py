@@ -12,7 +12,9 @@ What a scraper sees (`scraped_base`):
   `ray_moe_cluster_expert_tokens_total`: the names vLLM itself exports under Ray Serve LLM. Ray adds its own
   labels (WorkerId, NodeAddress, SessionName, Component, Version). Its histograms' `_sum` is estimated from bucket
   midpoints (Ray's OpenTelemetry export keeps bucket counts only); `_count` and the buckets are exact.
-Counters get `_total`; histograms `_bucket`, `_sum` and `_count`.
+Counters get `_total`; histograms `_bucket`, `_sum` and `_count` (vLLM's histogram `vllm:iteration_tokens_total`
+has `_total` in its own name: `vllm:iteration_tokens_total_bucket`, as vLLM exports it). `vllm:cache_config_info`
+is an info metric as vLLM writes one: a gauge at 1 whose labels hold the KV cache's configuration.
 
 Semantics. A request with n choices is n sequences in the engine, as vLLM forks n child requests: the latency
 histograms, `request_success` and `request_generation_tokens` count each choice; `prompt_tokens` and
@@ -44,6 +46,11 @@ REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20
 # Token counts, 1-2-5 up past the largest context (65536).
 TOKEN_COUNT_BUCKETS = tuple(float(m * 10 ** e) for e in range(6) for m in (1, 2, 5))
 N_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+# Tokens one engine step computes: vLLM's buckets (those it uses without CUDA graphs).
+ITERATION_BUCKETS = (1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0)
+# The cache settings `vllm:cache_config_info` carries as labels: vLLM's names for the ones this engine has.
+CACHE_CONFIG_LABELS = ("block_size", "cache_dtype", "enable_prefix_caching", "gpu_memory_utilization",
+                       "num_gpu_blocks")
 # Seconds of one round to the expert shards (in this process or over a channel).
 ROUND_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -115,6 +122,11 @@ PREFILL = MetricSpec("vllm:request_prefill_time_seconds", "histogram", "Time fro
                      "token.", buckets=REQUEST_BUCKETS)
 DECODE = MetricSpec("vllm:request_decode_time_seconds", "histogram", "Time from a choice's first token to its end.",
                     buckets=REQUEST_BUCKETS)
+ITERATION_TOKENS = MetricSpec("vllm:iteration_tokens_total", "histogram", "Tokens each engine step computed (prompt "
+                              "chunks and decoded tokens).", buckets=ITERATION_BUCKETS)
+CACHE_CONFIG_INFO = MetricSpec("vllm:cache_config_info", "gauge", "The KV cache's configuration, as labels (always "
+                               "1; num_gpu_blocks counts the cache's blocks on whatever device holds it).",
+                               CACHE_CONFIG_LABELS)
 
 # -- this system's -------------------------------------------------------------------------------------------------
 REQUESTS_REFUSED = MetricSpec("moe_cluster_requests_refused", "counter", "Requests the engine's process refused "
@@ -146,7 +158,8 @@ REFUSAL_STATUSES = ("400", "429", "503")
 ALL: tuple[MetricSpec, ...] = (
     RUNNING, WAITING, KV_CACHE_USAGE, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, PREEMPTIONS, PROMPT_TOKENS,
     GENERATION_TOKENS, REQUEST_SUCCESS, REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS, REQUEST_PARAMS_N,
-    REQUEST_PARAMS_MAX_TOKENS, TTFT, ITL, TPOT, E2E, QUEUE, INFERENCE, PREFILL, DECODE,
+    REQUEST_PARAMS_MAX_TOKENS, TTFT, ITL, TPOT, E2E, QUEUE, INFERENCE, PREFILL, DECODE, ITERATION_TOKENS,
+    CACHE_CONFIG_INFO,
     REQUESTS_REFUSED, EXPERT_TOKENS, EXPERT_ROUND, SHARD_ROUND_TRIP, UNIT_STATE, UNIT_RECOVERIES, GPU_MEMORY_USED,
     GPU_MEMORY_TOTAL, GPU_UTILIZATION,
 )

@@ -1,6 +1,7 @@
 """What is sampled rather than recorded as it happens: every period (and at each scrape of the single process) a
-thread reads the engine's scheduler and cache, its expert counts and shard round times, the unit's state and the
-GPUs, and records gauges and counter increments.
+thread reads the engine's scheduler and cache (and its configuration), its expert counts, shard round times and the
+tokens of each step since the last read, the unit's state and the GPUs, and records gauges, counter increments and
+histogram observations.
 
 The engine's facts are read on the engine thread between two steps (`AsyncEngine.call`): the expert counts live on
 the device and are copied to the host there, where no step is in flight. A sample waits for the engine at most its
@@ -43,6 +44,8 @@ class EngineFacts:
     expert_counts: list[list[int]] | None  # [L][E] since the engine started; None for a dense model
     rounds: list[float]  # seconds of each layer round to the shards since the last read
     probes: list[float] | None  # each shard's probed round trip; None without shards, unprobed or unreachable
+    step_tokens: list[int]  # tokens each engine step computed since the last read
+    cache_config: tuple[str, ...]  # the values of mn.CACHE_CONFIG_LABELS
 
 
 def read_engine(engine: LLMEngine, probe: bool) -> EngineFacts:
@@ -70,7 +73,16 @@ def read_engine(engine: LLMEngine, probe: bool) -> EngineFacts:
             log.exception("probing the expert shards failed")
             probes = None
     counts = engine.expert_load.snapshot() if engine.expert_load is not None else None
-    return EngineFacts(stats, counts, rounds, probes)
+    steps = [engine.step_tokens.popleft() for _ in range(len(engine.step_tokens))]
+    return EngineFacts(stats, counts, rounds, probes, steps, cache_config(engine))
+
+
+def cache_config(engine: LLMEngine) -> tuple[str, ...]:
+    """The engine's cache settings as `vllm:cache_config_info` labels them, written as vLLM writes them (str())."""
+    c = engine.config
+    dtype = str(engine.runner.cache.k.dtype).removeprefix("torch.")
+    return (str(c.block_size), dtype, str(c.enable_prefix_caching), str(c.gpu_memory_utilization),
+            str(engine.blocks.num_blocks))
 
 
 def _parallel_executor(engine: LLMEngine) -> ExpertParallelExecutor | None:
@@ -170,6 +182,11 @@ class Sampler:
                 rounds.observe(seconds)
         for shard, seconds in enumerate(facts.probes or ()):
             self._series(mn.SHARD_ROUND_TRIP, str(shard)).observe(seconds)
+        if facts.step_tokens:
+            steps = self._series(mn.ITERATION_TOKENS)
+            for tokens in facts.step_tokens:
+                steps.observe(tokens)
+        self._series(mn.CACHE_CONFIG_INFO, *facts.cache_config).set(1)
 
     def _record_unit(self, health: Health) -> None:
         for state in mn.UNIT_STATES:
