@@ -43,6 +43,7 @@ from cluster.parallel.shm_channel import ShmReplicaChannel, create_files, serve_
 from cluster.serve.app import build_app  # noqa: E402
 from cluster.serve.args import ServeArgs  # noqa: E402
 from cluster.serve.local_ray import APP_NAME  # noqa: E402
+from cluster.serve.resolved import resolve  # noqa: E402
 from cluster.serve.standalone import build_standalone_app  # noqa: E402
 from cluster.parallel.channel import free_port  # noqa: E402
 from cluster.serve.unit import UNIT_ENV  # noqa: E402
@@ -180,7 +181,7 @@ async def drive(client: httpx.AsyncClient, requests: list[dict]) -> tuple[int, f
 
 
 def single_process_throughput(args: ServeArgs, requests: list[dict]) -> dict:
-    app, engine = build_standalone_app(args.model_copy(update={"shards": 1}).resolve())
+    app, engine = build_standalone_app(resolve(args.model_copy(update={"shards": 1})))
 
     async def run() -> tuple[int, float]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=600) as c:

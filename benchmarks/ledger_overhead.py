@@ -3,7 +3,7 @@
     python benchmarks/ledger_overhead.py [--concurrency 64] [--requests 256] [--rounds 3] [--model DIR]
                                          [--pg-url postgresql://...] [--no-pg] [--device cpu|cuda]
 
-One engine (the `serve` path: `ServeArgs.resolve()` and the standalone engine builder), three apps over it: no
+One engine (the `serve` path: `resolve(args)` and the standalone engine builder), three apps over it: no
 ledger, SQLite (a file in a temporary directory) and PostgreSQL (--pg-url, else a throwaway server started with
 tests/postgres.py). Each round sends the same load to each app in turn, in-process (httpx's ASGI transport, so no
 socket noise): `--requests` /v1/completions of 16 tokens (ignore_eos), `--concurrency` in flight. Prints each
