@@ -836,12 +836,11 @@ def _consistent(body: dict) -> dict:
 
 @st.composite
 def good_completion(draw: st.DrawFn) -> dict:
-    prompt = st.one_of(text, st.lists(text, min_size=1, max_size=1), st.lists(st.integers(0, VOCAB - 1), min_size=1,
-                                                                             max_size=5),
-                       st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=5).map(lambda ids: [ids]))
+    ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=5)
+    prompt = st.one_of(text, st.lists(text, min_size=1, max_size=3), ids, st.lists(ids, min_size=1, max_size=3))
     body = draw(st.fixed_dictionaries(
         {"model": st.just(MODEL), "prompt": prompt, "max_tokens": budgets},
-        optional={**sampling, "logprobs": nullable_or(st.integers(0, 5)), "echo": st.sampled_from([False, None]),
+        optional={**sampling, "logprobs": nullable_or(st.integers(0, 5)), "echo": nullable_or(st.booleans()),
                   "suffix": st.sampled_from(["", None]), "best_of": st.sampled_from([1, None]),
                   "stream": nullable_or(st.booleans()), "cache_salt": text.filter(bool)}))
     if body.get("stream"):
