@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -48,6 +49,11 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this route
 MAX_PROMPTS = 128
 _PROMPT_FORMS = "must be a string, a list of strings, token ids (a list of integers) or a list of token-id lists"
 _WORD_START = "\u2581"  # SentencePiece's word-start marker
+# Each tokenizer's token texts as logprob entries show them, (text, bytes, starts a word), memoized as tokens are
+# met (at most the vocabulary): an echoed prompt of thousands of tokens and their alternatives is read on the event
+# loop, and a token's text costs a few tokenizer calls.
+_ENTRY_TEXTS: weakref.WeakKeyDictionary[Tokenizer, dict[int, tuple[str, list[int], bool]]] = \
+    weakref.WeakKeyDictionary()
 
 
 # -- request -------------------------------------------------------------------------------------------------------
@@ -287,7 +293,7 @@ class _Completion(CompletionResponse[_ChoiceState, tuple[str, CompletionLogprobs
         utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         chars, started = 0, False
         for token_id, score in zip(self.prompts[prompt], scores):
-            first = not started and not self.tokenizer.is_control(token_id)
+            first = not started and self._token_text(token_id)[0] != ""  # (control tokens are "")
             started = started or first
             token, raw = self._token_text(token_id, first)
             lps.tokens.append(token)
@@ -307,9 +313,14 @@ class _Completion(CompletionResponse[_ChoiceState, tuple[str, CompletionLogprobs
     def _token_text(self, token_id: int, first: bool = False) -> tuple[str, list[int]]:
         """A token's text and bytes; a control token's are "" and [] (it is no part of the text). A text's `first`
         token loses the word-start space a decode drops there."""
-        if self.tokenizer.is_control(token_id):
-            return "", []
-        token, raw = token_text(self.tokenizer, token_id)
-        if first and token.startswith(" ") and self.tokenizer.piece(token_id).startswith(_WORD_START):
-            return token[1:], raw[1:]
-        return token, raw
+        known = _ENTRY_TEXTS.setdefault(self.tokenizer, {})
+        entry = known.get(token_id)
+        if entry is None:
+            if self.tokenizer.is_control(token_id):
+                entry = "", [], False
+            else:
+                token, raw = token_text(self.tokenizer, token_id)
+                entry = token, raw, token.startswith(" ") and self.tokenizer.piece(token_id).startswith(_WORD_START)
+            known[token_id] = entry
+        token, raw, word = entry
+        return (token[1:], raw[1:]) if first and word else (token, raw)
