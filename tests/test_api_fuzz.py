@@ -307,12 +307,16 @@ def test_wrong_types_and_sizes_get_a_400_naming_the_field(app, fields, needles, 
 
 
 @pytest.mark.parametrize("fields, needles, param", [
-    ({"echo": True}, ["echo: not supported"], "echo"),
     ({"suffix": "the end"}, ["suffix: not supported"], "suffix"),
     ({"best_of": 2}, ["best_of: values above 1 are not supported"], "best_of"),
-    ({"prompt": ["a", "b"]}, ["prompt: one prompt per request, got 2"], "prompt"),
-    ({"prompt": [[1, 2], [3]]}, ["prompt: one prompt per request, got 2"], "prompt"),
-    ({"prompt": []}, ["prompt: must be a string, a list of one string, or token ids"], "prompt"),
+    ({"prompt": ["a", [1, 2]]}, ["prompt: must be a string, a list of strings, token ids"], "prompt"),
+    ({"prompt": [[1, 2], []]}, ["prompt: must be a string, a list of strings, token ids"], "prompt"),
+    ({"prompt": ["a"] * 129}, ["prompt: at most 128 prompts per request, got 129"], "prompt"),
+    ({"prompt": ["a"] * 9, "n": 2}, ["9 prompts x n=2 make 18 choices; this server allows at most 16"], "prompt"),
+    ({"prompt": [[1], [2, 40000]]}, ["prompt[1] holds the token id 40000, outside the vocabulary"], "prompt"),
+    ({"max_tokens": 0}, ["max_tokens: 0 is only allowed with echo"], "max_tokens"),
+    ({"max_tokens": -1, "echo": True}, ["max_tokens: Input should be greater than or equal to 0"], "max_tokens"),
+    ({"prompt": []}, ["prompt: must be a string, a list of strings, token ids"], "prompt"),
     ({"prompt": [1, True]}, ["prompt: must be a string"], "prompt"),
     ({"prompt": {"text": "hi"}}, ["prompt: must be a string"], "prompt"),
     ({"prompt": [1, 40000]}, ["token id 40000, outside the vocabulary"], "prompt"),
@@ -376,9 +380,9 @@ def test_a_completion_keeps_its_first_space_and_its_logprobs_add_up_to_it(tok):
     body = json.dumps({"prompt": "Hello", "logprobs": 1}).encode()
     choice = asyncio.run(_post_raw(app, body, path=COMPLETIONS)).json()["choices"][0]
     assert choice["text"] == " world world" and choice["finish_reason"] == "stop"
-    lps = choice["logprobs"]  # EOS is a control token: not part of the text, nor of its logprobs
-    assert lps["tokens"] == [" world", " world"] and lps["text_offset"] == [0, 6]
-    assert lps["token_logprobs"] == [-0.5, -0.5] and lps["top_logprobs"][0] == {" world": -0.5, "</s>": -2.0}
+    lps = choice["logprobs"]  # EOS is a control token: no part of the text, an entry "" among the logprobs
+    assert lps["tokens"] == [" world", " world", ""] and lps["text_offset"] == [0, 6, 12]
+    assert lps["token_logprobs"] == [-0.5] * 3 and lps["top_logprobs"][0] == {" world": -0.5, "": -2.0}
     streamed = asyncio.run(_post_raw(app, json.dumps({"prompt": "Hello", "stream": True}).encode(), path=COMPLETIONS))
     events = [json.loads(e.removeprefix("data: ")) for e in streamed.text.split("\n\n") if e and "[DONE]" not in e]
     assert "".join(e["choices"][0]["text"] for e in events) == " world world"
@@ -824,12 +828,11 @@ def _consistent(body: dict) -> dict:
 
 @st.composite
 def good_completion(draw: st.DrawFn) -> dict:
-    prompt = st.one_of(text, st.lists(text, min_size=1, max_size=1), st.lists(st.integers(0, VOCAB - 1), min_size=1,
-                                                                             max_size=5),
-                       st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=5).map(lambda ids: [ids]))
+    ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=5)
+    prompt = st.one_of(text, st.lists(text, min_size=1, max_size=3), ids, st.lists(ids, min_size=1, max_size=3))
     body = draw(st.fixed_dictionaries(
         {"model": st.just(MODEL), "prompt": prompt, "max_tokens": budgets},
-        optional={**sampling, "logprobs": nullable_or(st.integers(0, 5)), "echo": st.sampled_from([False, None]),
+        optional={**sampling, "logprobs": nullable_or(st.integers(0, 5)), "echo": nullable_or(st.booleans()),
                   "suffix": st.sampled_from(["", None]), "best_of": st.sampled_from([1, None]),
                   "stream": nullable_or(st.booleans()), "cache_salt": text.filter(bool)}))
     if body.get("stream"):

@@ -310,8 +310,8 @@ def test_completions_create_streamed_and_not(client, server, model, use_async):
     assert last.choices == [] and last.usage.completion_tokens == plain.usage.completion_tokens
 
 
-def test_completions_refuse_echo_and_suffix_by_name(client, model):
-    for field, value in (("echo", True), ("suffix", "end"), ("best_of", 2)):
+def test_completions_refuse_suffix_and_best_of_by_name(client, model):
+    for field, value in (("suffix", "end"), ("best_of", 2)):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=model, prompt="hi", max_tokens=2, **{field: value})
         assert e.value.body["param"] == field and field in e.value.body["message"], e.value.body
@@ -333,6 +333,21 @@ def test_vllm_extensions_through_extra_body_and_unknown_fields_refused(client, m
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**kw, extra_body={"best_of": 2})
     assert e.value.body["param"] == "best_of" and "Unrecognized request argument" in e.value.body["message"]
+
+
+def test_completions_score_a_list_of_prompts_with_echo(client, model):
+    """What lm-eval's OpenAI-SDK client sent to score prompts: token-id lists, echo, max_tokens 0, logprobs 5."""
+    prompts = [[1, 1782, 6333, 1117], [1, 1782, 6333]]
+    r = client.completions.create(model=model, prompt=prompts, echo=True, max_tokens=0, temperature=0.0, logprobs=5,
+                                  seed=1234)
+    assert [c.index for c in r.choices] == [0, 1]
+    for choice, ids in zip(r.choices, prompts):
+        lp = choice.logprobs
+        assert choice.finish_reason == "length" and len(lp.tokens) == len(ids) and "".join(lp.tokens) == choice.text
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert all(top[tok] == value and len(top) <= 6 for tok, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:],
+                                                                                 lp.top_logprobs[1:]))
+    assert r.usage.prompt_tokens == 7 and r.usage.completion_tokens == 0
 
 
 def _nullable(method: Any) -> list[str]:

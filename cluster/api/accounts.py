@@ -301,11 +301,12 @@ class Accounts:
         except Exception:
             log.exception("releasing the reservation of cancelled request %s failed; it expires", request_id)
 
-    async def metered(self, key: KeyRecord | None, request_id: str, prompt_tokens: int, params: SamplingParams,
+    async def metered(self, key: KeyRecord | None, request_id: str, prompt_tokens: int, max_completion_tokens: int,
                       generate: Callable[[Charge], Awaitable[Response]]) -> Response:
-        """`generate(charge)`'s response, with the request reserved before and settled after, however it ends (a
-        streamed response settles when its stream closes: see `cluster.api.sse.EventStream`)."""
-        charge = await self.reserve(key, request_id, prompt_tokens, params.n * params.max_tokens)
+        """`generate(charge)`'s response, with the request's worst case (its prompts' tokens, and n x max_tokens for
+        each prompt) reserved before and settled after, however it ends (a streamed response settles when its stream
+        closes: see `cluster.api.sse.EventStream`)."""
+        charge = await self.reserve(key, request_id, prompt_tokens, max_completion_tokens)
         try:
             response = await generate(charge)
         except APIError as e:

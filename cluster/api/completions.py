@@ -1,21 +1,31 @@
-"""POST /v1/completions: OpenAI's legacy text completions, a plain prompt continued, as JSON or SSE.
+"""POST /v1/completions: OpenAI's legacy text completions, plain prompts continued (or scored), as JSON or SSE.
 
-The prompt is the client's text encoded with BOS and no chat template (or token ids, as sent). Each choice's text
-keeps the leading space of its first token, which SentencePiece drops when a decode starts there: a completion is
-read after its prompt ("Hello" + " world"), and its logprob tokens concatenate to it exactly, with `text_offset`
-counting characters from the completion's start.
+A prompt is the client's text encoded with BOS and no chat template, or token ids as sent; `prompt` holds one, or a
+list of up to `MAX_PROMPTS`. Each prompt is generated as its own request with its `n` choices, numbered
+prompt_index * n + i (`cluster.api.multi_prompt`: admitted all together or refused together); usage adds up the
+prompts, each counted once. Each choice's text keeps the leading space of its first token, which SentencePiece drops
+when a decode starts there: a completion is read after its prompt ("Hello" + " world").
+
+`echo` puts the prompt's text before each choice's completion (the string as sent, or the token ids decoded), and
+with `logprobs` the prompt's tokens' logprobs before the completion's (the engine's prompt logprobs, which the first
+token lacks: its logprob and top_logprobs are null); `max_tokens: 0` is then allowed, to score the prompt alone, as
+evaluation harnesses do (lm-eval's loglikelihood). The logprob entries have one per token, control tokens (BOS, EOS,
+[INST]...) as "" (they are not in the text), so their tokens concatenate to the text and `text_offset` counts
+characters from the start of the choice's text (the echoed prompt's, with echo).
 
 The request takes the chat route's way (`serve_generation` in cluster.api.streaming): body limits, parsing and
-encoding on worker threads, the ledger's reserve and settle, the first output read before any response starts (a
-refusal is an error JSON even when streaming), and generation aborted whenever the response ends early. Its fields
-are the chat request's sampling ones (`SamplingRequest`) and its own; `echo`, `suffix` and `best_of` > 1 are
-refused with a 400 naming the field.
+encoding on worker threads, the ledger's reserve and settle (one reservation for every prompt's worst case), the
+first output read before any response starts (a refusal is an error JSON even when streaming), and generation
+aborted whenever the response ends early. Its fields are the chat request's sampling ones (`SamplingRequest`) and
+its own; `suffix` and `best_of` > 1 are refused with a 400 naming the field.
 """
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -25,17 +35,25 @@ from starlette.responses import Response
 
 from cluster.api.accounts import Charge
 from cluster.api.errors import APIError
-from cluster.api.protocol import Bool, Int, SamplingRequest, Usage
+from cluster.api.protocol import Bool, Int, PromptTokensDetails, SamplingRequest, Usage
 from cluster.api.streaming import (ChoiceState, CompletionResponse, GenerationRoute, Prepared, checked_logit_bias,
                                    parse_request, serve_generation, token_text)
-from cluster.engine.outputs import RequestOutput
+from cluster.engine.outputs import RequestOutput, TokenLogprobs
 from cluster.engine.sampling_params import SamplingDefaults, SamplingParams
 from cluster.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 5  # OpenAI's bound for the legacy `logprobs` (top alternatives per token)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this route
-_PROMPT_FORMS = "must be a string, a list of one string, or token ids (a list of integers)"
+# Prompts in one request: bounds the encoding one body asks for. Their choices (prompts x n) are bounded too, by
+# `APILimits.max_n`, as one prompt's n is.
+MAX_PROMPTS = 128
+_PROMPT_FORMS = "must be a string, a list of strings, token ids (a list of integers) or a list of token-id lists"
 _WORD_START = "\u2581"  # SentencePiece's word-start marker
+# Each tokenizer's token texts as logprob entries show them, (text, bytes, starts a word), memoized as tokens are
+# met (at most the vocabulary): an echoed prompt of thousands of tokens and their alternatives is read on the event
+# loop, and a token's text costs a few tokenizer calls.
+_ENTRY_TEXTS: weakref.WeakKeyDictionary[Tokenizer, dict[int, tuple[str, list[int], bool]]] = \
+    weakref.WeakKeyDictionary()
 
 
 # -- request -------------------------------------------------------------------------------------------------------
@@ -47,6 +65,7 @@ class CompletionRequest(SamplingRequest):
 
     # None: an empty document, BOS alone; checked below (one error naming every accepted form), also when left out
     prompt: Any = Field(default=None, validate_default=True)
+    max_tokens: Int | None = Field(default=None, ge=0)  # 0 only with echo: the prompt scored, nothing generated
     best_of: Int | None = Field(default=None, ge=1)
     logprobs: Int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: Bool | None = None
@@ -54,26 +73,23 @@ class CompletionRequest(SamplingRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _check_prompt(cls, prompt: Any) -> str | list[int]:
-        """The one prompt: its text, or its token ids (checked against the vocabulary when encoding)."""
+    def _check_prompt(cls, prompt: Any) -> list[str] | list[list[int]]:
+        """The prompts: texts, or token-id lists (checked against the vocabulary when encoding)."""
         if prompt is None:  # OpenAI's default is its end-of-text token: a new document
-            return ""
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
+            return [""]
         if isinstance(prompt, str):
+            return [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError(_PROMPT_FORMS)
+        if all(type(t) is int for t in prompt):
+            return [prompt]
+        if len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
+        if all(isinstance(p, str) for p in prompt):
             return prompt
-        if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        if all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt):
             return prompt
-        if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-            raise ValueError(f"one prompt per request, got {len(prompt)} (send each as its own request)")
         raise ValueError(_PROMPT_FORMS)
-
-    @field_validator("echo")
-    @classmethod
-    def _check_echo(cls, echo: bool | None) -> bool | None:
-        if echo:
-            raise ValueError("not supported: the response holds the completion only (send false or leave it out)")
-        return echo
 
     @field_validator("suffix")
     @classmethod
@@ -90,33 +106,49 @@ class CompletionRequest(SamplingRequest):
                              "several choices)")
         return best_of
 
-    def encode(self, tokenizer: Tokenizer) -> list[int]:
-        """The prompt's token ids: text with BOS, or the ids sent; APIError(400) for ids outside the vocabulary."""
-        if isinstance(self.prompt, str):
-            return tokenizer.encode(self.prompt, bos=True)
-        bad = next((t for t in self.prompt if not 0 <= t < tokenizer.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"prompt holds the token id {bad}, outside the vocabulary (ids 0.."
-                                f"{tokenizer.vocab_size - 1})", "prompt")
-        return list(self.prompt)
+    def encode(self, tokenizer: Tokenizer) -> list[list[int]]:
+        """Each prompt's token ids: text with BOS, or the ids sent; APIError(400) for ids outside the vocabulary."""
+        encoded = []
+        for i, prompt in enumerate(self.prompt):
+            if isinstance(prompt, str):
+                encoded.append(tokenizer.encode(prompt, bos=True))
+                continue
+            bad = next((t for t in prompt if not 0 <= t < tokenizer.vocab_size), None)
+            if bad is not None:
+                where = f"prompt[{i}]" if len(self.prompt) > 1 else "prompt"
+                raise APIError(400, f"{where} holds the token id {bad}, outside the vocabulary (ids 0.."
+                                    f"{tokenizer.vocab_size - 1})", "prompt")
+            encoded.append(list(prompt))
+        return encoded
+
+    def echoed(self, tokenizer: Tokenizer, prompts: list[list[int]]) -> tuple[str, ...]:
+        """Each prompt's text as echo returns it: the string sent, or the token ids decoded."""
+        return tuple(p if isinstance(p, str) else tokenizer.decode(ids) for p, ids in zip(self.prompt, prompts))
 
     def to_sampling_params(self, defaults: SamplingDefaults, context_left: int, grammar: str | None = None,
                            logit_bias: tuple[tuple[int, float], ...] = ()) -> SamplingParams:
-        """The engine's parameters (max_tokens 16 when left out, clipped to the `context_left` after the prompt);
-        raises ValueError for values the engine refuses."""
-        return self._sampling_params(defaults, context_left, DEFAULT_MAX_TOKENS, self.logprobs is not None,
-                                     self.logprobs or 0, grammar, logit_bias)
+        """The engine's parameters (max_tokens 16 when left out, clipped to the `context_left` after the prompt;
+        with echo and logprobs the prompt is scored too); raises ValueError for values the engine refuses."""
+        params = self._sampling_params(defaults, context_left, DEFAULT_MAX_TOKENS, self.logprobs is not None,
+                                       self.logprobs or 0, grammar, logit_bias)
+        scored = self.logprobs if self.echo else None
+        return dataclasses.replace(params, max_tokens=0 if self.max_tokens == 0 else params.max_tokens,
+                                   prompt_logprobs=scored)
 
 
 # -- response ------------------------------------------------------------------------------------------------------
 class CompletionLogprobs(BaseModel):
     """Legacy logprobs: per token its text, logprob, the top alternatives (text -> logprob, the sampled token among
-    them) and where it starts in the choice's text."""
+    them) and where it starts in the choice's text. An echoed prompt's first token has null for both."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+    def extend(self, more: CompletionLogprobs) -> None:
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(self, name).extend(getattr(more, name))
 
 
 class CompletionChoice(BaseModel):
@@ -151,14 +183,26 @@ class CompletionsAPI(GenerationRoute[CompletionRequest]):
         return await serve_generation(request, self)
 
     def prepare(self, raw: bytes) -> Prepared[CompletionRequest]:
-        """The request, its prompt and logit bias; runs on a worker thread (CPU-bound for large bodies)."""
+        """The request, its prompts and logit bias; runs on a worker thread (CPU-bound for large bodies)."""
         req = parse_request(raw, CompletionRequest, self.model_name)
-        prompt = req.encode(self.tokenizer)
-        return Prepared(req, prompt, checked_logit_bias(req, self.tokenizer.vocab_size))
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens: 0 is only allowed with echo (which returns the prompt, scored with "
+                                "logprobs); send at least 1", "max_tokens")
+        choices = len(req.prompt) * req.choices
+        if len(req.prompt) > 1 and choices > self.limits.max_n:  # (one prompt's n is the engine's to refuse)
+            raise APIError(400, f"{len(req.prompt)} prompts x n={req.choices} make {choices} choices; this server "
+                                f"allows at most {self.limits.max_n} per request: send fewer prompts per request",
+                           "prompt")
+        prompts = req.encode(self.tokenizer)
+        return Prepared(req, prompts[0], checked_logit_bias(req, self.tokenizer.vocab_size),
+                        more_prompts=tuple(prompts[1:]))
 
     def respond(self, p: Prepared[CompletionRequest], request_id: str, charge: Charge) -> _Completion:
-        return _Completion(request_id, int(time.time()), self.model_name, self.fingerprint, len(p.prompt),
-                           p.req.choices, p.req.include_usage, self.tokenizer, charge)
+        prompts = p.prompts
+        return _Completion(request_id, int(time.time()), self.model_name, self.fingerprint,
+                           sum(len(prompt) for prompt in prompts), len(prompts) * p.req.choices, p.req.include_usage,
+                           self.tokenizer, charge, p.req.choices, tuple(prompts),
+                           p.req.echoed(self.tokenizer, prompts) if p.req.echo else None)
 
 
 # -- one request's response ----------------------------------------------------------------------------------------
@@ -166,18 +210,25 @@ class CompletionsAPI(GenerationRoute[CompletionRequest]):
 class _ChoiceState(ChoiceState):
     text: list[str] = field(default_factory=list)
     logprobs: CompletionLogprobs = field(default_factory=CompletionLogprobs)
+    echoed: bool = False  # the prompt was put before the completion (with echo)
     started: bool = False  # a content token was seen: later text needs no restored space
-    chars: int = 0  # characters of the text the logprob tokens so far make up (text_offset of the next one)
+    chars: int = 0  # characters of the choice's text so far (text_offset of the next token)
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
 
 @dataclass
 class _Completion(CompletionResponse[_ChoiceState, tuple[str, CompletionLogprobs]]):
-    """One request's response: each choice's text and legacy logprobs."""
+    """One request's response: each choice's text and legacy logprobs; choice i is choice i % per_prompt of prompt
+    i // per_prompt."""
 
     what: ClassVar[str] = "text completion"
     input_param: ClassVar[str] = "prompt"
     chunk_type: ClassVar[type[BaseModel]] = Completion
+
+    per_prompt: int = 1  # the request's n
+    prompts: tuple[list[int], ...] = ()  # each prompt's token ids
+    echo: tuple[str, ...] | None = None  # with echo, each prompt's text
+    _scored: dict[int, CompletionLogprobs] = field(default_factory=dict, init=False)  # each prompt's, made once
 
     def _state(self) -> _ChoiceState:
         return _ChoiceState()
@@ -188,6 +239,12 @@ class _Completion(CompletionResponse[_ChoiceState, tuple[str, CompletionLogprobs
                    for i, s in enumerate(states)]
         return Completion(id=self.id, created=self.created, model=self.model, system_fingerprint=self.fingerprint,
                           choices=choices, usage=usage)
+
+    def _usage(self, states: list[_ChoiceState]) -> Usage:
+        # Each prompt counted once: its first choice is the one that computed (or reused) it.
+        cached = sum(s.cached_tokens for s in states[::self.per_prompt])
+        return super()._usage(states).model_copy(
+            update={"prompt_tokens_details": PromptTokensDetails(cached_tokens=cached)})
 
     def _streamed(self, state: _ChoiceState, delta: tuple[str, CompletionLogprobs],
                   out: RequestOutput) -> CompletionChoice | None:
@@ -206,21 +263,65 @@ class _Completion(CompletionResponse[_ChoiceState, tuple[str, CompletionLogprobs
             if self.tokenizer.piece(content_ids[0]).startswith(_WORD_START):
                 text = " " + text  # the space the detokenizer dropped at the start of its decode
         lps = CompletionLogprobs()
-        for token_id, lp in zip(out.token_ids, out.logprobs):
-            if self.tokenizer.is_control(token_id):
-                continue
-            token, raw = token_text(self.tokenizer, token_id)
-            top = {token_text(self.tokenizer, t)[0]: v for t, v in lp.top}
-            top[token] = lp.logprob
+        if self.echo is not None and not state.echoed:  # the choice's first output: its prompt comes first
+            state.echoed = True
+            prompt = out.index // self.per_prompt
+            text = self.echo[prompt] + text
+            state.chars = len(self.echo[prompt])
+            if out.prompt_logprobs is not None:
+                lps.extend(self._prompt_logprobs(prompt, out.prompt_logprobs))
+        for token_id, lp in zip(out.token_ids, out.logprobs):  # one entry per generated token, control tokens too
+            token, raw = self._token_text(token_id)
             lps.tokens.append(token)
             lps.token_logprobs.append(lp.logprob)
-            lps.top_logprobs.append(top)
+            lps.top_logprobs.append(self._top(token, lp))
             lps.text_offset.append(state.chars)
             state.chars += len(state.utf8.decode(bytes(raw)))
         state.text.append(text)
-        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-            getattr(state.logprobs, name).extend(getattr(lps, name))
+        state.logprobs.extend(lps)
         state.completion_tokens = out.completion_tokens
         state.cached_tokens = out.cached_prompt_tokens
         state.finish_reason = out.finish_reason
         return text, lps
+
+    def _prompt_logprobs(self, prompt: int, scores: list[TokenLogprobs | None]) -> CompletionLogprobs:
+        """A prompt's tokens with their scores, as echo returns them (the same for each of its choices). Their
+        texts spell the prompt's decoded text: control tokens are "", and the first content token (and its
+        alternatives) lose the word-start space its decode drops."""
+        if prompt in self._scored:
+            return self._scored[prompt]
+        lps = CompletionLogprobs()
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        chars, started = 0, False
+        for token_id, score in zip(self.prompts[prompt], scores):
+            first = not started and self._token_text(token_id)[0] != ""  # (control tokens are "")
+            started = started or first
+            token, raw = self._token_text(token_id, first)
+            lps.tokens.append(token)
+            lps.token_logprobs.append(None if score is None else score.logprob)
+            lps.top_logprobs.append(None if score is None else self._top(token, score, first))
+            lps.text_offset.append(chars)
+            chars += len(utf8.decode(bytes(raw)))
+        self._scored[prompt] = lps
+        return lps
+
+    def _top(self, token: str, lp: TokenLogprobs, first: bool = False) -> dict[str, float]:
+        """The alternatives' texts -> logprobs, with the token's own text among them."""
+        top = {self._token_text(token_id, first)[0]: value for token_id, value in lp.top}
+        top[token] = lp.logprob
+        return top
+
+    def _token_text(self, token_id: int, first: bool = False) -> tuple[str, list[int]]:
+        """A token's text and bytes; a control token's are "" and [] (it is no part of the text). A text's `first`
+        token loses the word-start space a decode drops there."""
+        known = _ENTRY_TEXTS.setdefault(self.tokenizer, {})
+        entry = known.get(token_id)
+        if entry is None:
+            if self.tokenizer.is_control(token_id):
+                entry = "", [], False
+            else:
+                token, raw = token_text(self.tokenizer, token_id)
+                entry = token, raw, token.startswith(" ") and self.tokenizer.piece(token_id).startswith(_WORD_START)
+            known[token_id] = entry
+        token, raw, word = entry
+        return (token[1:], raw[1:]) if first and word else (token, raw)

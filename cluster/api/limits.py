@@ -1,9 +1,12 @@
-"""What the HTTP API accepts from one request: body size, how long its body may take to arrive, and how long its
-chat may take to tokenize. Bounds that keep one client from stalling the server or holding a connection."""
+"""What the HTTP API accepts from one request: body size, how long its body may take to arrive, how long its
+chat may take to tokenize, and how many choices it may hold. Bounds that keep one client from stalling the server or
+holding a connection."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from cluster.engine.engine import EngineConfig
 
 MiB = 1024 * 1024
 
@@ -14,12 +17,16 @@ class APILimits:
     body_timeout_s: float = 30.0  # a body not fully received by then gets 408 and the connection is closed
     tokenize_budget_s: float = 10.0  # a chat not encoded by then gets 400
     tokenize_threads: int = 2  # chats are encoded off the event loop, this many at a time
+    # Choices one request may hold, over all its prompts (ServeArgs.max_n, which the engine also enforces on each
+    # prompt's n): a request of several prompts never occupies more of the engine than one request may.
+    max_n: int = EngineConfig.max_n
 
     def __post_init__(self) -> None:
         checks = [(self.max_body_bytes >= 1, f"max_body_bytes must be >= 1, got {self.max_body_bytes}"),
                   (self.body_timeout_s > 0, f"body_timeout_s must be > 0, got {self.body_timeout_s}"),
                   (self.tokenize_budget_s > 0, f"tokenize_budget_s must be > 0, got {self.tokenize_budget_s}"),
-                  (self.tokenize_threads >= 1, f"tokenize_threads must be >= 1, got {self.tokenize_threads}")]
+                  (self.tokenize_threads >= 1, f"tokenize_threads must be >= 1, got {self.tokenize_threads}"),
+                  (self.max_n >= 1, f"max_n must be >= 1, got {self.max_n}")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -27,6 +27,7 @@ from cluster.api.backend import GenerationBackend
 from cluster.api.body import decode_json, read_body
 from cluster.api.errors import APIError, error_response, validation_error
 from cluster.api.limits import APILimits
+from cluster.api.multi_prompt import generate_prompts
 from cluster.api.protocol import PromptTokensDetails, SamplingRequest, TokenLogprob, TopLogprob, Usage
 from cluster.api.sse import SSE_DONE, sse, unless_disconnected
 from cluster.api.workers import RequestWorkers
@@ -54,6 +55,13 @@ class Prepared(Generic[R]):
     prompt: list[int]
     logit_bias: tuple[tuple[int, float], ...]
     grammar: str | None = None
+    # A text-completions request's prompts after the first: each is generated as its own request with n choices
+    # (`cluster.api.multi_prompt`), the prompt's choices numbered after the previous prompt's.
+    more_prompts: tuple[list[int], ...] = ()
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [self.prompt, *self.more_prompts]
 
 
 @dataclass(eq=False)
@@ -104,23 +112,25 @@ async def _serve(request: Request, route: GenerationRoute[R]) -> Response:
         raise APIError(429, refusal)
     raw = await read_body(request, route.limits)
     p = await route.workers.run(route.prepare, raw)
+    longest = max(len(prompt) for prompt in p.prompts)
     try:
         p.req.check_stop_token_ids(route.tokenizer.vocab_size)
     except ValueError as e:
         raise APIError(400, str(e), "stop_token_ids") from None
     try:
-        params = p.req.to_sampling_params(route.defaults, route.context_len - len(p.prompt), p.grammar, p.logit_bias)
+        params = p.req.to_sampling_params(route.defaults, route.context_len - longest, p.grammar, p.logit_bias)
     except ValueError as e:
         raise APIError(400, str(e)) from e
-    total = len(p.prompt) + params.max_tokens
+    total = longest + params.max_tokens
     if total > route.context_len:  # the engine refuses it too; here before anything is reserved or rate-counted
-        raise APIError(400, f"the prompt ({len(p.prompt)} tokens) plus max_tokens ({params.max_tokens}) is {total} "
+        raise APIError(400, f"the prompt ({longest} tokens) plus max_tokens ({params.max_tokens}) is {total} "
                             f"tokens, more than the model's context of {route.context_len} tokens",
                        route.input_param, "context_length_exceeded")
     key = request_key(request)
     params = route.accounts.salted(key, params)
     request_id = f"{route.id_prefix}-{uuid.uuid4().hex}"
-    return await route.accounts.metered(key, request_id, len(p.prompt), params,
+    worst = len(p.prompts) * params.n * params.max_tokens  # every choice of every prompt
+    return await route.accounts.metered(key, request_id, sum(len(prompt) for prompt in p.prompts), worst,
                                         lambda charge: _generate(request, route, p, params, request_id, charge))
 
 
@@ -128,7 +138,7 @@ async def _generate(request: Request, route: GenerationRoute[R], p: Prepared[R],
                     request_id: str, charge: Charge) -> Response:
     response = route.respond(p, request_id, charge)
     response.continuous_usage = p.req.continuous_usage  # the shared stream options: one place for both routes
-    outputs = route.backend.generate(request_id, p.prompt, params, stream=p.req.streaming)
+    outputs = generate_prompts(route.backend, request_id, p.prompts, params, stream=p.req.streaming)
     try:  # a long prefill: the client may leave
         first = await unless_disconnected(request, first_output(outputs, response.input_param))
     except BaseException:

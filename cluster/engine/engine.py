@@ -47,6 +47,7 @@ class _SeqOutput:
         self.produced = 0  # characters the detokenizer has produced
         self.emitted = 0  # characters of content emitted (the rest is held back or a stop string)
         self.waiting: list[tuple[int, TokenLogprobs | None, int]] = []  # (token, logprobs, its first character)
+        self.prompt_logprobs_due = seq.params.prompt_logprobs is not None  # they go with the choice's first output
 
     def push(self, token: int, logprobs: TokenLogprobs | None,
              can_stop: bool = True) -> tuple[str, list[tuple[int, TokenLogprobs | None]]]:
@@ -158,6 +159,8 @@ class LLMEngine:
             seeded = params.seed is not None and not params.greedy
             seq = Sequence(next(self._ids), request_id, i, list(prompt), params,
                            generator=make_generator(params.seed + i, self.device) if seeded else None)
+            if i == 0 and params.prompt_logprobs is not None:  # the first choice scores the prompt for all
+                seq.prompt_logprobs = [None]
             self.outputs[seq.seq_id] = _SeqOutput(seq, self.decode)
             if compiled is not None:
                 self.guide.start(seq, compiled)
@@ -193,6 +196,8 @@ class LLMEngine:
         for s in batch.scheduled:
             s.seq.num_computed += s.num_new
             self.blocks.register_full_blocks(s.seq)
+            if s.prompt_logprobs:
+                s.seq.prompt_logprobs.extend(s.prompt_logprobs)
         outs = []
         for i, s in enumerate(sampling):
             outs.extend(self._append(s, sampled.token_ids[i], sampled.logprobs[i]))
@@ -215,15 +220,15 @@ class LLMEngine:
 
     def _append(self, s: ScheduledSeq, token: int, logprobs: TokenLogprobs | None) -> list[RequestOutput]:
         seq, p = s.seq, s.seq.params
-        first = not seq.output
+        if not seq.output:
+            self._start_siblings(seq)
+        if p.max_tokens == 0:  # the prompt alone was wanted (scored): nothing is generated
+            return [self._finish(seq, "length", "", [])]
         seq.output.append(token)
         out = self.outputs[seq.seq_id]
         stop_token = (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids
         complete = self.guide is not None and self.guide.advance(seq, token)  # the grammar's output is whole
         text, handed = ("", []) if stop_token else out.push(token, logprobs, len(seq.output) > p.min_tokens)
-        if first and seq.index == 0:
-            for sib in reversed(self.siblings.pop(seq.request_id, [])):  # the prompt's KV blocks are now cached
-                self.scheduler.add(sib, front=True)
         if stop_token or out.stop.stopped or complete:
             reason = "stop"
         elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.context_len:
@@ -231,17 +236,33 @@ class LLMEngine:
         else:
             return [self._delta(seq, text, handed)]
         rest, held = out.flush()
-        self.scheduler.finish(seq, reason)
-        final = self._final(seq, text + rest, handed + held)
+        final = self._finish(seq, reason, text + rest, handed + held)
         if stop_token:  # not in the content, so not among its tokens; still a generated token
             final.stop_token, final.stop_token_logprobs = token, logprobs
-        self._forget_if_done(seq.request_id)
         return [final]
 
+    def _start_siblings(self, seq: Sequence) -> None:
+        """At choice 0's first sample: its prompt's KV blocks are cached, the other choices start on them."""
+        if seq.index == 0:
+            for sib in reversed(self.siblings.pop(seq.request_id, [])):
+                self.scheduler.add(sib, front=True)
+
+    def _finish(self, seq: Sequence, reason: str, text: str,
+                tokens: list[tuple[int, TokenLogprobs | None]]) -> RequestOutput:
+        self.scheduler.finish(seq, reason)
+        final = self._final(seq, text, tokens)
+        self._forget_if_done(seq.request_id)
+        return final
+
     def _delta(self, seq: Sequence, text: str, tokens: list[tuple[int, TokenLogprobs | None]]) -> RequestOutput:
-        return RequestOutput(seq.request_id, seq.index, text, [t for t, _ in tokens],
-                             [lp for _, lp in tokens if lp is not None], None, len(seq.prompt), len(seq.output),
-                             seq.num_cached_prompt)
+        out = RequestOutput(seq.request_id, seq.index, text, [t for t, _ in tokens],
+                            [lp for _, lp in tokens if lp is not None], None, len(seq.prompt), len(seq.output),
+                            seq.num_cached_prompt)
+        state = self.outputs[seq.seq_id]
+        if state.prompt_logprobs_due:  # choice 0 scored the prompt before any choice's first output
+            state.prompt_logprobs_due = False
+            out.prompt_logprobs = self.requests[seq.request_id][0].prompt_logprobs
+        return out
 
     def _final(self, seq: Sequence, text: str, tokens: list[tuple[int, TokenLogprobs | None]]) -> RequestOutput:
         out = self._delta(seq, text, tokens)

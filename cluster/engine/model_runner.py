@@ -8,7 +8,9 @@ Decode-only steps can also run over static buffers padded to a batch-size bucket
 `forward_decode`): the same device tensors every step of that bucket, so CUDA graphs can capture the forward once
 and replay it (whole, or in pieces around experts in other processes: `cluster.engine.cuda_graphs`). Padding rows
 carry token 0 at position 0, slot -1 (its KV write is skipped) and context 0 (its attention output is zeros); their
-logits are computed and ignored. `decode_buckets` makes `run` take that path.
+logits are computed and ignored. `decode_buckets` makes `run` take that path. A step with a sequence that scores its
+prompt (`cluster.engine.prompt_logprobs`) runs eagerly over its own rows: those rows' scores come out of `forward`
+into the step's `ScheduledSeq.prompt_logprobs`.
 
 Legend: T = new tokens, B = sequences, NB = block-table width, S = sequences that sample, V = vocab.
 """
@@ -24,6 +26,7 @@ from cluster.attention.metadata import AttentionMetadata
 from cluster.engine.cuda_graphs import DecodeGraphs, GraphKind, choose_graphs
 from cluster.engine.paged_cache import PagedKVCache
 from cluster.engine.piecewise_graphs import PiecewiseGraphs
+from cluster.engine.prompt_logprobs import PromptRows, PromptScoring
 from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput
 from cluster.model.decoder import CausalLM
 
@@ -43,6 +46,7 @@ class StepInputs:
     meta: AttentionMetadata
     logit_rows: torch.Tensor  # [S] int32: the hidden row whose logits each sampling sequence needs
     sample_rows: torch.Tensor | None = None  # static decodes: [bucket] int32, rows of the logits that sample first
+    scoring: PromptScoring | None = None  # the rows that score prompt tokens, if any
 
 
 class PackedInts:
@@ -124,7 +128,7 @@ class ModelRunner:
         return self.forward(inputs), [items[i] for i in sampling]
 
     def _bucket(self, items: list[ScheduledSeq]) -> int | None:
-        if not self.decode_buckets or any(s.num_new != 1 for s in items):
+        if not self.decode_buckets or any(s.num_new != 1 or s.seq.scores_prompt for s in items):
             return None
         return next((b for b in self.decode_buckets if b >= len(items)), None)
 
@@ -145,12 +149,14 @@ class ModelRunner:
         np.cumsum(q_lens, out=qsl[1:])
         positions, slots = self._positions_and_slots(tables, np.array(context_lens, dtype=np.int32), q_lens, qsl)
         logit_rows = qsl[1:][[i for i, s in enumerate(items) if s.samples]] - 1
+        scored = PromptRows.of(items, qsl)
         parts = [np.array(ids, dtype=np.int32), positions, slots, np.array(context_lens, dtype=np.int32), qsl,
                  logit_rows.astype(np.int32), tables]
-        ids_t, pos_t, slots_t, lens_t, qsl_t, rows_t, tables_t = self._step.send(parts)
+        ids_t, pos_t, slots_t, lens_t, qsl_t, rows_t, tables_t, *score_t = self._step.send(
+            parts + ([scored.rows, scored.targets] if scored else []))
         meta = AttentionMetadata(slots_t, tables_t.view(len(items), width), query_lens, context_lens,
                                  sum(1 for n in query_lens if n == 1), lens_t, qsl_t)
-        return StepInputs(ids_t, pos_t, meta, rows_t)
+        return StepInputs(ids_t, pos_t, meta, rows_t, scoring=PromptScoring(scored, *score_t) if scored else None)
 
     def _positions_and_slots(self, tables: np.ndarray, context_lens: np.ndarray, q_lens: np.ndarray,
                              qsl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,9 +169,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """logits [S, V] fp32 of the sampling rows."""
+        """logits [S, V] fp32 of the sampling rows (and the prompt scores of `inputs.scoring`, handed out)."""
         self.cache.begin_step(inputs.meta)
         hidden = self.model(inputs.input_ids, inputs.positions, self.cache)  # [T, D]
+        if inputs.scoring is not None:
+            inputs.scoring.score(self.model, hidden)
         return self.model.compute_logits(hidden[inputs.logit_rows])
 
     # -- decode-only steps over static buffers -----------------------------------------------------------------

@@ -64,10 +64,18 @@ class RequestOutput:
     # completion_tokens but not in token_ids, whose texts make up the content
     stop_token: int | None = None
     stop_token_logprobs: TokenLogprobs | None = None
+    # On a choice's first output when the request scores its prompt (`SamplingParams.prompt_logprobs`): one entry
+    # per prompt token, None for the first (nothing predicts it). The same list for every choice of the request.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def failed(self) -> bool:
+        """It ends its choice without an answer: an error, or an abort."""
+        return self.error is not None or self.finish_reason in ("error", "abort")
 
     @classmethod
     def errors(cls, request_id: str, n: int, message: str, status: int,
@@ -86,4 +94,5 @@ class RequestOutput:
         return RequestOutput(self.request_id, self.index, self.text + later.text, self.token_ids + later.token_ids,
                              self.logprobs + later.logprobs, later.finish_reason, later.prompt_tokens,
                              later.completion_tokens, later.cached_prompt_tokens, later.error, later.error_status,
-                             later.error_code, later.scheduled_at, later.stop_token, later.stop_token_logprobs)
+                             later.error_code, later.scheduled_at, later.stop_token, later.stop_token_logprobs,
+                             self.prompt_logprobs or later.prompt_logprobs)

@@ -17,7 +17,7 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 1024
+    max_tokens: int = 1024  # 0: nothing is generated (the prompt alone is computed, and scored with prompt_logprobs)
     temperature: float = 1.0  # 0 (or below GREEDY_BELOW_TEMPERATURE) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled
@@ -41,10 +41,15 @@ class SamplingParams:
     # unsalted cache. "" is refused rather than read as None, so a caller whose salt came out empty (a tenant id
     # never set) hears about it instead of silently joining the shared cache.
     cache_salt: str | None = None
+    # Prompt scoring (the legacy completions' echo with logprobs): each prompt token's logprob given the tokens
+    # before it, with this many top alternatives (0..MAX_TOP_LOGPROBS); the first token has none. None: not scored.
+    # The request's first choice computes its whole prompt for it (no prefix-cache reuse: cached blocks have no
+    # logits) and every choice reports the same scores.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
@@ -67,6 +72,8 @@ class SamplingParams:
             (self.cache_salt is None or isinstance(self.cache_salt, str) and 0 < len(self.cache_salt) <=
              MAX_CACHE_SALT_CHARS, f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
              "characters (leave it out for no salt)"),  # the value is not echoed: it may be a secret
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+             f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}"),
         ]
         for ok, message in checks:
             if not ok:

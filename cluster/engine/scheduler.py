@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from cluster.engine.block_manager import BlockManager
+from cluster.engine.outputs import TokenLogprobs
 from cluster.engine.sequence import Sequence, Status
 
 
@@ -27,6 +28,9 @@ class SchedulerConfig:
 class ScheduledSeq:
     seq: Sequence
     num_new: int  # tokens to compute this step
+    # Filled by the model runner for a sequence that scores its prompt: the scores of the prompt tokens this chunk's
+    # positions predict, in order.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
@@ -86,7 +90,8 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            seq.num_computed = self.blocks.match_prefix(seq)
+            scoring = seq.scores_prompt  # its prompt positions' logits are wanted: cached blocks have none
+            seq.num_computed = 0 if scoring else self.blocks.match_prefix(seq)
             seq.num_cached_prompt = min(seq.num_computed, len(seq.prompt))
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.can_allocate(seq, num_new):
@@ -94,7 +99,8 @@ class Scheduler:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.blocks.allocate(seq, num_new)
-            self.blocks.count_lookup(len(seq.prompt), seq.num_cached_prompt)
+            if not scoring:
+                self.blocks.count_lookup(len(seq.prompt), seq.num_cached_prompt)
             seq.status = Status.RUNNING
             if seq.scheduled_at is None:
                 seq.scheduled_at = time.monotonic()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cluster.engine.outputs import TokenLogprobs
 from cluster.engine.sampling_params import SamplingParams
 
 
@@ -37,6 +38,9 @@ class Sequence:
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None  # time.monotonic() when it was first scheduled (left the waiting queue)
+    # The prompt's scores when this choice computes them (choice 0 of a request with `params.prompt_logprobs`): one
+    # entry per prompt token scored so far, None for the first token, which nothing predicts. Else None.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -54,6 +58,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Logits of its prompt positions are still wanted (to score the prompt tokens after them)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt)
 
     @property
     def is_finished(self) -> bool:
