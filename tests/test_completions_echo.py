@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from cluster.api.accounts import Accounts
-from cluster.api.backend import EngineBackend
 from cluster.api.server import build_api
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import EngineConfig, LLMEngine
@@ -21,6 +20,7 @@ from cluster.engine.sampling_params import SamplingDefaults
 from cluster.ledger import Pricing, open_ledger
 from cluster.model.kv_cache import ContiguousKVCache
 from cluster.model.loader import load_model
+from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version
 
 pytestmark = pytest.mark.e2e  # the whole HTTP stack through a real engine
@@ -187,6 +187,17 @@ def test_each_generated_token_has_an_entry_control_tokens_as_empty_text(served, 
                                                      choice["logprobs"]["token_logprobs"][-5:]))
     events = _events(_post(app, body | {"stream": True}))
     assert sum(len((e["choices"][0]["logprobs"] or {}).get("tokens", [])) for e in events if e["choices"]) == 5
+
+
+def test_the_token_that_ends_a_completion_has_its_entry_too(served, tok):
+    app, _ = served
+    body = {"prompt": "Hello", "max_tokens": 5, "logprobs": 1, "temperature": 0, "logit_bias": {str(tok.eos_id): 100}}
+    for response in (_ok(_post(app, body)), _ok(_post(app, body | {"echo": True}))):
+        choice = response["choices"][0]
+        assert (response["usage"]["completion_tokens"], choice["finish_reason"]) == (1, "stop")
+        assert choice["logprobs"]["tokens"][-1] == "" and choice["logprobs"]["top_logprobs"][-1] is not None
+    events = _events(_post(app, body | {"stream": True}))
+    assert sum(len((e["choices"][0]["logprobs"] or {}).get("tokens", [])) for e in events if e["choices"]) == 1
 
 
 # -- several prompts -----------------------------------------------------------------------------------------------

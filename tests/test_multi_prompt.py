@@ -9,7 +9,7 @@ from typing import AsyncIterator
 from cluster.api.multi_prompt import generate_prompts
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
-from cluster.serve.health import Health
+from cluster.health import Health
 
 
 class _Scripted:

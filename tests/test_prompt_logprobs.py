@@ -8,11 +8,11 @@ import dataclasses
 
 import torch
 
-from cluster.api.backend import final_outputs
 from cluster.engine import prompt_logprobs
 from cluster.engine.outputs import RequestOutput, TokenLogprobs
 from cluster.engine.sampling_params import SamplingParams
 from cluster.model.kv_cache import ContiguousKVCache
+from cluster.serve.engine_backend import final_outputs
 
 ATOL = 1e-5
 

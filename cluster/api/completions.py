@@ -270,7 +270,10 @@ class _Completion(CompletionResponse[_ChoiceState, tuple[str, CompletionLogprobs
             state.chars = len(self.echo[prompt])
             if out.prompt_logprobs is not None:
                 lps.extend(self._prompt_logprobs(prompt, out.prompt_logprobs))
-        for token_id, lp in zip(out.token_ids, out.logprobs):  # one entry per generated token, control tokens too
+        generated = list(zip(out.token_ids, out.logprobs))
+        if out.stop_token is not None and out.stop_token_logprobs is not None:  # the token that ended it (EOS...)
+            generated.append((out.stop_token, out.stop_token_logprobs))
+        for token_id, lp in generated:  # one entry per generated token, control tokens and the ending one too
             token, raw = self._token_text(token_id)
             lps.tokens.append(token)
             lps.token_logprobs.append(lp.logprob)
