@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from cluster.engine.engine import LLMEngine
-from cluster.engine.grammar_paths import is_panic
+from cluster.engine.grammar_paths import is_failure
 from cluster.engine.outputs import OverloadedError, RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.parallel.dispatch import UnavailableError
@@ -156,7 +156,7 @@ class AsyncEngine:
                 log.warning("engine step failed: %s", e)
                 outs = self.engine.fail_all(str(e), status=503)
             except BaseException as e:  # a failed step fails its requests (a panic too), never the loop
-                if not (isinstance(e, Exception) or is_panic(e)):
+                if not is_failure(e):
                     raise
                 log.exception("engine step failed")
                 outs = self.engine.fail_all(f"engine step failed: {e}")

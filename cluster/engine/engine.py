@@ -12,7 +12,7 @@ import torch
 
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.cuda_graphs import choose_graphs, decode_buckets
-from cluster.engine.grammar_paths import is_panic
+from cluster.engine.grammar_paths import is_failure
 from cluster.engine.guided import GrammarError, GrammarFault, GrammarGuide, as_fault
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.outputs import ContextLengthError, RequestError, RequestOutput, TokenLogprobs
@@ -235,7 +235,7 @@ class LLMEngine:
                     raise faults[s.seq.seq_id]
                 outs.extend(self._append(s, sampled.token_ids[i], sampled.logprobs[i]))
             except BaseException as e:
-                if not (isinstance(e, Exception) or is_panic(e)):
+                if not is_failure(e):
                     raise
                 outs.extend(self._fail_request(s.seq, e))
 
@@ -261,7 +261,7 @@ class LLMEngine:
             try:
                 token = self.guide.keep_in_budget(seq, sampled.token_ids[i], self.context_len)
             except BaseException as e:
-                if not (isinstance(e, Exception) or is_panic(e)):
+                if not is_failure(e):
                     raise
                 faults[seq.seq_id] = as_fault(e)
                 continue

@@ -60,6 +60,12 @@ def is_panic(e: BaseException) -> bool:
     return type(e).__name__ == "PanicException" and type(e).__module__ == "pyo3_runtime"
 
 
+def is_failure(e: BaseException) -> bool:
+    """Whether `e` is a failure to answer with an error (an Exception, or a panic inside llguidance), not an exit
+    (KeyboardInterrupt, SystemExit) to let through."""
+    return isinstance(e, Exception) or is_panic(e)
+
+
 @dataclass
 class JsonLex:
     """Where a JSON text stands lexically: inside a string (and right after a backslash there) or not, and the

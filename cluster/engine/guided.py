@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from cluster.engine.grammar_paths import JsonLex, PathFinder, PathTimeout, is_panic
+from cluster.engine.grammar_paths import JsonLex, PathFinder, PathTimeout, is_failure, is_panic
 from cluster.engine.outputs import RequestError
 from cluster.engine.sequence import Sequence
 
@@ -151,7 +151,7 @@ class GrammarGuide:
         try:
             matcher = compiled.matcher.deep_copy()
         except BaseException as e:
-            if not (isinstance(e, Exception) or is_panic(e)):
+            if not is_failure(e):
                 raise
             raise GrammarError("the output format cannot be enforced: the grammar engine failed on it") from None
         path = compiled.path
@@ -175,13 +175,19 @@ class GrammarGuide:
         bitmask = torch.zeros(len(rows), self.words, dtype=torch.int32)
         guided = [self._seqs[seqs[i].seq_id] for i in rows]
         faults = self._fill_masks(guided, [seqs[i] for i in rows], bitmask)
+        empty = (~bitmask.any(dim=1)).tolist()
         for j, i in enumerate(rows):
             seq, g = seqs[i], guided[j]
             if seq.seq_id not in faults:
-                fault = self._check_row(g, bitmask[j])
-                if fault is None:
-                    self._steer(g, bitmask[j], _tokens_left(seq, context_len))
-                    continue
+                try:
+                    fault = self._check_row(g, empty[j])
+                    if fault is None:
+                        self._steer(g, bitmask[j], _tokens_left(seq, context_len))
+                        continue
+                except BaseException as e:
+                    if not is_failure(e):
+                        raise
+                    fault = as_fault(e)
                 faults[seq.seq_id] = fault
             bitmask[j].zero_()
             bitmask[j, self.eos_id >> 5] = _bit(self.eos_id & 31)
@@ -252,7 +258,7 @@ class GrammarGuide:
                                                    bitmask.data_ptr(), stride, len(guided))
             return {}
         except BaseException as e:
-            if not (isinstance(e, Exception) or is_panic(e)):
+            if not is_failure(e):
                 raise
             log.warning("batched grammar masks failed (%s); computing them row by row", type(e).__name__)
         faults = {}
@@ -260,26 +266,30 @@ class GrammarGuide:
             try:
                 g.matcher.unsafe_compute_mask_ptr(bitmask.data_ptr() + j * stride, stride)
             except BaseException as e:
-                if not (isinstance(e, Exception) or is_panic(e)):
+                if not is_failure(e):
                     raise
                 bitmask[j].zero_()
                 faults[seq.seq_id] = as_fault(e)
         return faults
 
-    def _check_row(self, g: _Guided, words: torch.Tensor) -> GrammarFault | None:
+    def _check_row(self, g: _Guided, empty: bool) -> GrammarFault | None:
         if g.matcher.is_error():
             return GrammarFault(f"the output format could not be followed: {_condense(g.matcher.get_error())}", 400)
-        if not bool(words.any()):
+        if empty:
             return GrammarFault("the output format could not be followed: its grammar allows no token here", 400)
         return None
 
     def _steer(self, g: _Guided, words: torch.Tensor, left: int) -> None:
         """With exactly as many tokens left as its way takes, a sequence may only follow its way."""
+        if g.path is not None and len(g.path) > left:
+            # Only at a sequence's start: the way found when its grammar compiled is longer than this request's
+            # budget; the API found one that fits (or the request came past it), so look for it once.
+            g.path = self._paths.find(g.matcher.deep_copy(), left, g.lex)
         if g.path is None or len(g.path) < left:
             return
         t = g.path[0] if g.path else None
-        if len(g.path) > left or t is None or not int(words[t >> 5]) >> (t & 31) & 1:
-            g.path = None  # no way fits (its grammar needs more than max_tokens): the output may be cut
+        if t is None or not int(words[t >> 5]) >> (t & 31) & 1:
+            g.path = None  # cannot happen (the way was checked): fail safe, without steering
             return
         words.zero_()
         words[t >> 5] = _bit(t & 31)
