@@ -231,3 +231,33 @@ def test_the_async_front_survives_a_panic_and_answers_every_stream(make_engine):
         front.shutdown()
     assert a[-1].finish_reason == "error" and b[-1].finish_reason == "error"
     assert c[-1].finish_reason == "stop" and isinstance(json.loads("".join(o.text for o in c)), dict)
+
+
+def test_a_panic_admitting_a_request_refuses_it_and_the_loop_goes_on(make_engine):
+    """A panic while the engine thread admits a request (its matcher copied, say) used to end that thread."""
+    engine = make_engine(guided=True)
+    add_request = engine.add_request
+
+    def add(request_id, prompt, params):
+        if request_id == "panics":
+            raise PanicException("injected panic")
+        return add_request(request_id, prompt, params)
+
+    engine.add_request = add
+    front = AsyncEngine(lambda: engine)
+
+    async def collect(request_id: str, seed: int) -> list[RequestOutput]:
+        params = SamplingParams(max_tokens=12, temperature=1.0, seed=seed, grammar=NAMED)
+        return [out async for out in await front.add_request(request_id, _prompt(seed), params)]
+
+    async def scenario():
+        return (await asyncio.wait_for(collect("panics", 1), WAIT_S),
+                await asyncio.wait_for(collect("after", 2), WAIT_S))
+
+    try:
+        refused, after = asyncio.run(scenario())
+    finally:
+        front.shutdown()
+    assert refused[-1].finish_reason == "error" and refused[-1].error_status == 500
+    assert "injected" not in refused[-1].error
+    assert after[-1].finish_reason == "stop" and isinstance(json.loads("".join(o.text for o in after)), dict)

@@ -174,8 +174,11 @@ class AsyncEngine:
                 _, request_id, prompt, params = command
                 try:
                     self.engine.add_request(request_id, prompt, params)
-                except Exception as e:
-                    self._publish(RequestOutput.refused(request_id, params.n, e))
+                except BaseException as e:  # a panic in the grammar engine too: refused, the loop goes on
+                    if not is_failure(e):
+                        raise
+                    refusal = e if isinstance(e, Exception) else RuntimeError("the grammar engine failed")
+                    self._publish(RequestOutput.refused(request_id, params.n, refusal))
             elif command[0] == "call":
                 _, fn, done = command
                 try:

@@ -114,8 +114,8 @@ class PathFinder:
         longest = sorted(ids.items(), key=lambda item: -len(item[0]))
         words = [i for b, i in longest if _WORD.fullmatch(b)][:_LONG_WORDS]
         words += [i for b, i in longest if _LOWER_WORD.fullmatch(b)][:_LONG_WORDS]
-        words += [next(i for b, i in longest if len(b) == n and _LOWER_WORD.fullmatch(b)) for n in (2, 3)]
-        self._words = list(dict.fromkeys(words))
+        words += [next((i for b, i in longest if len(b) == n and _LOWER_WORD.fullmatch(b)), None) for n in (2, 3)]
+        self._words = [i for i in dict.fromkeys(words) if i is not None]
         self._plain = known([bytes([c]) for c in _ALNUM]) + self._punctuation + self._words
 
     # -- the search ----------------------------------------------------------------------------------------------
