@@ -1,6 +1,7 @@
 """Decode throughput with a JSON schema on every request, as a ratio to the same run without one.
 
     python benchmarks/structured_output.py [--rounds 5] [--concurrency 16] [--max-tokens 64] [--model DIR] [--quick]
+                                           [--steered]
 
 One process, the embedded `mini` checkpoint (or --model), one engine with its grammar guide, as the serving engine
 builder makes it (CPU, fp32). Each round runs the same seeded prompts twice, with and without a `json_schema`
@@ -9,6 +10,10 @@ array items than `max_tokens` can hold, so guided requests run to `max_tokens` l
 and both runs generate the same number of tokens. Prints the output tokens/s of each and the median of the rounds'
 guided/unguided ratios. The goal is >= 0.9: computing masks must not serialize the step. Exits 1 below it (not in
 --quick, a smoke test).
+
+--steered: a schema whose required members fit in max_tokens, with free strings the random model fills, so every
+guided request runs until the steering must close it (guided.py: its way to the end is checked at every token and
+forced at the end); those requests finish with "stop" at about max_tokens.
 """
 
 from __future__ import annotations
@@ -45,7 +50,14 @@ SCHEMA = {"type": "object", "required": ["city", "readings"], "additionalPropert
                                                                "celsius": {"type": "number"}}}}}}
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, params: SamplingParams) -> float:
+STEERED = {"type": "object", "required": ["city", "notes", "readings"], "additionalProperties": False,
+           "properties": {"city": {"type": "string"}, "notes": {"type": "string"},
+                          "readings": {"type": "array", "minItems": 3,
+                                       "items": SCHEMA["properties"]["readings"]["items"]}}}
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, params: SamplingParams,
+        finishes: tuple[str, ...] = ("length",)) -> float:
     """Output tokens/s with `concurrency` requests in flight until all `prompts` are done; starts cold."""
     engine.blocks.reset_prefix_cache()
     pending = list(enumerate(prompts))
@@ -60,8 +72,8 @@ def run(engine: LLMEngine, prompts: list[list[int]], concurrency: int, params: S
             if out.finished:
                 tokens += out.completion_tokens
                 in_flight -= 1
-                if out.finish_reason != "length":
-                    raise RuntimeError(f"request {out.request_id} ended with {out.finish_reason}, not length")
+                if out.finish_reason not in finishes:
+                    raise RuntimeError(f"request {out.request_id} ended with {out.finish_reason}, not {finishes}")
     return tokens / (time.perf_counter() - t0)
 
 
@@ -73,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round, c 4, 8 tokens; no verdict")
+    p.add_argument("--steered", action="store_true", help="a schema the steering closes within max_tokens")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.concurrency, args.max_tokens = 1, 4, 8
@@ -86,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                        EngineConfig(kv_cache_bytes=256 * 2**20, max_num_seqs=args.concurrency),
                        GrammarGuide.for_tokenizer(version))
     grammar = llguidance.LLMatcher.grammar_from_json_schema(
-        SCHEMA, overrides={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+        STEERED if args.steered else SCHEMA,
+        overrides={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+    finishes = ("length", "stop") if args.steered else ("length",)
     modes = {"json_schema": SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=args.seed,
                                            grammar=grammar),
              "free": SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=args.seed, ignore_eos=True)}
@@ -96,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model_dir}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"c={args.concurrency}, {args.max_tokens} output tokens per request", flush=True)
     for params in modes.values():  # first-call costs out of the timed runs
-        run(engine, prompts[:1], 1, SamplingParams(**{**params.__dict__, "max_tokens": 2}))
+        run(engine, prompts[:1], 1, SamplingParams(**{**params.__dict__, "max_tokens": 2}), ("length", "stop"))
 
     samples: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.rounds):
         for m in (modes if r % 2 == 0 else list(modes)[::-1]):
-            samples[m].append(run(engine, prompts, args.concurrency, modes[m]))
+            samples[m].append(run(engine, prompts, args.concurrency, modes[m], finishes))
             print(f"round {r + 1} {m:>11}: {samples[m][-1]:7.1f} tok/s", flush=True)
 
     per_round = [g / f for g, f in zip(samples["json_schema"], samples["free"])]

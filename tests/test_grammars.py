@@ -24,7 +24,7 @@ WEATHER = {"type": "function", "function": {
                                                     "unit": {"enum": ["c", "f"]},
                                                     "days": {"type": "integer"}},
                    "required": ["city"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {"name": "get_time"}}  # no parameters: any object
+TIME = {"type": "function", "function": {"name": "get_time"}}  # no parameters: exactly {}
 TOOLS = [WEATHER, TIME]
 PARIS = ' [{"name": "get_weather", "arguments": {"city": "Paris"}}]'
 TWO = ' [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]'
@@ -91,7 +91,7 @@ def test_client_compiler_options_are_ignored(tok):
 def test_tool_call_takes_one_call(tok, tool_calls_id):
     grammar = tool_call_grammar(TOOLS, None, parallel=False)
     assert tool_matches(tok, tool_calls_id, grammar, PARIS)
-    assert tool_matches(tok, tool_calls_id, grammar, ' [{"name": "get_time", "arguments": {"zone": "UTC"}}]')
+    assert tool_matches(tok, tool_calls_id, grammar, ' [{"name": "get_time", "arguments": {}}]')
     assert tool_matches(tok, tool_calls_id, grammar,
                         ' [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c", "days": 3}}]')
 
@@ -104,6 +104,7 @@ def test_tool_call_takes_one_call(tok, tool_calls_id):
     ' [{"name": "get_weather", "arguments": {"unit": "c"}}]',  # missing required argument
     ' [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "k"}}]',  # not in the enum
     ' [{"name": "get_weather"}]',  # no arguments
+    ' [{"name": "get_time", "arguments": {"zone": "UTC"}}]',  # an argument of a function without parameters
     ' []',  # no call
     '[{"name": "get_weather", "arguments": {"city": "Paris"}}]',  # no space after [TOOL_CALLS]
     '  [{"name": "get_weather", "arguments": {"city": "Paris"}}]',  # two spaces
@@ -134,10 +135,24 @@ def test_named_tool_takes_only_that_tool(tok, tool_calls_id):
     assert not tool_matches(tok, tool_calls_id, grammar, TWO)
 
 
+@pytest.mark.parametrize("parameters", [None, {}, {"type": "object", "properties": {}}])
+def test_a_function_without_parameters_takes_exactly_an_empty_object(tok, tool_calls_id, parameters):
+    """However a client says "no parameters" (left out, empty, or the empty object schema the prompt shows), a forced
+    call's arguments are {}: the grammar admits no key at all, so none can be invented."""
+    function = {"name": "ping"} | ({} if parameters is None else {"parameters": parameters})
+    grammar = tool_call_grammar([{"type": "function", "function": function}], "ping", parallel=False)
+    assert tool_matches(tok, tool_calls_id, grammar, ' [{"name": "ping", "arguments": {}}]')
+    for invented in ('{"a": 1}', '{"": ""}', '{"ping": true}'):
+        assert not tool_matches(tok, tool_calls_id, grammar, f' [{{"name": "ping", "arguments": {invented}}}]')
+    matcher = llguidance.LLMatcher(tok, grammar, log_level=0)
+    assert matcher.consume_tokens([tool_calls_id, *tok.tokenize_str(' [{"name": "ping", "arguments": {')])
+    assert tok.decode_str(matcher.compute_ff_tokens()) == "}}]"  # nothing but the closers can follow
+
+
 def test_tool_names_needing_escapes_stay_inside_the_json(tok, tool_calls_id):
     name = 'a"}\n<TOOL_CALLS> é'
     grammar = tool_call_grammar([{"type": "function", "function": {"name": name}}], None, parallel=False)
-    check_grammar(grammar, "v3")
+    check_grammar(grammar, "v3", 1024)
     assert tool_matches(tok, tool_calls_id, grammar, " " + json.dumps([{"name": name, "arguments": {}}],
                                                                        ensure_ascii=False))
 
@@ -158,10 +173,10 @@ def test_malformed_tools_are_refused(tools, name, words):
 # -- checks and bounds
 
 def test_valid_grammars_pass_the_check():
-    check_grammar(json_grammar(None), "v3")
-    check_grammar(json_grammar(SCHEMA), "v3")
-    check_grammar(tool_call_grammar(TOOLS, None, parallel=True), "v3")
-    check_grammar(tool_call_grammar(TOOLS, "get_weather", parallel=False), "v3")
+    check_grammar(json_grammar(None), "v3", 1024)
+    check_grammar(json_grammar(SCHEMA), "v3", 1024)
+    check_grammar(tool_call_grammar(TOOLS, None, parallel=True), "v3", 1024)
+    check_grammar(tool_call_grammar(TOOLS, "get_weather", parallel=False), "v3", 1024)
 
 
 @pytest.mark.parametrize("schema,words", [
@@ -181,7 +196,7 @@ def test_invalid_schemas_get_one_plain_line(schema, words):
                     tool_call_grammar([{"type": "function", "function": {"name": "f", "parameters": schema}}],
                                       None, parallel=False)):
         with pytest.raises(GrammarError) as info:
-            check_grammar(grammar, "v3")
+            check_grammar(grammar, "v3", 1024)
         message = str(info.value)
         assert message.startswith("invalid JSON schema: "), message
         assert "\n" not in message and len(message) <= MAX_ERROR_CHARS, message
@@ -190,16 +205,109 @@ def test_invalid_schemas_get_one_plain_line(schema, words):
             assert words in message, message
 
 
+SELF_REQUIRED = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}  # a $ref to the root
+NODE = {"$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"}}, "required": ["next"]}},
+        "$ref": "#/$defs/node"}
+
+
+@pytest.mark.parametrize("schema,words", [
+    (SELF_REQUIRED, "too many items"),  # no finite output: llguidance's limit stops the search
+    (NODE, "too many items"),
+    ({"type": "object", "properties": {"a": {"type": "string", "minLength": 10**9}}, "required": ["a"]},
+     "no output of at most 256 tokens"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 10**5}}, "required": ["a"]},
+     "no output of at most 256 tokens"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 200}, "no output of at most 256 tokens"),
+])
+def test_schemas_without_an_output_within_max_tokens_are_refused(schema, words):
+    """Schemas llguidance compiles but that have no output a request could get (they used to fail the engine's
+    step, and every request in it, or to run to max_tokens and answer 200 with JSON that does not parse)."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    grammars_ = [json_grammar(schema)]
+    if "$defs" not in schema:  # (a tool's "#/..." refers to the root of the calls' schema, not of its parameters)
+        grammars_.append(tool_call_grammar(tools, "f", parallel=False))
+    for grammar in grammars_:
+        with pytest.raises(GrammarError) as info:
+            check_grammar(grammar, "v3", 256)
+        message = str(info.value)
+        assert words in message.lower() and "\n" not in message and len(message) <= 300, message
+        assert "ff_tokens" not in message and "<state>" not in message, message
+
+
+def test_a_schema_whose_required_parts_exceed_max_tokens_is_refused_for_that_budget_only():
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "array", "minItems": 3}},
+              "required": ["a", "b"]}  # '{"a": "", "b": ["", "", ""]}': 15 tokens
+    grammar = json_grammar(schema)
+    with pytest.raises(GrammarError, match="max_tokens"):
+        check_grammar(grammar, "v3", 14)
+    check_grammar(grammar, "v3", 15)
+    with pytest.raises(GrammarError, match="max_tokens"):
+        check_grammar(grammar, "v3", 14)  # from the cache, as before
+
+
+EMOJI = "\U0001F600" * 30
+
+
+@pytest.mark.parametrize("schema,keyword", [
+    ({"type": "string", "maxLength": EMOJI}, "maxLength must be a number"),
+    ({"type": "object", "properties": {"a": {"type": "string", "minLength": EMOJI}}}, "/properties/a: minLength"),
+    ({"anyOf": [{"type": "integer"}, {"type": "integer", "minimum": EMOJI}]}, "/anyOf/1: minimum"),
+    ({"type": "object", "required": EMOJI}, "required must be a list"),
+    ({"type": "array", "items": {"type": "string", "pattern": [EMOJI]}}, "/items: pattern must be a string"),
+])
+def test_keywords_of_the_wrong_type_are_refused_by_name(schema, keyword):
+    """Values llguidance panics on (quoting them in its error) are refused before it sees them, by their place in
+    the schema and never quoting them."""
+    with pytest.raises(GrammarError) as info:
+        json_grammar(schema)
+    assert keyword in str(info.value) and EMOJI[:1] not in str(info.value), str(info.value)
+
+
+def test_values_that_are_data_are_not_taken_for_keywords():
+    schema = {"type": "object", "properties": {"minLength": {"type": "string"}},
+              "default": {"minLength": "x"}, "examples": [{"pattern": 1}], "enum": [{"maxItems": "many"}]}
+    assert json_grammar(schema)
+
+
+def test_a_panic_inside_the_grammar_engine_is_a_refusal():
+    """A grammar that makes llguidance panic (here one built without our checks) is refused in one plain line: the
+    panic (a BaseException) never reaches the server as a plain-text 500."""
+    raw = llguidance.LLMatcher.grammar_from_json_schema({"type": "string", "maxLength": EMOJI})
+    with pytest.raises(GrammarError, match="cannot read it") as info:
+        check_grammar(raw, "v3", 256)
+    assert EMOJI[:1] not in str(info.value)
+
+
+@pytest.mark.parametrize("string", [
+    {"format": "email"}, {"format": "date-time"}, {"format": "date"}, {"format": "time"}, {"format": "uuid"},
+    {"format": "ipv4"}, {"format": "ipv6"}, {"format": "hostname"}, {"format": "uri"}, {"format": "duration"},
+    {"pattern": "^[A-Z]{3}$"}, {"pattern": "^\\d{3}-\\d{4}$"}, {"pattern": "^\\+?[1-9]\\d{1,14}$"},
+    {"pattern": "^(red|green|blue)$"}, {"pattern": "^#[0-9a-fA-F]{6}$"}, {"pattern": "^a+b$"},
+    {"pattern": "^[^@]+@[^@]+\\.[a-z]{2,}$"}, {"pattern": "^[\\w.-]+@[\\w-]+\\.[a-z]{2,3}$"},
+    {"pattern": "^https?://.+$"}, {"pattern": "^(?:[01]\\d|2[0-3]):[0-5]\\d$"}, {"minLength": 100},
+])
+def test_strings_with_formats_and_patterns_are_admitted(string):
+    """The search for an output finds one for common formats and patterns: none is refused as having no end."""
+    schema = {"type": "object", "properties": {"s": {"type": "string"} | string}, "required": ["s"]}
+    check_grammar(json_grammar(schema), "v3", 64)
+
+
+def test_the_check_is_bounded_in_time(monkeypatch):
+    monkeypatch.setattr(grammars, "CHECK_SECONDS", 0.05)
+    with pytest.raises(GrammarError, match="too complex"):  # 100,000 items to find: seconds without the bound
+        check_grammar(json_grammar({"type": "array", "minItems": 100_000}), "v3", 1_000_000)
+
+
 def test_verdicts_are_cached(monkeypatch):
     calls = []
-    validate = grammars._validate
-    monkeypatch.setattr(grammars, "_validate", lambda g, v: calls.append(g) or validate(g, v))
+    judge = grammars._judge
+    monkeypatch.setattr(grammars, "_judge", lambda g, v, m: calls.append(g) or judge(g, v, m))
     good = json_grammar({"type": "object", "properties": {"cached": {"type": "boolean"}}})
     bad = json_grammar({"type": "cached-nonsense"})
     for _ in range(3):
-        check_grammar(good, "v3")
+        check_grammar(good, "v3", 1024)
         with pytest.raises(GrammarError, match="cached-nonsense"):
-            check_grammar(bad, "v3")
+            check_grammar(bad, "v3", 1024)
     assert calls == [good, bad]
 
 
@@ -239,7 +347,7 @@ def test_schema_within_bounds_passes():
     nested: dict = {"type": "object"}
     for _ in range(10):
         nested = {"type": "object", "properties": {"a": nested}}
-    check_grammar(json_grammar(nested), "v3")
+    check_grammar(json_grammar(nested), "v3", 1024)
 
 
 # -- random walks: whatever path a model takes through the masks, the result parses and validates
@@ -274,7 +382,8 @@ def _valid(value, schema: dict) -> bool:
 
 CALLS_SCHEMA = {"type": "array", "minItems": 1, "items": {"anyOf": [
     {"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                      "arguments": t["function"].get("parameters") or {"type": "object"}},
+                                      "arguments": t["function"].get("parameters") or {
+                                          "type": "object", "additionalProperties": False}},
      "required": ["name", "arguments"], "additionalProperties": False} for t in TOOLS]}}
 
 

@@ -140,18 +140,3 @@ def test_aborted_guided_requests_release_their_matchers(make_engine):
     assert engine.guide.active == 3
     engine.abort("a")
     assert engine.guide.active == 0
-
-
-def test_a_matcher_that_can_go_no_further_ends_its_sequence_alone(make_engine):
-    """A guided row whose grammar allows nothing (a matcher in an error state) ends with EOS; its batch goes on."""
-    engine = make_engine(guided=True)
-    engine.add_request("stuck", _prompt(7), SamplingParams(max_tokens=20, temperature=1.0, seed=1, grammar=_json()))
-    engine.add_request("fine", _prompt(8), SamplingParams(max_tokens=20, temperature=1.0, seed=2, grammar=_json()))
-    stuck = next(s for s in engine.requests["stuck"])
-    engine.guide._seqs[stuck.seq_id].matcher.consume_token(engine.eos_id)  # EOS before "{": an error state
-    results: dict[str, str] = {}
-    while engine.has_work():
-        for out in engine.step():
-            if out.finished:
-                results[out.request_id] = out.finish_reason
-    assert results == {"stuck": "stop", "fine": "stop"}

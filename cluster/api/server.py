@@ -173,8 +173,8 @@ class _ChatAPI(GenerationRoute[ChatCompletionRequest]):
             raise APIError(400, f"this model's tokenizer ({self.tokenizer.version}) has no tool calls: leave tools "
                                 f"out or set tool_choice to \"none\"", "tools")
         logit_bias = checked_logit_bias(req, self.tokenizer.vocab_size)
-        grammar = self._grammar(req)
-        return Prepared(req, encode_prompt(self.tokenizer, req.messages, req.tool_dicts), logit_bias, grammar)
+        prompt = encode_prompt(self.tokenizer, req.messages, req.tool_dicts)
+        return Prepared(req, prompt, logit_bias, self._grammar(req, self._max_tokens(req, prompt)))
 
     def respond(self, p: Prepared[ChatCompletionRequest], request_id: str, charge: Charge) -> _Completion:
         tool_token = self.tokenizer.tool_calls_token if p.req.tool_mode != "none" else None
@@ -182,8 +182,17 @@ class _ChatAPI(GenerationRoute[ChatCompletionRequest]):
                            p.req.choices, p.req.include_usage, self.tokenizer, charge, tool_token,
                            p.req.tool_mode == "named")
 
-    def _grammar(self, req: ChatCompletionRequest) -> str | None:
-        """The grammar the output must match: a forced tool call, else the response_format's JSON, else None."""
+    def _max_tokens(self, req: ChatCompletionRequest, prompt: list[int]) -> int:
+        """The request's max_tokens as the engine will get it (the context's length where its parameters are
+        refused: that refusal comes later)."""
+        try:
+            return req.to_sampling_params(self.defaults, self.context_len - len(prompt)).max_tokens
+        except ValueError:
+            return self.context_len
+
+    def _grammar(self, req: ChatCompletionRequest, max_tokens: int) -> str | None:
+        """The grammar the output must match: a forced tool call, else the response_format's JSON, else None; an
+        APIError (400) for one the engine cannot enforce or that has no output within `max_tokens`."""
         forced_call = req.tool_mode in ("required", "named")
         param = "tools" if forced_call else "response_format"
         fmt = req.response_format
@@ -196,7 +205,7 @@ class _ChatAPI(GenerationRoute[ChatCompletionRequest]):
                 grammar = json_grammar(fmt.json_schema.schema_ or {"type": "object"})
             else:
                 return None
-            check_grammar(grammar, self.tokenizer.version)
+            check_grammar(grammar, self.tokenizer.version, max_tokens)
         except GrammarError as e:
             raise APIError(400, f"{param}: {e}", param) from None
         return grammar

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from cluster.engine.engine import LLMEngine
+from cluster.engine.grammar_paths import is_failure
 from cluster.engine.outputs import OverloadedError, RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.parallel.dispatch import UnavailableError
@@ -76,7 +77,7 @@ class AsyncEngine:
         """
         self.engine.validate(prompt, params)
         if params.grammar is not None:  # compiled off the engine thread; the engine finds it in the guide's cache
-            await asyncio.to_thread(self.engine.guide.compile, params.grammar)
+            await asyncio.to_thread(self.engine.guide.compile, params.grammar, self.engine.context_len)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         self._admit(request_id, stream)
         self._send(("add", request_id, prompt, params))
@@ -154,7 +155,9 @@ class AsyncEngine:
             except UnavailableError as e:  # an expert shard went away: its owner recovers it
                 log.warning("engine step failed: %s", e)
                 outs = self.engine.fail_all(str(e), status=503)
-            except Exception as e:  # a failed step fails its requests, never the loop
+            except BaseException as e:  # a failed step fails its requests (a panic too), never the loop
+                if not is_failure(e):
+                    raise
                 log.exception("engine step failed")
                 outs = self.engine.fail_all(f"engine step failed: {e}")
             self._publish(outs)
@@ -171,8 +174,11 @@ class AsyncEngine:
                 _, request_id, prompt, params = command
                 try:
                     self.engine.add_request(request_id, prompt, params)
-                except Exception as e:
-                    self._publish(RequestOutput.refused(request_id, params.n, e))
+                except BaseException as e:  # a panic in the grammar engine too: refused, the loop goes on
+                    if not is_failure(e):
+                        raise
+                    refusal = e if isinstance(e, Exception) else RuntimeError("the grammar engine failed")
+                    self._publish(RequestOutput.refused(request_id, params.n, refusal))
             elif command[0] == "call":
                 _, fn, done = command
                 try:

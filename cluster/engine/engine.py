@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections import deque
@@ -12,11 +13,12 @@ import torch
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.config import EngineConfig
 from cluster.engine.cuda_graphs import choose_graphs, decode_buckets
-from cluster.engine.guided import GrammarGuide
+from cluster.engine.grammar_paths import is_failure
+from cluster.engine.guided import GrammarError, GrammarFault, GrammarGuide, as_fault
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.outputs import ContextLengthError, RequestError, RequestOutput, TokenLogprobs
 from cluster.engine.paged_cache import PagedKVCache, kv_bytes_per_block
-from cluster.engine.sampler import Sampler, SamplingRow, make_generator
+from cluster.engine.sampler import Sampler, SamplerOutput, SamplingRow, make_generator
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from cluster.engine.sequence import Sequence
@@ -110,6 +112,7 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}
         self.siblings: dict[str, list[Sequence]] = {}  # choices 1..n-1, admitted once choice 0 has its prompt KV
         self.outputs: dict[int, _SeqOutput] = {}
+        self._unsent: list[RequestOutput] = []  # outputs of a step that failed as a whole: `fail_all` hands them out
         self._ids = itertools.count()
         self.step_tokens: deque[int] = deque(maxlen=_MAX_PENDING_STEPS)  # tokens each step computed, for metrics
 
@@ -153,7 +156,7 @@ class LLMEngine:
         self.validate(prompt, params)
         seqs = []
         # A GrammarError refuses the request before anything is kept.
-        compiled = self.guide.compile(params.grammar) if params.grammar is not None else None
+        compiled = self.guide.compile(params.grammar, self.context_len) if params.grammar is not None else None
         for i in range(params.n):
             # Only a seeded choice needs a generator of its own; the others share the sampler's batched draw.
             seeded = params.seed is not None and not params.greedy
@@ -161,10 +164,17 @@ class LLMEngine:
                            generator=make_generator(params.seed + i, self.device) if seeded else None)
             if i == 0 and params.prompt_logprobs is not None:  # the first choice scores the prompt for all
                 seq.prompt_logprobs = [None]
-            self.outputs[seq.seq_id] = _SeqOutput(seq, self.decode)
-            if compiled is not None:
-                self.guide.start(seq, compiled)
             seqs.append(seq)
+        if compiled is not None:
+            try:
+                for seq in seqs:
+                    self.guide.start(seq, compiled)
+            except GrammarError:
+                for seq in seqs:
+                    self.guide.release(seq)
+                raise
+        for seq in seqs:
+            self.outputs[seq.seq_id] = _SeqOutput(seq, self.decode)
         self.requests[request_id] = seqs
         self.scheduler.add(seqs[0])
         if len(seqs) > 1:
@@ -186,30 +196,79 @@ class LLMEngine:
 
     # -- the step ----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step's outputs. A sequence whose grammar or output handling fails ends its request with an error
+        output here, and the rest step on. If the step fails as a whole (it raises), the outputs it had made are
+        kept for `fail_all`, which the caller must call: nothing is lost, and no request is left unanswered."""
+        outs: list[RequestOutput] = []
+        try:
+            self._step(outs)
+        except BaseException:
+            self._unsent.extend(outs)
+            raise
+        return outs
+
+    def _step(self, outs: list[RequestOutput]) -> None:
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            return
         logits, sampling = self.runner.run(batch)
         self.step_tokens.append(batch.num_tokens)
-        rows = self._rows([s.seq for s in sampling])  # grammar masks: on a GPU, while the forward pass runs
+        seqs = [s.seq for s in sampling]
+        rows, faults = self._rows(seqs)  # grammar masks: on a GPU, while the forward pass runs
         sampled = self.sampler(logits, rows) if sampling else None
         for s in batch.scheduled:
             s.seq.num_computed += s.num_new
             self.blocks.register_full_blocks(s.seq)
             if s.prompt_logprobs:
                 s.seq.prompt_logprobs.extend(s.prompt_logprobs)
-        outs = []
+        if sampled is not None and self.guide is not None:
+            self._keep_in_budget(logits, rows, seqs, sampled, faults)
         for i, s in enumerate(sampling):
-            outs.extend(self._append(s, sampled.token_ids[i], sampled.logprobs[i]))
-        return outs
+            if s.seq.is_finished:  # its request failed earlier in this step
+                continue
+            try:
+                if s.seq.seq_id in faults:
+                    raise faults[s.seq.seq_id]
+                outs.extend(self._append(s, sampled.token_ids[i], sampled.logprobs[i]))
+            except BaseException as e:
+                if not is_failure(e):
+                    raise
+                outs.extend(self._fail_request(s.seq, e))
 
-    def _rows(self, seqs: list[Sequence]) -> list[SamplingRow]:
+    def _rows(self, seqs: list[Sequence]) -> tuple[list[SamplingRow], dict[int, GrammarFault]]:
+        """The sampler's rows, with their grammar masks, and the guided sequences whose grammar failed."""
         rows = [SamplingRow(seq.params, seq.output, seq.generator, banned=self._not_yet(seq)) for seq in seqs]
         masks = self.guide.masks(seqs, self.context_len) if self.guide is not None else None
-        if masks is not None:
-            for j, i in enumerate(masks[0]):
-                rows[i].allowed = masks[1][j]
-        return rows
+        if masks is None:
+            return rows, {}
+        for j, i in enumerate(masks[0]):
+            rows[i].allowed = masks[1][j]
+        return rows, masks[2]
+
+    def _keep_in_budget(self, logits: torch.Tensor, rows: list[SamplingRow], seqs: list[Sequence],
+                        sampled: SamplerOutput, faults: dict[int, GrammarFault]) -> None:
+        """A guided row whose sampled token would leave its output no way to end within its tokens left takes its
+        way's next token instead (`GrammarGuide.keep_in_budget`), drawn from a mask allowing only that token, so
+        its logprobs are the model's for the token it got."""
+        swaps: dict[int, int] = {}
+        for i, seq in enumerate(seqs):
+            if seq.seq_id in faults:
+                continue
+            try:
+                token = self.guide.keep_in_budget(seq, sampled.token_ids[i], self.context_len)
+            except BaseException as e:
+                if not is_failure(e):
+                    raise
+                faults[seq.seq_id] = as_fault(e)
+                continue
+            if token != sampled.token_ids[i]:
+                swaps[i] = token
+        if swaps:
+            idx = list(swaps)
+            forced = [dataclasses.replace(rows[i], allowed=self.guide.only(swaps[i])) for i in idx]
+            redrawn = self.sampler(logits[idx], forced)
+            for j, i in enumerate(idx):
+                sampled.token_ids[i], sampled.logprobs[i] = redrawn.token_ids[j], redrawn.logprobs[j]
 
     def _not_yet(self, seq: Sequence) -> tuple[int, ...]:
         """The tokens that would end `seq`'s output, while it is shorter than its min_tokens (vLLM's rule)."""
@@ -281,12 +340,28 @@ class LLMEngine:
 
     # -- conveniences ------------------------------------------------------------------------------------------
     def fail_all(self, message: str, status: int = 500) -> list[RequestOutput]:
-        """Finish every request with an error (after a failed step); frees all blocks."""
-        outs = []
+        """After a failed step: the outputs that step had made (requests it finished get their answer), then an
+        error for every request still here; frees all blocks."""
+        outs, self._unsent = self._unsent, []
         for request_id in list(self.requests):
-            for out in self.abort(request_id):
-                out.finish_reason, out.error, out.error_status = "error", message, status
-                outs.append(out)
+            outs.extend(self._errors(request_id, message, status))
+        return outs
+
+    def _fail_request(self, seq: Sequence, e: BaseException) -> list[RequestOutput]:
+        """End `seq`'s request with an error for what its step raised (`e`): the other requests go on."""
+        fault = e if isinstance(e, GrammarFault) else None
+        if fault is None:
+            log.error("request %r failed in its step", seq.request_id, exc_info=e)
+        else:
+            log.warning("request %r failed: %r", seq.request_id, str(fault))
+        message = str(fault) if fault is not None else "the request failed in its engine step"
+        return self._errors(seq.request_id, message, fault.status if fault is not None else 500)
+
+    def _errors(self, request_id: str, message: str, status: int) -> list[RequestOutput]:
+        """Abort a request, its choices' last outputs carrying an error."""
+        outs = self.abort(request_id)
+        for out in outs:
+            out.finish_reason, out.error, out.error_status = "error", message, status
         return outs
 
     def stats(self) -> dict[str, int | str]:
