@@ -12,7 +12,6 @@ import httpx
 import pytest
 import torch
 
-from cluster.api.backend import EngineBackend
 from cluster.api.server import build_api
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import EngineConfig, LLMEngine
@@ -20,6 +19,7 @@ from cluster.engine.guided import GrammarFault, GrammarGuide
 from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.engine.sampling_params import SamplingDefaults
 from cluster.model.loader import load_model
+from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version
 
 pytestmark = pytest.mark.e2e  # the whole HTTP stack, from requests through the app to a real engine
