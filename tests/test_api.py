@@ -26,6 +26,7 @@ from cluster.model.loader import load_model
 from cluster.parallel.dispatch import UnavailableError
 from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer_version
+from tests.http import DONE, sse_chunks
 
 pytestmark = pytest.mark.e2e  # the whole HTTP stack, from requests through the app to a real engine
 
@@ -86,10 +87,7 @@ async def _post(app, body: dict) -> httpx.Response:
 def _events(response: httpx.Response) -> list[Any]:
     """The SSE `data:` payloads, JSON-decoded except the final "[DONE]"."""
     assert response.headers["content-type"].startswith("text/event-stream")
-    assert response.text.endswith("data: [DONE]\n\n")
-    payloads = [block.removeprefix("data: ") for block in response.text.split("\n\n") if block]
-    assert all(block.startswith("data: ") for block in response.text.split("\n\n") if block)
-    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
+    return [*sse_chunks(response.text), DONE]
 
 
 def _streamed_text(events: list[Any], n: int = 1) -> list[str]:

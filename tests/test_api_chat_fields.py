@@ -25,6 +25,7 @@ from cluster.health import Health
 from cluster.model.loader import load_model
 from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import IncrementalDetokenizer, load_tokenizer, resolve_tokenizer_version
+from tests.http import sse_chunks
 
 pytestmark = pytest.mark.e2e  # the whole HTTP stack, from requests through the app to a real engine
 
@@ -113,9 +114,7 @@ def _error(response: httpx.Response, status: int = 400) -> dict:
 
 def _events(response: httpx.Response) -> list[dict]:
     assert response.status_code == 200, response.text
-    assert response.text.endswith("data: [DONE]\n\n")
-    blocks = [b.removeprefix("data: ") for b in response.text.split("\n\n") if b]
-    return [json.loads(b) for b in blocks[:-1]]
+    return sse_chunks(response.text)
 
 
 def _assembled_calls(events: list[dict]) -> list[dict]:

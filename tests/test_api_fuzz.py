@@ -41,6 +41,7 @@ from cluster.health import Health
 from cluster.model.loader import load_model
 from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import Tokenizer, TokenizerError, load_tokenizer, resolve_tokenizer_version
+from tests.http import sse_chunks
 
 MODEL = "mixtral-tiny"
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -384,7 +385,7 @@ def test_a_completion_keeps_its_first_space_and_its_logprobs_add_up_to_it(tok):
     assert lps["tokens"] == [" world", " world", ""] and lps["text_offset"] == [0, 6, 12]
     assert lps["token_logprobs"] == [-0.5] * 3 and lps["top_logprobs"][0] == {" world": -0.5, "": -2.0}
     streamed = asyncio.run(_post_raw(app, json.dumps({"prompt": "Hello", "stream": True}).encode(), path=COMPLETIONS))
-    events = [json.loads(e.removeprefix("data: ")) for e in streamed.text.split("\n\n") if e and "[DONE]" not in e]
+    events = sse_chunks(streamed.text)
     assert "".join(e["choices"][0]["text"] for e in events) == " world world"
 
 
@@ -610,9 +611,7 @@ def _check(response: httpx.Response, kind: str, raw: bytes, path: str = CHAT) ->
         return
     obj = "chat.completion" if path == CHAT else "text_completion"
     if response.headers["content-type"].startswith("text/event-stream"):
-        events = [block.removeprefix("data: ") for block in response.text.split("\n\n") if block]
-        assert events[-1] == "[DONE]", where
-        chunks = [json.loads(e) for e in events[:-1]]
+        chunks = sse_chunks(response.text)
         assert all("error" not in c for c in chunks), f"{response.text[:500]} for {where}"
         assert all(c["object"] == (obj + ".chunk" if path == CHAT else obj) for c in chunks), where
     else:

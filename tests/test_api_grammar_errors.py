@@ -21,6 +21,7 @@ from cluster.engine.sampling_params import SamplingDefaults
 from cluster.model.loader import load_model
 from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version
+from tests.http import sse_chunks
 
 pytestmark = pytest.mark.e2e  # the whole HTTP stack, from requests through the app to a real engine
 
@@ -88,8 +89,7 @@ def _error(response: httpx.Response, status: int = 400) -> dict:
 
 def _content(response: httpx.Response) -> str:
     if response.headers["content-type"].startswith("text/event-stream"):
-        assert response.text.endswith("data: [DONE]\n\n"), response.text
-        events = [json.loads(b.removeprefix("data: ")) for b in response.text.split("\n\n")[:-2]]
+        events = sse_chunks(response.text)
         assert all("error" not in e for e in events), events
         return "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
     assert response.status_code == 200, response.text
@@ -148,8 +148,8 @@ def test_a_grammar_failing_while_it_runs_fails_its_own_request_alone(served, mon
     error = _error(responses[0])
     assert "Too many items" in error["message"], error
     # Streamed, the error comes as the stream's last event once its content has begun (OpenAI's way).
-    assert responses[1].status_code == 200 and responses[1].text.endswith("data: [DONE]\n\n"), responses[1].text
-    last = json.loads([b for b in responses[1].text.split("\n\n") if b][-2].removeprefix("data: "))
+    assert responses[1].status_code == 200, responses[1].text
+    last = sse_chunks(responses[1].text)[-1]
     assert set(last) == {"error"} and "Too many items" in last["error"]["message"], last
     for body, response in zip(bystanders, responses[2:]):
         assert isinstance(json.loads(_content(response)), dict), (body, response.text)

@@ -22,6 +22,7 @@ from cluster.model.kv_cache import ContiguousKVCache
 from cluster.model.loader import load_model
 from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import load_tokenizer, resolve_tokenizer_version
+from tests.http import sse_chunks
 
 pytestmark = pytest.mark.e2e  # the whole HTTP stack through a real engine
 
@@ -73,8 +74,7 @@ def _ok(response: httpx.Response) -> dict:
 
 def _events(response: httpx.Response) -> list[dict]:
     assert response.status_code == 200, response.text
-    assert response.text.endswith("data: [DONE]\n\n")
-    return [json.loads(e.removeprefix("data: ")) for e in response.text.split("\n\n") if e and "[DONE]" not in e]
+    return sse_chunks(response.text)
 
 
 def _reference(loaded, ids: list[int]) -> torch.Tensor:

@@ -13,6 +13,7 @@ from cluster.serve.args import ServeArgs
 from cluster.serve.local_ray import APP_NAME
 from cluster.serve.resolved import num_shards, resolve, resolve_planned
 from cluster.serve.standalone import build_standalone_app
+from tests.http import sse_line_chunks
 from tests.waiting import wait_until, wait_until_async
 
 CHAT = {"messages": [{"role": "user", "content": "Bonjour, qui es-tu ?"}], "temperature": 0, "max_tokens": 24}
@@ -63,11 +64,7 @@ def test_http_chat_completion_and_stream_match_single_process(served, tiny_dir):
         assert body["choices"][0]["message"]["content"] == expected
         assert body["usage"]["completion_tokens"] > 0
         with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
-            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
-        assert lines[-1] == "data: [DONE]"
-        import json
-
-        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+            chunks = sse_line_chunks(s.iter_lines())
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == expected
         assert client.get("/v1/models").json()["data"][0]["id"] == tiny_dir.name
         assert client.get("/health").status_code == 200
@@ -378,9 +375,7 @@ def test_keys_and_credits_through_the_serve_app(keyed):
         stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
         with client.stream("POST", "/v1/chat/completions", json=stream, headers=auth) as s:
             assert s.status_code == 200 and "x-remaining-credits" in s.headers, s.headers
-            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
-        assert lines[-1] == "data: [DONE]"
-        last = json.loads(lines[-2][len("data: "):])
+            last = sse_line_chunks(s.iter_lines())[-1]
         request_id, usage = last["id"], last["usage"]
         assert usage["completion_tokens"] > 0, last
 

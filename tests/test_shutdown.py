@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from cluster.parallel.channel import free_port
+from tests.http import data_of
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e  # a server process of its own
@@ -100,8 +101,8 @@ def _streams(url: str, max_tokens: int) -> tuple[list[list[str]], threading.Even
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=_stream_body(max_tokens), timeout=120) as r:
             assert r.status_code == 200, r.read()
             for line in r.iter_lines():
-                if line.startswith("data: "):
-                    lines[i].append(line[6:])
+                if (payload := data_of(line)) is not None:
+                    lines[i].append(payload)
                     started[i].set()
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(STREAMS)]
