@@ -1,5 +1,7 @@
-"""What the HTTP API accepts from one request: body size, how long its body may take to arrive, and how long its
-chat may take to tokenize. Bounds that keep one client from stalling the server or holding a connection."""
+"""What the HTTP API accepts from one request: body size, how long its head and body may take to arrive, and how long
+its chat may take to tokenize; and the connections one client, and all of them, may hold. Bounds that keep one
+client from stalling the server or holding a connection. The connection bounds are the single-process server's
+(`cluster.serve.http_server`); on Ray, Serve's proxy holds the connections."""
 
 from __future__ import annotations
 
@@ -14,12 +16,20 @@ class APILimits:
     body_timeout_s: float = 30.0  # a body not fully received by then gets 408 and the connection is closed
     tokenize_budget_s: float = 10.0  # a chat not encoded by then gets 400
     tokenize_threads: int = 2  # chats are encoded off the event loop, this many at a time
+    header_timeout_s: float = 10.0  # a request head not complete by then (from the connection's start or the last
+    # response's end) gets 408 and the connection is closed
+    max_connections: int = 4096  # open connections in all; past it a new one gets 503 and is closed
+    max_connections_per_client: int = 128  # open connections from one address (0: no cap); past it, 429
 
     def __post_init__(self) -> None:
         checks = [(self.max_body_bytes >= 1, f"max_body_bytes must be >= 1, got {self.max_body_bytes}"),
                   (self.body_timeout_s > 0, f"body_timeout_s must be > 0, got {self.body_timeout_s}"),
                   (self.tokenize_budget_s > 0, f"tokenize_budget_s must be > 0, got {self.tokenize_budget_s}"),
-                  (self.tokenize_threads >= 1, f"tokenize_threads must be >= 1, got {self.tokenize_threads}")]
+                  (self.tokenize_threads >= 1, f"tokenize_threads must be >= 1, got {self.tokenize_threads}"),
+                  (self.header_timeout_s > 0, f"header_timeout_s must be > 0, got {self.header_timeout_s}"),
+                  (self.max_connections >= 1, f"max_connections must be >= 1, got {self.max_connections}"),
+                  (self.max_connections_per_client >= 0,
+                   f"max_connections_per_client must be >= 0, got {self.max_connections_per_client}")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

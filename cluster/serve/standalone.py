@@ -1,6 +1,7 @@
 """`moe-cluster serve --no-ray`: the same HTTP API and engine in one process, experts behind the in-process
-transport. SIGTERM or SIGINT drains it (`cluster.serve.drain`) for `shutdown_grace_s`, then it exits 0; a second
-signal stops it at once."""
+transport, served by uvicorn through `cluster.serve.http_server` (head deadline, connection caps, 429s answered as
+a request's head arrives). SIGTERM or SIGINT drains it (`cluster.serve.drain`) for `shutdown_grace_s`, then it
+exits 0; a second signal stops it at once."""
 
 from __future__ import annotations
 
@@ -11,19 +12,27 @@ from types import FrameType
 
 import uvicorn
 
+from cluster.api.admission import head_refusal
 from cluster.api.backend import EngineBackend
 from cluster.engine.async_engine import AsyncEngine
 from cluster.metrics.engine_metrics import single_process_metrics
 from cluster.serve.api_app import served_api
 from cluster.serve.drain import Drain
 from cluster.serve.engine_builder import build_engine, in_process_executor
+from cluster.serve.http_server import allow_open_files, uvicorn_config
 from cluster.serve.resolved import ResolvedArgs
 
 
 def build_standalone_app(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine]:
+    app, engine, _ = _build(resolved)
+    return app, engine
+
+
+def _build(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine, EngineBackend]:
     engine = AsyncEngine(lambda: build_engine(resolved, in_process_executor(resolved)))
     metrics = single_process_metrics(resolved.model_name, engine)
-    return served_api(resolved, EngineBackend(engine, resolved.moe_kernel, metrics)), engine
+    backend = EngineBackend(engine, resolved.moe_kernel, metrics)
+    return served_api(resolved, backend), engine, backend
 
 
 class _DrainingServer(uvicorn.Server):
@@ -54,11 +63,19 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run_standalone(resolved: ResolvedArgs, host: str, port: int) -> None:
-    app, engine = build_standalone_app(resolved)
+def standalone_config(resolved: ResolvedArgs, host: str, port: int) -> tuple[uvicorn.Config, Drain, AsyncEngine]:
+    """The server's uvicorn config (its protocol guarded by `cluster.serve.http_server` under `resolved.api`), the
+    app it serves and the engine behind it."""
+    app, engine, backend = _build(resolved)
     # lifespan on: the ledger opens (and releases expired reservations) before the first request
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                            lifespan="on")
+    config = uvicorn_config(app, host, port, resolved.api, head_refusal(app.app, backend), log_level="warning",
+                            timeout_graceful_shutdown=5, lifespan="on")
+    return config, app, engine
+
+
+def run_standalone(resolved: ResolvedArgs, host: str, port: int) -> None:
+    config, app, engine = standalone_config(resolved, host, port)
+    allow_open_files(resolved.api.max_connections)
     server = _DrainingServer(config, app, resolved.args.shutdown_grace_s)
     print(f"serving {resolved.model_name} on http://{host}:{port}/v1 (single process)", file=sys.stderr, flush=True)
     try:
