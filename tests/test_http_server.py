@@ -4,13 +4,15 @@ with the guarded protocol, in a thread.
 A head that never completes is cut at `header_timeout_s` (uvicorn alone holds it forever: 10 of 10 after 45 s in the
 issue), also after a first response on a keep-alive connection; idle keep-alive connections close; one address holds
 at most `max_connections_per_client` connections while another is still served, and the server at most
-`max_connections`; a full engine's 429 is answered as the head arrives, without the app, and a client that goes on
-sending its body still reads it. Every wait is a socket read with a timeout, never a sleep.
+`max_connections`; under a flood exactly the engine's capacity of requests reach the app and every other one is
+answered 429 as its head arrives, and a client that goes on sending its body still reads it. Every wait is a socket
+read with a timeout or a condition polled to a deadline, never a sleep.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
@@ -83,8 +85,9 @@ def _serving(config: uvicorn.Config) -> Iterator[int]:
         yield sock.getsockname()[1]
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(WAIT_S)
         sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop"
 
 
 @contextmanager
@@ -224,15 +227,21 @@ def _chat_head(length: int) -> bytes:
             b"Content-Length: %d\r\n\r\n" % length)
 
 
-@pytest.mark.e2e  # starts a server over a real engine
-def test_a_full_engine_refuses_from_the_head_without_the_app(tiny_dir: Path):
+def _tiny_server(tiny_dir: Path, max_num_seqs: int, max_waiting: int) -> tuple[uvicorn.Config, _CountingApp, Any]:
+    """`moe-cluster serve --no-ray`'s config over the tiny checkpoint, its app counting the requests it sees."""
     config_json = ModelConfig.from_file(tiny_dir)
     args = ServeArgs(model=str(tiny_dir), device="cpu", dtype="fp32", moe_backend="torch", attention_backend="torch",
-                     kv_cache_bytes=64 * kv_bytes_per_block(config_json, 16, torch.float32), max_num_seqs=1,
-                     max_waiting=0)
+                     kv_cache_bytes=64 * kv_bytes_per_block(config_json, 16, torch.float32),
+                     max_num_seqs=max_num_seqs, max_waiting=max_waiting)
     config, _, engine = standalone_config(args.resolve(), "127.0.0.1", 0)
     counted = _CountingApp(config.app)
     config.app = counted
+    return config, counted, engine
+
+
+@pytest.mark.e2e  # starts a server over a real engine
+def test_a_full_engine_refuses_from_the_head_without_the_app(tiny_dir: Path):
+    config, counted, engine = _tiny_server(tiny_dir, max_num_seqs=1, max_waiting=0)
     body = json.dumps({"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2, "stream": True}).encode()
     try:
         with _serving(config) as port, _Held(engine):
@@ -260,3 +269,45 @@ def test_a_full_engine_refuses_from_the_head_without_the_app(tiny_dir: Path):
         error = _error(reply)
         assert error["type"] == "rate_limit_error" and "sequences are in flight" in error["message"], error
     assert healthy.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.e2e  # starts a server over a real engine
+def test_a_flood_sends_the_engine_its_capacity_and_refuses_the_rest_from_their_heads(tiny_dir: Path):
+    """30 requests whose bodies have not come yet (their handlers wait in the body read, so the engine has admitted
+    none of them): the first 4 heads (2 running + 2 waiting) go on to the app, the other 26 are answered at once.
+    Counting only what the engine admitted, all 30 would reach the app and be encoded before any was refused."""
+    config, counted, engine = _tiny_server(tiny_dir, max_num_seqs=2, max_waiting=2)
+    admission = config.http.guard.admission
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2}).encode()
+    try:
+        with _serving(config) as port:
+            conns = [_connect(port) for _ in range(30)]
+            for conn in conns:
+                conn.sendall(_chat_head(len(body)))
+            answers: dict[socket.socket, bytes] = {}
+            pending = list(conns)
+            deadline = time.monotonic() + WAIT_S
+            while len(answers) < 26 and time.monotonic() < deadline:
+                readable, _, _ = select.select(pending, [], [], max(0.0, deadline - time.monotonic()))
+                for conn in readable:
+                    answers[conn] = _until_closed(conn)
+                    pending.remove(conn)
+            assert len(answers) == 26 and len(pending) == 4, f"{len(answers)} answered before any body was sent"
+            assert admission.active == 4
+            for conn in pending:
+                conn.sendall(body)
+            served = [_one_response(conn) for conn in pending]
+            deadline = time.monotonic() + WAIT_S
+            while admission.active:  # each is counted out as its response ends
+                assert time.monotonic() < deadline, admission.active
+                time.sleep(0.005)
+            for conn in conns:
+                conn.close()
+    finally:
+        engine.shutdown()
+    assert counted.paths == ["/v1/chat/completions"] * 4
+    for reply in answers.values():
+        assert reply.startswith(b"HTTP/1.1 429 ") and b"retry-after: 5" in reply, reply
+        error = _error(reply)
+        assert error["type"] == "rate_limit_error" and "at capacity" in error["message"], error
+    assert all(reply.startswith(b"HTTP/1.1 200 ") for reply in served), served

@@ -1,9 +1,15 @@
-"""Requests the API refuses from their head alone: a POST to a generation route while the backend is full.
+"""Admission from a request's head: a server that parses heads itself (`cluster.serve.http_server`) refuses a
+generation request there, before it costs a task, the middleware, its body or its tokenization.
 
-The routes refuse such a request themselves before reading its body (`streaming.serve_generation`); a server that
-parses heads itself (`cluster.serve.http_server`) asks `head_refusal` as each head completes and answers at once,
-before the request costs a task, the middleware and the router: under a flood of requests, refusals are most of
-them.
+The engine counts a request once it is admitted, after its body was read and its chat encoded; under a flood,
+hundreds of requests would pass its check while the first ones are still being encoded, and each would then be
+refused only after all that work. So `HeadAdmission` counts generation requests from the moment their head passes
+until their response has ended (`enter`/`leave`), and refuses a new one while that count has reached the engine's
+capacity (`max_num_seqs` + `max_waiting`: a request is at least one sequence) or the backend says it is full. Under a
+flood the first `capacity` requests go on and every other one is answered 429 as its head arrives.
+
+The routes still check the backend themselves (`streaming.serve_generation`): that is the check on Ray, where Serve's
+proxy parses the heads, and the engine decides last, by sequences.
 """
 
 from __future__ import annotations
@@ -16,19 +22,34 @@ from starlette.routing import Route
 from cluster.api.backend import GenerationBackend
 from cluster.api.errors import APIError
 
-HeadRefusal = Callable[[str, str], "APIError | None"]  # (method, path) -> the refusal, or None: serve it
 
+class HeadAdmission:
+    """The generation requests between their head and the end of their response, against the engine's capacity.
+    Event-loop thread only."""
 
-def head_refusal(api: Starlette, backend: GenerationBackend) -> HeadRefusal:
-    """For (method, path) of a request head: the 429 a POST to one of `api`'s POST routes gets while `backend` is
-    overloaded, else None."""
-    generation_paths = frozenset(route.path for route in api.routes
-                                 if isinstance(route, Route) and "POST" in (route.methods or ()))
+    def __init__(self, api: Starlette, backend: GenerationBackend, capacity: int,
+                 on_refused: Callable[[int], None] = lambda status: None):
+        self.generation_paths = frozenset(route.path for route in api.routes
+                                          if isinstance(route, Route) and "POST" in (route.methods or ()))
+        self.backend = backend
+        self.capacity = capacity
+        self.on_refused = on_refused  # counts a refusal this class makes itself (the backend counts its own)
+        self.active = 0
 
-    def refusal(method: str, path: str) -> APIError | None:
-        if method != "POST" or path not in generation_paths:
-            return None
-        reason = backend.overloaded()
-        return None if reason is None else APIError(429, reason)
+    def is_generation(self, method: str, path: str) -> bool:
+        return method == "POST" and path in self.generation_paths
 
-    return refusal
+    def enter(self) -> APIError | None:
+        """Count a generation request in (call `leave` once when its response has ended), or the 429 refusing it."""
+        reason = self.backend.overloaded()
+        if reason is None and self.active >= self.capacity:
+            self.on_refused(429)
+            reason = (f"the server is at capacity: {self.active} requests are in progress, the most it admits at once "
+                      f"({self.capacity}); retry later")
+        if reason is not None:
+            return APIError(429, reason)
+        self.active += 1
+        return None
+
+    def leave(self) -> None:
+        self.active -= 1

@@ -10,10 +10,10 @@ client holds. `GuardedProtocol` adds, per connection:
   response ended; past it the connection gets 408 (if any of the head arrived) and is closed;
 - connection caps, checked as a connection opens: past `max_connections` in all it gets 503, past
   `max_connections_per_client` from its address 429 (both with Retry-After);
-- early refusal: a request the API refuses from its head alone (`cluster.api.admission`: a POST to a generation
-  route while the engine is full) is answered 429 as its head completes, in the read callback: no task, middleware
-  or router runs for it, and a flood's refusals go out as their heads arrive rather than after every head of the
-  flood has been read.
+- admission from the head (`cluster.api.admission`): a generation request arriving while the engine's capacity is
+  taken (counting the requests still between their head and the end of their response) is answered 429 as its head
+  completes, in the read callback: no task, middleware or router runs for it, its body is never read, and a flood's
+  refusals go out as their heads arrive.
 
 Every answer here is OpenAI's error JSON with `Connection: close`. The connection is then half-closed and what the
 client still sends is read and dropped for up to `LINGER_S` (a close with unread input would reset it, and the
@@ -31,9 +31,9 @@ from typing import Any, ClassVar
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from cluster.api.admission import HeadRefusal
+from cluster.api.admission import HeadAdmission
 from cluster.api.errors import APIError
 from cluster.api.limits import APILimits
 
@@ -47,9 +47,9 @@ SPARE_FILES = 256  # file descriptors beyond the connections': checkpoint files,
 class ConnectionGuard:
     """The server's connection counts, in all and per client address, against `limits`; event-loop thread only."""
 
-    def __init__(self, limits: APILimits, head_refusal: HeadRefusal | None = None):
+    def __init__(self, limits: APILimits, admission: HeadAdmission | None = None):
         self.limits = limits
-        self.head_refusal = head_refusal
+        self.admission = admission
         self.total = 0
         self.per_client: dict[str, int] = {}
 
@@ -102,6 +102,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_begun = False  # a byte of the awaited head has arrived
         self._linger: asyncio.TimerHandle | None = None
+        self._admitted: list[RequestResponseCycle] = []  # generation requests the guard's admission counts in
 
     # -- connection life -----------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -117,6 +118,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave(self._admitted)  # their responses end here, whatever they were
         self._stop_head_timer()
         if self._linger is not None:
             self._linger.cancel()
@@ -133,6 +135,7 @@ class GuardedProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def on_response_complete(self) -> None:
+        self._leave([cycle for cycle in self._admitted if cycle.response_complete])
         super().on_response_complete()
         # No pipelined request started: the next head is awaited, within the deadline.
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
@@ -155,11 +158,17 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._stop_head_timer()
-        refusal = self._head_refusal()
-        if refusal is not None:
-            self._refuse(refusal)
-            return
+        admission = self.guard.admission
+        counted = False
+        if admission is not None and self._is_generation(admission):
+            refusal = admission.enter()
+            if refusal is not None:
+                self._refuse(refusal)
+                return
+            counted = True
         super().on_headers_complete()
+        if counted:
+            self._admitted.append(self.cycle)
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
@@ -170,17 +179,24 @@ class GuardedProtocol(HttpToolsProtocol):
             super().on_message_complete()
 
     # -- what this class adds ----------------------------------------------------------------------------------------
-    def _head_refusal(self) -> APIError | None:
-        """The API's answer from this head alone; only when no earlier request on the connection is still being
-        answered (pipelined responses keep their order)."""
-        refuse = self.guard.head_refusal
-        if refuse is None or not (self.cycle is None or self.cycle.response_complete):
-            return None
+    def _is_generation(self, admission: HeadAdmission) -> bool:
+        """Whether the head that just completed is a generation request, to admit here; not when an earlier request
+        on the connection is still being answered (pipelined: its answer must wait its turn; the route decides)."""
+        if not (self.cycle is None or self.cycle.response_complete):
+            return False
         method = self.parser.get_method().decode("ascii", "replace")
         path = httptools.parse_url(self.url).path.decode("ascii", "replace")
         if "%" in path:
             path = urllib.parse.unquote(path)
-        return refuse(method, path)
+        return admission.is_generation(method, path)
+
+    def _leave(self, cycles: list[RequestResponseCycle]) -> None:
+        """The admission counts out these generation requests, whose responses have ended."""
+        admission = self.guard.admission
+        for cycle in list(cycles):
+            self._admitted.remove(cycle)
+            assert admission is not None
+            admission.leave()
 
     def _await_head(self) -> None:
         self._stop_head_timer()
@@ -218,11 +234,11 @@ def guarded_protocol(guard: ConnectionGuard) -> type[GuardedProtocol]:
     return type("GuardedProtocol", (GuardedProtocol,), {"guard": guard})
 
 
-def uvicorn_config(app: Any, host: str, port: int, limits: APILimits, head_refusal: HeadRefusal | None = None,
+def uvicorn_config(app: Any, host: str, port: int, limits: APILimits, admission: HeadAdmission | None = None,
                    **kwargs: Any) -> uvicorn.Config:
-    """A uvicorn config serving `app` through a `GuardedProtocol` under `limits` (no WebSockets: the API has
-    none)."""
-    protocol = guarded_protocol(ConnectionGuard(limits, head_refusal))
+    """A uvicorn config serving `app` through a `GuardedProtocol` under `limits`, admitting generation requests from
+    their heads with `admission` (None: the routes decide); no WebSockets (the API has none)."""
+    protocol = guarded_protocol(ConnectionGuard(limits, admission))
     kwargs.setdefault("timeout_keep_alive", KEEP_ALIVE_S)
     return uvicorn.Config(app, host=host, port=port, http=protocol, ws="none", **kwargs)
 

@@ -12,7 +12,7 @@ from types import FrameType
 
 import uvicorn
 
-from cluster.api.admission import head_refusal
+from cluster.api.admission import HeadAdmission
 from cluster.api.backend import EngineBackend
 from cluster.engine.async_engine import AsyncEngine
 from cluster.metrics.engine_metrics import single_process_metrics
@@ -28,11 +28,14 @@ def build_standalone_app(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine]:
     return app, engine
 
 
-def _build(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine, EngineBackend]:
+def _build(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine, HeadAdmission]:
+    """The app, its engine, and the admission that counts its generation requests from their heads."""
     engine = AsyncEngine(lambda: build_engine(resolved, in_process_executor(resolved)))
     metrics = single_process_metrics(resolved.model_name, engine)
     backend = EngineBackend(engine, resolved.moe_kernel, metrics)
-    return served_api(resolved, backend), engine, backend
+    app = served_api(resolved, backend)
+    capacity = resolved.engine.max_num_seqs + resolved.engine.max_waiting  # sequences; a request is one or more
+    return app, engine, HeadAdmission(app.app, backend, capacity, metrics.requests.refused)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -66,9 +69,9 @@ class _DrainingServer(uvicorn.Server):
 def standalone_config(resolved: ResolvedArgs, host: str, port: int) -> tuple[uvicorn.Config, Drain, AsyncEngine]:
     """The server's uvicorn config (its protocol guarded by `cluster.serve.http_server` under `resolved.api`), the
     app it serves and the engine behind it."""
-    app, engine, backend = _build(resolved)
+    app, engine, admission = _build(resolved)
     # lifespan on: the ledger opens (and releases expired reservations) before the first request
-    config = uvicorn_config(app, host, port, resolved.api, head_refusal(app.app, backend), log_level="warning",
+    config = uvicorn_config(app, host, port, resolved.api, admission, log_level="warning",
                             timeout_graceful_shutdown=5, lifespan="on")
     return config, app, engine
 
