@@ -1,14 +1,16 @@
 """Overload: how fast `moe-cluster serve --no-ray` refuses the requests it has no room for.
 
-One server process (small `--max-num-seqs`/`--max-waiting`), then `--clients` streaming chat requests at once, each
-on its own connection (raw asyncio sockets: an HTTP client library would cost this process more than the server
-spends). The goal (issue 24): the refused ones get their 429 at once, median <= 0.25 s on a 2-core machine, while
-the admitted streams still get their first token.
+One server process (`--max-num-seqs`/`--max-waiting`, the defaults' 192 places), then `--clients` connections
+opened, then a streaming chat request sent on each at once (bare asyncio protocols: an HTTP client library would
+cost this process more than the server spends). The goal (issue 24): the refused ones get their 429 at once, median
+<= 0.25 s on a 2-core machine, while the admitted streams still get their first token.
 
-Printed per server: the 429s' median and p90 seconds (from the client starting its connection to the response's
-status line), the admitted streams' time to first token, and every status seen. With `--baseline REV` the same
-load runs, alternately, against a server started from that git revision (extracted with `git archive` into a
-temporary directory), so the two are measured side by side on one machine.
+Printed per server and round: every status seen, how many 429s said `Connection: close` (the single-process
+server's answers from the request head), the 429s' min/median/p90/max seconds (from the request's last byte sent to
+the response's status line) and the admitted streams' time to first token. With `--baseline REV` the same load
+runs, in turn, against a server started from that git revision (extracted with `git archive` into a temporary
+directory), so the two are measured side by side on one machine; `--floor` adds a bare asyncio server that answers
+429 to anything, the client's and machine's own share.
 
     python benchmarks/overload.py                        # a random tiny checkpoint, 1000 clients
     python benchmarks/overload.py --baseline HEAD~3 --rounds 3
@@ -24,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -155,7 +156,7 @@ async def burst(port: int, clients: int, per_address: int, max_tokens: int, time
     protocols = [p for _, p in connected]
     for p in protocols:
         p.send(raw)
-    _, pending = await asyncio.wait([p.done for p in protocols], timeout=timeout_s)
+    await asyncio.wait([p.done for p in protocols], timeout=timeout_s)
     for p in protocols:
         if not p.done.done():
             p.out.error = "timed out"
