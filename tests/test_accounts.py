@@ -361,20 +361,37 @@ def test_openai_sdk_sees_authentication_and_quota_errors(served, sqlite_url):
 
 # -- rate limits -----------------------------------------------------------------------------------------------------
 def test_rate_limits(served, sqlite_url):
+    """rpm 2: two requests just before a calendar minute ends, then the next minute's first is still refused (the
+    window is the last 60 s), with Retry-After the seconds until the oldest of the two leaves it; at that moment one
+    passes. The store's clock is stepped by hand."""
+    minute = 1_800_000_000.0  # a calendar minute's first second
+    clock = [minute - 2]
+
+    def opener(url: str) -> Ledger:
+        return open_ledger(url, clock=lambda: clock[0])
+
     async def scenario() -> None:
-        app, accounts = make_app(served, sqlite_url)
+        app, accounts = make_app(served, sqlite_url, opener=opener)
         async with ledger_at(sqlite_url) as ledger:
             _, by_requests = await ledger.create_key("rpm", 1_000_000, rpm=2)
             _, by_tokens = await ledger.create_key("tpm", 1_000_000, tpm=len(PROMPT) + MAX_TOKENS - 1)
             async with client(app, by_requests) as c:
-                first, second, third = [await c.post("/v1/completions", json=BODY) for _ in range(3)]
+                first, second = [await c.post("/v1/completions", json=BODY) for _ in range(2)]
+                clock[0] = minute + 0.5
+                third = await c.post("/v1/completions", json=BODY)
+                clock[0] = minute + 57.9
+                fourth = await c.post("/v1/completions", json=BODY)
+                clock[0] = minute + 58
+                fifth = await c.post("/v1/completions", json=BODY)
             async with client(app, by_tokens) as c:
                 never = await c.post("/v1/completions", json=BODY)
             assert await ledger.open_reservations() == 0
             await accounts.close()
-        assert first.status_code == second.status_code == 200
-        assert third.status_code == 429 and error_code(third) == "rate_limit_exceeded"
-        assert 1 <= int(third.headers["retry-after"]) <= 60
+        assert first.status_code == second.status_code == fifth.status_code == 200
+        for refused, retry_after in ((third, "58"), (fourth, "1")):
+            assert refused.status_code == 429 and error_code(refused) == "rate_limit_exceeded", refused.text
+            assert refused.headers["retry-after"] == retry_after, refused.headers
+            assert f"retry after {retry_after}s" in refused.json()["error"]["message"]
         assert never.status_code == 400 and error_code(never) == "tokens_per_minute_exceeded", never.text
 
     asyncio.run(scenario())

@@ -471,7 +471,8 @@ def test_health_answers_while_a_4_MiB_prompt_is_tokenized(tok):
 
     async def scenario():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            big = asyncio.create_task(client.post("/v1/chat/completions", content=raw))
+            big = asyncio.create_task(client.post("/v1/chat/completions", content=raw,
+                                                  headers={"content-type": "application/json"}))
             while not held.started.is_set():
                 assert not big.done(), f"the request ended before its chat was encoded: {(await big).text[:500]}"
                 await asyncio.sleep(0.005)

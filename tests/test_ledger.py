@@ -358,47 +358,96 @@ def test_two_processes_share_the_ledger(url):
     run(url, check)
 
 
-def test_rate_limits(url):
-    minute_start = (time.time() // 60) * 60
+# Rate limits: the store's clock is stepped by hand (`now=`), so windows and boundaries are exact, with no sleeping.
+MINUTE = 1_800_000_000.0  # a calendar minute's first second (a multiple of 60)
 
+
+def test_rate_limits_hold_over_any_60_s_not_the_calendar_minute(url):
+    """Issue 24's report: with rpm 5, 8 requests passed in 3.7 s across a minute boundary. Five at :58 fill the
+    window; the three just after :00 are refused, each told to retry when the oldest of the five leaves (at :58 +
+    60 s), and then exactly one more fits."""
     async def body(ledger):
         k = (await ledger.create_key("r", 0))[0].key_id
-        t = minute_start + 10
-        for _ in range(3):
-            await ledger.take_rate(k, 1, 10, rpm=3, tpm=None, now=t)
+        for i in range(5):
+            await ledger.take_rate(k, 1, 10, rpm=5, tpm=None, now=MINUTE - 2 + 0.2 * i)  # :58.0 ... :58.8
+        retries = []
+        for t in (MINUTE, MINUTE + 0.7, MINUTE + 1.7):  # the next calendar minute
+            with pytest.raises(RateLimited) as e:
+                await ledger.take_rate(k, 1, 10, rpm=5, tpm=None, now=t)
+            assert (e.value.what, e.value.key_id) == ("requests per minute", k)
+            retries.append(e.value.retry_after_s)
+        assert retries == [58, 58, 57]  # ceil(:58.0 + 60 - t)
         with pytest.raises(RateLimited) as e:
-            await ledger.take_rate(k, 1, 10, rpm=3, tpm=None, now=t + 5)
-        assert (e.value.retry_after_s, e.value.what, e.value.key_id) == (45, "requests per minute", k)
-        with pytest.raises(RateLimited) as e:
-            await ledger.take_rate(k, 1, 10, rpm=3, tpm=None, now=minute_start + 59.8)
+            await ledger.take_rate(k, 1, 10, rpm=5, tpm=None, now=MINUTE + 57.99)
         assert e.value.retry_after_s == 1  # never 0
-        await ledger.take_rate(k, 1, 10, rpm=3, tpm=None, now=minute_start + 60)  # a new window
-        await ledger.take_rate(k, 1, 10, rpm=None, tpm=None, now=t)  # no limits: always taken
+        await ledger.take_rate(k, 1, 10, rpm=5, tpm=None, now=MINUTE + 58)  # :58.0 has left: one place
+        with pytest.raises(RateLimited):
+            await ledger.take_rate(k, 1, 10, rpm=5, tpm=None, now=MINUTE + 58.1)
+        await ledger.take_rate(k, 1, 10, rpm=None, tpm=None, now=MINUTE)  # no limits: always taken
 
         other = (await ledger.create_key("t", 0))[0].key_id
-        await ledger.take_rate(other, 1, 60, rpm=None, tpm=100, now=t)
+        await ledger.take_rate(other, 1, 60, rpm=None, tpm=100, now=MINUTE + 10)
+        await ledger.take_rate(other, 1, 30, rpm=None, tpm=100, now=MINUTE + 20)
         with pytest.raises(RateLimited) as e:
-            await ledger.take_rate(other, 1, 50, rpm=None, tpm=100, now=t)
-        assert (e.value.retry_after_s, e.value.what) == (50, "tokens per minute")
-        await ledger.take_rate(other, 1, 40, rpm=None, tpm=100, now=t)  # the refused take counted nothing
+            await ledger.take_rate(other, 1, 50, rpm=None, tpm=100, now=MINUTE + 30)
+        assert (e.value.retry_after_s, e.value.what) == (40, "tokens per minute")  # the 60 leave at +70
+        await ledger.take_rate(other, 1, 10, rpm=None, tpm=100, now=MINUTE + 30)  # the refused take counted nothing
+        with pytest.raises(RateLimited) as e:
+            await ledger.take_rate(other, 1, 90, rpm=None, tpm=100, now=MINUTE + 31)
+        assert e.value.retry_after_s == 49  # the 60 and the 30 must both leave: at +80
         with pytest.raises(RateLimited):
-            await ledger.take_rate(other, 1, 1, rpm=None, tpm=100, now=t)
-        with pytest.raises(RateLimited):
-            await ledger.take_rate(other, 1, 101, rpm=None, tpm=100, now=minute_start + 120)  # never fits
-        await ledger.take_rate(other, 1, 100, rpm=None, tpm=100, now=minute_start + 120)
+            await ledger.take_rate(other, 1, 101, rpm=None, tpm=100, now=MINUTE + 600)  # never fits
+        await ledger.take_rate(other, 1, 100, rpm=None, tpm=100, now=MINUTE + 600)
 
         third = (await ledger.create_key("c", 0))[0].key_id
 
         async def one() -> bool:
             try:
-                await ledger.take_rate(third, 1, 1, rpm=5, tpm=None, now=t)
+                await ledger.take_rate(third, 1, 1, rpm=5, tpm=None, now=MINUTE + 10)
                 return True
             except RateLimited:
                 return False
 
-        assert sum(await asyncio.gather(*(one() for _ in range(20)))) == 5
-        assert await ledger.release_expired(now=minute_start + 600) == 0  # drops old windows
-        await ledger.take_rate(third, 1, 1, rpm=5, tpm=None, now=minute_start + 600)
+        assert sum(await asyncio.gather(*(one() for _ in range(20)))) == 5  # concurrent takes: exactly the limit
+        assert await ledger.release_expired(now=MINUTE + 600) == 0  # drops the rows that left the window
+        await ledger.take_rate(third, 1, 1, rpm=5, tpm=None, now=MINUTE + 600)
+
+    run(url, body)
+
+
+def test_no_60_s_window_ever_admits_more_than_the_limits(url):
+    """Seeded attempts of random sizes at random times over five calendar minutes, against rpm and tpm together:
+    the store admits exactly what a reference sliding window admits, so every 60 s window (wherever it starts) holds
+    at most the limits; and each refusal's retry is the first moment the take would fit if nothing else came."""
+    rpm, tpm = 7, 400
+    rng = random.Random(24)
+    times = sorted(MINUTE - 90 + rng.uniform(0, 300) for _ in range(120))
+    attempts = [(t, rng.randint(1, 120)) for t in times]
+
+    def fits(admitted: list[tuple[float, int]], now: float, tokens: int) -> bool:
+        window = [n for at, n in admitted if at > now - 60]
+        return len(window) + 1 <= rpm and sum(window) + tokens <= tpm
+
+    async def body(ledger):
+        k = (await ledger.create_key("w", 0))[0].key_id
+        admitted: list[tuple[float, int]] = []
+        refusals = 0
+        for now, tokens in attempts:
+            expected = fits(admitted, now, tokens)
+            try:
+                await ledger.take_rate(k, 1, tokens, rpm=rpm, tpm=tpm, now=now)
+                assert expected, f"admitted at {now - MINUTE:+.2f} s"
+                admitted.append((now, tokens))
+            except RateLimited as e:
+                assert not expected, f"refused at {now - MINUTE:+.2f} s"
+                refusals += 1
+                retry = now + e.retry_after_s
+                assert fits(admitted, retry, tokens) and not fits(admitted, retry - 1, tokens), (now, e.retry_after_s)
+        assert refusals > 20 and len(admitted) > 20  # both sides were exercised
+        for start, _ in admitted:  # every window starting at an admitted take (the fullest ones) is within limits
+            window = [n for at, n in admitted if start <= at < start + 60]
+            assert len(window) <= rpm and sum(window) <= tpm, (start, window)
+        assert len({int(at // 60) for at, _ in admitted}) >= 4  # across calendar minutes
 
     run(url, body)
 

@@ -6,9 +6,9 @@ missing, malformed, unknown or revoked key gets 401 `invalid_api_key`. Without a
 nothing here touches a request.
 
 A generation request, once validated and tokenized and before the backend sees it:
-- takes its worst case, prompt + n x max_tokens tokens, from the key's per-minute windows (only for a key with
-  limits: 429 `rate_limit_exceeded` with the window's Retry-After; a worst case larger than the key's whole
-  tokens-per-minute limit could never pass and gets 400 at once);
+- takes its worst case, prompt + n x max_tokens tokens, from the key's rate windows, each the last 60 s (only for a
+  key with limits: 429 `rate_limit_exceeded`, Retry-After the seconds until enough has left the window; a worst case
+  larger than the key's whole tokens-per-minute limit could never pass and gets 400 at once);
 - reserves the worst case's price in one atomic ledger call (429 `insufficient_quota` when the balance can't cover
   it; the reservation's id is the completion id);
 - settles when it ends, however it ends (`Charge.settle`, run once, as its own task the app holds, so a handler

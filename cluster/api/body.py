@@ -1,5 +1,11 @@
 """A request body read under the API's limits, then decoded as strict JSON.
 
+Before anything is read, the body must be declared JSON: `Content-Type: application/json` or a structured `+json`
+type (`application/merge-patch+json`), with no charset or `charset=utf-8`. Anything else, or no Content-Type at all,
+is a 415. A browser sends `text/plain`, form types or none without asking the server first (a CORS "simple
+request"), so on an open server any web page could otherwise make its visitors' browsers generate; a JSON body needs
+the browser to ask first (a CORS preflight), which this API never grants.
+
 Reading: a declared Content-Length over the limit is refused before a byte is read; a streamed (chunked) body is
 refused as soon as it passes the limit; a body still arriving after the timeout is refused. The 413/408 answers
 close the connection (errors.py), so a refused client holds nothing.
@@ -26,7 +32,8 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 async def read_body(request: Request, limits: APILimits) -> bytes:
-    """The whole body, or the APIError (413, 408, 400) that refuses it; ClientDisconnect if the client left."""
+    """The whole body, or the APIError (415, 413, 408, 400) that refuses it; ClientDisconnect if the client left."""
+    require_json(request.headers.get("content-type"))
     declared = _content_length(request)
     if declared is not None and declared > limits.max_body_bytes:
         raise _too_large(limits.max_body_bytes, declared)
@@ -35,6 +42,27 @@ async def read_body(request: Request, limits: APILimits) -> bytes:
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
                        code="request_timeout") from None
+
+
+def require_json(content_type: str | None) -> None:
+    """APIError(415) unless `content_type` declares JSON in UTF-8 (module docstring)."""
+    media_type, *params = (content_type or "").split(";")
+    media_type = media_type.strip().lower()
+    kind, _, subtype = media_type.partition("/")
+    if not (kind == "application" and (subtype == "json" or subtype.endswith("+json"))):
+        declared = f"Content-Type {_quoted(content_type)}" if content_type else "no Content-Type"
+        raise APIError(415, f"the request body must be JSON, sent with Content-Type: application/json; this request "
+                            f"has {declared}", code="unsupported_media_type")
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise APIError(415, f"the request body must be JSON in UTF-8, sent with Content-Type: application/json; "
+                                f"this request declares {_quoted(param.strip())}", code="unsupported_media_type")
+
+
+def _quoted(text: str, most: int = 100) -> str:
+    """A client's header value for a message: repr'd (no control characters) and cut short."""
+    return repr(text if len(text) <= most else text[:most] + "...")
 
 
 def _content_length(request: Request) -> int | None:

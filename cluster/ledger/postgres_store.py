@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from hmac import compare_digest
 from urllib.parse import urlsplit
 
 import asyncpg
 
 from cluster.ledger.keys import new_api_key, parse_api_key
+from cluster.ledger.rate_window import WINDOW_S, Take
 from cluster.ledger.store import (RESERVATION_OPEN, RESERVATION_RELEASED, RESERVATION_SETTLED, InsufficientCredits,
-                                  KeyRecord, KeyRevoked, LedgerError, RateLimited, UnknownKey, UsageRow,
-                                  check_new_key, check_positive, check_rate, minute_window)
+                                  KeyRecord, KeyRevoked, LedgerError, UnknownKey, UsageRow, check_new_key,
+                                  check_positive)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -35,9 +37,9 @@ CREATE TABLE IF NOT EXISTS usage (
     prompt_tokens BIGINT NOT NULL, completion_tokens BIGINT NOT NULL, cost BIGINT NOT NULL,
     time DOUBLE PRECISION NOT NULL);
 CREATE INDEX IF NOT EXISTS usage_key ON usage (key_id, seq);
-CREATE TABLE IF NOT EXISTS rate_windows (
-    key_id TEXT NOT NULL, minute BIGINT NOT NULL, requests BIGINT NOT NULL, tokens BIGINT NOT NULL,
-    PRIMARY KEY (key_id, minute));
+CREATE TABLE IF NOT EXISTS rate_events (
+    key_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, requests BIGINT NOT NULL, tokens BIGINT NOT NULL);
+CREATE INDEX IF NOT EXISTS rate_events_key ON rate_events (key_id, at);
 """
 
 _KEY_COLUMNS = "key_id, name, balance, revoked, created, rpm_limit, tpm_limit"
@@ -68,6 +70,21 @@ WITH prior AS (SELECT request_id, state FROM reservations WHERE request_id = $1 
 SELECT balance FROM credited"""
 
 
+# A key's takes queue on a transaction-scoped advisory lock of their own (not the key's row, which reserve and settle
+# update), taken in its own statement: a statement sees what was committed before it began, so the window is read
+# after the lock is held, never before. Two keys whose hashes collide merely share a queue.
+_RATE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('moe-cluster rate window'), hashtext($1))"
+# Prune, count and insert in one statement (its parts see one snapshot: the sum skips the rows it prunes itself).
+_TAKE = """
+WITH pruned AS (DELETE FROM rate_events WHERE key_id = $1 AND at <= $2 - $7::double precision),
+     used AS (SELECT coalesce(sum(requests), 0)::bigint AS requests, coalesce(sum(tokens), 0)::bigint AS tokens
+              FROM rate_events WHERE key_id = $1 AND at > $2 - $7::double precision),
+     taken AS (INSERT INTO rate_events (key_id, at, requests, tokens) SELECT $1, $2, $3, $4 FROM used
+               WHERE ($5::bigint IS NULL OR used.requests + $3 <= $5)
+                 AND ($6::bigint IS NULL OR used.tokens + $4 <= $6) RETURNING 1)
+SELECT EXISTS (SELECT 1 FROM taken)"""
+
+
 def _record(row: asyncpg.Record) -> KeyRecord:
     return KeyRecord(row["key_id"], row["name"], row["balance"], row["revoked"], row["created"], row["rpm_limit"],
                      row["tpm_limit"])
@@ -83,8 +100,10 @@ class PostgresLedger:
     """The `Ledger` contract on PostgreSQL (see `cluster.ledger.store`). The pool opens on first use, in the event
     loop that uses it."""
 
-    def __init__(self, url: str, password: str | None = None, max_connections: int = POOL_CONNECTIONS) -> None:
+    def __init__(self, url: str, password: str | None = None, max_connections: int = POOL_CONNECTIONS,
+                 clock: Callable[[], float] = time.time) -> None:
         self._url = url
+        self._clock = clock  # unix time: reservation expiries, usage times, rate windows
         self._password = None if urlsplit(url).password else password  # the URL's own password wins
         self._max_connections = max_connections
         self._pool: asyncpg.Pool | None = None
@@ -113,7 +132,7 @@ class PostgresLedger:
                          tpm: int | None = None) -> tuple[KeyRecord, str]:
         check_new_key(credits_micro, rpm, tpm)
         key_id, key, digest = new_api_key()
-        record = KeyRecord(key_id, name, credits_micro, False, time.time(), rpm, tpm)
+        record = KeyRecord(key_id, name, credits_micro, False, self._clock(), rpm, tpm)
         pool = await self._connect()
         await pool.execute(f"INSERT INTO keys (digest, {_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, FALSE, $5, $6, $7)",
                            digest, key_id, name, credits_micro, record.created, rpm, tpm)
@@ -154,7 +173,7 @@ class PostgresLedger:
             raise ValueError(f"a reservation must be >= 0, not {amount_micro}")
         pool = await self._connect()
         try:
-            balance = await pool.fetchval(_RESERVE, amount_micro, key_id, request_id, time.time() + ttl_s)
+            balance = await pool.fetchval(_RESERVE, amount_micro, key_id, request_id, self._clock() + ttl_s)
         except asyncpg.UniqueViolationError:
             raise LedgerError(f"request id {request_id!r} already has a reservation") from None
         if balance is None:  # refused: say why (off the hot path)
@@ -170,7 +189,7 @@ class PostgresLedger:
         if cost_micro < 0 or prompt_tokens < 0 or completion_tokens < 0:
             raise ValueError("cost and token counts must be >= 0")
         pool = await self._connect()
-        balance = await pool.fetchval(_SETTLE, request_id, prompt_tokens, completion_tokens, cost_micro, time.time())
+        balance = await pool.fetchval(_SETTLE, request_id, prompt_tokens, completion_tokens, cost_micro, self._clock())
         if balance is not None:
             return balance
         balance = await pool.fetchval("SELECT k.balance FROM reservations r JOIN keys k USING (key_id) "
@@ -182,14 +201,14 @@ class PostgresLedger:
     async def renew(self, request_ids: list[str], ttl_s: float, now: float | None = None) -> int:
         if not request_ids:
             return 0
-        expires = (time.time() if now is None else now) + ttl_s
+        expires = (self._clock() if now is None else now) + ttl_s
         pool = await self._connect()
         status = await pool.execute("UPDATE reservations SET expires_at = $1 WHERE request_id = ANY($2::text[]) "
                                     "AND state = $3", expires, request_ids, RESERVATION_OPEN)
         return int(status.split()[-1])  # "UPDATE n"
 
     async def release_expired(self, now: float | None = None) -> int:
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         pool = await self._connect()
         async with pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch("UPDATE reservations SET state = $1 WHERE request_id IN ("
@@ -202,7 +221,7 @@ class PostgresLedger:
             # keys in one order, so two replicas releasing at once cannot deadlock on them
             await conn.executemany("UPDATE keys SET balance = balance + $1 WHERE key_id = $2",
                                    [(refunds[k], k) for k in sorted(refunds)])
-            await conn.execute("DELETE FROM rate_windows WHERE minute < $1", minute_window(now)[0] - 1)
+            await conn.execute("DELETE FROM rate_events WHERE at <= $1", now - WINDOW_S)
             return len(rows)
 
     async def usage(self, key_id: str | None = None, limit: int = 100) -> list[UsageRow]:
@@ -219,23 +238,16 @@ class PostgresLedger:
     # rate limits
     async def take_rate(self, key_id: str, requests: int, tokens: int, rpm: int | None, tpm: int | None,
                         now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        minute = check_rate(key_id, requests, tokens, rpm, tpm, now)
+        take = Take(key_id, requests, tokens, rpm, tpm, self._clock() if now is None else now)
+        take.check()
         pool = await self._connect()
         async with pool.acquire() as conn, conn.transaction():
-            taken = await conn.fetchval(
-                "INSERT INTO rate_windows AS w (key_id, minute, requests, tokens) VALUES ($1, $2, $3, $4) "
-                "ON CONFLICT (key_id, minute) DO UPDATE SET requests = w.requests + excluded.requests, "
-                "tokens = w.tokens + excluded.tokens "
-                "WHERE ($5::bigint IS NULL OR w.requests + excluded.requests <= $5) "
-                "AND ($6::bigint IS NULL OR w.tokens + excluded.tokens <= $6) RETURNING w.requests",
-                key_id, minute, requests, tokens, rpm, tpm)
-            if taken is not None:
+            await conn.execute(_RATE_LOCK, key_id)
+            if await conn.fetchval(_TAKE, key_id, take.now, requests, tokens, rpm, tpm, WINDOW_S):
                 return
-            used = await conn.fetchval("SELECT requests FROM rate_windows WHERE key_id = $1 AND minute = $2",
-                                       key_id, minute)
-        what = "requests per minute" if rpm is not None and used + requests > rpm else "tokens per minute"
-        raise RateLimited(key_id, minute_window(now)[1], what)
+            rows = await conn.fetch("SELECT at, requests, tokens FROM rate_events WHERE key_id = $1 AND at > $2 "
+                                    "ORDER BY at", key_id, take.window_start)
+        raise take.refusal((r["at"], r["requests"], r["tokens"]) for r in rows)
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cluster.ledger.keys import new_api_key, parse_api_key
+from cluster.ledger.rate_window import WINDOW_S, Take
 from cluster.ledger.store import (RESERVATION_OPEN, RESERVATION_RELEASED, RESERVATION_SETTLED, InsufficientCredits,
-                                  KeyRecord, KeyRevoked, LedgerError, RateLimited, UnknownKey, UsageRow,
-                                  check_new_key, check_positive, check_rate, minute_window)
+                                  KeyRecord, KeyRevoked, LedgerError, UnknownKey, UsageRow, check_new_key,
+                                  check_positive)
 from cluster.user_cache import cache_root, private_directory
 
 T = TypeVar("T")
@@ -44,9 +45,9 @@ CREATE TABLE IF NOT EXISTS usage (
     seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, key_id TEXT NOT NULL, prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL, cost INTEGER NOT NULL, time REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS usage_key ON usage (key_id, seq);
-CREATE TABLE IF NOT EXISTS rate_windows (
-    key_id TEXT NOT NULL, minute INTEGER NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
-    PRIMARY KEY (key_id, minute));
+CREATE TABLE IF NOT EXISTS rate_events (
+    key_id TEXT NOT NULL, at REAL NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS rate_events_key ON rate_events (key_id, at);
 """
 
 _KEY_COLUMNS = "key_id, name, balance, revoked, created, rpm_limit, tpm_limit"
@@ -111,8 +112,9 @@ def _record(row: tuple) -> KeyRecord:
 class SqliteLedger:
     """The `Ledger` contract on one SQLite file (see `cluster.ledger.store`)."""
 
-    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 30.0, clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self._clock = clock  # unix time: reservation expiries, usage times, rate windows
         self._closed = False
         prepare_file(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
@@ -161,7 +163,7 @@ class SqliteLedger:
                          tpm: int | None = None) -> tuple[KeyRecord, str]:
         check_new_key(credits_micro, rpm, tpm)
         key_id, key, digest = new_api_key()
-        record = KeyRecord(key_id, name, credits_micro, False, time.time(), rpm, tpm)
+        record = KeyRecord(key_id, name, credits_micro, False, self._clock(), rpm, tpm)
 
         def insert() -> None:
             with self._write() as db:
@@ -220,7 +222,7 @@ class SqliteLedger:
                     self._refusal(key_id, amount_micro)
                 try:
                     self._db.execute("INSERT INTO reservations (request_id, key_id, amount, expires_at) "
-                                     "VALUES (?, ?, ?, ?)", (request_id, key_id, amount_micro, time.time() + ttl_s))
+                                     "VALUES (?, ?, ?, ?)", (request_id, key_id, amount_micro, self._clock() + ttl_s))
                 except sqlite3.IntegrityError:
                     raise LedgerError(f"request id {request_id!r} already has a reservation") from None
                 return rows[0][0]
@@ -256,13 +258,13 @@ class SqliteLedger:
                                  (RESERVATION_SETTLED, request_id))
                 self._db.execute("INSERT INTO usage (request_id, key_id, prompt_tokens, completion_tokens, cost, "
                                  "time) VALUES (?, ?, ?, ?, ?, ?)",
-                                 (request_id, key_id, prompt_tokens, completion_tokens, cost, time.time()))
+                                 (request_id, key_id, prompt_tokens, completion_tokens, cost, self._clock()))
                 return balance
 
         return await self._call(settle)
 
     async def renew(self, request_ids: list[str], ttl_s: float, now: float | None = None) -> int:
-        expires = (time.time() if now is None else now) + ttl_s
+        expires = (self._clock() if now is None else now) + ttl_s
 
         def renew() -> int:
             with self._write() as db:
@@ -274,7 +276,7 @@ class SqliteLedger:
         return await self._call(renew) if request_ids else 0
 
     async def release_expired(self, now: float | None = None) -> int:
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
 
         def release() -> int:
             with self._write() as db:
@@ -285,7 +287,7 @@ class SqliteLedger:
                     refunds[key_id] += amount
                 db.executemany("UPDATE keys SET balance = balance + ? WHERE key_id = ?",
                                [(amount, key_id) for key_id, amount in refunds.items()])
-                db.execute("DELETE FROM rate_windows WHERE minute < ?", (minute_window(now)[0] - 1,))
+                db.execute("DELETE FROM rate_events WHERE at <= ?", (now - WINDOW_S,))
                 return len(rows)
 
         return await self._call(release)
@@ -308,24 +310,23 @@ class SqliteLedger:
     # rate limits
     async def take_rate(self, key_id: str, requests: int, tokens: int, rpm: int | None, tpm: int | None,
                         now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        minute = check_rate(key_id, requests, tokens, rpm, tpm, now)
+        take = Take(key_id, requests, tokens, rpm, tpm, self._clock() if now is None else now)
+        take.check()
 
-        def take() -> None:
-            with self._write():
-                if self._rows("INSERT INTO rate_windows (key_id, minute, requests, tokens) VALUES (?, ?, ?, ?) "
-                              "ON CONFLICT (key_id, minute) DO UPDATE SET requests = requests + excluded.requests, "
-                              "tokens = tokens + excluded.tokens "
-                              "WHERE (? IS NULL OR requests + excluded.requests <= ?) "
-                              "AND (? IS NULL OR tokens + excluded.tokens <= ?) RETURNING requests",
-                              (key_id, minute, requests, tokens, rpm, rpm, tpm, tpm)):
+        def take_within_window() -> None:
+            with self._write():  # the write lock serializes every take: the check and the insert are one
+                self._db.execute("DELETE FROM rate_events WHERE key_id = ? AND at <= ?", (key_id, take.window_start))
+                used_requests, used_tokens = self._rows(
+                    "SELECT coalesce(sum(requests), 0), coalesce(sum(tokens), 0) FROM rate_events WHERE key_id = ?",
+                    (key_id,))[0]
+                if take.fits(used_requests, used_tokens):
+                    self._db.execute("INSERT INTO rate_events (key_id, at, requests, tokens) VALUES (?, ?, ?, ?)",
+                                     (key_id, take.now, requests, tokens))
                     return
-                used = self._rows("SELECT requests FROM rate_windows WHERE key_id = ? AND minute = ?",
-                                  (key_id, minute))[0][0]
-                what = "requests per minute" if rpm is not None and used + requests > rpm else "tokens per minute"
-                raise RateLimited(key_id, minute_window(now)[1], what)
+                raise take.refusal(self._rows("SELECT at, requests, tokens FROM rate_events WHERE key_id = ? "
+                                              "ORDER BY at, rowid", (key_id,)))
 
-        await self._call(take)
+        await self._call(take_within_window)
 
     async def close(self) -> None:
         if not self._closed:

@@ -3,13 +3,13 @@
 Money is integer micro-dollars. A request reserves its worst-case cost up front in one atomic statement (the balance
 can never be spent twice), then settles to its real cost: the difference is refunded and a usage-log row written,
 once, however often settle is called. Each reservation carries an expiry, so one left open by a dead process is
-refunded by `release_expired`. Rate-limit counters live in the store too, so every replica sharing it sees them.
+refunded by `release_expired`. Rate-limit windows live in the store too (`rate_window`), so every replica sharing it
+counts them.
 `cluster.ledger.open_ledger` opens one by URL.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -103,7 +103,8 @@ class Ledger(Protocol):
         dead one's expire); how many."""
 
     async def release_expired(self, now: float | None = None) -> int:
-        """Refunds every open reservation past its expiry in full; how many. Also drops old rate windows."""
+        """Refunds every open reservation past its expiry in full; how many. Also drops the rate rows that have left
+        the window."""
 
     async def usage(self, key_id: str | None = None, limit: int = 100) -> list[UsageRow]:
         """The usage log, newest first."""
@@ -112,28 +113,12 @@ class Ledger(Protocol):
 
     async def take_rate(self, key_id: str, requests: int, tokens: int, rpm: int | None, tpm: int | None,
                         now: float | None = None) -> None:
-        """Counts `requests` and `tokens` in this minute's window, atomically and only if both stay within their
-        limits (None: no limit); RateLimited(retry_after_s) otherwise, with nothing counted."""
+        """Counts `requests` and `tokens` in the key's sliding window (the last 60 s, `rate_window`), atomically and
+        only if both stay within their limits (None: no limit); RateLimited(retry_after_s: until enough has left the
+        window for this take to fit) otherwise, with nothing counted. `now`: unix time (default: the store's
+        clock)."""
 
     async def close(self) -> None: ...
-
-
-def minute_window(now: float) -> tuple[int, int]:
-    """(the minute `now` falls in, whole seconds until the next one, at least 1)."""
-    minute = int(now // 60)
-    return minute, max(1, math.ceil((minute + 1) * 60 - now))
-
-
-def check_rate(key_id: str, requests: int, tokens: int, rpm: int | None, tpm: int | None, now: float) -> int:
-    """The current minute, after refusing a single take larger than a whole window (it can never fit)."""
-    if requests < 0 or tokens < 0:
-        raise ValueError(f"requests and tokens must be >= 0, not {requests}, {tokens}")
-    minute, retry = minute_window(now)
-    if rpm is not None and requests > rpm:
-        raise RateLimited(key_id, retry, "requests per minute")
-    if tpm is not None and tokens > tpm:
-        raise RateLimited(key_id, retry, "tokens per minute")
-    return minute
 
 
 def check_new_key(credits_micro: int, rpm: int | None, tpm: int | None) -> None:

@@ -83,6 +83,16 @@ class ServeArgs(BaseModel):
                                      description="longest a request's parsing and chat encoding may take (400 past it)")
     tokenize_threads: int = Field(APILimits.tokenize_threads, ge=1,
                                   description="threads that parse and encode requests off the event loop")
+    header_timeout_s: float = Field(APILimits.header_timeout_s, gt=0,
+                                    description="--no-ray: a request head not complete this long after the connection "
+                                                "opened (or the last response ended) gets 408, and the connection "
+                                                "closes (on Ray: the proxy or ingress in front bounds it)")
+    max_connections: int = Field(APILimits.max_connections, ge=1,
+                                 description="--no-ray: open connections in all; past it a new one gets 503 and closes")
+    max_connections_per_client: int = Field(
+        APILimits.max_connections_per_client, ge=0,
+        description="--no-ray: open connections from one client address (0: no cap); past it a new one gets 429 and "
+                    "closes. Behind a proxy every connection comes from its address: raise it or set 0")
     replica_cpus: float = Field(0.5, gt=0, description="Ray CPUs reserved for the AttentionRouter replica")
     shard_cpus: float = Field(0.25, gt=0, description="Ray CPUs reserved for each expert shard")
     ingress_cpus: float = Field(0.1, gt=0, description="Ray CPUs reserved for each Ingress replica")

@@ -1,6 +1,7 @@
 """`moe-cluster serve --no-ray`: the same HTTP API and engine in one process, experts behind the in-process
-transport. SIGTERM or SIGINT drains it (`cluster.serve.drain`) for `shutdown_grace_s`, then it exits 0; a second
-signal stops it at once."""
+transport, served by uvicorn through `cluster.serve.http_server` (head deadline, connection caps, 429s answered as
+a request's head arrives). SIGTERM or SIGINT drains it (`cluster.serve.drain`) for `shutdown_grace_s`, then it
+exits 0; a second signal stops it at once."""
 
 from __future__ import annotations
 
@@ -11,21 +12,32 @@ from types import FrameType
 
 import uvicorn
 
+from cluster.api.admission import HeadAdmission
 from cluster.engine.async_engine import AsyncEngine
 from cluster.metrics.engine_metrics import single_process_metrics
 from cluster.serve.api_app import served_api
 from cluster.serve.drain import Drain
 from cluster.serve.engine_backend import EngineBackend
 from cluster.serve.engine_builder import build_engine, in_process_executor
+from cluster.serve.http_server import allow_open_files, uvicorn_config
 from cluster.serve.resolved import ResolvedArgs
 
 log = logging.getLogger(__name__)
 
 
 def build_standalone_app(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine]:
+    app, engine, _ = _build(resolved)
+    return app, engine
+
+
+def _build(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine, HeadAdmission]:
+    """The app, its engine, and the admission that counts its generation requests from their heads."""
     engine = AsyncEngine(lambda: build_engine(resolved, in_process_executor(resolved)))
     metrics = single_process_metrics(resolved.model_name, engine)
-    return served_api(resolved, EngineBackend(engine, resolved.moe_kernel, metrics)), engine
+    backend = EngineBackend(engine, resolved.moe_kernel, metrics)
+    app = served_api(resolved, backend)
+    capacity = resolved.engine.max_num_seqs + resolved.engine.max_waiting  # sequences; a request is one or more
+    return app, engine, HeadAdmission(app.app, backend, capacity, metrics.requests.refused)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -56,11 +68,19 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run_standalone(resolved: ResolvedArgs, host: str, port: int) -> None:
-    app, engine = build_standalone_app(resolved)
+def standalone_config(resolved: ResolvedArgs, host: str, port: int) -> tuple[uvicorn.Config, Drain, AsyncEngine]:
+    """The server's uvicorn config (its protocol guarded by `cluster.serve.http_server` under `resolved.api`), the
+    app it serves and the engine behind it."""
+    app, engine, admission = _build(resolved)
     # lifespan on: the ledger opens (and releases expired reservations) before the first request
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                            lifespan="on")
+    config = uvicorn_config(app, host, port, resolved.api, admission, log_level="warning",
+                            timeout_graceful_shutdown=5, lifespan="on")
+    return config, app, engine
+
+
+def run_standalone(resolved: ResolvedArgs, host: str, port: int) -> None:
+    config, app, engine = standalone_config(resolved, host, port)
+    allow_open_files(resolved.api.max_connections)
     server = _DrainingServer(config, app, resolved.args.shutdown_grace_s)
     log.info("serving %s on http://%s:%d/v1 (single process)", resolved.model_name, host, port)
     try:
