@@ -80,7 +80,7 @@ async def run(args: argparse.Namespace, pg_url: str | None, workdir: Path) -> No
             urls["postgres"] = pg_url
         apps, keys, accounts = {}, {}, []
         for name, url in urls.items():
-            acc = Accounts(url, resolved.args.pricing, resolved.args.reservation_ttl_s)
+            acc = Accounts.open(url, resolved.args.pricing, resolved.args.reservation_ttl_s)
             accounts.append(acc)
             apps[name] = build_api(backend, tok, resolved.model_name, resolved.config.max_position_embeddings,
                                    resolved.sampling, resolved.api, accounts=acc)

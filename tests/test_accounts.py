@@ -78,7 +78,7 @@ def sqlite_url(tmp_path) -> str:
 
 def make_app(served, url: str | None, **kw: Any) -> tuple[Any, Accounts]:
     front, (tok, config) = served
-    accounts = Accounts(url, PRICING, **kw)
+    accounts = Accounts.open(url, PRICING, **kw)
     app = build_api(EngineBackend(front), tok, MODEL, config.max_position_embeddings,
                     SamplingDefaults.for_model(config), accounts=accounts)
     return app, accounts
@@ -477,13 +477,13 @@ def test_a_live_servers_reservations_are_renewed_past_their_ttl(served, sqlite_u
         await accounts.start()
         async with ledger_at(sqlite_url) as ledger:
             created, key = await ledger.create_key("long", 1000)
-            record = await accounts.authenticate(key)
-            charge = await accounts.reserve(record, "cmpl-long", 10, 10)
+            record = await accounts.auth.authenticate(key)
+            charge = await accounts.billing.reserve(record, "cmpl-long", 10, 10)
             await asyncio.sleep(1.0)  # three TTLs, ten sweeps
             assert await ledger.open_reservations() == 1
             charge.accepted, charge.completion_tokens = True, 4
             assert await charge.settle() == 1000 - PRICING.cost(10, 4)
-            assert await ledger.open_reservations() == 0 and not accounts.unsettled
+            assert await ledger.open_reservations() == 0 and not accounts.session.unsettled
         await accounts.close()
 
     asyncio.run(scenario())
@@ -496,8 +496,8 @@ def test_a_request_cancelled_while_reserving_leaves_no_reservation_open(served, 
         await accounts.start()
         async with ledger_at(sqlite_url) as ledger:
             created, key = await ledger.create_key("gone", 1000)
-            record = await accounts.authenticate(key)
-            used = await accounts.ledger()
+            record = await accounts.auth.authenticate(key)
+            used = await accounts.session.ledger()
             landed = asyncio.Event()
             reserve = used.reserve
 
@@ -508,7 +508,7 @@ def test_a_request_cancelled_while_reserving_leaves_no_reservation_open(served, 
                 return after
 
             used.reserve = slow_reserve
-            reserving = asyncio.ensure_future(accounts.reserve(record, "cmpl-gone", 10, 10))
+            reserving = asyncio.ensure_future(accounts.billing.reserve(record, "cmpl-gone", 10, 10))
             await asyncio.wait_for(landed.wait(), 10)
             assert await ledger.open_reservations() == 1
             reserving.cancel()
@@ -555,12 +555,12 @@ def test_each_key_has_its_own_prefix_cache(served, sqlite_url):
 
 
 def test_salt_is_the_keys_own():
+    from cluster.api.auth import salted
     from cluster.engine.sampling_params import SamplingParams
     from cluster.ledger import KeyRecord
 
-    accounts = Accounts("unused.db")
     key = KeyRecord("0123456789ab", None, 0, False, 0.0, None, None)
-    plain, salted = SamplingParams(max_tokens=1), SamplingParams(max_tokens=1, cache_salt="s")
-    assert accounts.salted(key, plain).cache_salt == hashlib.sha256(b"0123456789ab\0").hexdigest()
-    assert accounts.salted(key, salted).cache_salt == hashlib.sha256(b"0123456789ab\0s").hexdigest()
-    assert accounts.salted(None, salted).cache_salt == "s"
+    plain, with_salt = SamplingParams(max_tokens=1), SamplingParams(max_tokens=1, cache_salt="s")
+    assert salted(key, plain).cache_salt == hashlib.sha256(b"0123456789ab\0").hexdigest()
+    assert salted(key, with_salt).cache_salt == hashlib.sha256(b"0123456789ab\0s").hexdigest()
+    assert salted(None, with_salt).cache_salt == "s"

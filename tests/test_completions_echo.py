@@ -317,7 +317,7 @@ def test_one_reservation_covers_every_prompt(loaded, tok, served, tmp_path):
     body = {"prompt": prompts, "n": 2, "max_tokens": 4, "ignore_eos": True, "temperature": 0}
 
     async def scenario() -> tuple[httpx.Response, httpx.Response, list[int], int]:
-        accounts = Accounts(url, pricing)
+        accounts = Accounts.open(url, pricing)
         app = _app(loaded, tok, front, accounts)
         ledger = open_ledger(url)
         try:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cluster.api.accounts import Charge
+from cluster.api.billing import Charge
 from cluster.api.errors import APIError
 from cluster.api.protocol import Bool, Int, PromptTokensDetails, SamplingRequest, Usage
 from cluster.api.streaming import (ChoiceState, CompletionResponse, GenerationRoute, Prepared, checked_logit_bias,

@@ -90,3 +90,23 @@ def _param(loc: tuple) -> str:
 def _is_union_branch(part: str) -> bool:
     # Pydantic names the member of a union it tried: 'str', 'list[TextPart]', 'function-after[...]'.
     return part in ("str", "int", "float", "bool", "none") or "[" in part
+
+
+class AccountError(APIError):
+    """An APIError with OpenAI's `type` for accounts (it differs from the status's usual one) and extra headers."""
+
+    def __init__(self, status: int, message: str, kind: str, code: str, headers: dict[str, str] | None = None,
+                 param: str | None = None):
+        super().__init__(status, message, param, code)
+        self.kind = kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"]["type"] = self.kind
+        return body
+
+    def response(self) -> JSONResponse:
+        response = super().response()
+        response.headers.update(self.headers)
+        return response

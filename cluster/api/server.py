@@ -33,7 +33,9 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cluster.api.accounts import Accounts, AuthMiddleware, Charge
+from cluster.api.accounts import Accounts
+from cluster.api.auth import AuthMiddleware
+from cluster.api.billing import Charge
 from cluster.api.backend import GenerationBackend
 from cluster.api.completions import CompletionsAPI
 from cluster.api.errors import RETRY_AFTER_S, APIError, error_response
@@ -73,7 +75,7 @@ def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str,
     `fingerprint` is the responses' system_fingerprint (`system_fingerprint(model, dtype)`). `accounts`: keys and
     credits (None: an open server); its ledger opens at start-up (or on the first request) and closes at shutdown."""
     fingerprint = fingerprint or system_fingerprint(model_name, "")
-    accounts = accounts or Accounts(None)
+    accounts = accounts or Accounts.open(None)
     # One pool of request workers for both routes: its size bounds the threads any mix of requests can hold.
     workers = RequestWorkers(limits.tokenize_threads, limits.tokenize_budget_s)
     parts = (backend, tokenizer, model_name, context_len, defaults, limits, workers, fingerprint, accounts)
@@ -96,7 +98,7 @@ def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str,
             await accounts.close()
 
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=lifespan,
-                     middleware=[Middleware(AuthMiddleware, accounts=accounts)])
+                     middleware=[Middleware(AuthMiddleware, auth=accounts.auth)])
 
 
 def _metrics_endpoint(exposition: Callable[[], Awaitable[tuple[bytes, str] | None]]

@@ -3,7 +3,7 @@ its response (`serve_generation`), and the parts of a response (`CompletionRespo
 
 A route only parses and encodes its request (`GenerationRoute.prepare`, on a worker thread) and builds its response
 (`GenerationRoute.respond`); `serve_generation` does the rest the same way for both: the 429 check before the body is
-read, the 400 for sampling parameters the engine refuses, the ledger's reserve and settle (`Accounts.metered`), and
+read, the 400 for sampling parameters the engine refuses, the ledger's reserve and settle (`Billing.metered`), and
 reading the first output (`first_output`) before any response starts, so a refused request gets its OpenAI error
 JSON and status even when it asked to stream. Every way a response can end early (client gone, failed send,
 cancellation) closes the backend's iterator (`close_outputs`), which aborts the generation: `sse.EventStream` does
@@ -22,7 +22,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from cluster.api.accounts import Accounts, Charge, request_key
+from cluster.api.accounts import Accounts
+from cluster.api.auth import request_key, salted
+from cluster.api.billing import Charge
 from cluster.api.backend import GenerationBackend
 from cluster.api.body import decode_json, read_body
 from cluster.api.errors import APIError, error_response, validation_error
@@ -127,11 +129,12 @@ async def _serve(request: Request, route: GenerationRoute[R]) -> Response:
                             f"tokens, more than the model's context of {route.context_len} tokens",
                        route.input_param, "context_length_exceeded")
     key = request_key(request)
-    params = route.accounts.salted(key, params)
+    params = salted(key, params)
     request_id = f"{route.id_prefix}-{uuid.uuid4().hex}"
     worst = len(p.prompts) * params.n * params.max_tokens  # every choice of every prompt
-    return await route.accounts.metered(key, request_id, sum(len(prompt) for prompt in p.prompts), worst,
-                                        lambda charge: _generate(request, route, p, params, request_id, charge))
+    return await route.accounts.billing.metered(key, request_id, sum(len(prompt) for prompt in p.prompts), worst,
+                                                lambda charge: _generate(request, route, p, params, request_id,
+                                                                         charge))
 
 
 async def _generate(request: Request, route: GenerationRoute[R], p: Prepared[R], params: SamplingParams,

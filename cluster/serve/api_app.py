@@ -24,5 +24,5 @@ def served_api(resolved: ResolvedArgs, backend: GenerationBackend) -> Drain:
         log.warning("no --db: the API is open, without keys or credits")
     api = build_api(backend, load_tokenizer(r.tokenizer_version), r.model_name, r.config.max_position_embeddings,
                     r.sampling, r.api, system_fingerprint(r.model_name, dtype_name(r.dtype)),
-                    Accounts(args.db, args.pricing, args.reservation_ttl_s))
+                    Accounts.open(args.db, args.pricing, args.reservation_ttl_s))
     return Drain(api)
