@@ -312,11 +312,11 @@ def test_shards_are_probed_only_while_the_engine_is_idle(tiny_dir, tok):
 
 
 def test_a_step_larger_than_the_expert_load_is_refused(model):
-    load = ExpertLoad([], model.config.num_layers, model.config.num_experts, 2, "cpu", rows=4)
+    load = ExpertLoad(model.config.num_layers, model.config.num_experts, 2, "cpu", rows=4)
     weights = load._weights
-    load.begin_step(torch.tensor([0, 1, -1, 2]))
+    load.step(4).lay_out(torch.tensor([0, 1, -1, 2]))
     with pytest.raises(ValueError, match="a step of 5 tokens, but the expert load was sized for 4 rows"):
-        load.begin_step(torch.arange(5))
+        load.step(5)
     assert load._weights is weights  # captured graphs keep reading this storage
 
 
@@ -326,11 +326,7 @@ PROMPTS = (5, 33, 16)
 
 
 def _load_for(model, cache: PagedKVCache, rows: int = 64) -> ExpertLoad:
-    c = model.config
-    load = ExpertLoad([layer.block_sparse_moe for layer in model.model.layers], c.num_layers, c.num_experts,
-                      c.experts_per_token, cache.k.device, rows)
-    cache.expert_load = load
-    return load
+    return ExpertLoad.for_model(model.config, cache.k.device, rows)
 
 
 def _prefill(runner: ModelRunner, vocab: int) -> list[ScheduledSeq]:
@@ -358,7 +354,7 @@ def test_padding_rows_of_a_decode_bucket_are_not_counted(tiny_dir):
     for buckets in ((8,), ()):
         cache = PagedKVCache(c, NUM_BLOCKS, BLOCK, torch.float32, "cpu", backend="torch")
         load = _load_for(model, cache)
-        runner = ModelRunner(model, cache, buckets)
+        runner = ModelRunner(model, cache, buckets, load)
         items = _prefill(runner, c.vocab_size)
         assert load.counts.sum(dim=1).tolist() == [sum(PROMPTS) * c.experts_per_token] * c.num_layers
         before = load.counts.clone()
@@ -392,6 +388,89 @@ def test_engine_counts_top_k_per_token_it_computed(make_engine, model):
     computed = sum(o.prompt_tokens - o.cached_prompt_tokens + o.completion_tokens - 1 for o in finals)
     k = model.config.experts_per_token
     assert [sum(row) for row in engine.expert_load.snapshot()] == [k * computed] * model.config.num_layers
+
+
+def test_a_model_run_outside_the_engine_counts_nothing(tiny_dir, tok):
+    """After an engine's step, the same model run over a contiguous cache (as the parity tests run it), with as many
+    tokens as that step: the engine's counts do not move."""
+    from cluster.model.forward_context import current_context
+    from cluster.model.kv_cache import ContiguousKVCache
+
+    model = load_model(tiny_dir, "fp32", "cpu").model
+    c = model.config
+    engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=2**22))
+    prompt = list(range(5, 17))
+    engine.add_request("r", prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    engine.step()
+    before = engine.expert_load.snapshot()
+    assert [sum(row) for row in before] == [len(prompt) * c.experts_per_token] * c.num_layers
+    cache = ContiguousKVCache(c.num_layers, 1, 32, c.num_kv_heads, c.head_dim)
+    with torch.inference_mode():
+        model(torch.tensor(prompt), cache.begin_step([0], [len(prompt)]), cache)
+    assert engine.expert_load.snapshot() == before
+    assert current_context() is None
+
+
+class _Pausing:
+    """The executor it wraps, unchanged, but for one thread's first call: that call waits (at layer 0, inside the
+    forward) until `resume` is set."""
+
+    def __init__(self, executor):
+        self.executor = executor
+        self.graph_safe = executor.graph_safe
+        self.thread: threading.Thread | None = None
+        self.paused, self.resume = threading.Event(), threading.Event()
+
+    def __call__(self, layer, x, topk_ids, topk_weights):
+        if threading.current_thread() is self.thread and not self.paused.is_set():
+            self.paused.set()
+            assert self.resume.wait(60), "never resumed"
+        return self.executor(layer, x, topk_ids, topk_weights)
+
+
+def test_two_engines_stepping_one_model_at_once_count_apart(tiny_dir, tok):
+    """Engine A's prefill is held inside its first layer while engine B, sharing the model, runs a whole request on
+    another thread; then A finishes. Each counts exactly what it counts alone."""
+    model = load_model(tiny_dir, "fp32", "cpu").model
+    pausing = _Pausing(model.moe_layers()[0].executor)
+    model.attach_experts(pausing)
+    prompts = {"a": list(range(5, 17)), "b": list(range(40, 60))}
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+
+    def engine_for(name: str) -> LLMEngine:
+        engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=2**22))
+        engine.add_request(name, prompts[name], params)
+        return engine
+
+    def run(engine: LLMEngine) -> None:
+        while engine.has_work():
+            engine.step()
+
+    alone = {}
+    for name in prompts:
+        run(engine := engine_for(name))
+        alone[name] = engine.expert_load.snapshot()
+    a, b = engine_for("a"), engine_for("b")
+    failed: list[BaseException] = []
+
+    def step_a() -> None:
+        try:
+            a.step()
+        except BaseException as e:  # seen by the main thread
+            failed.append(e)
+
+    pausing.thread = threading.Thread(target=step_a)
+    pausing.thread.start()
+    try:
+        assert pausing.paused.wait(60), "engine A never reached its experts"
+        run(b)
+    finally:
+        pausing.resume.set()
+        pausing.thread.join(60)
+    assert not failed and not pausing.thread.is_alive()
+    run(a)
+    assert a.expert_load.snapshot() == alone["a"]
+    assert b.expert_load.snapshot() == alone["b"]
 
 
 def test_shard_rounds_are_timed_and_probed(tiny_dir):

@@ -94,14 +94,15 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         cache = PagedKVCache(mc, num_blocks, config.block_size, dtype, device, backend=config.attention_backend)
-        self.expert_load = _expert_load(model, cache, max(config.max_num_batched_tokens, config.max_num_seqs))
+        # The count of tokens routed to each expert (None for a dense model), kept by the runner's forwards.
+        self.expert_load = ExpertLoad.for_model(mc, device, max(config.max_num_batched_tokens, config.max_num_seqs))
         graphs = choose_graphs(model, cache) if config.cuda_graphs else None
         if graphs is not None and graphs.kind is None:
             log.warning("decode steps run eagerly: %s", graphs.reason)
         elif graphs is not None:
             log.info("decode steps replay %s CUDA graphs: %s", graphs.kind, graphs.reason)
         kind = graphs.kind if graphs is not None else None
-        self.runner = ModelRunner(model, cache, decode_buckets(config.max_num_seqs) if kind else ())
+        self.runner = ModelRunner(model, cache, decode_buckets(config.max_num_seqs) if kind else (), self.expert_load)
         if device.type == "cuda":
             warm_up(self.runner, config.max_num_batched_tokens, num_blocks)
         if kind:
@@ -371,17 +372,6 @@ class LLMEngine:
                 "prefix_hit_tokens": b.prefix_hit_tokens, "prefix_query_tokens": b.prefix_query_tokens,
                 "prefix_collisions": b.prefix_collisions,
                 "attention_kernel": self.runner.cache.backend.name}
-
-
-def _expert_load(model: CausalLM, cache: PagedKVCache, rows: int) -> ExpertLoad | None:
-    """The count of tokens routed to each expert (None for a dense model), laid out by the cache each step."""
-    mc = model.config
-    if not mc.is_moe:
-        return None
-    layers = [layer.block_sparse_moe for layer in model.model.layers]
-    cache.expert_load = ExpertLoad(layers, mc.num_layers, mc.num_experts, mc.experts_per_token, cache.k.device, rows)
-    return cache.expert_load
-
 
 def _num_blocks(config: EngineConfig, block_bytes: int, device: torch.device) -> int:
     budget = config.kv_cache_bytes
