@@ -14,7 +14,6 @@ import json
 import re
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import pytest
@@ -229,11 +228,66 @@ def test_waiting_counts_the_choices_not_yet_admitted(make_engine):
     engine = make_engine()
     engine.add_request("n3", [5] * 20, SamplingParams(max_tokens=2, n=3, temperature=0, ignore_eos=True))
     stats = read_engine(engine, probe=False).stats
-    assert (stats["running"], stats["waiting"]) == (0, 3)  # choice 0 queued, choices 1 and 2 held back
+    assert (stats.running, stats.waiting) == (0, 3)  # choice 0 queued, choices 1 and 2 held back
     engine.step()  # choice 0's prefill: its siblings join the queue
     stats = read_engine(engine, probe=False).stats
-    assert (stats["running"], stats["waiting"]) == (1, 2)
+    assert (stats.running, stats.waiting) == (1, 2)
     engine.abort("n3")
+
+
+class _Reporting:
+    """An engine seen only through what it reports about itself: reading anything else of it raises."""
+
+    PUBLIC = frozenset({"stats", "expert_counts", "drain_step_tokens", "drain_shard_rounds", "probe_shards",
+                        "has_work", "config", "kv_cache_dtype"})
+
+    def __init__(self, engine: LLMEngine):
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        if name not in self.PUBLIC:
+            raise AttributeError(f"the sampler read engine.{name}, which is no part of what the engine reports")
+        return getattr(self._engine, name)
+
+
+def test_the_sampler_reads_only_what_the_engine_reports(tiny_dir, tok):
+    """A unit's engine (two in-process shards) after a step, read through its reporting methods alone: the stats
+    record, the expert counts, the steps' sizes, the shard rounds and the probe."""
+    from cluster.engine.stats import EngineStats
+    from cluster.metrics.sampler import read_engine
+
+    model = load_model(tiny_dir, "fp32", "cpu").model
+    config = model.config
+    groups = assign_experts(config.num_experts, 2)
+    workers = [ShardWorker.load(tiny_dir, config, g, torch.float32, "cpu", "auto") for g in groups]
+    model.attach_experts(ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups)))
+    engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=2**22, attention_backend="torch"))
+    engine.add_request("r", [5] * 9, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    engine.step()
+    facts = read_engine(_Reporting(engine), probe=True)
+    assert isinstance(facts.stats, EngineStats) and facts.stats == engine.stats()
+    assert (facts.stats.running, facts.stats.waiting, facts.stats.attention_kernel) == (0, 0, "torch")
+    assert facts.step_tokens == [9] and len(facts.rounds) == config.num_layers
+    assert [sum(row) for row in facts.expert_counts] == [9 * config.experts_per_token] * config.num_layers
+    assert facts.probes is not None and len(facts.probes) == 2
+    assert facts.cache_config == ("16", "float32", "True", "0.9", str(facts.stats.total_blocks))
+
+
+def test_health_shows_the_stats_record_under_its_keys(make_engine):
+    """`/health`'s stats: the engine's record, one key per field (the keys it always had), and the front's own."""
+    from cluster.engine.async_engine import AsyncEngine
+    from cluster.serve.engine_backend import EngineBackend
+
+    front = AsyncEngine(lambda: make_engine(attention_backend="torch"))
+    try:
+        stats = asyncio.run(EngineBackend(front, moe_kernel="torch").health()).stats
+        record = front.call(lambda e: e.stats()).result(timeout=10)
+    finally:
+        front.shutdown()
+    assert set(stats) == {"running", "waiting", "free_blocks", "total_blocks", "preemptions", "prefix_hit_tokens",
+                          "prefix_query_tokens", "prefix_collisions", "attention_kernel", "in_flight", "moe_kernel"}
+    assert stats == {**record.as_dict(), "in_flight": 0, "moe_kernel": "torch"}
+    assert (stats["total_blocks"], stats["free_blocks"], stats["attention_kernel"]) == (256, 256, "torch")
 
 
 def test_each_step_and_the_cache_configuration_are_exported(model, tok):
@@ -387,7 +441,7 @@ def test_engine_counts_top_k_per_token_it_computed(make_engine, model):
     assert any(o.cached_prompt_tokens for o in finals)
     computed = sum(o.prompt_tokens - o.cached_prompt_tokens + o.completion_tokens - 1 for o in finals)
     k = model.config.experts_per_token
-    assert [sum(row) for row in engine.expert_load.snapshot()] == [k * computed] * model.config.num_layers
+    assert [sum(row) for row in engine.expert_counts()] == [k * computed] * model.config.num_layers
 
 
 def test_a_model_run_outside_the_engine_counts_nothing(tiny_dir, tok):
@@ -483,10 +537,11 @@ def test_shard_rounds_are_timed_and_probed(tiny_dir):
     weights = torch.full((6, 2), 0.5)
     with torch.inference_mode():  # as the engine steps: what the rounds allocate are inference tensors
         untimed = executor(0, x, ids, weights)
-        executor.round_times = deque(maxlen=8)
+        assert len(executor.drain_round_times()) == 1  # drained: the next read starts from here
         assert torch.equal(executor(0, x, ids, weights), untimed)  # split (6 rows > 4)
         executor(1, x[:2], ids[:2], weights[:2])  # broadcast
-    assert len(executor.round_times) == 2 and all(t > 0 for t in executor.round_times)
+    times = executor.drain_round_times()
+    assert len(times) == 2 and all(t > 0 for t in times)
     # The sampler probes from outside inference mode, between steps.
     probes = executor.probe(torch.zeros(1, config.hidden_size), config.experts_per_token)
     assert len(probes) == 2 and all(t > 0 for t in probes)
