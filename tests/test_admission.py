@@ -285,7 +285,7 @@ def test_a_thousand_concurrent_requests_get_200_or_a_quick_429(tiny_dir: Path):
         assert all(json.loads(a.body)["choices"][0]["finish_reason"] == "length" for a in admitted)
         assert most["in_engine"] == CAPACITY, most
         stats = front.call(lambda e: e.stats()).result(timeout=10)
-        assert stats["free_blocks"] == stats["total_blocks"] and stats["running"] == stats["waiting"] == 0, stats
+        assert stats.free_blocks == stats.total_blocks and stats.running == stats.waiting == 0, stats
         assert front.in_flight == 0
     finally:
         front.shutdown()

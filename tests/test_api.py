@@ -481,7 +481,7 @@ async def _call_and_leave(app, body: dict, leave: asyncio.Event, spec: str) -> l
 
 
 async def _leave_when_running(front: AsyncEngine, leave: asyncio.Event) -> None:
-    while not await asyncio.wrap_future(front.call(lambda e: e.stats()["running"] > 0)):
+    while not await asyncio.wrap_future(front.call(lambda e: e.stats().running > 0)):
         await asyncio.sleep(0.005)
     leave.set()
 

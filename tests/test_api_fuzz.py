@@ -37,6 +37,7 @@ from cluster.engine.guided import GrammarGuide
 from cluster.engine.outputs import RequestOutput, TokenLogprobs
 from cluster.engine.paged_cache import kv_bytes_per_block
 from cluster.engine.sampling_params import SamplingDefaults, SamplingParams
+from cluster.engine.stats import EngineStats
 from cluster.health import Health
 from cluster.model.loader import load_model
 from cluster.serve.engine_backend import EngineBackend
@@ -655,13 +656,13 @@ def _fuzz(app, front: AsyncEngine, strategy: st.SearchStrategy, examples: int, c
             kind += " over max_tokens"  # a forced output longer than the budget: refused as documented (issue 24)
         statuses[kind, response.status_code] = statuses.get((kind, response.status_code), 0) + 1
 
-    async def health_and_stats() -> tuple[httpx.Response, dict]:
+    async def health_and_stats() -> tuple[httpx.Response, EngineStats]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             health = await client.get("/health")
         deadline = time.monotonic() + 10
         while True:
             stats = await asyncio.wrap_future(front.call(lambda e: e.stats()))
-            if stats["running"] == 0 and stats["waiting"] == 0 or time.monotonic() > deadline:
+            if stats.running == 0 and stats.waiting == 0 or time.monotonic() > deadline:
                 return health, stats
             await asyncio.sleep(0.01)
 
@@ -670,7 +671,7 @@ def _fuzz(app, front: AsyncEngine, strategy: st.SearchStrategy, examples: int, c
     health, stats = asyncio.run(health_and_stats())
     assert sum(statuses.values()) >= examples, statuses
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert stats["running"] == 0 and stats["free_blocks"] == stats["total_blocks"], stats
+    assert stats.running == 0 and stats.free_blocks == stats.total_blocks, stats
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
         [r.getMessage() for r in caplog.records]
     return statuses

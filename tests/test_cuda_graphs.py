@@ -21,6 +21,7 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput
 from cluster.engine.sequence import Sequence
 from cluster.model.loader import load_model
+from cluster.moe.load import ExpertLoad
 from cluster.parallel.channel import ReplicaChannel, free_port, open_group, serve_shard
 from cluster.parallel.dispatch import ExpertParallelExecutor
 from cluster.parallel.frames import ChannelSpec
@@ -114,7 +115,7 @@ def _check_pieces_equal_forward(runner: ModelRunner, items: list[ScheduledSeq], 
     config = runner.model.config
     buffers = CrossingBuffers.allocate(2 * BUCKET, config.hidden_size, config.experts_per_token, torch.float32,
                                        runner.device).rows(BUCKET)
-    pieces = DecodePieces(runner.model, runner.cache, runner.prepare_decode([], BUCKET), buffers)
+    pieces = DecodePieces(runner, runner.prepare_decode([], BUCKET), buffers)
     for step in range(steps):
         unpadded = runner.forward(runner.prepare(items))  # [3, V]
         assert runner.prepare_decode(items, BUCKET) is pieces.inputs  # the static inputs the pieces were built on
@@ -165,6 +166,58 @@ def test_graph_safe_experts_and_dense_layers_stay_inside_pieces(tiny_dir, tiny_d
     runner = _cpu_runner(dense.model, dense.config)
     pieces, _ = _check_pieces_equal_forward(runner, _prefilled(runner, dense.config.vocab_size), steps=1)
     assert len(pieces.pieces) == 1 and not pieces.crossings
+
+
+def test_the_pieces_count_the_routing_the_forward_counts(tiny_dir):
+    """What a piecewise capture holds: piece 0 lays out the expert count's weights, the later pieces count under the
+    same context. Run piece by piece, as a capture runs them, the split counts per expert what `forward_decode`
+    counts over the same padded step: K per real token of each layer, the padding rows nothing."""
+    lm = load_model(tiny_dir, "fp32", "cpu")
+    model, config = lm.model, lm.config
+    with _sharded_experts(tiny_dir, "in-process") as executor:
+        model.attach_experts(executor)
+        load = ExpertLoad.for_model(config, "cpu", rows=64)
+        runner = ModelRunner(model, PagedKVCache(config, NUM_BLOCKS, BLOCK, torch.float32, "cpu", backend="torch"),
+                             expert_load=load)
+        items = _prefilled(runner, config.vocab_size)
+        buffers = CrossingBuffers.allocate(BUCKET, config.hidden_size, config.experts_per_token, torch.float32,
+                                           runner.device)
+        pieces = DecodePieces(runner, runner.prepare_decode([], BUCKET), buffers)
+        deltas = []
+        for split in (False, True):
+            runner.prepare_decode([], BUCKET)
+            runner.forward_decode(BUCKET)  # all padding: leaves the bucket's weights all 0 for the next step to redo
+            runner.prepare_decode(items, BUCKET)
+            before = load.counts.clone()
+            if split:
+                with torch.inference_mode():
+                    for piece, crossing in zip(pieces.pieces, pieces.crossings):
+                        piece()
+                        crossing()
+                    pieces.pieces[-1]()
+            else:
+                runner.forward_decode(BUCKET)
+            deltas.append(load.counts - before)
+    whole, split = deltas
+    assert whole.sum(dim=1).tolist() == [len(items) * config.experts_per_token] * config.num_layers
+    assert torch.equal(split, whole)
+
+
+def test_the_graphs_import_nothing_of_the_model_runner():
+    """The graphs take the runner as their own `DecodeRunner` protocol: no import of its module, not even for types
+    (the runner imports the graphs, one way)."""
+    import ast
+    from pathlib import Path
+
+    import cluster.engine.cuda_graphs as whole
+    import cluster.engine.piecewise_graphs as piecewise
+
+    for module in (whole, piecewise):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert "cluster.engine" in {name.rpartition(".")[0] for name in imported}, module.__name__  # the walk sees
+        assert "cluster.engine.model_runner" not in imported, module.__name__
 
 
 def test_graphs_are_refused_off_cuda_and_say_why(tiny_dir):

@@ -203,7 +203,7 @@ def test_logprobs_come_with_each_token(make_engine, model):
 def test_async_front_streams_and_aborts_on_disconnect(make_engine, tok):
     engine = make_engine()
     front = AsyncEngine(lambda: engine)
-    assert front.call(lambda e: e.stats()["free_blocks"]).result() == engine.blocks.num_blocks
+    assert front.call(lambda e: e.stats().free_blocks).result() == engine.blocks.num_blocks
 
     async def scenario():
         stream = await front.add_request("full", tok.encode("Hola", bos=True), GREEDY)

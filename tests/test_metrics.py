@@ -14,7 +14,6 @@ import json
 import re
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import pytest
@@ -230,11 +229,66 @@ def test_waiting_counts_the_choices_not_yet_admitted(make_engine):
     engine = make_engine()
     engine.add_request("n3", [5] * 20, SamplingParams(max_tokens=2, n=3, temperature=0, ignore_eos=True))
     stats = read_engine(engine, probe=False).stats
-    assert (stats["running"], stats["waiting"]) == (0, 3)  # choice 0 queued, choices 1 and 2 held back
+    assert (stats.running, stats.waiting) == (0, 3)  # choice 0 queued, choices 1 and 2 held back
     engine.step()  # choice 0's prefill: its siblings join the queue
     stats = read_engine(engine, probe=False).stats
-    assert (stats["running"], stats["waiting"]) == (1, 2)
+    assert (stats.running, stats.waiting) == (1, 2)
     engine.abort("n3")
+
+
+class _Reporting:
+    """An engine seen only through what it reports about itself: reading anything else of it raises."""
+
+    PUBLIC = frozenset({"stats", "expert_counts", "drain_step_tokens", "drain_shard_rounds", "probe_shards",
+                        "has_work", "config", "kv_cache_dtype"})
+
+    def __init__(self, engine: LLMEngine):
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        if name not in self.PUBLIC:
+            raise AttributeError(f"the sampler read engine.{name}, which is no part of what the engine reports")
+        return getattr(self._engine, name)
+
+
+def test_the_sampler_reads_only_what_the_engine_reports(tiny_dir, tok):
+    """A unit's engine (two in-process shards) after a step, read through its reporting methods alone: the stats
+    record, the expert counts, the steps' sizes, the shard rounds and the probe."""
+    from cluster.engine.stats import EngineStats
+    from cluster.metrics.sampler import read_engine
+
+    model = load_model(tiny_dir, "fp32", "cpu").model
+    config = model.config
+    groups = assign_experts(config.num_experts, 2)
+    workers = [ShardWorker.load(tiny_dir, config, g, torch.float32, "cpu", "auto") for g in groups]
+    model.attach_experts(ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups)))
+    engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=2**22, attention_backend="torch"))
+    engine.add_request("r", [5] * 9, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    engine.step()
+    facts = read_engine(_Reporting(engine), probe=True)
+    assert isinstance(facts.stats, EngineStats) and facts.stats == engine.stats()
+    assert (facts.stats.running, facts.stats.waiting, facts.stats.attention_kernel) == (0, 0, "torch")
+    assert facts.step_tokens == [9] and len(facts.rounds) == config.num_layers
+    assert [sum(row) for row in facts.expert_counts] == [9 * config.experts_per_token] * config.num_layers
+    assert facts.probes is not None and len(facts.probes) == 2
+    assert facts.cache_config == ("16", "float32", "True", "0.9", str(facts.stats.total_blocks))
+
+
+def test_health_shows_the_stats_record_under_its_keys(make_engine):
+    """`/health`'s stats: the engine's record, one key per field (the keys it always had), and the front's own."""
+    from cluster.engine.async_engine import AsyncEngine
+    from cluster.serve.engine_backend import EngineBackend
+
+    front = AsyncEngine(lambda: make_engine(attention_backend="torch"))
+    try:
+        stats = asyncio.run(EngineBackend(front, moe_kernel="torch").health()).stats
+        record = front.call(lambda e: e.stats()).result(timeout=10)
+    finally:
+        front.shutdown()
+    assert set(stats) == {"running", "waiting", "free_blocks", "total_blocks", "preemptions", "prefix_hit_tokens",
+                          "prefix_query_tokens", "prefix_collisions", "attention_kernel", "in_flight", "moe_kernel"}
+    assert stats == {**record.as_dict(), "in_flight": 0, "moe_kernel": "torch"}
+    assert (stats["total_blocks"], stats["free_blocks"], stats["attention_kernel"]) == (256, 256, "torch")
 
 
 def test_each_step_and_the_cache_configuration_are_exported(model, tok):
@@ -313,11 +367,11 @@ def test_shards_are_probed_only_while_the_engine_is_idle(tiny_dir, tok):
 
 
 def test_a_step_larger_than_the_expert_load_is_refused(model):
-    load = ExpertLoad([], model.config.num_layers, model.config.num_experts, 2, "cpu", rows=4)
+    load = ExpertLoad(model.config.num_layers, model.config.num_experts, 2, "cpu", rows=4)
     weights = load._weights
-    load.begin_step(torch.tensor([0, 1, -1, 2]))
+    load.step(4).lay_out(torch.tensor([0, 1, -1, 2]))
     with pytest.raises(ValueError, match="a step of 5 tokens, but the expert load was sized for 4 rows"):
-        load.begin_step(torch.arange(5))
+        load.step(5)
     assert load._weights is weights  # captured graphs keep reading this storage
 
 
@@ -327,11 +381,7 @@ PROMPTS = (5, 33, 16)
 
 
 def _load_for(model, cache: PagedKVCache, rows: int = 64) -> ExpertLoad:
-    c = model.config
-    load = ExpertLoad([layer.block_sparse_moe for layer in model.model.layers], c.num_layers, c.num_experts,
-                      c.experts_per_token, cache.k.device, rows)
-    cache.expert_load = load
-    return load
+    return ExpertLoad.for_model(model.config, cache.k.device, rows)
 
 
 def _prefill(runner: ModelRunner, vocab: int) -> list[ScheduledSeq]:
@@ -359,7 +409,7 @@ def test_padding_rows_of_a_decode_bucket_are_not_counted(tiny_dir):
     for buckets in ((8,), ()):
         cache = PagedKVCache(c, NUM_BLOCKS, BLOCK, torch.float32, "cpu", backend="torch")
         load = _load_for(model, cache)
-        runner = ModelRunner(model, cache, buckets)
+        runner = ModelRunner(model, cache, buckets, load)
         items = _prefill(runner, c.vocab_size)
         assert load.counts.sum(dim=1).tolist() == [sum(PROMPTS) * c.experts_per_token] * c.num_layers
         before = load.counts.clone()
@@ -392,7 +442,90 @@ def test_engine_counts_top_k_per_token_it_computed(make_engine, model):
     assert any(o.cached_prompt_tokens for o in finals)
     computed = sum(o.prompt_tokens - o.cached_prompt_tokens + o.completion_tokens - 1 for o in finals)
     k = model.config.experts_per_token
-    assert [sum(row) for row in engine.expert_load.snapshot()] == [k * computed] * model.config.num_layers
+    assert [sum(row) for row in engine.expert_counts()] == [k * computed] * model.config.num_layers
+
+
+def test_a_model_run_outside_the_engine_counts_nothing(tiny_dir, tok):
+    """After an engine's step, the same model run over a contiguous cache (as the parity tests run it), with as many
+    tokens as that step: the engine's counts do not move."""
+    from cluster.model.forward_context import current_context
+    from cluster.model.kv_cache import ContiguousKVCache
+
+    model = load_model(tiny_dir, "fp32", "cpu").model
+    c = model.config
+    engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=2**22))
+    prompt = list(range(5, 17))
+    engine.add_request("r", prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    engine.step()
+    before = engine.expert_load.snapshot()
+    assert [sum(row) for row in before] == [len(prompt) * c.experts_per_token] * c.num_layers
+    cache = ContiguousKVCache(c.num_layers, 1, 32, c.num_kv_heads, c.head_dim)
+    with torch.inference_mode():
+        model(torch.tensor(prompt), cache.begin_step([0], [len(prompt)]), cache)
+    assert engine.expert_load.snapshot() == before
+    assert current_context() is None
+
+
+class _Pausing:
+    """The executor it wraps, unchanged, but for one thread's first call: that call waits (at layer 0, inside the
+    forward) until `resume` is set."""
+
+    def __init__(self, executor):
+        self.executor = executor
+        self.graph_safe = executor.graph_safe
+        self.thread: threading.Thread | None = None
+        self.paused, self.resume = threading.Event(), threading.Event()
+
+    def __call__(self, layer, x, topk_ids, topk_weights):
+        if threading.current_thread() is self.thread and not self.paused.is_set():
+            self.paused.set()
+            assert self.resume.wait(60), "never resumed"
+        return self.executor(layer, x, topk_ids, topk_weights)
+
+
+def test_two_engines_stepping_one_model_at_once_count_apart(tiny_dir, tok):
+    """Engine A's prefill is held inside its first layer while engine B, sharing the model, runs a whole request on
+    another thread; then A finishes. Each counts exactly what it counts alone."""
+    model = load_model(tiny_dir, "fp32", "cpu").model
+    pausing = _Pausing(model.moe_layers()[0].executor)
+    model.attach_experts(pausing)
+    prompts = {"a": list(range(5, 17)), "b": list(range(40, 60))}
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+
+    def engine_for(name: str) -> LLMEngine:
+        engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=2**22))
+        engine.add_request(name, prompts[name], params)
+        return engine
+
+    def run(engine: LLMEngine) -> None:
+        while engine.has_work():
+            engine.step()
+
+    alone = {}
+    for name in prompts:
+        run(engine := engine_for(name))
+        alone[name] = engine.expert_load.snapshot()
+    a, b = engine_for("a"), engine_for("b")
+    failed: list[BaseException] = []
+
+    def step_a() -> None:
+        try:
+            a.step()
+        except BaseException as e:  # seen by the main thread
+            failed.append(e)
+
+    pausing.thread = threading.Thread(target=step_a)
+    pausing.thread.start()
+    try:
+        assert pausing.paused.wait(60), "engine A never reached its experts"
+        run(b)
+    finally:
+        pausing.resume.set()
+        pausing.thread.join(60)
+    assert not failed and not pausing.thread.is_alive()
+    run(a)
+    assert a.expert_load.snapshot() == alone["a"]
+    assert b.expert_load.snapshot() == alone["b"]
 
 
 def test_shard_rounds_are_timed_and_probed(tiny_dir):
@@ -405,10 +538,11 @@ def test_shard_rounds_are_timed_and_probed(tiny_dir):
     weights = torch.full((6, 2), 0.5)
     with torch.inference_mode():  # as the engine steps: what the rounds allocate are inference tensors
         untimed = executor(0, x, ids, weights)
-        executor.round_times = deque(maxlen=8)
+        assert len(executor.drain_round_times()) == 1  # drained: the next read starts from here
         assert torch.equal(executor(0, x, ids, weights), untimed)  # split (6 rows > 4)
         executor(1, x[:2], ids[:2], weights[:2])  # broadcast
-    assert len(executor.round_times) == 2 and all(t > 0 for t in executor.round_times)
+    times = executor.drain_round_times()
+    assert len(times) == 2 and all(t > 0 for t in times)
     # The sampler probes from outside inference mode, between steps.
     probes = executor.probe(torch.zeros(1, config.hidden_size), config.experts_per_token)
     assert len(probes) == 2 and all(t > 0 for t in probes)

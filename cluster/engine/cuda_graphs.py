@@ -16,6 +16,11 @@ Attention must be graph-safe for either kind; otherwise decode steps run eagerly
 Capture needs every kernel compiled and every lazily built tensor (rotary frequencies, expert maps) made before
 it: each bucket's step runs eagerly on the capture stream first. All graphs of a runner share one memory pool,
 largest bucket first, so the smaller ones reuse its activations' memory.
+
+A graph replays exactly what the eager step launches, the step's own layout included: the runner's `begin_step`
+(attention's plan, the expert count's weights) runs inside the captured forward, or in a piecewise step's first
+piece, under the forward's context (`cluster.model.forward_context`), whose tensors the replays keep using. The graphs
+see the runner only as a `DecodeRunner`, defined here.
 """
 
 from __future__ import annotations
@@ -25,18 +30,46 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
 if TYPE_CHECKING:
-    from cluster.engine.model_runner import ModelRunner
     from cluster.engine.paged_cache import PagedKVCache
+    from cluster.engine.scheduler import ScheduledSeq
+    from cluster.engine.step_inputs import StepInputs
     from cluster.model.decoder import CausalLM
+    from cluster.model.forward_context import ForwardContext
+    from cluster.model.moe import MoELayer
 
 log = logging.getLogger(__name__)
 
 GraphKind = Literal["whole", "piecewise"]
+
+
+class DecodeRunner(Protocol):
+    """What the decode graphs need of a model runner (`cluster.engine.model_runner.ModelRunner` is one)."""
+
+    model: CausalLM
+    cache: PagedKVCache
+    device: torch.device
+    decode_buckets: tuple[int, ...]
+
+    def prepare_decode(self, items: list[ScheduledSeq], bucket: int) -> StepInputs:
+        """Lay a decode batch into `bucket`'s static inputs (padding rows past `items`) and return them."""
+        ...
+
+    def forward_decode(self, bucket: int) -> torch.Tensor:
+        """logits [bucket, V] of the step in `bucket`'s static inputs: the whole forward, context and layout."""
+        ...
+
+    def step_context(self, inputs: StepInputs) -> ForwardContext:
+        """The context a forward over `inputs` runs under (no device work)."""
+        ...
+
+    def begin_step(self, inputs: StepInputs, context: ForwardContext) -> None:
+        """The step's layout on the device, before the first layer."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -48,9 +81,11 @@ class GraphChoice:
 def crossing_layers(model: CausalLM) -> tuple[int, ...]:
     """The MoE layers whose experts a CUDA graph cannot capture (the executor is not `graph_safe`): a decode step
     crosses to them eagerly. Dense layers and graph-safe experts stay inside the graphs."""
-    return tuple(i for i, layer in enumerate(model.model.layers)
-                 if (moe := getattr(layer, "block_sparse_moe", None)) is not None
-                 and not moe.executor.graph_safe)
+    return tuple(moe.layer for moe in _crossings(model))
+
+
+def _crossings(model: CausalLM) -> list[MoELayer]:
+    return [moe for moe in model.moe_layers() if not moe.executor.graph_safe]
 
 
 def choose_graphs(model: CausalLM, cache: PagedKVCache) -> GraphChoice:
@@ -60,14 +95,14 @@ def choose_graphs(model: CausalLM, cache: PagedKVCache) -> GraphChoice:
     attention = cache.backend.name
     if not cache.backend.graph_safe:
         return GraphChoice(None, f"the {attention} attention backend plans on the host")
-    crossings = crossing_layers(model)
+    crossings = _crossings(model)
     if not crossings:
         return GraphChoice("whole", f"one graph a step: the {attention} attention and every layer's experts are "
                                     "graph-safe")
-    layers = model.model.layers
-    executors = sorted({type(layers[i].block_sparse_moe.executor).__name__ for i in crossings})
+    executors = sorted({type(moe.executor).__name__ for moe in crossings})
+    span = _layer_span(tuple(moe.layer for moe in crossings), model.config.num_layers)
     return GraphChoice("piecewise", f"{len(crossings) + 1} graphs a step around {len(crossings)} eager crossings: "
-                                    f"the experts of {_layer_span(crossings, len(layers))} ({', '.join(executors)}) "
+                                    f"the experts of {span} ({', '.join(executors)}) "
                                     "run in other processes or on a backend that syncs with the host")
 
 
@@ -139,7 +174,7 @@ class GraphCapture:
 class DecodeGraphs:
     """The whole decode step of each bucket as one graph."""
 
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: DecodeRunner):
         self.runner = runner
         self._steps: dict[int, CapturedPiece] = {}  # bucket -> its step, returning logits [bucket, V]
 

@@ -22,10 +22,12 @@ from cluster.engine.sampler import Sampler, SamplerOutput, SamplingRow, make_gen
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from cluster.engine.sequence import Sequence
+from cluster.engine.stats import EngineStats
 from cluster.engine.stop import StopStringFilter
 from cluster.engine.warm_up import warm_up
 from cluster.model.decoder import CausalLM
 from cluster.moe.load import ExpertLoad
+from cluster.parallel.dispatch import ExpertParallelExecutor
 from cluster.tokenizer.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -94,14 +96,15 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         cache = PagedKVCache(mc, num_blocks, config.block_size, dtype, device, backend=config.attention_backend)
-        self.expert_load = _expert_load(model, cache, max(config.max_num_batched_tokens, config.max_num_seqs))
+        # The count of tokens routed to each expert (None for a dense model), kept by the runner's forwards.
+        self.expert_load = ExpertLoad.for_model(mc, device, max(config.max_num_batched_tokens, config.max_num_seqs))
         graphs = choose_graphs(model, cache) if config.cuda_graphs else None
         if graphs is not None and graphs.kind is None:
             log.warning("decode steps run eagerly: %s", graphs.reason)
         elif graphs is not None:
             log.info("decode steps replay %s CUDA graphs: %s", graphs.kind, graphs.reason)
         kind = graphs.kind if graphs is not None else None
-        self.runner = ModelRunner(model, cache, decode_buckets(config.max_num_seqs) if kind else ())
+        self.runner = ModelRunner(model, cache, decode_buckets(config.max_num_seqs) if kind else (), self.expert_load)
         if device.type == "cuda":
             warm_up(self.runner, config.max_num_batched_tokens, num_blocks)
         if kind:
@@ -364,23 +367,52 @@ class LLMEngine:
             out.finish_reason, out.error, out.error_status = "error", message, status
         return outs
 
-    def stats(self) -> dict[str, int | str]:
-        b = self.blocks
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-                "free_blocks": b.num_free, "total_blocks": b.num_blocks, "preemptions": self.scheduler.num_preemptions,
-                "prefix_hit_tokens": b.prefix_hit_tokens, "prefix_query_tokens": b.prefix_query_tokens,
-                "prefix_collisions": b.prefix_collisions,
-                "attention_kernel": self.runner.cache.backend.name}
+    # -- what the engine reports (between steps, on the thread that steps; `stats` from any thread) ---------------
+    def stats(self) -> EngineStats:
+        """The counters now. `/health` reads them from the event loop's thread while steps run: each is one read,
+        and the held-back choices are counted over a copy of their dict's values, which a step may change."""
+        b, s = self.blocks, self.scheduler
+        # Choices 1..n-1 of a request wait apart (`siblings`) until choice 0 has its prompt's KV: they wait all the same
+        held_back = sum(map(len, list(self.siblings.values())))
+        return EngineStats(running=len(s.running), waiting=len(s.waiting) + held_back, free_blocks=b.num_free,
+                           total_blocks=b.num_blocks, preemptions=s.num_preemptions,
+                           prefix_hit_tokens=b.prefix_hit_tokens, prefix_query_tokens=b.prefix_query_tokens,
+                           prefix_collisions=b.prefix_collisions, attention_kernel=self.runner.cache.backend.name)
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return self.runner.cache.k.dtype
 
-def _expert_load(model: CausalLM, cache: PagedKVCache, rows: int) -> ExpertLoad | None:
-    """The count of tokens routed to each expert (None for a dense model), laid out by the cache each step."""
-    mc = model.config
-    if not mc.is_moe:
-        return None
-    layers = [layer.block_sparse_moe for layer in model.model.layers]
-    cache.expert_load = ExpertLoad(layers, mc.num_layers, mc.num_experts, mc.experts_per_token, cache.k.device, rows)
-    return cache.expert_load
+    def expert_counts(self) -> list[list[int]] | None:
+        """[L][E] tokens routed to each expert of each layer since the engine started (None for a dense model)."""
+        return self.expert_load.snapshot() if self.expert_load is not None else None
+
+    def drain_step_tokens(self) -> list[int]:
+        """The tokens each step computed since the last call, oldest first (at most the last `_MAX_PENDING_STEPS`)."""
+        steps = self.step_tokens
+        return [steps.popleft() for _ in range(len(steps))]
+
+    def drain_shard_rounds(self) -> list[float]:
+        """Host seconds of each layer's round to the expert shards since the last call (none without shards)."""
+        return [t for executor in self._shard_executors() for t in executor.drain_round_times()]
+
+    def probe_shards(self) -> list[float] | None:
+        """Each shard's round trip for one token, timed alone (None without shards). Delays the next step: call
+        while idle. Raises `UnavailableError` when a shard cannot be reached."""
+        executors = self._shard_executors()
+        if not executors:
+            return None
+        weight, mc = self.model.lm_head.weight, self.model.config
+        token = torch.zeros(1, mc.hidden_size, dtype=weight.dtype, device=weight.device)
+        return executors[0].probe(token, mc.experts_per_token)
+
+    def _shard_executors(self) -> list[ExpertParallelExecutor]:
+        """The model's distinct executors whose experts live on shards."""
+        found: dict[int, ExpertParallelExecutor] = {}
+        for moe in self.model.moe_layers():
+            if isinstance(moe.executor, ExpertParallelExecutor):
+                found.setdefault(id(moe.executor), moe.executor)
+        return list(found.values())
 
 
 def _num_blocks(config: EngineConfig, block_bytes: int, device: torch.device) -> int:

@@ -12,12 +12,16 @@ logits are computed and ignored. `decode_buckets` makes `run` take that path. A 
 prompt (`cluster.engine.prompt_logprobs`) runs eagerly over its own rows: those rows' scores come out of `forward`
 into the step's `ScheduledSeq.prompt_logprobs`.
 
+Each forward runs under a context the runner makes (`step_context`, `cluster.model.forward_context`): the share of
+the runner's `ExpertLoad` its MoE layers count into. `begin_step` lays the step out on the device before the first
+layer (attention's plan in the cache, the routing count's weights), inside whatever graph captures the forward. The
+graphs take the runner through their own protocol (`cluster.engine.cuda_graphs.DecodeRunner`) and import nothing of
+this module.
+
 Legend: T = new tokens, B = sequences, NB = block-table width, S = sequences that sample, V = vocab.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,25 +32,16 @@ from cluster.engine.paged_cache import PagedKVCache
 from cluster.engine.piecewise_graphs import PiecewiseGraphs
 from cluster.engine.prompt_logprobs import PromptRows, PromptScoring
 from cluster.engine.scheduler import ScheduledSeq, SchedulerOutput
+from cluster.engine.step_inputs import StepInputs
 from cluster.model.decoder import CausalLM
+from cluster.model.forward_context import ForwardContext, forward_context
+from cluster.moe.load import ExpertLoad
 
 
 def step_order(num_computed: int, num_new: int) -> tuple[bool, int]:
     """Sort key of a scheduled sequence: single-token decodes first, shortest context first, so the paged cache
     attends to neighbouring lengths together."""
     return num_new != 1, num_computed + num_new
-
-
-@dataclass
-class StepInputs:
-    """One forward's inputs, all on the device (views of persistent buffers)."""
-
-    input_ids: torch.Tensor  # [T] int32
-    positions: torch.Tensor  # [T] int32
-    meta: AttentionMetadata
-    logit_rows: torch.Tensor  # [S] int32: the hidden row whose logits each sampling sequence needs
-    sample_rows: torch.Tensor | None = None  # static decodes: [bucket] int32, rows of the logits that sample first
-    scoring: PromptScoring | None = None  # the rows that score prompt tokens, if any
 
 
 class PackedInts:
@@ -89,11 +84,14 @@ class PackedInts:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedKVCache, decode_buckets: tuple[int, ...] = ()):
+    def __init__(self, model: CausalLM, cache: PagedKVCache, decode_buckets: tuple[int, ...] = (),
+                 expert_load: ExpertLoad | None = None):
         """decode_buckets: batch sizes a decode-only step is padded up to (the smallest that holds it) and run over
-        static buffers; empty: every step runs exactly its own rows."""
+        static buffers; empty: every step runs exactly its own rows. expert_load: where this runner's forwards count
+        their routing (None: not counted)."""
         self.model = model
         self.cache = cache
+        self.expert_load = expert_load
         self.device = model.lm_head.weight.device
         self.decode_buckets = tuple(sorted(decode_buckets))
         # Static table width: no sequence outgrows the model's context or the cache.
@@ -167,11 +165,27 @@ class ModelRunner:
         slots = tables[seq, positions // bs] * bs + positions % bs
         return positions, slots.astype(np.int32)
 
+    def step_context(self, inputs: StepInputs) -> ForwardContext:
+        """The context of a forward over `inputs` (no device work: for a bucket's static inputs, the same tensors
+        every step, which is what a captured graph needs)."""
+        load = self.expert_load
+        return ForwardContext(load.step(inputs.input_ids.shape[0]) if load is not None else None)
+
+    def begin_step(self, inputs: StepInputs, context: ForwardContext) -> None:
+        """What a forward lays out before its first layer: attention's plan (the cache) and the routing count's
+        weights (device ops, so a graph that captures this replays them: the eager forward and a piecewise step's
+        first piece both call it)."""
+        self.cache.begin_step(inputs.meta)
+        if context.expert_step is not None:
+            context.expert_step.lay_out(inputs.meta.slot_mapping)
+
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """logits [S, V] fp32 of the sampling rows (and the prompt scores of `inputs.scoring`, handed out)."""
-        self.cache.begin_step(inputs.meta)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.cache)  # [T, D]
+        context = self.step_context(inputs)
+        with forward_context(context):
+            self.begin_step(inputs, context)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.cache)  # [T, D]
         if inputs.scoring is not None:
             inputs.scoring.score(self.model, hidden)
         return self.model.compute_logits(hidden[inputs.logit_rows])

@@ -3,7 +3,8 @@
 Implements the model's `KVCache` interface. It holds the storage and writes each step's new K/V rows into their
 slots; how the rows are attended is the business of an attention backend (`cluster.attention`), chosen once here.
 Before each forward the model runner lays the step out (`AttentionMetadata`): sequences decoding one token first,
-shortest context first, then prefill chunks.
+shortest context first, then prefill chunks; `begin_step` hands it to the backend to plan. The cache holds nothing
+else of a step: what the other layers need of it travels in the forward's context (`cluster.model.forward_context`).
 
 Layout: head-major, k/v [L, KV, N + 1, bs, Dh]: one kv head's blocks are contiguous, which the torch backend's
 gathers (one `index_select` per kv head) and the C kernel rely on; the Triton kernels take any strides. Block N is
@@ -21,7 +22,6 @@ from cluster.attention.metadata import AttentionMetadata
 from cluster.attention.selector import select_backend
 from cluster.attention.torch_backend import DEFAULT_WORKSPACE_BYTES
 from cluster.config import ModelConfig
-from cluster.moe.load import ExpertLoad
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -47,7 +47,6 @@ class PagedKVCache:
                                       use_kernel=use_kernel, workspace_bytes=workspace_bytes)
         self._write = _triton_write() if self.backend.name == "triton" else _torch_write
         self.meta: AttentionMetadata | None = None
-        self.expert_load: ExpertLoad | None = None  # lays out each step's routing count (`cluster.moe.load`)
 
     @property
     def kernel(self) -> Callable[..., None] | None:
@@ -55,10 +54,9 @@ class PagedKVCache:
         return getattr(self.backend, "kernel", None)
 
     def begin_step(self, meta: AttentionMetadata) -> None:
+        """Attend the coming forward's tokens as `meta` lays them out."""
         self.meta = meta
         self.backend.plan(meta)
-        if self.expert_load is not None:
-            self.expert_load.begin_step(meta.slot_mapping)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, Dh]; k, v [T, KV, Dh] -> [T, H, Dh]."""

@@ -18,6 +18,10 @@ crossing of every bucket shares one set (row views of the largest bucket's), sin
 through captured pieces: `PiecewiseGraphs` only captures each piece and replays that same sequence, C + 1 graph
 launches and C crossings a step.
 
+Every piece runs under the bucket's forward context (the runner's `step_context`, the same tensors every step), so
+each piece's routing is counted as the whole forward's is; piece 0 begins the step (the runner's `begin_step`:
+attention's plan and the expert count's weights), so its graph replays that layout before any layer reads it.
+
 Legend: B = bucket rows, D = hidden, K = experts per token, V = vocab.
 """
 
@@ -32,12 +36,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cluster.engine.cuda_graphs import CapturedPiece, GraphCapture, crossing_layers
+from cluster.engine.cuda_graphs import CapturedPiece, DecodeRunner, GraphCapture, crossing_layers
+from cluster.model.forward_context import forward_context
 
 if TYPE_CHECKING:
-    from cluster.engine.model_runner import ModelRunner, StepInputs
-    from cluster.engine.paged_cache import PagedKVCache
-    from cluster.model.decoder import CausalLM, DecoderLayer
+    from cluster.engine.step_inputs import StepInputs
+    from cluster.model.decoder import DecoderLayer
     from cluster.moe.executor import ExpertExecutor
 
 log = logging.getLogger(__name__)
@@ -85,15 +89,18 @@ class Crossing:
 class DecodePieces:
     """One bucket's decode step over its static inputs, as pieces with a crossing between each two."""
 
-    def __init__(self, model: CausalLM, cache: PagedKVCache, inputs: StepInputs, buffers: CrossingBuffers):
-        """inputs: the bucket's static inputs (`ModelRunner.prepare_decode`); buffers: rows for the bucket."""
-        self.model = model
-        self.cache = cache
+    def __init__(self, runner: DecodeRunner, inputs: StepInputs, buffers: CrossingBuffers):
+        """inputs: the bucket's static inputs (`runner.prepare_decode`); buffers: rows for the bucket."""
+        self.runner = runner
+        self.model = model = runner.model
+        self.cache = runner.cache
         self.inputs = inputs
+        self.context = runner.step_context(inputs)
         self.buffers = buffers
         self.layers: list[DecoderLayer] = list(model.model.layers)
+        self.moes = {moe.layer: moe for moe in model.moe_layers()}  # layer index -> its MoE block
         cuts = crossing_layers(model)
-        self.crossings = [Crossing(i, self.layers[i].block_sparse_moe.executor, buffers) for i in cuts]
+        self.crossings = [Crossing(i, self.moes[i].executor, buffers) for i in cuts]
         starts, stops = (0, *(c + 1 for c in cuts)), (*cuts, len(self.layers))
         self.pieces: list[Piece] = [functools.partial(self._piece, first, stop)
                                     for first, stop in zip(starts, stops)]
@@ -111,9 +118,13 @@ class DecodePieces:
     def _piece(self, first: int, stop: int) -> torch.Tensor | None:
         """Layers [first, stop) whole; then layer `stop`'s attention and router (or, past the last layer, the
         logits). Reads and writes device tensors only, so a graph can hold it."""
+        with forward_context(self.context):  # whoever runs the piece (eagerly, warming, capturing) counts the same
+            return self._layers(first, stop)
+
+    def _layers(self, first: int, stop: int) -> torch.Tensor | None:
         inputs, b = self.inputs, self.buffers
         if first == 0:
-            self.cache.begin_step(inputs.meta)
+            self.runner.begin_step(inputs, self.context)
             x = self.model.model.embed_tokens(inputs.input_ids)  # [B, D]
         else:
             x = b.residual + b.moe_out  # the end of layer first - 1, as DecoderLayer.forward adds it
@@ -123,7 +134,7 @@ class DecodePieces:
             return self.model.compute_logits(self.model.model.norm(x)[inputs.logit_rows])  # [B, V]
         layer = self.layers[stop]
         x, h = layer.attend(x, inputs.positions, self.cache)  # DecoderLayer.forward up to its experts
-        weights, ids = layer.block_sparse_moe.route(h)  # [B, K] fp32, [B, K]
+        weights, ids = self.moes[stop].route(h)  # [B, K] fp32, [B, K]
         b.residual.copy_(x)
         b.moe_in.copy_(h)
         b.topk_ids.copy_(ids)
@@ -134,7 +145,7 @@ class DecodePieces:
 class PiecewiseGraphs:
     """Each bucket's decode step as `DecodePieces` whose pieces are captured graphs."""
 
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: DecodeRunner):
         self.runner = runner
         self._steps: dict[int, tuple[DecodePieces, list[CapturedPiece]]] = {}
         self.buffers: CrossingBuffers | None = None  # the largest bucket's rows; every bucket uses a prefix
@@ -154,7 +165,7 @@ class PiecewiseGraphs:
         capture = GraphCapture()
         for bucket in buckets:
             inputs = runner.prepare_decode([], bucket)  # all padding: a valid step that writes no KV
-            pieces = DecodePieces(model, runner.cache, inputs, self.buffers.rows(bucket))
+            pieces = DecodePieces(runner, inputs, self.buffers.rows(bucket))
             capture.warm(pieces.run)
             capture.settle()
             self._steps[bucket] = pieces, [capture.capture(piece) for piece in pieces.pieces]

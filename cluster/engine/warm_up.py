@@ -52,10 +52,9 @@ def warm_up(runner: ModelRunner, max_tokens: int, num_blocks: int) -> None:
     """Compile the experts' kernels up to `max_tokens` tokens a step, then run `WARM_UP_STEPS` (before capture)."""
     t0 = time.perf_counter()
     model = runner.model
-    executors = {id(e): e for layer in model.model.layers
-                 if (e := getattr(getattr(layer, "block_sparse_moe", None), "executor", None)) is not None}
+    executors = {id(moe.executor): moe.executor for moe in model.moe_layers()}  # one warm-up each, shared or not
     for executor in executors.values():
-        if hasattr(executor, "warm_up"):
+        if hasattr(executor, "warm_up"):  # an optional capability: executors that compile nothing lack it
             executor.warm_up(max_tokens, model.config.experts_per_token)
     cache = runner.cache
     if hasattr(cache.backend, "warm_up"):

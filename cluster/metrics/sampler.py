@@ -3,9 +3,11 @@ thread reads the engine's scheduler and cache (and its configuration), its exper
 tokens of each step since the last read, the unit's state and the GPUs, and records gauges, counter increments and
 histogram observations.
 
-The engine's facts are read on the engine thread between two steps (`AsyncEngine.call`): the expert counts live on
-the device and are copied to the host there, where no step is in flight. A sample waits for the engine at most its
-period; one still waiting is not asked again (a stuck engine thread gets one question, not a queue of them).
+The engine's facts are read on the engine thread between two steps (`AsyncEngine.call`), through the engine's own
+reporting methods (`LLMEngine.stats`, `expert_counts`, `drain_step_tokens`, `drain_shard_rounds`, `probe_shards`)
+and nothing else of it: the expert counts live on the device and are copied to the host there, where no step is in
+flight. A sample waits for the engine at most its period; one still waiting is not asked again (a stuck engine thread
+gets one question, not a queue of them).
 
 The shards' round trip is probed by the periodic sample alone, and only while the engine is idle (no sequence running
 or waiting): a probe would delay the next step, and a scrape must not cost the engine anything.
@@ -15,32 +17,28 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import partial
 
-import torch
-
 from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.engine import LLMEngine
+from cluster.engine.stats import EngineStats
 from cluster.health import Health
 from cluster.metrics import names as mn
 from cluster.metrics.gpu import GpuReader
 from cluster.metrics.recorder import RequestMetrics
 from cluster.metrics.sink import Series, Sink
-from cluster.parallel.dispatch import ExpertParallelExecutor, UnavailableError
+from cluster.parallel.dispatch import UnavailableError
 
 log = logging.getLogger(__name__)
-
-_MAX_PENDING_ROUNDS = 1 << 16  # layer rounds between two samples that are kept (the oldest go first)
 
 
 @dataclass(frozen=True)
 class EngineFacts:
-    stats: dict[str, int | str]
+    stats: EngineStats
     expert_counts: list[list[int]] | None  # [L][E] since the engine started; None for a dense model
     rounds: list[float]  # seconds of each layer round to the shards since the last read
     probes: list[float] | None  # each shard's probed round trip; None without shards, unprobed or unreachable
@@ -52,45 +50,26 @@ def read_engine(engine: LLMEngine, probe: bool) -> EngineFacts:
     """The facts a sample records; runs on the engine thread between steps. With `probe`, the shards' round trips
     are measured too, if the engine is idle."""
     stats = engine.stats()
-    # Choices 1..n-1 of a request wait apart (`siblings`) until choice 0 has its prompt's KV: they wait all the same.
-    stats["waiting"] = int(stats["waiting"]) + sum(len(s) for s in engine.siblings.values())
-    executor = _parallel_executor(engine)
-    rounds: list[float] = []
+    rounds = engine.drain_shard_rounds()
     probes = None
-    if executor is not None:
-        if executor.round_times is None:
-            executor.round_times = deque(maxlen=_MAX_PENDING_ROUNDS)
-        times = executor.round_times
-        rounds = [times.popleft() for _ in range(len(times))]
-    if executor is not None and probe and not engine.has_work():
-        weight = engine.model.lm_head.weight
-        token = torch.zeros(1, engine.model.config.hidden_size, dtype=weight.dtype, device=weight.device)
+    if probe and not engine.has_work():
         try:
-            probes = executor.probe(token, engine.model.config.experts_per_token)
+            probes = engine.probe_shards()
         except UnavailableError:  # the unit is recovering; its state says so
             probes = None
         except Exception:  # a probe that fails otherwise must not take the sample's other facts with it
             log.exception("probing the expert shards failed")
             probes = None
-    counts = engine.expert_load.snapshot() if engine.expert_load is not None else None
-    steps = [engine.step_tokens.popleft() for _ in range(len(engine.step_tokens))]
-    return EngineFacts(stats, counts, rounds, probes, steps, cache_config(engine))
+    return EngineFacts(stats, engine.expert_counts(), rounds, probes, engine.drain_step_tokens(),
+                       cache_config(engine, stats))
 
 
-def cache_config(engine: LLMEngine) -> tuple[str, ...]:
+def cache_config(engine: LLMEngine, stats: EngineStats) -> tuple[str, ...]:
     """The engine's cache settings as `vllm:cache_config_info` labels them, written as vLLM writes them (str())."""
     c = engine.config
-    dtype = str(engine.runner.cache.k.dtype).removeprefix("torch.")
+    dtype = str(engine.kv_cache_dtype).removeprefix("torch.")
     return (str(c.block_size), dtype, str(c.enable_prefix_caching), str(c.gpu_memory_utilization),
-            str(engine.blocks.num_blocks))
-
-
-def _parallel_executor(engine: LLMEngine) -> ExpertParallelExecutor | None:
-    for layer in engine.model.model.layers:
-        executor = getattr(getattr(layer, "block_sparse_moe", None), "executor", None)
-        if isinstance(executor, ExpertParallelExecutor):
-            return executor
-    return None
+            str(stats.total_blocks))
 
 
 class Sampler:
@@ -166,13 +145,13 @@ class Sampler:
 
     def _record_engine(self, facts: EngineFacts) -> None:
         stats = facts.stats
-        self._series(mn.RUNNING).set(int(stats["running"]))
-        self._series(mn.WAITING).set(int(stats["waiting"]))
-        total = int(stats["total_blocks"])
-        self._series(mn.KV_CACHE_USAGE).set((total - int(stats["free_blocks"])) / total if total else 0.0)
-        self._count(mn.PREEMPTIONS, int(stats["preemptions"]))
-        self._count(mn.PREFIX_CACHE_QUERIES, int(stats["prefix_query_tokens"]))
-        self._count(mn.PREFIX_CACHE_HITS, int(stats["prefix_hit_tokens"]))
+        self._series(mn.RUNNING).set(stats.running)
+        self._series(mn.WAITING).set(stats.waiting)
+        total = stats.total_blocks
+        self._series(mn.KV_CACHE_USAGE).set((total - stats.free_blocks) / total if total else 0.0)
+        self._count(mn.PREEMPTIONS, stats.preemptions)
+        self._count(mn.PREFIX_CACHE_QUERIES, stats.prefix_query_tokens)
+        self._count(mn.PREFIX_CACHE_HITS, stats.prefix_hit_tokens)
         for layer, row in enumerate(facts.expert_counts or ()):
             for expert, tokens in enumerate(row):
                 self._count(mn.EXPERT_TOKENS, tokens, str(layer), str(expert))

@@ -1,4 +1,8 @@
-"""The Mixtral / Mistral decoder-only transformer over a flat batch of tokens."""
+"""The Mixtral / Mistral decoder-only transformer over a flat batch of tokens.
+
+`CausalLM.moe_layers()` is the one way to the MoE blocks (and through them their expert executors) for whoever
+needs them: attaching experts, warm-up, CUDA graphs' crossings, the engine's shard timings.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Attribute names follow the HF checkpoint so non-expert tensors load by their own names.
+        self.is_moe = config.is_moe
         if config.is_moe:
             self.block_sparse_moe = MoELayer(config.hidden_size, config.num_experts, config.experts_per_token, layer)
         else:
@@ -27,7 +32,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         x, h = self.attend(x, positions, cache)
-        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        ffn = self.block_sparse_moe if self.is_moe else self.mlp
         return x + ffn(h)
 
     def attend(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,9 +61,13 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE blocks in layer order (empty for a dense model); each knows its layer index and executor."""
+        return [layer.block_sparse_moe for layer in self.model.layers if layer.is_moe]
+
     def attach_experts(self, executor: ExpertExecutor) -> None:
-        for layer in self.model.layers:
-            layer.block_sparse_moe.executor = executor
+        for moe in self.moe_layers():
+            moe.executor = executor
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -3,6 +3,9 @@
 The router weights go to the experts in fp32 whatever the activations' dtype: every backend scales each expert's
 output by its weight on an fp32 accumulator, so a weight is never rounded to bf16 (2^-8 relative) first. (transformers
 rounds the weights to the activations' dtype, so in bf16 the two differ by that rounding; in fp32 they agree.)
+
+Routing is counted per expert where the forward's context asks for it (`cluster.model.forward_context`): the layer
+holds no per-step state of its own.
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cluster.model.forward_context import current_context
 from cluster.model.router import route as top_k_route
 from cluster.moe.executor import ExpertExecutor
-from cluster.moe.load import ExpertLoad
 
 
 class MoELayer(nn.Module):
@@ -22,7 +25,6 @@ class MoELayer(nn.Module):
         self.top_k = top_k
         self.layer = layer
         self.executor: ExpertExecutor | None = None  # set by the loader; may be local or remote
-        self.load: ExpertLoad | None = None  # counts the routing when an engine's step attached one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> [T, D]. Legend: T = tokens, D = hidden, K = experts per token."""
@@ -35,6 +37,7 @@ class MoELayer(nn.Module):
         """x [T, D] -> (topk_weights [T, K] fp32, topk_ids [T, K]): what the executor is handed. Apart from
         `forward` so a decode step split at the executor (`cluster.engine.piecewise_graphs`) routes the same way."""
         weights, ids = top_k_route(self.gate(x), self.top_k)
-        if self.load is not None:
-            self.load.add(self.layer, ids)
+        context = current_context()  # the engine's step counts its routing (`cluster.moe.load`)
+        if context is not None and context.expert_step is not None:
+            context.expert_step.add(self.layer, ids)
         return weights, ids

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+MAX_PENDING_ROUNDS = 1 << 16  # round times kept between two reads (the oldest go first)
+
 
 class UnavailableError(RuntimeError):
     """A transport cannot reach its shards now (one died, hung or is being restarted): the step fails, and the
@@ -78,10 +80,10 @@ class ExpertParallelExecutor:
     more than the bytes it saves (a dozen small ops a layer, against a few tens of KB sent).
     Larger batches (prefill) are split, so each shard receives only the tokens routed to it.
 
-    Timing, for metrics: with `round_times` set (a bounded deque its reader drains), each round's host-side duration
-    is appended (two clock reads a layer): until the last reply over a channel, only the launch for shards in this
-    process on a GPU. `probe` times a one-token round to each shard alone (synchronized), which tells the shards
-    apart (a step's round ends with its slowest).
+    Timing, for metrics: each round's host-side duration (two clock reads a layer) is kept, the last
+    `MAX_PENDING_ROUNDS` of them, until `drain_round_times` hands them out: until the last reply over a channel, only
+    the launch for shards in this process on a GPU. `probe` times a one-token round to each shard alone
+    (synchronized), which tells the shards apart (a step's round ends with its slowest).
     """
 
     graph_safe = False  # a round waits on other processes: CUDA graphs capture around it (piecewise)
@@ -91,7 +93,7 @@ class ExpertParallelExecutor:
         self.broadcast_rows = broadcast_rows
         self.owners = torch.tensor(expert_owners, dtype=torch.long)  # [E] shard of each expert
         self._owners_on: dict[torch.device, torch.Tensor] = {}
-        self.round_times: deque[float] | None = None  # host seconds of each round, when a reader asked for them
+        self._round_times: deque[float] = deque(maxlen=MAX_PENDING_ROUNDS)  # host seconds of each round
 
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
@@ -127,13 +129,15 @@ class ExpertParallelExecutor:
         return out.to(x.dtype)
 
     def _timed(self, batches: list[RoutedBatch | None]) -> list[torch.Tensor | None]:
-        times = self.round_times
-        if times is None:
-            return self.transport.run(batches)
         t0 = time.perf_counter()
         partials = self.transport.run(batches)
-        times.append(time.perf_counter() - t0)
+        self._round_times.append(time.perf_counter() - t0)
         return partials
+
+    def drain_round_times(self) -> list[float]:
+        """Host seconds of each round since the last call, oldest first. Call on the thread that steps."""
+        times = self._round_times
+        return [times.popleft() for _ in range(len(times))]
 
     @torch.inference_mode()  # as a step's rounds: the channel's buffers, made in steps, are inference tensors
     def probe(self, x: torch.Tensor, top_k: int) -> list[float]:

@@ -63,7 +63,7 @@ class EngineBackend:
         return str(refusal)
 
     async def health(self) -> Health:
-        stats = self.engine.engine.stats()
+        stats = self.engine.engine.stats().as_dict()
         stats["in_flight"] = self.engine.in_flight  # admitted sequences, as admission counts them
         if self.moe_kernel:
             stats["moe_kernel"] = self.moe_kernel
