@@ -488,6 +488,28 @@ def test_health_answers_while_a_4_MiB_prompt_is_tokenized(tok):
     assert len(backend.calls[0][0]) > 100_000
 
 
+def test_a_small_chat_is_answered_while_a_large_prompt_holds_every_large_request_thread(tok):
+    held = _Held(tok)
+    backend = _Recorder()
+    app = _app(held, backend, context_len=2**24, tokenize_budget_s=120, tokenize_threads=1)
+    large = json.dumps({"messages": [{"role": "user", "content": "word " * (2 * MiB // 5)}], "max_tokens": 1}).encode()
+    headers = {"content-type": "application/json"}
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            big = asyncio.create_task(client.post(CHAT, content=large, headers=headers))
+            while not held.started.is_set():
+                assert not big.done(), f"the request ended before its chat was encoded: {(await big).text[:500]}"
+                await asyncio.sleep(0.005)
+            small = await asyncio.wait_for(client.post(CHAT, content=_body(), headers=headers), 60)
+            big_still_held = not big.done()
+            held.release.set()
+            return small, big_still_held, await big
+
+    small, big_still_held, big = asyncio.run(scenario())
+    assert (small.status_code, big_still_held, big.status_code) == (200, True, 200), small.text[:500]
+
+
 # -- request fields and statuses -----------------------------------------------------------------------------------
 def test_cache_salt_reaches_the_sampling_params(tok):
     backend = _Recorder()

@@ -140,9 +140,9 @@ def test_a_killed_shard_fails_the_step_fast_then_the_unit_recovers(local_ray, ti
     unit = ShardedUnit(args)
     try:
         unit.supervise(_run_now)
+        engine = build_engine(args, unit.executor)  # before the kill: building it runs steps (the cost probe)
         victim = unit.shard_info()[1]["pid"]
         os.kill(victim, signal.SIGKILL)
-        engine = build_engine(args, unit.executor)
         t0 = time.monotonic()
         with pytest.raises(UnavailableError):
             for _ in range(50):  # the step that meets the dead shard raises instead of hanging

@@ -16,8 +16,10 @@ MiB = 1024 * 1024
 class APILimits:
     max_body_bytes: int = 4 * MiB  # larger bodies get 413 before they are read
     body_timeout_s: float = 30.0  # a body not fully received by then gets 408 and the connection is closed
-    tokenize_budget_s: float = 10.0  # a chat not encoded by then gets 400
-    tokenize_threads: int = 2  # chats are encoded off the event loop, this many at a time
+    tokenize_budget_s: float = 10.0  # a chat not encoded this long after a thread took it up gets 400; one no thread
+    # took up by then, 503
+    tokenize_threads: int = 2  # chats are encoded off the event loop, this many at a time in each lane (bodies up to
+    # 64 KiB in one, larger ones in the other: `cluster.api.workers`)
     # Choices one request may hold, over all its prompts (ServeArgs.max_n, which the engine also enforces on each
     # prompt's n): a request of several prompts never occupies more of the engine than one request may.
     max_n: int = EngineConfig.max_n

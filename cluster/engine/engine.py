@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 
 from cluster.engine.block_manager import BlockManager
-from cluster.engine.config import EngineConfig
+from cluster.engine.config import CPU_PREFILL_BUDGET_BESIDE_DECODES, EngineConfig
+from cluster.engine.cost_probe import measure_step_cost
 from cluster.engine.cuda_graphs import choose_graphs, decode_buckets
 from cluster.engine.grammar_paths import is_failure
 from cluster.engine.guided import GrammarError, GrammarFault, GrammarGuide, as_fault
@@ -22,6 +23,7 @@ from cluster.engine.sampler import Sampler, SamplerOutput, SamplingRow, make_gen
 from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from cluster.engine.sequence import Sequence
+from cluster.engine.step_cost import StepCost
 from cluster.engine.stats import EngineStats
 from cluster.engine.stop import StopStringFilter
 from cluster.engine.warm_up import warm_up
@@ -94,7 +96,6 @@ class LLMEngine:
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {device}")
         num_blocks = _num_blocks(config, kv_bytes_per_block(mc, config.block_size, dtype), device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
         cache = PagedKVCache(mc, num_blocks, config.block_size, dtype, device, backend=config.attention_backend)
         # The count of tokens routed to each expert (None for a dense model), kept by the runner's forwards.
         self.expert_load = ExpertLoad.for_model(mc, device, max(config.max_num_batched_tokens, config.max_num_seqs))
@@ -109,8 +110,11 @@ class LLMEngine:
             warm_up(self.runner, config.max_num_batched_tokens, num_blocks)
         if kind:
             self.runner.capture_graphs(kind)
+        cost = _step_cost(config, self.runner, num_blocks)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   _prefill_budget_beside_decodes(config, device), cost), self.blocks)
         if self.expert_load is not None:
-            self.expert_load.reset()  # warm-up and capture steps routed made-up tokens
+            self.expert_load.reset()  # warm-up, capture and cost-probe steps routed made-up tokens
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         self.siblings: dict[str, list[Sequence]] = {}  # choices 1..n-1, admitted once choice 0 has its prompt KV
@@ -413,6 +417,20 @@ class LLMEngine:
             if isinstance(moe.executor, ExpertParallelExecutor):
                 found.setdefault(id(moe.executor), moe.executor)
         return list(found.values())
+
+
+def _step_cost(config: EngineConfig, runner: ModelRunner, num_blocks: int) -> StepCost:
+    if config.step_cost == "measured":
+        return measure_step_cost(runner, num_blocks, config.max_num_batched_tokens)
+    if config.step_cost == "flops":
+        return StepCost.for_model(runner.model.config)
+    raise ValueError(f"unknown step_cost {config.step_cost!r}: choose flops or measured")
+
+
+def _prefill_budget_beside_decodes(config: EngineConfig, device: torch.device) -> int | None:
+    if config.prefill_budget_beside_decodes is not None:
+        return config.prefill_budget_beside_decodes
+    return CPU_PREFILL_BUDGET_BESIDE_DECODES if device.type == "cpu" else None
 
 
 def _num_blocks(config: EngineConfig, block_bytes: int, device: torch.device) -> int:

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from cluster.api.limits import APILimits
-from cluster.engine.config import EngineConfig
+from cluster.engine.config import CPU_PREFILL_BUDGET_BESIDE_DECODES, EngineConfig
 from cluster.ledger.pricing import Pricing, parse_dollars
 
 
@@ -67,6 +67,15 @@ class ServeArgs(BaseModel):
     max_num_seqs: int = Field(EngineConfig.max_num_seqs, ge=1, description="most sequences batched in one step")
     max_num_batched_tokens: int = Field(EngineConfig.max_num_batched_tokens, ge=16,
                                         description="most tokens one step computes (prefill chunks and decodes)")
+    prefill_budget_beside_decodes: int | None = Field(
+        None, ge=1, description="most a long prompt (more tokens to compute than max_num_batched_tokens) may add to "
+                                "a step that also decodes, in tokens weighted by the context they attend to "
+                                "(cluster/engine/step_cost.py): bounds what it adds to running streams' inter-token "
+                                f"latency; default: {CPU_PREFILL_BUDGET_BESIDE_DECODES} on CPU, no cap on GPU")
+    step_cost: Literal["auto", "flops", "measured"] = Field(
+        "auto", description="how a prefill token's attention is priced against its weights in a step's budget: "
+                            "flops (from the model's shape) or measured (prefill chunks timed at start, under a "
+                            "second); auto: measured on CPU, flops on GPU")
     max_waiting: int = Field(EngineConfig.max_waiting, ge=0,
                              description="sequences that may wait beyond the max_num_seqs running; a request that "
                                          "arrives past that is refused at once with 429 and Retry-After")
@@ -80,9 +89,11 @@ class ServeArgs(BaseModel):
     body_timeout_s: float = Field(APILimits.body_timeout_s, gt=0,
                                   description="a body not fully received by then gets 408, and the connection closes")
     tokenize_budget_s: float = Field(APILimits.tokenize_budget_s, gt=0,
-                                     description="longest a request's parsing and chat encoding may take (400 past it)")
+                                     description="longest a request's parsing and chat encoding may take once a thread "
+                                                 "takes it up (400 past it), and longest it may wait for one (503)")
     tokenize_threads: int = Field(APILimits.tokenize_threads, ge=1,
-                                  description="threads that parse and encode requests off the event loop")
+                                  description="threads that parse and encode requests off the event loop, in each "
+                                              "of two lanes: bodies up to 64 KiB, and larger ones")
     header_timeout_s: float = Field(APILimits.header_timeout_s, gt=0,
                                     description="--no-ray: a request head not complete this long after the connection "
                                                 "opened (or the last response ended) gets 408, and the connection "

@@ -64,8 +64,11 @@ def resolve(args: ServeArgs) -> ResolvedArgs:
     if cuda_graphs and device != "cuda":
         raise ValueError("cuda_graphs=on needs a CUDA device")
     engine = EngineConfig(kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
-                          max_n=args.max_n, enable_prefix_caching=args.enable_prefix_caching,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          prefill_budget_beside_decodes=args.prefill_budget_beside_decodes,
+                          step_cost=_step_cost(args.step_cost, device),
+                          max_waiting=args.max_waiting, max_n=args.max_n,
+                          enable_prefix_caching=args.enable_prefix_caching,
                           attention_backend=args.attention_backend, cuda_graphs=cuda_graphs)
     api = APILimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(APILimits)})
     groups = assign_experts(config.num_experts, layout.num_shards) if layout.num_shards else []
@@ -127,3 +130,11 @@ def _layout(args: ServeArgs, shards: int, device: str) -> UnitLayout:
                          f"GPU 0) or {shards + 1} (the replica on its own)" if shards else
                          f"gpus={args.gpus} for a dense model: its unit is the replica, on one GPU")
     return unit_layout(shards, device, args.gpus if device == "cuda" else None)
+
+
+def _step_cost(step_cost: str, device: str) -> str:
+    """auto: measured on a CPU (where attention and the weights' matmuls run at rates FLOPs do not tell), flops on
+    a GPU."""
+    if step_cost != "auto":
+        return step_cost
+    return "measured" if device == "cpu" else "flops"
