@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.checkpoint.default import ensure_default_checkpoint  # noqa: E402
+from cluster.checkpoint.weights import model_directory  # noqa: E402
 from cluster.config import ModelConfig  # noqa: E402
 from cluster.engine.async_engine import AsyncEngine  # noqa: E402
 from cluster.engine.engine import EngineConfig, LLMEngine  # noqa: E402
@@ -173,7 +173,9 @@ def run_transformers(model_dir: Path, requests: list[tuple[list[int], int]], bat
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint directory (default: the embedded mini checkpoint)")
+    parser.add_argument("--model", help="checkpoint directory, or with --load-format random a shape's name "
+                                        "(default: the embedded mini checkpoint)")
+    parser.add_argument("--load-format", choices=["safetensors", "random"], default="safetensors")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--hf-batch", type=int, default=32)
@@ -191,7 +193,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     args.dtype = resolve_dtype(args.dtype, args.device)
-    model_dir = Path(args.model) if args.model else ensure_default_checkpoint("mini")
+    model_dir = model_directory(args.model, args.load_format)
+    if args.load_format == "random" and not args.skip_transformers:
+        parser.error("--load-format random has no checkpoint for transformers to read: add --skip-transformers")
     config = ModelConfig.from_file(model_dir)
     decode, eos_id = text_decoder(config)
     engine_config = EngineConfig(max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens)
@@ -199,7 +203,7 @@ def main() -> int:
     def build() -> LLMEngine:
         if args.threads:
             torch.set_num_threads(args.threads)
-        model = load_model(model_dir, args.dtype, args.device, args.moe_backend).model
+        model = load_model(model_dir, args.dtype, args.device, args.moe_backend, load_format=args.load_format).model
         return LLMEngine(model, decode, eos_id, engine_config)
 
     # All torch work (engine, bound, transformers) runs on the engine thread, one OpenMP pool for the process.

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from types import UnionType
 from typing import Any, Callable, Literal, Union, get_args, get_origin
 
@@ -35,16 +34,17 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from cluster.checkpoint.default import ensure_default_checkpoint
+    from cluster.checkpoint.weights import model_directory
     from cluster.generate import greedy_generate
     from cluster.model.loader import load_model
     from cluster.tokenizer import IncrementalDetokenizer, load_tokenizer, resolve_tokenizer_version
 
-    model_dir = Path(args.model) if args.model else ensure_default_checkpoint()
+    model_dir = model_directory(args.model, args.load_format)
     t0 = time.perf_counter()
-    loaded = load_model(model_dir, dtype=args.dtype, backend=args.moe_backend)
+    loaded = load_model(model_dir, dtype=args.dtype, backend=args.moe_backend, load_format=args.load_format)
     tok = load_tokenizer(resolve_tokenizer_version(loaded.config, args.tokenizer))
-    print(f"loaded {model_dir} ({loaded.bytes_loaded / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s",
+    made = "made" if args.load_format == "random" else "loaded"
+    print(f"{made} {model_dir} ({loaded.bytes_loaded / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     if args.raw:
         prompt = tok.encode(args.prompt, bos=True)
@@ -226,7 +226,10 @@ def _make_checkpoint_options(p: argparse.ArgumentParser) -> None:
 def _generate_options(p: argparse.ArgumentParser) -> None:
     from cluster.dtype import DTYPE_CHOICES
 
-    p.add_argument("--model", help="checkpoint directory (default: the embedded mini checkpoint)")
+    p.add_argument("--model", help="checkpoint directory, or with --load-format random a shape's name (default: the "
+                                    "embedded mini checkpoint)")
+    p.add_argument("--load-format", choices=["safetensors", "random"], default="safetensors",
+                   help="random: seeded weights made in memory, no checkpoint read (the text is noise)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", choices=["auto", *DTYPE_CHOICES], default="fp32")

@@ -1,4 +1,6 @@
-"""Shapes of the embedded random checkpoints: `tiny` for tests, `mini` for benchmarks."""
+"""Named model shapes: `tiny` (tests) and `mini` (benchmarks, the embedded default), written as random checkpoints;
+`mixtral-8x7b` and `mixtral-8x22b`, the released models' shapes, for random weights made on the device
+(`--load-format random`) and for plans."""
 
 from __future__ import annotations
 
@@ -12,6 +14,11 @@ PRESETS: dict[str, ModelConfig] = {
                         max_position_embeddings=4096, **_COMMON),
     "mini": ModelConfig(hidden_size=512, intermediate_size=1024, num_layers=8, num_heads=8, num_kv_heads=2,
                         head_dim=64, max_position_embeddings=65536, **_COMMON),
+    "mixtral-8x7b": ModelConfig(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                                num_kv_heads=8, head_dim=128, max_position_embeddings=32768,
+                                **{**_COMMON, "vocab_size": 32000, "tokenizer_version": "v1"}),
+    "mixtral-8x22b": ModelConfig(hidden_size=6144, intermediate_size=16384, num_layers=56, num_heads=48,
+                                 num_kv_heads=8, head_dim=128, max_position_embeddings=65536, **_COMMON),
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from cluster.checkpoint.names import dense_tensor_shapes, expert_tensor_shapes
+from cluster.checkpoint.random_weights import random_tensor
 from cluster.checkpoint.reader import INDEX_FILE, SINGLE_FILE
 from cluster.config import ModelConfig
 from cluster.dtype import parse_dtype
@@ -28,7 +29,7 @@ def write_random_checkpoint(directory: str | Path, config: ModelConfig, seed: in
     total = 0
     for i, names in enumerate(shards):
         file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: _random_tensor(name, shapes[name], gen).to(dtype) for name in names}
+        tensors = {name: random_tensor(name, shapes[name], gen).to(dtype) for name in names}
         save_file(tensors, str(directory / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(names, file))
@@ -53,12 +54,3 @@ def _plan_shards(names: list[str], shapes: dict[str, tuple[int, ...]], itemsize:
         shards[-1].append(name)
         size += n
     return shards
-
-
-def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Scales that keep activations O(1) through the layers, so logits and routing are far from ties."""
-    if name.endswith("norm.weight"):
-        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
-    if name.endswith("embed_tokens.weight"):
-        return torch.randn(shape, generator=gen)
-    return torch.randn(shape, generator=gen) / math.sqrt(shape[-1])

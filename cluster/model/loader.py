@@ -1,4 +1,5 @@
-"""Builds models from checkpoints: the dense part into `CausalLM`, experts into stacked `ExpertWeights`."""
+"""Builds models from their weights (a checkpoint's, or made up: `cluster.checkpoint.weights`): the dense part into
+`CausalLM`, experts into stacked `ExpertWeights`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from cluster.checkpoint.names import EXPERT_PROJECTIONS, dense_tensor_shapes, expert_tensor, expert_tensor_shapes
 from cluster.checkpoint.progress import ProgressCallback
-from cluster.checkpoint.reader import CheckpointError, CheckpointReader
+from cluster.checkpoint.reader import CheckpointError
+from cluster.checkpoint.weights import WeightSource, open_weights
 from cluster.config import ModelConfig
 from cluster.dtype import resolve_dtype
 from cluster.model.decoder import CausalLM
@@ -25,7 +27,7 @@ class LoadedModel:
     bytes_loaded: int
 
 
-def load_dense(reader: CheckpointReader, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+def load_dense(reader: WeightSource, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
                progress: ProgressCallback | None = None) -> CausalLM:
     """Everything but the experts (embeddings, attention, norms, router gates, lm_head)."""
     tensors = reader.load(dense_tensor_shapes(config), dtype, device, progress, label="loading attention weights")
@@ -40,7 +42,7 @@ def load_dense(reader: CheckpointReader, config: ModelConfig, dtype: torch.dtype
     return model.eval()
 
 
-def load_experts(reader: CheckpointReader, config: ModelConfig, dtype: torch.dtype,
+def load_experts(reader: WeightSource, config: ModelConfig, dtype: torch.dtype,
                  device: torch.device | str = "cpu", experts: list[int] | None = None,
                  progress: ProgressCallback | None = None) -> list[ExpertWeights]:
     """Only the given experts (all by default) of every layer, stacked per layer."""
@@ -57,11 +59,12 @@ def load_experts(reader: CheckpointReader, config: ModelConfig, dtype: torch.dty
 
 
 def load_model(directory: str | Path, dtype: str | torch.dtype = "fp32", device: torch.device | str = "cpu",
-               backend: str = "auto", progress: ProgressCallback | None = None) -> LoadedModel:
+               backend: str = "auto", progress: ProgressCallback | None = None,
+               load_format: str = "safetensors") -> LoadedModel:
     """The whole model in this process, experts run by a local executor; `dtype` a name, "auto" (for `device`, as
     `cluster.dtype.resolve_dtype`) or a torch.dtype."""
     config = ModelConfig.from_file(directory)
-    reader = CheckpointReader(directory)
+    reader = open_weights(directory, load_format)
     dtype = resolve_dtype(dtype, device)
     model = load_dense(reader, config, dtype, device, progress)
     if config.is_moe:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from cluster.checkpoint.progress import ProgressCallback
-from cluster.checkpoint.reader import CheckpointReader
+from cluster.checkpoint.weights import open_weights
 from cluster.config import ModelConfig
 from cluster.model.loader import load_experts
 from cluster.moe.backend import MoEBackend, get_backend
@@ -25,10 +25,11 @@ class ShardWorker:
 
     @classmethod
     def load(cls, directory: str | Path, config: ModelConfig, experts: tuple[int, ...], dtype: torch.dtype,
-             device: torch.device | str, backend: str = "auto",
-             progress: ProgressCallback | None = None) -> "ShardWorker":
-        """Reads only `experts` (of every layer) from the checkpoint whose config the caller has already read."""
-        layers = load_experts(CheckpointReader(directory), config, dtype, device, list(experts), progress)
+             device: torch.device | str, backend: str = "auto", progress: ProgressCallback | None = None,
+             load_format: str = "safetensors") -> "ShardWorker":
+        """Loads only `experts` (of every layer) of the model whose config the caller has already read (from the
+        checkpoint in `directory`, or made up: `cluster.checkpoint.weights`)."""
+        layers = load_experts(open_weights(directory, load_format), config, dtype, device, list(experts), progress)
         return cls(layers, config.num_experts, get_backend(backend, device))
 
     def warm_up(self, max_tokens: int, top_k: int) -> None:

@@ -18,7 +18,13 @@ from cluster.ledger.pricing import Pricing, parse_dollars
 class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str | None = Field(None, description="checkpoint directory; default: the embedded mini checkpoint")
+    model: str | None = Field(None, description="checkpoint directory, or with --load-format random a shape's name ("
+                                                "tiny, mini, mixtral-8x7b, mixtral-8x22b); default: the embedded mini "
+                                                "checkpoint")
+    load_format: Literal["safetensors", "random"] = Field(
+        "safetensors", description="where the weights come from: the checkpoint's safetensors files, or random "
+                                   "(seeded, made on each process's device: serves a shape before its weights arrive; "
+                                   "the text is noise)")
     served_model_name: str | None = Field(None, description="the `model` name clients send; default: directory name")
     tokenizer: Literal["v1", "v2", "v3"] | None = Field(None, description="default: from the checkpoint")
     shards: int = Field(2, ge=0, description="expert shards of one unit (at most the number of experts; 0 for a "

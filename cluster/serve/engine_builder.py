@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster.checkpoint.progress import ProgressCallback
-from cluster.checkpoint.reader import CheckpointReader
+from cluster.checkpoint.weights import open_weights
 from cluster.engine.engine import LLMEngine
 from cluster.engine.guided import GrammarGuide
 from cluster.model.loader import load_dense, load_experts
@@ -22,7 +22,7 @@ def build_engine(resolved: ResolvedArgs, executor: ExpertExecutor | None,
     """Loads everything but the experts onto the unit's device; `executor` runs the experts (None for a dense
     model)."""
     r = resolved
-    model = load_dense(CheckpointReader(r.model_dir), r.config, r.dtype, r.device, progress)
+    model = load_dense(open_weights(r.model_dir, r.args.load_format), r.config, r.dtype, r.device, progress)
     if r.config.is_moe:
         if executor is None:
             raise ValueError("a mixture-of-experts model needs an expert executor")
@@ -39,8 +39,9 @@ def in_process_executor(resolved: ResolvedArgs, progress: ProgressCallback | Non
     if r.num_shards == 0:
         return None
     if r.device == "cuda":
-        layers = load_experts(CheckpointReader(r.model_dir), r.config, r.dtype, r.device, progress=progress)
+        layers = load_experts(open_weights(r.model_dir, r.args.load_format), r.config, r.dtype, r.device,
+                              progress=progress)
         return LocalExpertExecutor(layers, r.config.num_experts, get_backend(r.moe_backend, r.device))
-    workers = [ShardWorker.load(r.model_dir, r.config, group, r.dtype, r.device, r.moe_backend, progress)
-               for group in r.shard_groups]
+    workers = [ShardWorker.load(r.model_dir, r.config, group, r.dtype, r.device, r.moe_backend, progress,
+                                r.args.load_format) for group in r.shard_groups]
     return ExpertParallelExecutor(InProcessTransport(workers), expert_owners(r.shard_groups))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cluster.api.limits import APILimits
-from cluster.checkpoint.default import ensure_default_checkpoint
+from cluster.checkpoint.weights import model_directory
 from cluster.config import ModelConfig
 from cluster.dtype import resolve_dtype
 from cluster.engine.config import EngineConfig
@@ -56,7 +56,7 @@ class ResolvedArgs:
 def resolve(args: ServeArgs) -> ResolvedArgs:
     """Decide every `auto` for this machine and read the checkpoint's config.json, once (writing the embedded
     default checkpoint first when it is the one asked for and absent)."""
-    model_dir = (Path(args.model) if args.model else ensure_default_checkpoint()).resolve()
+    model_dir = model_directory(args.model, args.load_format).resolve()
     config = ModelConfig.from_file(model_dir)
     device = resolved_device(args)
     layout = unit_layout_of(args, config, device)
