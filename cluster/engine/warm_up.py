@@ -35,12 +35,14 @@ _GREEDY = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
 def synthetic_step(shapes: list[Shape] | tuple[Shape, ...], block_size: int, blocks_per_seq: int, num_blocks: int,
                    vocab: int, rng: random.Random) -> SchedulerOutput:
-    """A scheduler output of made-up sequences of the given shapes: random tokens, sequence j owning blocks
-    j * blocks_per_seq onwards (modulo the cache)."""
+    """A scheduler output of made-up sequences of the given shapes: random tokens where the step reads them (the
+    cached ones are never read: zeros, cheap to make, so a replay times the runner rather than the RNG), sequence j
+    owning blocks j * blocks_per_seq onwards (modulo the cache)."""
     scheduled = []
     for j, (computed, new, samples) in enumerate(shapes):
         length = computed + new + (0 if samples else 1)  # a chunk that does not sample leaves tokens behind
-        seq = Sequence(j, f"synthetic-{j}", 0, [rng.randrange(vocab) for _ in range(length)], _GREEDY)
+        tokens = [0] * computed + [rng.randrange(vocab) for _ in range(length - computed)]
+        seq = Sequence(j, f"synthetic-{j}", 0, tokens, _GREEDY)
         seq.num_computed = computed
         seq.block_table = [(j * blocks_per_seq + b) % num_blocks for b in range(-(-(computed + new) // block_size))]
         scheduled.append(ScheduledSeq(seq, new))
