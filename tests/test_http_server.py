@@ -136,8 +136,8 @@ def _error(reply: bytes) -> dict:
 @pytest.mark.e2e  # starts a server
 def test_a_head_that_never_completes_is_answered_408_and_closed(tok):
     with _guarded(tok, header_timeout_s=0.5) as port:
+        started = time.monotonic()  # before the connection: the server's clock starts when it accepts it
         half, idle = _connect(port), _connect(port)
-        started = time.monotonic()
         half.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Ty")
         cut = _until_closed(half)
         waited = time.monotonic() - started
