@@ -1,6 +1,7 @@
 """The two ceilings every GPU number here is read against, measured on the device at hand (datasheets are leads).
 
   copy_bandwidth  bytes/s of a large device-to-device copy, bytes read + bytes written
+  read_bandwidth  bytes/s of a large reduction, which only reads (a decode step mostly reads: weights and KV)
   matmul_peak     FLOP/s of a large bf16 matmul on random data (never zeros: they run faster than real data)
 
 Both take the caller's timer, `bench(fn) -> median ms` (`median_timer` gives the usual one), so a benchmark reads
@@ -45,9 +46,14 @@ def copy_bandwidth(bench: Bench, device: torch.device, nbytes: int = 2 << 30) ->
     return 2 * nbytes / (bench(lambda: dst.copy_(src)) * 1e-3)
 
 
-def matmul_peak(bench: Bench, device: torch.device, n: int = 8192) -> float:
-    a = torch.randn(n, n, device=device).to(torch.bfloat16)
-    b = torch.randn(n, n, device=device).to(torch.bfloat16)
+def read_bandwidth(bench: Bench, device: torch.device, nbytes: int = 2 << 30) -> float:
+    x = torch.randn(nbytes // 4, device=device)
+    return nbytes / (bench(lambda: x.sum()) * 1e-3)
+
+
+def matmul_peak(bench: Bench, device: torch.device, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     return 2 * n**3 / (bench(lambda: a @ b) * 1e-3)
 
 

@@ -8,8 +8,12 @@ One run, one process, the same seeded requests for every system:
   bound        the model runner alone, replaying the engine's own step shapes (same tokens per step, same context
                lengths, the same attention and graph paths) with no scheduler, sampler or detokenizer: what the
                engine could reach.
-Prints output tokens/s, TTFT and inter-token latency p50/p99 per system and the ratios engine/transformers and
-engine/bound. Goals: engine >= 3x transformers, and >= 0.8x the bound, at concurrency 64.
+  roofline     each of the engine's steps against the least the hardware allows for it (benchmarks/roofline.py:
+               T_roof = max(bytes / read bandwidth, FLOPs / matmul peak), the ceilings measured first, on the device
+               at hand), by step kind and size: T_roof / device time and device / wall time.
+Prints output tokens/s, TTFT and inter-token latency p50/p99 per system, the roofline tables, and the ratios
+engine/transformers and engine/bound. Goals: engine >= 3x transformers, and >= 0.8x the bound, at concurrency 64.
+The bound is a replay of the project's own runner, not a physical ceiling; the roofline is.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from cluster.engine.sampling_params import SamplingParams  # noqa: E402
 from cluster.engine.warm_up import synthetic_step  # noqa: E402
 from cluster.dtype import dtype_name, resolve_dtype  # noqa: E402
 from cluster.model.loader import load_model  # noqa: E402
+from ceilings import matmul_peak, median_timer, read_bandwidth  # noqa: E402  (benchmarks/ceilings.py)
+from roofline import RooflineMeter, print_table, roofline_table  # noqa: E402  (benchmarks/roofline.py)
 
 
 @dataclass
@@ -171,6 +177,14 @@ def run_transformers(model_dir: Path, requests: list[tuple[list[int], int]], bat
     return result
 
 
+def device_ceilings(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(read bytes/s, matmul FLOP/s in the engine's dtype) of the device the engine runs on."""
+    bench = median_timer(device)
+    small = device.type == "cpu"
+    return (read_bandwidth(bench, device, 256 << 20 if small else 2 << 30),
+            matmul_peak(bench, device, 2048 if small else 8192, dtype))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory, or with --load-format random a shape's name "
@@ -215,11 +229,18 @@ def main() -> int:
           f"torch threads {threads}",
           flush=True)
 
+    read_bw, peak = front.call(lambda e: device_ceilings(e.device, e.model.lm_head.weight.dtype)).result()
+    print(f"ceilings: read {read_bw / 1e9:.1f} GB/s, {dtype_name(args.dtype)} matmul {peak / 1e12:.2f} TFLOP/s",
+          flush=True)
     rows: list[dict] = []
     engine_results: dict[int, Result] = {}
     bound_results: dict[int, Result] = {}
+    roofline: dict[int, list[dict]] = {}
     for c in args.concurrency:
+        meter = front.call(RooflineMeter).result()
         engine_results[c], steps = run_engine(front, requests, c)
+        front.call(lambda e: meter.close()).result()
+        roofline[c] = front.call(lambda e: roofline_table(meter.records(), read_bw, peak)).result()
         output_tokens = engine_results[c].output_tokens
         bound_results[c] = front.call(lambda e: run_bound(e, steps, output_tokens, c)).result()
         for r in (engine_results[c], bound_results[c]):
@@ -243,6 +264,13 @@ def main() -> int:
                                                                          for i, c in enumerate(cells)))
     print()
     for c in args.concurrency:
+        print(f"roofline at c={c} (T_roof = max(bytes / read bandwidth, FLOPs / peak) per step; benchmarks/roofline.py)")
+        print_table(roofline[c])
+        print(f"c={c:<3} the engine's run took {engine_results[c].seconds:.2f} s for "
+              f"{roofline[c][-1]['t_roof_ms'] / 1e3:.2f} s of T_roof: "
+              f"{roofline[c][-1]['t_roof_ms'] / 1e3 / engine_results[c].seconds:.3f} of the roofline")
+    print()
+    for c in args.concurrency:
         ratio_bound = engine_results[c].tokens_per_s / bound_results[c].tokens_per_s
         line = f"c={c:<3} engine/bound = {ratio_bound:.2f}"
         if hf:
@@ -255,6 +283,8 @@ def main() -> int:
               f"engine/bound >= 0.8: "
               f"{'PASS' if engine_results[top].tokens_per_s >= 0.8 * bound_results[top].tokens_per_s else 'FAIL'}")
     if args.out:
+        rows.append({"roofline": {str(c): table for c, table in roofline.items()},
+                     "ceilings": {"read_gbps": round(read_bw / 1e9, 1), "matmul_tflops": round(peak / 1e12, 2)}})
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
