@@ -232,6 +232,50 @@ def test_async_front_streams_and_aborts_on_disconnect(make_engine, tok):
     assert not engine.requests
 
 
+def test_async_front_hands_a_steps_outputs_to_an_event_loop_at_once(make_engine, tok):
+    """Eight streams on one event loop: one wake-up of that loop per engine step, not one per output."""
+    engine = make_engine()
+    steps_with_outputs = 0
+    step = engine.step
+
+    def counting_step():
+        nonlocal steps_with_outputs
+        outs = step()
+        steps_with_outputs += bool(outs)
+        return outs
+
+    engine.step = counting_step
+    front = AsyncEngine(lambda: engine)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def scenario() -> tuple[int, list[int]]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        schedule = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            nonlocal wakeups
+            wakeups += 1
+            return schedule(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counting
+        streams = [await front.add_request(f"r{i}", tok.encode(f"Hola {i}", bos=True), params) for i in range(8)]
+
+        async def tokens(stream) -> int:
+            return sum([len(d.token_ids) async for d in stream])
+
+        counts = await asyncio.gather(*(tokens(s) for s in streams))
+        loop.call_soon_threadsafe = schedule
+        return wakeups, counts
+
+    try:
+        wakeups, counts = asyncio.run(scenario())
+    finally:
+        front.shutdown()
+    assert counts == [6] * 8
+    assert 0 < wakeups <= steps_with_outputs  # 8 outputs a step, one hand-off
+
+
 def test_async_front_reports_a_failing_factory():
     def broken():
         raise RuntimeError("no weights here")

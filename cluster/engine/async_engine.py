@@ -189,11 +189,23 @@ class AsyncEngine:
                 self._publish(self.engine.abort(command[1]))
 
     def _publish(self, outs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their callers: one hand-off per event loop, not one per output (each wakes the
+        loop through its self-pipe)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
-                try:
-                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
-                except RuntimeError:  # that client's event loop is closed: nobody is waiting any more
-                    self._release(out.request_id)
-                    self.abort(out.request_id)
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, deliveries)
+            except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                for request_id in dict.fromkeys(out.request_id for _, out in deliveries):
+                    self._release(request_id)
+                    self.abort(request_id)
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    """On the caller's event loop: each output onto its stream's queue, in the engine's order."""
+    for stream_queue, out in deliveries:
+        stream_queue.put_nowait(out)
