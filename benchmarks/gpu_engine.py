@@ -1,5 +1,6 @@
-"""The engine on a GPU, for the GPU check: throughput against its own forward-only bound, kernel launches per
-decode step, CUDA-graph outputs against eager ones, and greedy tokens against CPU fp32.
+"""The engine on a GPU, for the GPU check: throughput against the roofline (benchmarks/roofline.py) and against its
+own forward-only replay, kernel launches per decode step, CUDA-graph outputs against eager ones, and greedy tokens
+against CPU fp32.
 
 Runs without Ray or mistral-common: the model is loaded in this process (experts on the Triton backend behind the
 local executor) and driven by the async engine of `benchmarks/engine.py`. A dry run does the same on the CPU with
@@ -28,7 +29,8 @@ from cluster.parallel.in_process import InProcessTransport
 from cluster.parallel.placement import assign_experts, expert_owners
 from cluster.parallel.shard_worker import ShardWorker
 from cluster.user_cache import cache_root, private_directory
-from engine import make_requests, run_bound, run_engine, text_decoder
+from engine import device_ceilings, make_requests, run_bound, run_engine, text_decoder
+from roofline import RooflineMeter, roofline_table
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = 64
@@ -162,14 +164,22 @@ def run(name: str, dry_run: bool, shards: int = 0) -> dict:
     if dry_run:
         requests = [(p[:24], min(o, 4)) for p, o in requests]
     concurrency = 2 if dry_run else CONCURRENCY
+    read_bw, peak = front.call(lambda e: device_ceilings(e.device, e.model.lm_head.weight.dtype)).result()
+    meter = front.call(RooflineMeter).result()
     served, steps = run_engine(front, requests, concurrency)
+    front.call(lambda e: meter.close()).result()
+    roofline = front.call(lambda e: roofline_table(meter.records(), read_bw, peak)).result()
     bound = front.call(lambda e: run_bound(e, steps, served.output_tokens, concurrency)).result()
     front.shutdown()
     ratio = served.tokens_per_s / bound.tokens_per_s
-    result.update(concurrency=concurrency, engine=served.row(), bound=bound.row(), engine_over_bound=round(ratio, 3))
+    of_roof = roofline[-1]["t_roof_ms"] / 1e3 / served.seconds
+    result.update(concurrency=concurrency, engine=served.row(), bound=bound.row(), engine_over_bound=round(ratio, 3),
+                  roofline=roofline, engine_of_roofline=round(of_roof, 3),
+                  ceilings={"read_gbps": round(read_bw / 1e9, 1), "matmul_tflops": round(peak / 1e12, 1)})
     launches = result["launches_per_decode_step"]
     result["headline"] = (f"{result['graphs']}: {served.tokens_per_s:.0f} tok/s at c={concurrency}, "
-                          f"{ratio:.2f} of the bound; "
+                          f"{of_roof:.2f} of the roofline (T_roof/device {roofline[-1]['roof_over_device']}, "
+                          f"device/wall {roofline[-1]['device_over_wall']}), {ratio:.2f} of the bound; "
                           f"launches/step {launches['graphs']} (eager {launches['eager']}); "
                           f"graph==eager {result['eager_vs_graphs']['sequences_equal']}/{len(prompts)}")
     result["passed"] = result["eager_vs_graphs"]["sequences_equal"] == len(prompts)
