@@ -80,7 +80,7 @@ class ServeArgs(BaseModel):
                                 f"latency; default: {CPU_PREFILL_BUDGET_BESIDE_DECODES} on CPU, no cap on GPU")
     step_cost: Literal["auto", "flops", "measured"] = Field(
         "auto", description="how a prefill token's attention is priced against its weights in a step's budget: "
-                            "flops (from the model's shape) or measured (prefill chunks timed at start, under a "
+                            "flops (from the model's shape) or measured (prefill chunks timed at start, about a "
                             "second); auto: measured on CPU, flops on GPU")
     max_waiting: int = Field(EngineConfig.max_waiting, ge=0,
                              description="sequences that may wait beyond the max_num_seqs running; a request that "
