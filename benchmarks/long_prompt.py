@@ -10,8 +10,9 @@ For each policy, on one engine (CPU by default, the embedded mini checkpoint):
            its time to first token (TTFT); then its TTFT on its own;
   traffic  `--requests` of benchmarks/engine.py's workload (prompts of 32..512 tokens, outputs of 16..256) at c=64,
            `--rounds` times per policy, interleaved: output tokens/s, what the budgets cost ordinary traffic.
-Policies: `tokens` charges every token 1 against max_num_batched_tokens and never caps a prompt beside decodes, as
-the scheduler did before step costs; `step cost` is the serving default (cluster/engine/step_cost.py priced as
+Policies: `tokens` is the scheduler's rule before step costs, reproduced in this tree by its settings (every token
+costs 1 against max_num_batched_tokens, nothing caps a prompt beside decodes: the code path the old scheduler
+took); `step cost` is the serving default (cluster/engine/step_cost.py priced as
 --step-cost, and prefill_budget_beside_decodes). Prints the bystanders' ITL p99 beside / alone (goal: <= 3 under
 step costs), the long prompt's TTFT step cost / tokens, and traffic tokens/s step cost / tokens (goal: >= 0.97).
 """

@@ -28,7 +28,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cluster.parallel.channel import free_port  # noqa: E402
+from side_by_side import extract  # noqa: E402  (benchmarks/side_by_side.py)
 
 
 @dataclass
@@ -234,15 +234,6 @@ def serve_floor(port: int) -> None:
         await server.serve_forever()
 
     asyncio.run(serve())
-
-
-def extract(rev: str, into: Path) -> Path:
-    """The tree of git revision `rev` of this repository, written under `into`."""
-    archive = into / "tree.tar"
-    subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), rev], check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into / "tree", filter="data")
-    return into / "tree"
 
 
 async def measure(servers: list, opts: argparse.Namespace) -> list[Run]:

@@ -17,10 +17,11 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from side_by_side import extract  # benchmarks/side_by_side.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,14 +45,6 @@ async def measure(url: str, takes: int, concurrency: int) -> float:
         return (time.perf_counter() - start) / takes
     finally:
         await ledger.close()
-
-
-def extract(rev: str, into: Path) -> Path:
-    archive = into / "tree.tar"
-    subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), rev], check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(into / "tree", filter="data")
-    return into / "tree"
 
 
 def run_worker(tree: Path, url: str, takes: int, concurrency: int) -> float:
@@ -81,8 +74,8 @@ def main() -> int:
             trees[opts.baseline] = extract(opts.baseline, Path(tmp))
         for round_ in range(1, opts.rounds + 1):
             for store in ("sqlite", "postgres"):
-                for label, tree in trees.items():
-                    url = (f"sqlite:///{tmp}/{round_}-{store}-{len(label)}.db" if store == "sqlite"
+                for index, (label, tree) in enumerate(trees.items()):
+                    url = (f"sqlite:///{tmp}/{round_}-{store}-{index}.db" if store == "sqlite"
                            else fresh_database(pg))
                     seconds = run_worker(tree, url, opts.takes, opts.concurrency)
                     print(json.dumps({"round": round_, "store": store, "code": label,

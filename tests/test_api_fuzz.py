@@ -43,6 +43,7 @@ from cluster.model.loader import load_model
 from cluster.serve.engine_backend import EngineBackend
 from cluster.tokenizer import Tokenizer, TokenizerError, load_tokenizer, resolve_tokenizer_version
 from tests.http import sse_chunks
+from tests.waiting import wait_until_async
 
 MODEL = "mixtral-tiny"
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -460,6 +461,15 @@ class _Held:
         return self.tokenizer.encode_chat(messages, tools)
 
 
+async def _until_encoding(held: _Held, request: asyncio.Task) -> None:
+    """Until `request`'s chat encoding has started (held on its worker thread); fails if the request ends first."""
+    async def started() -> bool:
+        assert not request.done(), f"the request ended before its chat was encoded: {(await request).text[:500]}"
+        return held.started.is_set()
+
+    await wait_until_async(started, 60, "the held chat encoding to start")
+
+
 def test_health_answers_while_a_4_MiB_prompt_is_tokenized(tok):
     held = _Held(tok)
     backend = _Recorder()
@@ -474,9 +484,7 @@ def test_health_answers_while_a_4_MiB_prompt_is_tokenized(tok):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             big = asyncio.create_task(client.post("/v1/chat/completions", content=raw,
                                                   headers={"content-type": "application/json"}))
-            while not held.started.is_set():
-                assert not big.done(), f"the request ended before its chat was encoded: {(await big).text[:500]}"
-                await asyncio.sleep(0.005)
+            await _until_encoding(held, big)
             # The encoding is under way (held on its worker thread): /health must answer all the same.
             statuses = [(await asyncio.wait_for(client.get("/health"), 60)).status_code for _ in range(5)]
             held.release.set()
@@ -498,9 +506,7 @@ def test_a_small_chat_is_answered_while_a_large_prompt_holds_every_large_request
     async def scenario():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
             big = asyncio.create_task(client.post(CHAT, content=large, headers=headers))
-            while not held.started.is_set():
-                assert not big.done(), f"the request ended before its chat was encoded: {(await big).text[:500]}"
-                await asyncio.sleep(0.005)
+            await _until_encoding(held, big)
             small = await asyncio.wait_for(client.post(CHAT, content=_body(), headers=headers), 60)
             big_still_held = not big.done()
             held.release.set()

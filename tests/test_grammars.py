@@ -292,10 +292,16 @@ def test_strings_with_formats_and_patterns_are_admitted(string):
     check_grammar(json_grammar(schema), "v3", 64)
 
 
-def test_the_check_is_bounded_in_time(monkeypatch):
+def test_the_check_is_bounded_in_time_and_a_timeout_is_not_a_verdict_for_the_next_request(monkeypatch):
     monkeypatch.setattr(grammars, "CHECK_SECONDS", 0.05)
-    with pytest.raises(GrammarError, match="too complex"):  # 100,000 items to find: seconds without the bound
-        check_grammar(json_grammar({"type": "array", "minItems": 100_000}), "v3", 1_000_000)
+    calls = []
+    judge = grammars._judge
+    monkeypatch.setattr(grammars, "_judge", lambda g, v, m: calls.append(g) or judge(g, v, m))
+    grammar = json_grammar({"type": "array", "minItems": 100_000})
+    for _ in range(2):
+        with pytest.raises(GrammarError, match="too complex"):  # 100,000 items to find: seconds without the bound
+            check_grammar(grammar, "v3", 1_000_000)
+    assert len(calls) == 2  # a busy machine's timeout is judged again, never cached
 
 
 def test_verdicts_are_cached(monkeypatch):

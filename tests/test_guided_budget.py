@@ -6,6 +6,7 @@ closing brackets. Random tiny model, fixed seeds, one engine running every reque
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema
 import pytest
@@ -111,10 +112,39 @@ def test_forced_tool_calls_close_within_every_budget(make_engine, tok, parallel)
             check_grammar(grammar, "v3", budget)
             engine.add_request(f"{budget}/{seed}", _prompt(seed), SamplingParams(max_tokens=budget, temperature=1.0,
                                                                                  seed=seed, grammar=grammar))
-    for rid, (text, finish) in sorted(_run(engine).items()):
+    results = _run(engine)
+    assert len(results) == 3 * len(BUDGETS[2:])
+    for rid, (text, finish) in sorted(results.items()):
         assert finish == "stop", (rid, text)
         calls = json.loads(text)
         assert 1 <= len(calls) and (parallel or len(calls) == 1), (rid, text)
         for call in calls:
             schema = TOOL if call["name"] == "get_weather" else {"type": "object", "maxProperties": 0}
             jsonschema.validate(call["arguments"], schema)
+
+
+def test_a_search_that_runs_out_of_time_in_the_step_fails_no_request(make_engine, monkeypatch):
+    """Every way-to-the-end search on the engine thread times out at once: the step goes on, each output keeps the
+    way it had (or goes unsteered), and every request ends as it would."""
+    from cluster.engine import guided
+    from cluster.engine.grammar_paths import PathFinder, PathTimeout
+
+    timeouts = []
+    find = PathFinder.find
+
+    def impatient(self, matcher, limit, lex=None, deadline=None, explore=True):
+        if deadline is not None and deadline - time.monotonic() <= guided.STEP_SEARCH_S:  # the engine's searches
+            timeouts.append(limit)
+            raise PathTimeout
+        return find(self, matcher, limit, lex, deadline, explore)
+
+    monkeypatch.setattr(PathFinder, "find", impatient)
+    engine = make_engine(blocks=1024, max_num_seqs=64, guided=True)
+    schema = SCHEMAS["nested"] if "nested" in SCHEMAS else next(s for s in SCHEMAS.values() if s)
+    grammar = json_grammar(schema)
+    for seed in range(12):
+        engine.add_request(f"r{seed}", _prompt(seed), SamplingParams(max_tokens=BUDGETS[-1], temperature=1.0,
+                                                                      seed=seed, grammar=grammar))
+    results = _run(engine)
+    assert timeouts, "no search ran on the engine thread: the test proves nothing"
+    assert len(results) == 12 and all(finish in ("stop", "length") for _, finish in results.values()), results

@@ -11,6 +11,7 @@ read with a timeout or a condition polled to a deadline, never a sleep.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import select
 import socket
@@ -151,6 +152,75 @@ def test_a_head_that_never_completes_is_answered_408_and_closed(tok):
     for reply in (cut, cut_later):
         assert reply.startswith(b"HTTP/1.1 408 ") and b"connection: close" in reply, reply
         assert _error(reply)["code"] == "request_timeout" and "did not arrive within 0.5 s" in _error(reply)["message"]
+
+
+@pytest.mark.e2e  # starts a server
+def test_a_head_too_large_is_answered_431_and_bytes_after_a_refusal_are_dropped_quietly(tok, caplog):
+    from cluster.serve.http_server import MAX_HEAD_BYTES
+
+    with _guarded(tok, header_timeout_s=WAIT_S) as port:
+        conn = _connect(port)
+        big = b"x-filler: " + b"a" * MAX_HEAD_BYTES + b"\r\n"
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n" + big + b"\r\n")
+        too_large = _until_closed(conn)
+        # A refused head with bytes that do not parse behind it, in one packet: answered once, nothing raised.
+        conn = _connect(port)
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n" + big + b"\r\n\x00\x01garbage\r\n\r\n")
+        with caplog.at_level("WARNING"):
+            refused_then_garbage = _until_closed(conn)
+            after = _connect(port)
+            after.sendall(HEALTH)
+            assert _one_response(after).startswith(b"HTTP/1.1 200 ")
+    assert too_large.startswith(b"HTTP/1.1 431 ") and b"connection: close" in too_large, too_large[:200]
+    assert _error(too_large)["message"] == f"the request head is larger than {MAX_HEAD_BYTES} bytes"
+    assert refused_then_garbage.count(b"HTTP/1.1 ") == 1 and refused_then_garbage.startswith(b"HTTP/1.1 431 ")
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()], caplog.text[-2000:]
+
+
+def test_connections_refused_as_they_open_drain_only_up_to_a_bound():
+    from cluster.serve.http_server import MAX_LINGERING, guarded_protocol
+
+    class _Transport:
+        def __init__(self) -> None:
+            self.closed = self.eof = False
+
+        def get_extra_info(self, name: str) -> Any:
+            return ("127.0.0.1", 1) if name == "peername" else None
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def can_write_eof(self) -> bool:
+            return True
+
+        def write_eof(self) -> None:
+            self.eof = True
+
+        def close(self) -> None:
+            self.closed = True
+
+    guard = ConnectionGuard(APILimits(max_connections=1))
+    guard.total = 1  # full: every new connection is refused as it opens
+    protocol_class = guarded_protocol(guard)
+    loop = asyncio.new_event_loop()
+    try:
+        config = uvicorn.Config(lambda *a: None, lifespan="off")
+        config.load()
+        state = uvicorn.server.ServerState()
+        transports, protocols = [], []
+        for _ in range(MAX_LINGERING + 3):
+            protocols.append(protocol_class(config=config, server_state=state, app_state={}, _loop=loop))
+            transports.append(_Transport())
+            protocols[-1].connection_made(transports[-1])
+        assert guard.lingering == MAX_LINGERING
+        assert [t.closed for t in transports] == [False] * MAX_LINGERING + [True] * 3  # past the bound: closed
+        assert all(t.eof for t in transports[:MAX_LINGERING])  # the others half-closed, draining
+        protocols[-1].connection_lost(None)  # a closed one leaves the count alone
+        assert guard.lingering == MAX_LINGERING
+        protocols[0].connection_lost(None)  # a drained one leaves it
+        assert guard.lingering == MAX_LINGERING - 1 and guard.total == 1
+    finally:
+        loop.close()
 
 
 @pytest.mark.e2e  # starts a server

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import pytest
 
@@ -29,25 +31,27 @@ class _Held:
         return len(body)
 
 
-async def _until(event: threading.Event) -> None:
-    while not event.is_set():
-        await asyncio.sleep(0.002)
+@asynccontextmanager
+async def _occupied(workers: RequestWorkers, held: _Held) -> AsyncIterator[None]:
+    """The large lane's one thread busy with `held` until the block ends; then it is released and finished."""
+    first = asyncio.create_task(workers.run(held, LARGE))
+    try:
+        assert await asyncio.to_thread(held.started.wait, HELD_S), "the held work never started"
+        yield
+    finally:
+        held.release.set()
+        await asyncio.gather(first, return_exceptions=True)
 
 
 def test_a_small_body_is_served_while_large_ones_hold_every_large_thread():
     workers = RequestWorkers(threads=1, budget_s=30)
     held = _Held()
 
-    async def scenario() -> tuple[int, bool]:
-        large = asyncio.create_task(workers.run(held, LARGE))
-        await _until(held.started)
-        small = await workers.run(len, SMALL)
-        still_held = not large.done()
-        held.release.set()
-        assert await large == len(LARGE)
-        return small, still_held
+    async def scenario() -> int:
+        async with _occupied(workers, held):  # held until the block ends: the small body cannot wait behind it
+            return await workers.run(len, SMALL)
 
-    assert asyncio.run(scenario()) == (len(SMALL), True)
+    assert asyncio.run(scenario()) == len(SMALL)
     workers.close()
 
 
@@ -61,12 +65,9 @@ def test_the_budget_counts_a_requests_own_work_not_its_wait_in_the_queue():
         return len(body)
 
     async def scenario() -> int:
-        first = asyncio.create_task(workers.run(held, LARGE))
-        await _until(held.started)
-        second = asyncio.create_task(workers.run(slow, LARGE))
-        await asyncio.sleep(1.2)  # the time it spends queued
-        held.release.set()
-        await first
+        async with _occupied(workers, held):
+            second = asyncio.create_task(workers.run(slow, LARGE))
+            await asyncio.sleep(1.2)  # the time it spends queued
         return await second
 
     assert asyncio.run(scenario()) == len(LARGE)
@@ -91,13 +92,8 @@ def test_a_request_no_thread_takes_up_within_the_budget_gets_503_and_never_runs(
     ran: list[bytes] = []
 
     async def scenario() -> None:
-        first = asyncio.create_task(workers.run(held, LARGE))
-        await _until(held.started)
-        try:
+        async with _occupied(workers, held):
             await workers.run(ran.append, LARGE)
-        finally:
-            held.release.set()
-            await asyncio.gather(first, return_exceptions=True)
 
     with pytest.raises(APIError) as busy:
         asyncio.run(scenario())
@@ -112,16 +108,14 @@ def test_a_request_whose_client_left_while_it_was_queued_is_never_encoded():
     ran: list[bytes] = []
 
     async def scenario() -> bool:
-        first = asyncio.create_task(workers.run(held, LARGE))
-        await _until(held.started)
-        second = asyncio.create_task(workers.run(ran.append, LARGE))
-        await asyncio.sleep(0)  # let it queue
-        second.cancel()
-        await asyncio.gather(second, return_exceptions=True)
-        held.release.set()
-        await first
+        async with _occupied(workers, held):
+            second = asyncio.create_task(workers.run(ran.append, LARGE))
+            await asyncio.sleep(0)  # let it queue
+            second.cancel()
+            await asyncio.gather(second, return_exceptions=True)
+        await workers.run(len, LARGE)  # queued behind where the cancelled one was: it would have run by now
         return second.cancelled()
 
     assert asyncio.run(scenario()) is True
-    workers.close()
     assert ran == []
+    workers.close()

@@ -29,10 +29,6 @@ class Accounts:
         auth = KeyAuth(session)
         return cls(session, auth, Billing(session, auth, pricing))
 
-    @property
-    def enabled(self) -> bool:
-        return self.session.enabled
-
     async def start(self) -> None:
         await self.session.start()
 

@@ -12,9 +12,10 @@ MAX_PROBLEMS = 5  # of a request's validation errors, the first ones named
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
           413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+          431: "invalid_request_error",
           503: "service_unavailable_error"}
 _RETRY_LATER = (429, 503)
-_CLOSE = (408, 413)  # answered before the body was read: the connection cannot be reused
+_CLOSE = (408, 413, 431)  # answered before the body was read: the connection cannot be reused
 _TAGGED_UNIONS = {"response_format"}  # request fields whose pydantic error locations carry the union's tag
 
 # Pydantic's words for these name our model classes ("instance of ChatMessage"); clients see JSON's.

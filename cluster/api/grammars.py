@@ -124,9 +124,9 @@ def _judge(grammar: str, tokenizer_version: str, max_tokens: int) -> _Verdict:
         if matcher.is_error():
             return _Verdict(f"invalid JSON schema: {_condense(matcher.get_error())}")
         path = _path_finder(tokenizer_version).find(matcher, max_tokens, deadline=time.monotonic() + CHECK_SECONDS)
-    except PathTimeout:
-        return _Verdict(f"the output format is too complex: no output of at most {max_tokens} tokens was found "
-                        f"within {CHECK_SECONDS:g} s")
+    except PathTimeout:  # depends on how busy the machine is: this request's answer, never cached for the next
+        raise GrammarError(f"the output format is too complex: no output of at most {max_tokens} tokens was found "
+                           f"within {CHECK_SECONDS:g} s") from None
     except BaseException as e:
         if not is_panic(e):
             raise
@@ -287,20 +287,20 @@ def _condense(message: str) -> str:
 
 
 class _LRU:
-    """A bounded map of grammar digest -> verdict ('' valid, else the message); shared by request threads."""
+    """A bounded map of (grammar digest, tokenizer) -> its verdict; shared by request threads."""
 
     def __init__(self, size: int):
         self._size = size
-        self._items: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], _Verdict] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str]) -> str | None:
+    def get(self, key: tuple[str, str]) -> _Verdict | None:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
             return self._items.get(key)
 
-    def put(self, key: tuple[str, str], value: str) -> None:
+    def put(self, key: tuple[str, str], value: _Verdict) -> None:
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)

@@ -47,8 +47,8 @@ class RequestWorkers:
             await asyncio.wait_for(asyncio.shield(started), self.budget_s)
         except asyncio.TimeoutError:
             if inner.cancel():
-                raise APIError(503, f"the server is busy encoding other large requests: none of its threads took "
-                                    f"this one up within {self.budget_s:g} s; retry later") from None
+                raise APIError(503, f"the server is busy encoding other requests: none of its threads took this one "
+                                    f"up within {self.budget_s:g} s; retry later") from None
         except asyncio.CancelledError:  # the client left while the request was queued
             inner.cancel()
             raise

@@ -40,6 +40,8 @@ from cluster.engine.outputs import RequestError
 from cluster.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+# The longest a way-to-the-end search may hold the engine's step (the API's check before admission has its own).
+STEP_SEARCH_S = 0.02
 
 MAX_COMPILED = 256  # compiled grammars kept (least recently used dropped)
 COMPILE_SEARCH_SECONDS = 5.0  # the search for a grammar's way from its start, when it compiles (off the engine thread)
@@ -217,7 +219,10 @@ class GrammarGuide:
             else:
                 lex = g.lex.copy()
                 lex.feed(self._token_text(token))
-                after = self._paths.find(matcher.deep_copy(), left, lex, explore=False)
+                after = self._paths.find(matcher.deep_copy(), left, lex, explore=False,
+                                         deadline=time.monotonic() + STEP_SEARCH_S)
+        except PathTimeout:
+            after = None  # no new way found in time: keep the old one, which still ends the output
         finally:
             matcher.rollback(1)
         if after is None:
@@ -284,7 +289,11 @@ class GrammarGuide:
         if g.path is not None and len(g.path) > left:
             # Only at a sequence's start: the way found when its grammar compiled is longer than this request's
             # budget; the API found one that fits (or the request came past it), so look for it once.
-            g.path = self._paths.find(g.matcher.deep_copy(), left, g.lex)
+            try:
+                g.path = self._paths.find(g.matcher.deep_copy(), left, g.lex,
+                                          deadline=time.monotonic() + STEP_SEARCH_S)
+            except PathTimeout:  # not in time: this sequence goes unsteered rather than stall the step
+                g.path = None
         if g.path is None or len(g.path) < left:
             return
         t = g.path[0] if g.path else None

@@ -7,7 +7,8 @@ before a first response, and any byte of a next request cancels its keep-alive t
 client holds. `GuardedProtocol` adds, per connection:
 
 - a head deadline: a request head must be complete `header_timeout_s` after the connection opened or the previous
-  response ended; past it the connection gets 408 (if any of the head arrived) and is closed;
+  response ended; past it the connection gets 408 (if any of the head arrived) and is closed; a head (URL and
+  headers) larger than `MAX_HEAD_BYTES` gets 431;
 - connection caps, checked as a connection opens: past `max_connections` in all it gets 503, past
   `max_connections_per_client` from its address 429 (both with Retry-After);
 - admission from the head (`cluster.api.admission`): a generation request arriving while the engine's capacity is
@@ -40,6 +41,8 @@ from cluster.api.limits import APILimits
 log = logging.getLogger(__name__)
 
 LINGER_S = 2.0  # how long a refused connection's input is drained before it is closed
+MAX_LINGERING = 256  # connections refused as they opened that may drain at once; past it they close at once
+MAX_HEAD_BYTES = 64 * 1024  # a request head's URL and headers; past it 431 (httptools itself has no bound)
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn's timer; its default)
 SPARE_FILES = 256  # file descriptors beyond the connections': checkpoint files, pipes, the ledger's
 
@@ -52,6 +55,7 @@ class ConnectionGuard:
         self.admission = admission
         self.total = 0
         self.per_client: dict[str, int] = {}
+        self.lingering = 0  # connections refused as they opened, still draining (not in `total`)
 
     def admit(self, client: str | None) -> APIError | None:
         """Count a new connection from `client` (None: no address, e.g. a Unix socket), or the answer refusing it."""
@@ -102,6 +106,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_begun = False  # a byte of the awaited head has arrived
         self._linger: asyncio.TimerHandle | None = None
+        self._lingers_uncounted = False  # a connection refused as it opened, draining: in `guard.lingering`
+        self._head_bytes = 0  # of the request head being read
         self._admitted: list[RequestResponseCycle] = []  # generation requests the guard's admission counts in
 
     # -- connection life -----------------------------------------------------------------------------------------
@@ -122,6 +128,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._stop_head_timer()
         if self._linger is not None:
             self._linger.cancel()
+        if self._lingers_uncounted:
+            self._lingers_uncounted = False
+            self.guard.lingering -= 1
         if self._counted:
             self._counted = False
             self.guard.release(self._client_host)
@@ -144,15 +153,20 @@ class GuardedProtocol(HttpToolsProtocol):
     # -- parser callbacks: once refused, the rest of the bytes fed in this read are ignored ------------------------
     def on_message_begin(self) -> None:
         if not self._refused:
+            self._head_bytes = 0
             super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
-        if not self._refused:
+        if not self._refused and self._head_fits(len(url)):
             super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._refused:
+        if not self._refused and self._head_fits(len(name) + len(value)):
             super().on_header(name, value)
+
+    def send_400_response(self, msg: str) -> None:
+        if not self._refused:  # bytes after a refusal that do not parse: the answer went out already
+            super().send_400_response(msg)
 
     def on_headers_complete(self) -> None:
         if self._refused:
@@ -216,12 +230,26 @@ class GuardedProtocol(HttpToolsProtocol):
         self._refuse(APIError(408, f"the request head did not arrive within {self.guard.limits.header_timeout_s:g} "
                                    f"s", code="request_timeout"))
 
+    def _head_fits(self, nbytes: int) -> bool:
+        self._head_bytes += nbytes
+        if self._head_bytes <= MAX_HEAD_BYTES:
+            return True
+        self._refuse(APIError(431, f"the request head is larger than {MAX_HEAD_BYTES} bytes"))
+        return False
+
     def _refuse(self, error: APIError) -> None:
-        """Answer `error`, then half-close and drain the connection for up to LINGER_S (module docstring)."""
+        """Answer `error`, then half-close and drain the connection for up to LINGER_S (module docstring); a
+        connection refused as it opened closes at once when MAX_LINGERING of those drain already."""
         self._refused = True
         self._stop_head_timer()
         transport = self.transport
         transport.write(http_answer(error))
+        if not self._counted:
+            if self.guard.lingering >= MAX_LINGERING:
+                transport.close()
+                return
+            self.guard.lingering += 1
+            self._lingers_uncounted = True
         if transport.can_write_eof():
             transport.write_eof()
             self._linger = self.loop.call_later(LINGER_S, transport.close)
