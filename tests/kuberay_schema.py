@@ -102,10 +102,41 @@ class WorkerGroupSpec(_Strict):
         return self
 
 
+class SecretKeySelector(_Strict):
+    name: StrictStr
+    key: StrictStr
+    optional: StrictBool | None = None
+
+
+class EnvVarSource(_Strict):  # corev1.EnvVarSource, the part a Secret reference uses
+    secretKeyRef: SecretKeySelector
+
+
+class RedisCredential(_Strict):
+    valueFrom: EnvVarSource | None = None
+    value: StrictStr | None = None
+
+
+class GcsFaultToleranceOptions(_Strict):
+    backend: Literal["redis", "rocksdb"] | None = None
+    redisUsername: RedisCredential | None = None
+    redisPassword: RedisCredential | None = None
+    externalStorageNamespace: StrictStr | None = None
+    redisAddress: StrictStr | None = None
+
+
+class AuthOptions(_Strict):
+    mode: Literal["disabled", "token"] | None = None
+    secretName: StrictStr | None = None
+    enableK8sTokenAuth: StrictBool | None = None
+
+
 class RayClusterSpec(_Strict):
     rayVersion: StrictStr | None = None
     enableInTreeAutoscaling: StrictBool | None = None
     autoscalerOptions: AutoscalerOptions | None = None
+    authOptions: AuthOptions | None = None
+    gcsFaultToleranceOptions: GcsFaultToleranceOptions | None = None
     headGroupSpec: HeadGroupSpec
     workerGroupSpecs: list[WorkerGroupSpec] | None = None
 
@@ -116,6 +147,7 @@ class RayServiceSpec(_Strict):
     serveService: dict[str, Any] | None = None  # corev1.Service: checked by `validate_rayservice`
     excludeHeadPodFromServeSvc: StrictBool | None = None
     upgradeStrategy: RayServiceUpgradeStrategy | None = None
+    rayClusterDeletionDelaySeconds: StrictInt | None = Field(None, ge=0, le=_INT32_MAX)  # *int32
 
 
 class RayService(_Strict):

@@ -26,9 +26,13 @@ import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
 from ray.serve.schema import ServeDeploySchema
 
+from ray._private import ray_constants
+
 from cluster.serve.app import DeploymentPlan, decide, deployment_plan
 from cluster.serve.args import ServeArgs
 from tests.kuberay_schema import KUBERAY_VERSION, ray_start_resources, validate_rayservice
+from tests.network_policy import Pod, admits
+from tests.pod_security import restricted_violations
 
 ROOT = Path(__file__).parents[1]
 K8S_VERSION = "1.32.0"  # the Kubernetes release whose schemas the core kinds are checked against
@@ -37,6 +41,7 @@ OVERLAYS = {  # overlay -> the Serve config its RayService embeds
     "autoscaling": ROOT / "deploy" / "serve_config_autoscaling.yaml",
 }
 LEDGER_ENV = "MOE_CLUSTER_DB_PASSWORD"
+DRAIN_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"  # Ray's own drain after SIGTERM (`ray start --block`)
 # Allowances, not measurements: the seconds the manifests must leave for the drain request itself and for Ray's
 # stop after SIGTERM (beyond the drain deadline), and for Serve's control loop to act on the drain before it stops
 # the node's replicas at deadline - graceful_shutdown_timeout_s.
@@ -64,13 +69,23 @@ def kubectl() -> str:
     return path
 
 
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    """The documents `kubectl kustomize <path>` prints (what `kubectl apply -k` would apply)."""
+    out = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
 @pytest.fixture(scope="module", params=sorted(OVERLAYS))
 def built(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
     """(overlay, its documents) as `kubectl kustomize k8s/overlays/<overlay>` prints them."""
-    out = subprocess.run([kubectl(), "kustomize", str(ROOT / "k8s" / "overlays" / request.param)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return request.param, [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    return request.param, kustomize(ROOT / "k8s" / "overlays" / request.param)
+
+
+@pytest.fixture(scope="module")
+def storage() -> list[dict[str, Any]]:
+    """k8s/storage's documents: the claims every overlay mounts and none of them holds."""
+    return kustomize(ROOT / "k8s" / "storage")
 
 
 def only(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -116,6 +131,18 @@ def group_gpus(group: dict[str, Any]) -> int:
 
 def gpu_workers(rayservice: dict[str, Any]) -> list[dict[str, Any]]:
     return [g for g in workers(rayservice) if group_gpus(g) > 0]
+
+
+def ingress_hosts(rayservice: dict[str, Any]) -> set[str]:
+    """The groups whose pods may run an Ingress replica: those advertising its custom resource, or every worker
+    group when it asks for none (the head runs no replica: num-cpus 0)."""
+    resource = embedded_args(rayservice).ingress_resource
+    return {g["groupName"] for g in workers(rayservice)
+            if (resource in ray_start_resources(g["rayStartParams"]) if resource else True)}
+
+
+def env_of(group: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in ray_container(group).get("env", [])}
 
 
 # --- The Serve configs and the strict schema: no kubectl -------------------------------------------------------------
@@ -193,9 +220,10 @@ def test_quantities_parse():
 @pytest.mark.e2e
 def test_overlay_builds_into_valid_kinds(built):
     overlay, docs = built
-    budgets = {"single-node": 1, "autoscaling": 2}[overlay]  # the GPU pods'; autoscaling's api pods'
-    assert sorted(d["kind"] for d in docs) == ["PersistentVolumeClaim"] + ["PodDisruptionBudget"] * budgets + [
-        "RayService"]
+    budgets = {"single-node": 2, "autoscaling": 3}[overlay]  # the head's, the GPU pods'; autoscaling's api pods'
+    # No PersistentVolumeClaim: the volumes live in k8s/storage, so deleting an overlay never deletes them.
+    assert sorted(d["kind"] for d in docs) == ["NetworkPolicy"] * 3 + ["PodDisruptionBudget"] * budgets + [
+        "PriorityClass", "RayService"]
     for doc in docs:
         if doc["kind"] == "RayService":
             service = validate_rayservice(doc, K8S_VERSION)
@@ -304,11 +332,39 @@ def test_one_image_everywhere_and_ray_version_is_the_images(built):
 
 
 @pytest.mark.e2e
-def test_the_checkpoint_is_mounted_read_only_wherever_a_replica_can_run(built):
+def test_storage_holds_every_claim_the_pods_mount(built, storage):
+    _, docs = built
+    claims = {d["metadata"]["name"]: d for d in storage if d["kind"] == "PersistentVolumeClaim"}
+    assert [d["kind"] for d in storage] == ["PersistentVolumeClaim"] * len(claims) and len(claims) == 2
+    for doc in storage:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    for name, group in groups(only(docs, "RayService")):
+        for volume in group["template"]["spec"].get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims, (name, volume)
+
+
+@pytest.mark.e2e
+def test_the_compiled_kernels_persist_on_every_gpu_pod(built, storage):
+    _, docs = built
+    (cache,) = [d for d in storage if d["metadata"]["name"] == "moe-cluster-compile-cache"]
+    assert cache["spec"]["accessModes"] == ["ReadWriteMany"]  # every GPU pod writes it
+    gpu_groups = gpu_workers(only(docs, "RayService"))
+    assert gpu_groups
+    for group in gpu_groups:
+        path = PurePosixPath(env_of(group)["TRITON_CACHE_DIR"]["value"])
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        (mount,) = [m for m in ray_container(group)["volumeMounts"] if path.is_relative_to(m["mountPath"])]
+        assert not mount.get("readOnly")
+        assert volumes[mount["name"]]["persistentVolumeClaim"] == {"claimName": cache["metadata"]["name"]}
+
+
+@pytest.mark.e2e
+def test_the_checkpoint_is_mounted_read_only_wherever_a_replica_can_run(built, storage):
     _, docs = built
     rayservice = only(docs, "RayService")
     args = embedded_args(rayservice)
-    claim = only(docs, "PersistentVolumeClaim")
+    (claim,) = [d for d in storage if d["metadata"]["name"] == "moe-cluster-models"]
     assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
     models_dir = str(PurePosixPath(args.model).parent)
     for name, group in groups(rayservice):
@@ -339,8 +395,11 @@ def test_pods_outlive_the_graceful_shutdown_and_drain_first(built):
         # the drain starts, and the node must stay up to the deadline.
         assert deadline >= grace + SERVE_NOTICE_S, (deadline, grace)
         assert sleep[0] == "sleep" and int(sleep[1]) >= deadline
+        # After SIGTERM, `ray start --block` drains again for up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S.
+        ray_drain = float(env_of(group).get(DRAIN_ENV, {}).get(
+            "value", ray_constants.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S))
         period = group["template"]["spec"]["terminationGracePeriodSeconds"]
-        assert period >= DRAIN_CALL_S + int(sleep[1]) + RAY_STOP_S, period
+        assert period >= DRAIN_CALL_S + int(sleep[1]) + ray_drain + RAY_STOP_S, (group["groupName"], period)
         # Ready only while this pod's proxy admits (/-/healthz) and the app answers /health (through that proxy,
         # any Ingress replica); two failures in a row take the pod out.
         probe = " ".join(container["readinessProbe"]["exec"]["command"])
@@ -363,7 +422,10 @@ def test_every_group_has_a_sized_shm_ports_and_gpu_placement(built):
         # Ray's metrics on the port k8s/monitoring's PodMonitor scrapes by name; Serve on the port KubeRay finds.
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["metrics"] == int(group["rayStartParams"]["metrics-export-port"]) == 8080, name
-        assert ports["serve"] == 8000, name
+        # The serve Service picks its endpoints by the port's name: only pods that may run an Ingress replica (and
+        # the head, which KubeRay reads the port from and the Service leaves out) declare it.
+        declares = ports.get("serve") == 8000
+        assert declares == (name == "head" or name in ingress_hosts(rayservice)), name
         if int(limits(group).get("nvidia.com/gpu", 0)) > 0:
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
             assert spec["nodeSelector"], name
@@ -376,16 +438,39 @@ def test_the_service_and_the_disruption_budgets_select_the_right_pods(built):
     _, docs = built
     rayservice = only(docs, "RayService")
     service = rayservice["spec"]["serveService"]
-    assert service["spec"]["ports"] == [{"name": "serve", "port": 8000}]
+    # By name: only pods declaring a port `serve` are endpoints (see the ports test).
+    assert service["spec"]["ports"] == [{"name": "serve", "port": 8000, "targetPort": "serve"}]
     assert rayservice["spec"]["excludeHeadPodFromServeSvc"] is True  # the head runs no Ingress
     budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    args = embedded_args(rayservice)
+    plan = plan_of(args)
+    floor = plan.router.get("autoscaling_config", {}).get("min_replicas", plan.router.get("num_replicas"))
     for name, group in groups(rayservice):
         labels = group["template"]["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "moe-cluster", name  # k8s/monitoring's PodMonitor selects it
-        covering = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
-        # Every worker group by exactly one budget, evicting one pod at a time; the head by none.
-        assert len(covering) == (name != "head"), name
-        assert all(b["spec"]["maxUnavailable"] == 1 for b in covering), name
+        (budget,) = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        # KubeRay's pods have no controller with a scale subresource: a maxUnavailable or percentage budget would
+        # allow no eviction at all (every drain hangs). An integer minAvailable is computed from the pods alone.
+        assert_evictable_budget(budget["spec"])
+        least = budget["spec"]["minAvailable"]
+        if name == "head":
+            assert least == 1  # never evicted voluntarily: its loss restarts the cluster
+        elif group_gpus(group) > 0:
+            assert least == floor, (least, floor)  # the units the serve config promises stay
+        else:  # the api pods: one Ingress replica always serves, and one pod at a time may go
+            assert 1 <= least < group["minReplicas"], (name, least)
+
+
+def assert_evictable_budget(spec: dict[str, Any]) -> None:
+    assert "maxUnavailable" not in spec, "maxUnavailable on Ray pods allows no eviction (no scale subresource)"
+    assert type(spec.get("minAvailable")) is int, f"minAvailable must be an integer, not {spec.get('minAvailable')!r}"
+
+
+def test_a_budget_on_ray_pods_must_be_an_integer_min_available():
+    assert_evictable_budget({"minAvailable": 1})
+    for refused in ({"maxUnavailable": 1}, {"minAvailable": "50%"}, {}):
+        with pytest.raises(AssertionError):
+            assert_evictable_budget(refused)
 
 
 @pytest.mark.e2e
@@ -394,10 +479,78 @@ def test_the_ledger_password_comes_from_a_secret_on_every_pod(built):
     rayservice = only(docs, "RayService")
     args = embedded_args(rayservice)
     assert all(d["kind"] != "Secret" for d in docs)  # no secret is committed: k8s/README.md creates it
+    hosts = ingress_hosts(rayservice)
     for name, group in groups(rayservice):
-        env = {e["name"]: e for e in ray_container(group).get("env", [])}
-        if args.db is None:
+        env = env_of(group)
+        # Only the pods that run an Ingress replica open the ledger: the password stays off the head and GPU pods.
+        if args.db is None or name not in hosts:
             assert LEDGER_ENV not in env, name
             continue
         assert env[LEDGER_ENV]["valueFrom"]["secretKeyRef"].keys() == {"name", "key"}, name
     assert (args.db is not None) == (overlay == "autoscaling")
+
+
+@pytest.mark.e2e
+def test_every_pod_passes_the_restricted_pod_security_standard(built):
+    _, docs = built
+    for name, group in groups(only(docs, "RayService")):
+        assert restricted_violations(group["template"]["spec"]) == [], name
+
+
+def test_the_restricted_check_refuses_what_the_standard_refuses():
+    base = yaml.safe_load((ROOT / "k8s" / "base" / "rayservice.yaml").read_text())
+    spec = base["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert restricted_violations(spec) == []
+    changes = [
+        lambda s: s["securityContext"].pop("runAsNonRoot"),
+        lambda s: s["securityContext"].pop("seccompProfile"),
+        lambda s: s["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+        lambda s: s["containers"][0]["securityContext"].update(capabilities={"drop": ["NET_RAW"]}),
+        lambda s: s["volumes"].append({"name": "host", "hostPath": {"path": "/var"}}),
+        lambda s: s.update(hostNetwork=True),
+    ]
+    for change in changes:
+        changed = copy.deepcopy(spec)
+        change(changed)
+        assert restricted_violations(changed), change
+
+
+@pytest.mark.e2e
+def test_ray_is_token_authenticated_and_its_ports_reach_only_its_own_pods(built):
+    _, docs = built
+    rayservice = only(docs, "RayService")
+    assert rayservice["spec"]["rayClusterConfig"]["authOptions"]["mode"] == "token"
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    hosts = ingress_hosts(rayservice)
+    outsider = Pod({"app": "somebody-else"}, namespace="elsewhere")
+    neighbour = Pod({"app": "somebody-else"})
+    operator = Pod({"app.kubernetes.io/name": "kuberay-operator"}, namespace="kuberay")
+    for name, group in groups(rayservice):
+        container = ray_container(group)
+        pod = Pod(group["template"]["metadata"]["labels"], {p["name"]: p["containerPort"] for p in container["ports"]})
+        peer = Pod({"app.kubernetes.io/name": "moe-cluster", "app.kubernetes.io/component": "gpu-worker"})
+        for port in (6379, 8265, 10001, 52365):  # GCS, dashboard (jobs API), client, dashboard agent
+            assert admits(policies, peer, pod, port), (name, port)
+            assert not admits(policies, outsider, pod, port) and not admits(policies, neighbour, pod, port), (
+                name, port)
+        assert admits(policies, outsider, pod, 8080), name  # Prometheus, wherever it runs
+        assert admits(policies, operator, pod, 8265) == (name == "head"), name  # KubeRay deploys the app there
+        if name in hosts:
+            assert admits(policies, outsider, pod, 8000), name  # the API
+
+
+@pytest.mark.e2e
+def test_the_head_survives_its_loss_where_units_scale(built):
+    overlay, docs = built
+    rayservice = only(docs, "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (priority,) = [d for d in docs if d["kind"] == "PriorityClass"]
+    assert head["priorityClassName"] == priority["metadata"]["name"] and priority["value"] > 0
+    options = cluster.get("gcsFaultToleranceOptions")
+    if overlay == "single-node":
+        assert options is None  # one node: the head goes with it
+        return
+    assert options["redisAddress"] and options["redisPassword"]["valueFrom"]["secretKeyRef"]["key"]
+    # Streams that began before a NewCluster switch have this long before the old cluster's pods drain.
+    assert rayservice["spec"]["rayClusterDeletionDelaySeconds"] >= 600
