@@ -125,6 +125,9 @@ def test_admission_counts_sequences_and_refuses_past_the_bound(model, tok):
                                                           r"may wait\)"):
                     await front.add_request("c", [8, 9], SHORT)
                 assert OverloadedError("").status == 429
+                front.max_waiting = 4  # changed while it runs (the AttentionRouter's user_config): one more may wait
+                assert front.overloaded() is None
+                front.max_waiting = 3
                 refused = [out async for out in EngineBackend(front).generate("d", [8, 9], SHORT)]
                 assert [(o.finish_reason, o.error_status) for o in refused] == [("error", 429)], refused
             results = await asyncio.gather(*map(_collect, admitted))

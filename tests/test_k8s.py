@@ -11,11 +11,8 @@ and the strict schema's refusals are checked without kubectl.
 from __future__ import annotations
 
 import copy
-import os
 import re
 import shlex
-import shutil
-import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,15 +21,18 @@ import pydantic
 import pytest
 import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
-from ray.serve.schema import ServeDeploySchema
+from ray.serve._private.deploy_utils import get_app_code_version
+from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from ray._private import ray_constants
 
 from cluster.serve.app import DeploymentPlan, decide, deployment_plan
 from cluster.serve.args import ServeArgs
+from cluster.serve.live import INGRESS_SETTINGS, ROUTER_SETTINGS, reconfigured
 from tests.kuberay_schema import KUBERAY_VERSION, ray_start_resources, validate_rayservice
 from tests.network_policy import Pod, admits
 from tests.pod_security import restricted_violations
+from tests.tools import kustomize
 
 ROOT = Path(__file__).parents[1]
 K8S_VERSION = "1.32.0"  # the Kubernetes release whose schemas the core kinds are checked against
@@ -57,23 +57,6 @@ def quantity(value: str | int | float) -> float:
     match = _QUANTITY.match(str(value))
     assert match, f"not a quantity: {value!r}"
     return float(match[1]) * _FACTORS[match[2]]
-
-
-def kubectl() -> str:
-    """kubectl's path. Without it the build tests skip, except in CI, where that is a failure."""
-    path = shutil.which("kubectl")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("no kubectl: CI must provide it to build the kustomize overlays", pytrace=False)
-        pytest.skip("no kubectl to build the kustomize overlays (in CI this is a failure)")
-    return path
-
-
-def kustomize(path: Path) -> list[dict[str, Any]]:
-    """The documents `kubectl kustomize <path>` prints (what `kubectl apply -k` would apply)."""
-    out = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
 @pytest.fixture(scope="module", params=sorted(OVERLAYS))
@@ -105,6 +88,26 @@ def embedded_args(rayservice: dict[str, Any]) -> ServeArgs:
 def plan_of(args: ServeArgs) -> DeploymentPlan:
     """What build_app would ask Serve for (the configs give device and ingress_replicas, so nothing is guessed)."""
     return deployment_plan(decide(args))
+
+
+def served_plan(config: dict[str, Any]) -> DeploymentPlan:
+    """What Serve runs for a config: build_app's plan with the config's `deployments:` options over it, as Serve
+    applies them (each option given replaces the code's; `num_replicas: auto` leaves the count to autoscaling)."""
+    (app,) = config["applications"]
+    plan = plan_of(ServeArgs.model_validate(app["args"]))
+    options = {"AttentionRouter": dict(plan.router), "Ingress": dict(plan.ingress)}
+    for override in app.get("deployments", []):
+        target = options[override["name"]]  # a KeyError: a deployment the app does not have
+        for key, value in override.items():
+            if key == "num_replicas" and value == "auto":
+                target.pop("num_replicas", None)
+            elif key != "name":
+                target[key] = value
+    return DeploymentPlan(options["AttentionRouter"], options["Ingress"])
+
+
+def served_plan_of(rayservice: dict[str, Any]) -> DeploymentPlan:
+    return served_plan(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
 
 
 def groups(rayservice: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -165,6 +168,40 @@ def test_serve_configs_validate_with_ray_and_serve_args(path: Path):
     plan = plan_of(args)
     assert plan.router["placement_group_strategy"] == "STRICT_PACK"
     assert plan.ingress["num_replicas"] >= 2
+    # Everything live sits under `deployments:`, where editing it restarts nothing; and it validates.
+    for override in app.get("deployments", []):
+        settings = {"Ingress": INGRESS_SETTINGS, "AttentionRouter": ROUTER_SETTINGS}[override["name"]]
+        reconfigured(args, settings, override.get("user_config"))
+    served = served_plan(config)
+    assert ("num_replicas" in served.router) != ("autoscaling_config" in served.router)  # Serve refuses both
+
+
+@pytest.mark.parametrize("path", sorted(OVERLAYS.values()), ids=lambda p: p.name)
+def test_a_live_setting_changes_no_code_version_and_an_arg_does(path: Path):
+    """Serve restarts an app's replicas when its code version (import_path, runtime_env, args) changes, and only
+    reconfigures them when a deployment's options change: prices, limits and autoscaling are the latter."""
+    config = yaml.safe_load(path.read_text())
+    (app,) = config["applications"]
+    version = get_app_code_version(ServeApplicationSchema.model_validate(app))
+
+    def changed(change) -> str:
+        edited = copy.deepcopy(app)
+        change(edited)
+        return get_app_code_version(ServeApplicationSchema.model_validate(edited))
+
+    router = lambda a: next(d for d in a["deployments"] if d["name"] == "AttentionRouter")  # noqa: E731
+    assert changed(lambda a: router(a)["user_config"].update(max_waiting=7)) == version
+    assert changed(lambda a: a["deployments"].append(
+        {"name": "Ingress", "user_config": {"price_input_per_million": "9"}})) == version
+    if "autoscaling_config" in router(app):  # its bounds and targets are live
+        assert changed(lambda a: router(a)["autoscaling_config"].update(min_replicas=2, max_replicas=6)) == version
+    else:  # turning autoscaling on is not (Serve hashes which deployments have a policy): README says so
+        assert changed(lambda a: router(a).update(autoscaling_config={"max_replicas": 3})) != version
+    assert changed(lambda a: a["args"].update(max_num_seqs=64)) != version
+    args = ServeArgs.model_validate(app["args"])
+    for name in INGRESS_SETTINGS | ROUTER_SETTINGS:  # none of them in args: editing one there would reload
+        assert name not in app["args"], name
+    assert args.max_units is None  # autoscaling sits in `deployments:`
 
 
 def test_the_strict_schema_refuses_misspelled_and_misplaced_fields():
@@ -296,7 +333,7 @@ def test_worker_group_bounds_cover_the_units(built):
     rayservice = only(docs, "RayService")
     cluster = rayservice["spec"]["rayClusterConfig"]
     (group,) = gpu_workers(rayservice)
-    plan = plan_of(embedded_args(rayservice))
+    plan = served_plan_of(rayservice)
     scaling = plan.router.get("autoscaling_config")
     if overlay == "autoscaling":
         assert scaling is not None and cluster["enableInTreeAutoscaling"] is True
@@ -442,8 +479,7 @@ def test_the_service_and_the_disruption_budgets_select_the_right_pods(built):
     assert service["spec"]["ports"] == [{"name": "serve", "port": 8000, "targetPort": "serve"}]
     assert rayservice["spec"]["excludeHeadPodFromServeSvc"] is True  # the head runs no Ingress
     budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
-    args = embedded_args(rayservice)
-    plan = plan_of(args)
+    plan = served_plan_of(rayservice)
     floor = plan.router.get("autoscaling_config", {}).get("min_replicas", plan.router.get("num_replicas"))
     for name, group in groups(rayservice):
         labels = group["template"]["metadata"]["labels"]

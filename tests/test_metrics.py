@@ -1,7 +1,8 @@
 """Metrics: the sinks and recorders, the expert counts on the device (padding and CUDA graphs), and live: the single
 process's GET /metrics and the Ray metrics agent's export of a Serve app, scraped before and after traffic, move by
-what the responses say; a killed shard counts as one recovery of its unit; every metric the Grafana dashboard and the
-alert rules query is emitted.
+what the responses say; a killed shard counts as one recovery of its unit; every metric of this project that the Grafana
+dashboard and the alert rules query is emitted, under the names k8s/monitoring's relabelling gives it (the rest of
+k8s/monitoring: tests/test_monitoring.py). On Ray, the API's GET /metrics says where the metrics are.
 
 Imports beyond torch and the core are made inside the tests: the GPU machine (no Ray, pydantic, starlette or
 prometheus_client) runs the device tests of this file.
@@ -10,11 +11,9 @@ prometheus_client) runs the device tests of this file.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,8 +35,6 @@ from cluster.parallel.shard_worker import ShardWorker
 from tests.asgi_client import asgi_post
 from tests.http import sse_line_chunks
 
-ROOT = Path(__file__).resolve().parents[1]
-MONITORING = ROOT / "k8s" / "monitoring"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
@@ -60,6 +57,51 @@ def test_every_name_is_valid_unique_and_ray_safe():
     assert mn.TTFT.scraped_names(ray=True) == ("ray_vllm_time_to_first_token_seconds_bucket",
                                                "ray_vllm_time_to_first_token_seconds_sum",
                                                "ray_vllm_time_to_first_token_seconds_count")
+    assert mn.TTFT.exposed_label_names == ("model_name", "engine")
+    assert mn.REQUEST_SUCCESS.exposed_label_names == ("model_name", "engine", "finished_reason")
+    assert mn.EXPERT_TOKENS.exposed_label_names == mn.EXPERT_TOKENS.label_names == ("model_name", "layer", "expert")
+
+
+# vLLM's (v1) published buckets for the histograms this project shares with it, as facts: the `le` values a vLLM
+# dashboard selects, and what `sum by (le)` across this service and vLLM servers adds.
+VLLM_LATENCY = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+                960.0, 1920.0, 7680.0)
+VLLM_GAP = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+VLLM_BUCKETS = {
+    "vllm:time_to_first_token_seconds": (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                                         5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0),
+    "vllm:inter_token_latency_seconds": VLLM_GAP,
+    "vllm:request_time_per_output_token_seconds": VLLM_GAP,
+    "vllm:e2e_request_latency_seconds": VLLM_LATENCY,
+    "vllm:request_queue_time_seconds": VLLM_LATENCY,
+    "vllm:request_inference_time_seconds": VLLM_LATENCY,
+    "vllm:request_prefill_time_seconds": VLLM_LATENCY,
+    "vllm:request_decode_time_seconds": VLLM_LATENCY,
+    "vllm:request_params_n": (1, 2, 5, 10, 20),
+    "vllm:iteration_tokens_total": (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
+}
+
+
+def _one_two_five(limit: int) -> tuple[int, ...]:
+    """vLLM's token-count buckets for a context of `limit` tokens: 1, 2, 5, 10, ... up to `limit`."""
+    return tuple(m * 10 ** e for e in range(10) for m in (1, 2, 5) if m * 10 ** e <= limit)
+
+
+def test_histograms_vllm_also_has_use_vllms_buckets():
+    from cluster.metrics import names as mn
+
+    specs = {spec.name: spec for spec in mn.ALL}
+    for name, buckets in VLLM_BUCKETS.items():
+        assert specs[name].buckets == tuple(float(b) for b in buckets), name
+    # Token counts: vLLM's 1-2-5 series up to the context; here up to the largest context served, 8x22B's.
+    counts = _one_two_five(65536)
+    assert counts[-3:] == (10000, 20000, 50000)
+    for spec in (mn.REQUEST_PROMPT_TOKENS, mn.REQUEST_GENERATION_TOKENS, mn.REQUEST_PARAMS_MAX_TOKENS):
+        assert spec.buckets == tuple(float(b) for b in counts), spec.name
+    # Every histogram named vllm:* is one of those: a new one must say whose buckets it has.
+    shared = set(VLLM_BUCKETS) | {s.name for s in (mn.REQUEST_PROMPT_TOKENS, mn.REQUEST_GENERATION_TOKENS,
+                                                   mn.REQUEST_PARAMS_MAX_TOKENS)}
+    assert {s.name for s in mn.ALL if s.kind == "histogram" and s.per_engine} == shared
 
 
 def test_prometheus_sink_renders_each_kind_in_its_own_registry():
@@ -74,14 +116,16 @@ def test_prometheus_sink_renders_each_kind_in_its_own_registry():
         ttft.observe(seconds)
     first.series(mn.EXPERT_TOKENS, "m", "1", "5").inc(0)
     got = _samples(first.render())
-    assert got[("vllm:generation_tokens_total", (("model_name", "m"),))] == 7
-    assert got[("vllm:num_requests_running", (("model_name", "m"),))] == 3
-    assert got[("vllm:time_to_first_token_seconds_count", (("model_name", "m"),))] == 3
-    assert got[("vllm:time_to_first_token_seconds_bucket", (("le", "0.005"), ("model_name", "m")))] == 1
-    assert got[("vllm:time_to_first_token_seconds_bucket", (("le", "0.35"), ("model_name", "m")))] == 3
+    engine = ("engine", "0")  # vLLM's metrics carry the single process's one engine
+    assert got[("vllm:generation_tokens_total", (engine, ("model_name", "m")))] == 7
+    assert got[("vllm:num_requests_running", (engine, ("model_name", "m")))] == 3
+    assert got[("vllm:time_to_first_token_seconds_count", (engine, ("model_name", "m")))] == 3
+    assert got[("vllm:time_to_first_token_seconds_bucket", (engine, ("le", "0.005"), ("model_name", "m")))] == 1
+    assert got[("vllm:time_to_first_token_seconds_bucket", (engine, ("le", "0.25"), ("model_name", "m")))] == 1
+    assert got[("vllm:time_to_first_token_seconds_bucket", (engine, ("le", "0.5"), ("model_name", "m")))] == 3
     assert got[("moe_cluster_expert_tokens_total", (("expert", "5"), ("layer", "1"), ("model_name", "m")))] == 0
     assert not any(name.endswith("_created") for name, _ in got)
-    assert ("vllm:generation_tokens_total", (("model_name", "m"),)) not in _samples(second.render())
+    assert ("vllm:generation_tokens_total", (engine, ("model_name", "m"))) not in _samples(second.render())
 
 
 def _out(index: int, tokens: int, finish: str | None = None, scheduled_at: float | None = None):
@@ -321,8 +365,8 @@ def test_each_step_and_the_cache_configuration_are_exported(model, tok):
     assert (steps["1.0"], steps["8.0"], steps["16.0"], steps["+Inf"]) == (2, 5, 5, 5)
     assert _sum(samples, "vllm:iteration_tokens_total_sum") == 8 + 8 + 4 + 1 + 1
     info = [(dict(ls), v) for (n, ls), v in samples.items() if n == "vllm:cache_config_info"]
-    assert info == [({"model_name": "m", "block_size": "16", "cache_dtype": "float32", "enable_prefix_caching": "True",
-                      "gpu_memory_utilization": "0.9", "num_gpu_blocks": "64"}, 1)]
+    assert info == [({"model_name": "m", "engine": "0", "block_size": "16", "cache_dtype": "float32",
+                      "enable_prefix_caching": "True", "gpu_memory_utilization": "0.9", "num_gpu_blocks": "64"}, 1)]
 
 
 def test_a_prefix_lookup_is_counted_once_when_its_blocks_are_allocated():
@@ -786,6 +830,52 @@ def _mismatches(before: dict, after: dict, want: dict, ray: bool, model: str, co
     return wrong
 
 
+class _HandleBackend:
+    """A backend as the Ingress has on Ray (Serve handles to the units): it exports no metrics itself."""
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, stream: bool = True):
+        raise AssertionError("not called")
+        yield
+
+    def overloaded(self) -> str | None:
+        return None
+
+    async def health(self):
+        from cluster.health import Health
+
+        return Health(status="ok")
+
+
+class _RayEngineBackend(_HandleBackend):
+    """An engine's backend whose sink is Ray's: it has `metrics_text`, which has nothing to show."""
+
+    async def metrics_text(self) -> tuple[bytes, str] | None:
+        return None
+
+
+def test_metrics_on_ray_answer_404_saying_where_they_are(tok):
+    """On Ray GET /metrics is a route all the same (not Starlette's unknown route): a 404 in OpenAI's error shape
+    that names Ray's metrics port and the names the PodMonitor gives the metrics."""
+    import httpx
+
+    from cluster.api.server import build_api
+    from cluster.engine.sampling_params import SamplingDefaults
+
+    async def get(backend) -> httpx.Response:
+        app = build_api(backend, tok, "m", 4096, SamplingDefaults(temperature=1.0))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.get("/metrics")
+
+    for backend in (_HandleBackend(), _RayEngineBackend()):
+        response = asyncio.run(get(backend))
+        assert response.status_code == 404, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error", error
+        for pointer in ("`metrics` port (8080)", "ray_vllm_*", "vllm:*", "PodMonitor"):
+            assert pointer in error["message"], error["message"]
+        assert "unknown route" not in error["message"]
+
+
 @pytest.mark.e2e
 def test_single_process_metrics_move_by_the_traffic(tiny_dir):
     import httpx
@@ -897,16 +987,28 @@ def test_ray_metrics_export_moves_by_the_traffic(metrics_app):
             break
         time.sleep(1)
     assert wrong == []
-    # The dashboard and the alerts target this mode: every metric they query is in the export, but the GPU ones
-    # where NVML is missing (they are absent then, by design).
+    # The dashboard and the alerts query this mode through the PodMonitor's relabelling: every metric of this
+    # project they query is in the export once relabelled (the GPU ones but where NVML is missing: absent then, by
+    # design), and vLLM's carry `engine` (the replica's WorkerId).
     from cluster.metrics.gpu import GpuReader
+    from tests.test_monitoring import project_queried, scraped
 
-    exported = {name for name, _ in after}
+    relabelled = [scraped(name, dict(labels)) for name, labels in after]
+    exported = {labels["__name__"] for labels in relabelled if labels is not None}
     gpu = {n for spec in (mn.GPU_MEMORY_USED, mn.GPU_MEMORY_TOTAL, mn.GPU_UTILIZATION)
-           for n in spec.scraped_names(ray=True)}
+           for n in spec.scraped_names(ray=False)}
     absent = set() if GpuReader().available else gpu
-    queried = _dashboard_metrics() | _rule_metrics()
-    assert queried - absent <= exported, sorted(queried - absent - exported)
+    queried = project_queried()
+    assert queried and queried - absent <= exported, sorted(queried - absent - exported)
+    running = [labels for labels in relabelled if labels and labels["__name__"] == mn.RUNNING.name
+               and labels.get("model_name") == "metrics-check"]
+    assert running and all(labels["engine"] == labels["WorkerId"] != "" for labels in running), running
+    # Ray Serve's metrics the alerts read, under the names and labels they select (the Serve app is moe-cluster).
+    serve = {(name, dict(labels).get("status_code")) for name, labels in after
+             if dict(labels).get("application") == "moe-cluster"}
+    for name, status in (("ray_serve_num_http_requests_total", "200"), ("ray_serve_deployment_replica_healthy", None),
+                         ("ray_serve_deployment_status", None)):
+        assert (name, status) in serve, (name, sorted(serve))
 
 
 def test_a_killed_shard_shows_as_a_recovery_of_the_unit(metrics_app):
@@ -935,77 +1037,6 @@ def test_a_killed_shard_shows_as_a_recovery_of_the_unit(metrics_app):
     while (now := scrape()) != (before + 1, 1) and time.monotonic() < deadline:
         time.sleep(1)
     assert now == (before + 1, 1)
-
-
-# -- the dashboard and the rules -------------------------------------------------------------------------------------
-def _exprs(node) -> list[str]:
-    """Every PromQL expression in a dashboard: targets' `expr` and template variables' queries."""
-    if isinstance(node, dict):
-        found = [node["expr"]] if isinstance(node.get("expr"), str) else []
-        if isinstance(node.get("definition"), str):
-            found.append(node["definition"])
-        return found + [e for v in node.values() for e in _exprs(v)]
-    if isinstance(node, list):
-        return [e for v in node for e in _exprs(v)]
-    return []
-
-
-def _metric_names(exprs: list[str]) -> set[str]:
-    return {m for e in exprs for m in re.findall(r"\b(?:ray_|vllm:|moe_cluster_)[A-Za-z0-9_:]*", e)}
-
-
-def _dashboard_metrics() -> set[str]:
-    return _metric_names(_exprs(json.loads((MONITORING / "moe-cluster-dashboard.json").read_text())))
-
-
-def _rule_metrics() -> set[str]:
-    import yaml
-
-    rules = yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())
-    return _metric_names([r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]])
-
-
-def test_dashboard_and_rules_query_only_what_ray_exports():
-    """Ray's names (the mode on Kubernetes), each one a metric of `names`, and every kind of metric charted."""
-    from cluster.metrics import names as mn
-
-    dashboard, rules = _dashboard_metrics(), _rule_metrics()
-    exported = {n for spec in mn.ALL for n in spec.scraped_names(ray=True)}
-    assert dashboard and rules and (dashboard | rules) <= exported, sorted((dashboard | rules) - exported)
-    charted = {spec.name for spec in mn.ALL if set(spec.scraped_names(ray=True)) & dashboard}
-    required = {mn.RUNNING, mn.WAITING, mn.KV_CACHE_USAGE, mn.TTFT, mn.ITL, mn.E2E, mn.QUEUE, mn.PROMPT_TOKENS,
-                mn.GENERATION_TOKENS, mn.REQUEST_SUCCESS, mn.EXPERT_TOKENS, mn.SHARD_ROUND_TRIP, mn.UNIT_STATE,
-                mn.UNIT_RECOVERIES, mn.GPU_MEMORY_USED, mn.GPU_UTILIZATION}
-    assert {s.name for s in required} <= charted, sorted({s.name for s in required} - charted)
-    assert {"ray_vllm_time_to_first_token_seconds_bucket", "ray_moe_cluster_unit_state",
-            "ray_vllm_kv_cache_usage_perc"} <= rules
-
-
-@pytest.mark.e2e  # runs kubectl
-def test_monitoring_kustomization_builds_the_dashboard_configmap():
-    import os
-    import shutil
-    import subprocess
-
-    import kubernetes_validate
-    import yaml
-
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        if os.environ.get("CI"):
-            pytest.fail("no kubectl: CI must provide it to build the kustomizations", pytrace=False)
-        pytest.skip("no kubectl to build k8s/monitoring (in CI this is a failure)")
-    built = subprocess.run([kubectl, "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=60)
-    assert built.returncode == 0, built.stderr
-    docs = {d["kind"]: d for d in yaml.safe_load_all(built.stdout)}
-    assert set(docs) == {"ConfigMap", "PodMonitor", "PrometheusRule"}
-    cm = docs["ConfigMap"]
-    kubernetes_validate.validate(cm, "1.32.0", strict=True)
-    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(cm["data"]["moe-cluster-dashboard.json"])["uid"] == "moe-cluster"
-    endpoint = docs["PodMonitor"]["spec"]["podMetricsEndpoints"][0]
-    assert endpoint["port"] == "metrics"
-    assert docs["PodMonitor"]["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "moe-cluster"}
 
 
 # -- parsing scrapes -------------------------------------------------------------------------------------------------

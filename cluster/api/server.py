@@ -1,6 +1,7 @@
 """The HTTP API over a `GenerationBackend`: POST /v1/chat/completions (JSON or SSE), POST /v1/completions
-(completions.py), GET /v1/models[/{id}], GET /health, and GET /metrics (Prometheus text) where the backend exposes
-its metrics itself (the single process; on Ray each node's metrics agent exports them instead).
+(completions.py), GET /v1/models[/{id}], GET /health, and GET /metrics: Prometheus text where the backend exposes
+its metrics itself (the single process), else a 404 saying where they are (on Ray each pod's metrics agent exports
+them: `METRICS_ELSEWHERE`).
 
 With a ledger (`Accounts`, accounts.py) every /v1 route needs a key, and each generation is reserved before the
 backend sees it and settled to its usage when it ends.
@@ -52,6 +53,7 @@ from cluster.api.tool_calls import ParsedToolCall, ToolCallDelta, ToolCallParser
 from cluster.api.workers import RequestWorkers
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingDefaults
+from cluster.ledger import Pricing
 from cluster.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -86,8 +88,7 @@ def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str,
               Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
               Route("/health", api.health, methods=["GET"])]
     exposition = getattr(backend, "metrics_text", None)  # EngineBackend's; a Serve handle's backend has none
-    if exposition is not None:
-        routes.append(Route("/metrics", _metrics_endpoint(exposition), methods=["GET"]))
+    routes.append(Route("/metrics", _metrics_endpoint(exposition), methods=["GET"]))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -97,16 +98,31 @@ def build_api(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str,
         finally:
             await accounts.close()
 
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=lifespan,
-                     middleware=[Middleware(AuthMiddleware, auth=accounts.auth)])
+    def reconfigure(new_limits: APILimits, pricing: Pricing) -> None:
+        """Settings changed on a running app (Serve's user_config): each request reads them as it starts. The
+        worker threads stay as they are (their count is not live)."""
+        api.limits = text.limits = new_limits
+        workers.budget_s = new_limits.tokenize_budget_s
+        accounts.billing.pricing = pricing
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=lifespan,
+                    middleware=[Middleware(AuthMiddleware, auth=accounts.auth)])
+    app.state.reconfigure = reconfigure
+    return app
 
 
-def _metrics_endpoint(exposition: Callable[[], Awaitable[tuple[bytes, str] | None]]
+# GET /metrics where this process does not export the metrics itself (on Ray).
+METRICS_ELSEWHERE = ("this server does not export metrics at /metrics: on Ray, Ray's metrics agent on each pod "
+                     "exports them on the pod's `metrics` port (8080) as ray_vllm_* and ray_moe_cluster_*, which "
+                     "k8s/monitoring's PodMonitor renames to vllm:* and moe_cluster_* on scrape")
+
+
+def _metrics_endpoint(exposition: Callable[[], Awaitable[tuple[bytes, str] | None]] | None
                       ) -> Callable[[Request], Awaitable[Response]]:
     async def metrics(request: Request) -> Response:
-        exposed = await exposition()
+        exposed = None if exposition is None else await exposition()
         if exposed is None:
-            return error_response(404, "this process exports no metrics itself: scrape the Ray metrics port")
+            return error_response(404, METRICS_ELSEWHERE)
         text, content_type = exposed
         return Response(text, media_type=content_type)
 

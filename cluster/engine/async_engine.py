@@ -51,6 +51,9 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, args=(factory, built), name="engine-loop", daemon=True)
         self._thread.start()
         self.engine: LLMEngine = built.result()
+        # Sequences that may wait beyond the running batch before a request is refused: the engine's setting,
+        # changeable while it runs (the AttentionRouter's user_config).
+        self.max_waiting = self.engine.config.max_waiting
 
     def call(self, fn: Callable[[LLMEngine], Any]) -> Future:
         """Run `fn(engine)` on the engine thread between two steps."""
@@ -86,12 +89,11 @@ class AsyncEngine:
     def overloaded(self) -> OverloadedError | None:
         """The refusal a request arriving now would get whatever it asks, or None. A front may ask this before it
         parses and tokenizes a request, so that a flood is turned away cheaply; `add_request` decides again."""
-        config = self.engine.config
-        if self._in_flight < config.max_num_seqs + config.max_waiting:
+        running, waiting = self.engine.config.max_num_seqs, self.max_waiting
+        if self._in_flight < running + waiting:
             return None
         return OverloadedError(f"the server is at capacity: {self._in_flight} sequences are in flight "
-                               f"({config.max_num_seqs} run at once and at most {config.max_waiting} may wait); "
-                               f"retry later")
+                               f"({running} run at once and at most {waiting} may wait); retry later")
 
     def _admit(self, request_id: str, stream: _Stream) -> None:
         with self._admission:

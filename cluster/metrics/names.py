@@ -1,17 +1,22 @@
 """Every metric the service exports: its name, kind, labels and buckets, in one place for both sinks.
 
-vLLM's names (v1 engine) for what vLLM also measures, so the dashboards and alerts operators already run keep
-working; `moe_cluster_*` for what only this system knows (expert routing, shard round trips, unit state, GPUs).
-Every metric carries `model_name` (the served model name) before its own labels.
+vLLM's names (v1 engine) for what vLLM also measures, so the dashboards, alerts and autoscaler triggers operators
+already run keep working; `moe_cluster_*` for what only this system knows (expert routing, shard round trips, unit
+state, GPUs). Every metric carries `model_name` (the served model name) before its own labels; vLLM's also carry
+`engine`, as vLLM labels each series with the engine that recorded it: this system runs one engine per process that
+records (an AttentionRouter replica, or the single process), see below.
 
 What a scraper sees (`scraped_base`):
 - single process (`moe-cluster serve --no-ray`, GET /metrics): the names as written here, e.g.
-  `vllm:generation_tokens_total`, `vllm:time_to_first_token_seconds_bucket`, `moe_cluster_expert_tokens_total`.
+  `vllm:generation_tokens_total`, `vllm:time_to_first_token_seconds_bucket`, `moe_cluster_expert_tokens_total`,
+  vLLM's with `engine="0"` (`SINGLE_PROCESS_ENGINE`: its one engine).
 - on Ray (each node's metrics agent, the `metrics` port): Ray refuses ':' in names and prefixes `ray_`, so
   `ray_vllm_generation_tokens_total`, `ray_vllm_time_to_first_token_seconds_bucket`,
-  `ray_moe_cluster_expert_tokens_total`: the names vLLM itself exports under Ray Serve LLM. Ray adds its own
-  labels (WorkerId, NodeAddress, SessionName, Component, Version). Its histograms' `_sum` is estimated from bucket
-  midpoints (Ray's OpenTelemetry export keeps bucket counts only); `_count` and the buckets are exact.
+  `ray_moe_cluster_expert_tokens_total`. Ray adds its own labels (WorkerId, NodeAddress, SessionName, Component,
+  Version). Its histograms' `_sum` is estimated from bucket midpoints (Ray's OpenTelemetry export keeps bucket counts
+  only); `_count` and the buckets are exact. k8s/monitoring's PodMonitor renames them back on scrape (`ray_vllm_X` to
+  `vllm:X`, `ray_moe_cluster_X` to `moe_cluster_X`) and sets `engine` on vLLM's to the replica's Ray `WorkerId`
+  (one worker process per replica, so one engine), so Prometheus holds the single process's names in both modes.
 Counters get `_total`; histograms `_bucket`, `_sum` and `_count` (vLLM's histogram `vllm:iteration_tokens_total`
 has `_total` in its own name: `vllm:iteration_tokens_total_bucket`, as vLLM exports it). `vllm:cache_config_info`
 is an info metric as vLLM writes one: a gauge at 1 whose labels hold the KV cache's configuration.
@@ -24,7 +29,15 @@ sequences. A choice's time to first token is observed at its first token, its ot
 count when it ends; a choice that ends in an error records none of those, only `request_success{finished_reason=
 "error"}` (a failure's times say nothing of the service's speed; the tokens it generated before still count in
 `generation_tokens`). A request refused before it ran counts only in
-`moe_cluster_requests_refused`. Buckets are this project's own.
+`moe_cluster_requests_refused`.
+
+Buckets. vLLM's histograms use vLLM's (v1) buckets, so the `le` values a vLLM dashboard or alert selects exist here
+and `sum by (le)` across this service and vLLM servers adds like buckets (an extra bucket in one source would skew
+the quantiles of the sum): time to first token, inter-token and per-output-token times, the request phases, n and
+the iteration tokens exactly; the token counts vLLM builds 1-2-5 up to the model's context, here up to the largest
+context of the models served (8x22B's), so a model with a smaller context has a bucket more at the top. The price:
+vLLM's smallest inter-token bucket is 10 ms and its request buckets start at 0.3 s, so faster gaps and phases fall in
+the first bucket. `moe_cluster_*`'s buckets (shard rounds, finer) are this project's own.
 """
 
 from __future__ import annotations
@@ -34,25 +47,29 @@ from typing import Literal
 
 Kind = Literal["counter", "gauge", "histogram"]
 
-# Seconds from arrival to a choice's first token (queueing and prefill included).
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
-                20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-# Seconds between two tokens of a choice: one decode step, longer under load.
-TOKEN_GAP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-                     2.0, 5.0, 10.0)
-# Whole requests and their phases, up to an hour (the longest generations).
-REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
-                   180.0, 300.0, 600.0, 1200.0, 3600.0)
-# Token counts, 1-2-5 up past the largest context (65536).
-TOKEN_COUNT_BUCKETS = tuple(float(m * 10 ** e) for e in range(6) for m in (1, 2, 5))
-N_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
-# Tokens one engine step computes: vLLM's buckets (those it uses without CUDA graphs).
+# vLLM's buckets (see the module's doc). Seconds from arrival to a choice's first token (queueing and prefill).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0, 160.0, 640.0, 2560.0)
+# Seconds between two tokens of a choice, and a choice's mean gap.
+TOKEN_GAP_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                     40.0, 80.0)
+# Whole requests and their phases (queue, prefill, decode, inference).
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)
+# Token counts: 1-2-5 up to the largest context of the models served (65536).
+MAX_CONTEXT = 65536
+TOKEN_COUNT_BUCKETS = tuple(float(m * 10 ** e) for e in range(6) for m in (1, 2, 5) if m * 10 ** e <= MAX_CONTEXT)
+N_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0)
+# Tokens one engine step computes (vLLM's buckets without CUDA graphs).
 ITERATION_BUCKETS = (1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0)
 # The cache settings `vllm:cache_config_info` carries as labels: vLLM's names for the ones this engine has.
 CACHE_CONFIG_LABELS = ("block_size", "cache_dtype", "enable_prefix_caching", "gpu_memory_utilization",
                        "num_gpu_blocks")
 # Seconds of one round to the expert shards (in this process or over a channel).
 ROUND_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+# vLLM's label of the engine a series came from (after model_name), and its value in the single process.
+ENGINE_LABEL = "engine"
+SINGLE_PROCESS_ENGINE = "0"
 
 
 @dataclass(frozen=True)
@@ -65,7 +82,18 @@ class MetricSpec:
 
     @property
     def label_names(self) -> tuple[str, ...]:
+        """The labels a recorder binds, in order (a sink may add `engine`: `exposed_label_names`)."""
         return ("model_name", *self.labels)
+
+    @property
+    def per_engine(self) -> bool:
+        """vLLM's metrics, which carry `engine` as vLLM's do."""
+        return self.name.startswith("vllm:")
+
+    @property
+    def exposed_label_names(self) -> tuple[str, ...]:
+        """The labels of GET /metrics: `label_names` with `engine` after model_name on vLLM's metrics."""
+        return ("model_name", ENGINE_LABEL, *self.labels) if self.per_engine else self.label_names
 
     @property
     def ray_name(self) -> str:

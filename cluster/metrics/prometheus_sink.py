@@ -1,5 +1,6 @@
 """The single process's sink: prometheus_client metrics in a registry of the app's own (not the global one, so a
-process may build several apps, as tests do), rendered for GET /metrics."""
+process may build several apps, as tests do), rendered for GET /metrics. vLLM's metrics get the `engine` label of
+the process's one engine (`names.SINGLE_PROCESS_ENGINE`) after model_name, as vLLM exports them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from cluster.metrics.names import ALL, MetricSpec
+from cluster.metrics.names import ALL, SINGLE_PROCESS_ENGINE, MetricSpec
 from cluster.metrics.sink import Series
 
 # What `generate_latest` writes: the text format 0.0.4 (prometheus_client's own handler serves it so when the
@@ -20,12 +21,15 @@ class PrometheusSink:
     exposes = True
     content_type = CONTENT_TYPE
 
-    def __init__(self, specs: tuple[MetricSpec, ...] = ALL):
+    def __init__(self, specs: tuple[MetricSpec, ...] = ALL, engine: str = SINGLE_PROCESS_ENGINE):
         self._metrics = {spec.name: _make(spec) for spec in specs}
+        self.engine = engine
         self.registry = CollectorRegistry()
         self.registry.register(_WithoutCreated(list(self._metrics.values())))
 
     def series(self, spec: MetricSpec, *labels: str) -> Series:
+        if spec.per_engine:  # model_name, then the engine, then the metric's own
+            labels = (labels[0], self.engine, *labels[1:])
         return self._metrics[spec.name].labels(*labels)
 
     def render(self) -> bytes:
@@ -48,8 +52,9 @@ class _WithoutCreated:
 
 def _make(spec: MetricSpec) -> Counter | Gauge | Histogram:
     """A metric in no registry (`_WithoutCreated` collects it)."""
+    labels = spec.exposed_label_names
     if spec.kind == "counter":
-        return Counter(spec.name, spec.help, spec.label_names, registry=None)
+        return Counter(spec.name, spec.help, labels, registry=None)
     if spec.kind == "gauge":
-        return Gauge(spec.name, spec.help, spec.label_names, registry=None)
-    return Histogram(spec.name, spec.help, spec.label_names, registry=None, buckets=spec.buckets)
+        return Gauge(spec.name, spec.help, labels, registry=None)
+    return Histogram(spec.name, spec.help, labels, registry=None, buckets=spec.buckets)

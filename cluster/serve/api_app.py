@@ -26,3 +26,8 @@ def served_api(resolved: ResolvedArgs, backend: GenerationBackend) -> Drain:
                     r.sampling, r.api, system_fingerprint(r.model_name, dtype_name(r.dtype)),
                     Accounts.open(args.db, args.pricing, args.reservation_ttl_s))
     return Drain(api)
+
+
+def reconfigure_api(drain: Drain, resolved: ResolvedArgs) -> None:
+    """Apply `resolved`'s live settings (cluster.serve.live: limits, prices) to the running app `served_api` made."""
+    drain.app.state.reconfigure(resolved.api, resolved.args.pricing)

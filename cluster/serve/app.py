@@ -26,6 +26,8 @@ from ray.serve import Application
 
 from cluster.serve.args import ServeArgs
 from cluster.serve.ingress import Ingress
+from cluster.serve.live import INGRESS_SETTINGS, ROUTER_SETTINGS, user_config
+from cluster.serve.prefix_routing import prefix_router_options
 from cluster.serve.resolved import planned_layout, resolved_device
 from cluster.serve.router import AttentionRouter
 from cluster.serve.unit import UNIT_ENV, replica_gpus, unit_bundles
@@ -77,13 +79,15 @@ def deployment_plan(args: ServeArgs) -> DeploymentPlan:
         "placement_group_strategy": layout.strategy,
         "health_check_period_s": 5,
         "health_check_timeout_s": 30,
+        **prefix_router_options(args),  # requests sharing a prefix go to the unit that caches it
+        "user_config": user_config(args, ROUTER_SETTINGS),  # live: cluster.serve.live
         **common,
     }
     ingress_options: dict[str, Any] = {"num_cpus": args.ingress_cpus}
     if args.ingress_resource is not None:
         ingress_options["resources"] = {args.ingress_resource: 1}
     ingress = {"name": "Ingress", "num_replicas": args.ingress_replicas, "ray_actor_options": ingress_options,
-               **common}
+               "user_config": user_config(args, INGRESS_SETTINGS), **common}
     return DeploymentPlan(router, ingress)
 
 

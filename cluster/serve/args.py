@@ -89,6 +89,11 @@ class ServeArgs(BaseModel):
     enable_prefix_caching: bool = Field(EngineConfig.enable_prefix_caching,
                                         description="reuse the KV of prompt prefixes that requests with the same "
                                                     "cache_salt computed; off: cached_tokens is always 0")
+    prefix_routing: bool = Field(True, description="on Ray, with prefix caching: send each request to the unit "
+                                                   "that last took the longest prefix of its prompt, unless that unit "
+                                                   "is far busier than the least loaded "
+                                                   "(cluster/serve/prefix_routing.py); off: Serve's power of two "
+                                                   "choices")
     max_body_bytes: ByteSize = Field(ByteSize(APILimits.max_body_bytes), ge=1,
                                      description="largest request body, e.g. 4MiB; a larger one gets 413 before it is "
                                                  "read")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import AsyncIterator
 
@@ -13,10 +14,11 @@ from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.health import Health
 from cluster.logs import configure_logging
-from cluster.serve.api_app import served_api
+from cluster.serve.api_app import reconfigure_api, served_api
 from cluster.serve.args import ServeArgs
 from cluster.serve.drain import Drain
-from cluster.serve.resolved import ResolvedArgs, resolve
+from cluster.serve.live import INGRESS_SETTINGS, reconfigured, user_config
+from cluster.serve.resolved import ResolvedArgs, api_limits, resolve
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ class Ingress:
     def __init__(self, router: DeploymentHandle, args: ServeArgs):
         configure_logging()  # this replica's process: its records reach the driver through Ray's log forwarding
         self.router = router
+        self.args = args  # as the app was built: a user_config applies over these
         self.resolved: ResolvedArgs = resolve(args)  # config.json is read here, on the replica's node
         self.drainer: Drain | None = None  # (not `app`: Serve's ingress wrapper owns that name)
         self._draining: asyncio.Task | None = None
@@ -128,6 +131,15 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Drain:
         self.drainer = served_api(self.resolved, RouterBackend(self.router))
         return self.drainer
+
+    def reconfigure(self, config: dict | None) -> None:
+        """Serve's user_config (cluster.serve.live.INGRESS_SETTINGS): prices and request limits, applied to the
+        running API; requests already started keep what they began with."""
+        args = reconfigured(self.args, INGRESS_SETTINGS, config)
+        self.resolved = dataclasses.replace(self.resolved, args=args, api=api_limits(args))
+        if self.drainer is not None:
+            reconfigure_api(self.drainer, self.resolved)
+        log.info("Ingress settings: %s", user_config(args, INGRESS_SETTINGS))
 
     async def begin_drain(self, grace_s: float) -> tuple[str, int]:
         """Stop admitting now; in the background let the requests in flight finish for `grace_s` and cut the rest

@@ -70,7 +70,7 @@ def resolve(args: ServeArgs) -> ResolvedArgs:
                           max_waiting=args.max_waiting, max_n=args.max_n,
                           enable_prefix_caching=args.enable_prefix_caching,
                           attention_backend=args.attention_backend, cuda_graphs=cuda_graphs)
-    api = APILimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(APILimits)})
+    api = api_limits(args)
     groups = assign_experts(config.num_experts, layout.num_shards) if layout.num_shards else []
     return ResolvedArgs(args=args, model_dir=model_dir, model_name=args.served_model_name or model_dir.name,
                         config=config, device=device, dtype=resolve_dtype(args.dtype, device),
@@ -78,6 +78,11 @@ def resolve(args: ServeArgs) -> ResolvedArgs:
                         sampling=SamplingDefaults.for_model(config),
                         moe_backend=backend_name(args.moe_backend, device) if groups else args.moe_backend,
                         shard_groups=tuple(groups), layout=layout, engine=engine, api=api)
+
+
+def api_limits(args: ServeArgs) -> APILimits:
+    """The HTTP API's bounds on one request (and, --no-ray, on connections), from `args`."""
+    return APILimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(APILimits)})
 
 
 def resolve_planned(args: ServeArgs) -> ResolvedArgs:

@@ -19,6 +19,7 @@ from cluster.metrics.engine_metrics import replica_metrics
 from cluster.serve.args import ServeArgs
 from cluster.serve.engine_backend import EngineBackend, final_outputs
 from cluster.serve.engine_builder import build_engine
+from cluster.serve.live import ROUTER_SETTINGS, reconfigured, user_config
 from cluster.serve.resolved import resolve_planned
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class AttentionRouter:
         from cluster.serve.unit import ShardedUnit  # needs Ray: imported where Ray runs
 
         configure_logging()  # this replica's process: its records reach the driver through Ray's log forwarding
+        self.args = args  # as the app was built: a user_config applies over these
         resolved = resolve_planned(args)  # config.json is read here, on the replica's node
         self.unit: ShardedUnit | None = None
 
@@ -57,6 +59,12 @@ class AttentionRouter:
         outputs = self.backend.generate(request_id, prompt, params)
         async for out in (outputs if stream else final_outputs(outputs)):
             yield out
+
+    def reconfigure(self, config: dict | None) -> None:
+        """Serve's user_config (cluster.serve.live.ROUTER_SETTINGS): the engine's admission, changed while it runs."""
+        args = reconfigured(self.args, ROUTER_SETTINGS, config)
+        self.engine.max_waiting = args.max_waiting
+        log.info("AttentionRouter settings: %s", user_config(args, ROUTER_SETTINGS))
 
     async def health(self) -> Health:
         health = self._unit_health()
