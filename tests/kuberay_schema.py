@@ -74,6 +74,7 @@ class RayServiceUpgradeStrategy(_Strict):
 
 class AutoscalerOptions(_Strict):
     version: Literal["v1", "v2"] | None = None
+    securityContext: dict[str, Any] | None = None  # corev1.SecurityContext: checked by `validate_rayservice`
     upscalingMode: Literal["Default", "Aggressive", "Conservative"] | None = None
     idleTimeoutSeconds: StrictInt | None = Field(None, ge=0, le=_INT32_MAX)  # *int32
 
@@ -167,6 +168,11 @@ def validate_rayservice(doc: dict[str, Any], k8s_version: str) -> RayService:
     for name, template in groups:
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
                                       "template": template}, k8s_version, strict=True)
+    options = cluster.autoscalerOptions
+    if options is not None and options.securityContext is not None:  # the sidecar KubeRay adds to the head
+        sidecar = {"name": "autoscaler", "image": "autoscaler", "securityContext": options.securityContext}
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "autoscaler"},
+                                      "template": {"spec": {"containers": [sidecar]}}}, k8s_version, strict=True)
     if service.spec.serveService is not None:
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "Service", **service.spec.serveService},
                                      k8s_version, strict=True)

@@ -489,6 +489,30 @@ def test_a_live_servers_reservations_are_renewed_past_their_ttl(served, sqlite_u
     asyncio.run(scenario())
 
 
+def test_a_price_change_applies_to_later_requests_only(served, sqlite_url):
+    """A live price change (the Ingress's user_config) reaches requests reserved after it: one reserved before
+    settles at the price it was reserved at, neither above its reservation nor at the new price."""
+    async def scenario() -> None:
+        app, accounts = make_app(served, sqlite_url)
+        await accounts.start()
+        async with ledger_at(sqlite_url) as ledger:
+            created, key = await ledger.create_key("price", 10_000)
+            record = await accounts.auth.authenticate(key)
+            before = await accounts.billing.reserve(record, "cmpl-before", 10, 10)
+            accounts.billing.pricing = Pricing(5_000_000, 9_000_000)  # what app.state.reconfigure does
+            after = await accounts.billing.reserve(record, "cmpl-after", 10, 10)
+            for charge in (before, after):
+                charge.accepted, charge.completion_tokens = True, 4
+            start = await balance(ledger, created.key_id) + before.reserved_micro + after.reserved_micro
+            await before.settle()
+            await after.settle()
+            assert await balance(ledger, created.key_id) == (
+                start - PRICING.cost(10, 4) - Pricing(5_000_000, 9_000_000).cost(10, 4))
+        await accounts.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_request_cancelled_while_reserving_leaves_no_reservation_open(served, sqlite_url):
     """The client leaves while its reserve is in flight: the reserve still lands, and is settled at 0 at once."""
     async def scenario() -> None:

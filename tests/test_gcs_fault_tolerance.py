@@ -1,8 +1,10 @@
 """GCS fault tolerance, for real (k8s/overlays/autoscaling's gcsFaultToleranceOptions): a local Ray head keeps its
 state in an external Redis, `moe-cluster serve` joins it, and the GCS process is killed while streams run and
-started again as KubeRay's restarted head would start it. Requests are served while it is down, every stream ends
-complete, and the unit is the same process afterwards (nothing reloaded). Without Redis the restarted GCS knows no
-node, actor or placement group, and the cluster does not come back: that is what the overlay's Redis prevents.
+started again with the same arguments (the GCS alone: on KubeRay the whole head pod restarts, its raylet and the
+Serve controller with it, which one machine cannot show without also stopping the unit). Requests are served while
+it is down, every stream ends complete, and the unit is the same process afterwards (nothing reloaded). Without
+Redis the restarted GCS knows no node, actor or placement group, and the cluster does not come back: that is what
+the overlay's Redis prevents.
 
 Everything runs in processes of its own (Redis, the Ray head, the server): the test process may hold another local
 Ray (tests/conftest.py), and no `ray stop` is ever used (it stops every Ray on the machine).

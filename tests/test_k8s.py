@@ -437,12 +437,19 @@ def test_pods_outlive_the_graceful_shutdown_and_drain_first(built):
             "value", ray_constants.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S))
         period = group["template"]["spec"]["terminationGracePeriodSeconds"]
         assert period >= DRAIN_CALL_S + int(sleep[1]) + ray_drain + RAY_STOP_S, (group["groupName"], period)
-        # Ready only while this pod's proxy admits (/-/healthz) and the app answers /health (through that proxy,
-        # any Ingress replica); two failures in a row take the pod out.
+        # Ready only while this pod's proxy admits (/-/healthz) and, on a pod clients reach, the app answers /health
+        # (through that proxy, any Ingress replica); two failures in a row take the pod out. A pod no client
+        # reaches leaves /health out: an Ingress outage would turn every such pod unready (and evictable) at once.
         probe = " ".join(container["readinessProbe"]["exec"]["command"])
-        for path in ("/-/healthz", "/health"):
-            assert re.search(rf"http://localhost:{port}{re.escape(path)}(\s|$)", probe), (group["groupName"], path)
+        serves_clients = group["groupName"] in ingress_hosts(rayservice)
+        for path, wanted in (("/-/healthz", True), ("/health", serves_clients)):
+            found = re.search(rf"http://localhost:{port}{re.escape(path)}(\s|$)", probe) is not None
+            assert found == wanted, (group["groupName"], path)
         assert container["readinessProbe"]["failureThreshold"] == 2, group["groupName"]
+    # The head: Ray's own drain after SIGTERM fits its grace period (Kubernetes' default: 30 s).
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    ray_drain = float(env_of(head).get(DRAIN_ENV, {}).get("value", ray_constants.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S))
+    assert head["template"]["spec"].get("terminationGracePeriodSeconds", 30) >= ray_drain + RAY_STOP_S
 
 
 @pytest.mark.e2e
@@ -529,8 +536,16 @@ def test_the_ledger_password_comes_from_a_secret_on_every_pod(built):
 @pytest.mark.e2e
 def test_every_pod_passes_the_restricted_pod_security_standard(built):
     _, docs = built
-    for name, group in groups(only(docs, "RayService")):
-        assert restricted_violations(group["template"]["spec"]) == [], name
+    rayservice = only(docs, "RayService")
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    for name, group in groups(rayservice):
+        spec = copy.deepcopy(group["template"]["spec"])
+        if name == "head" and cluster["enableInTreeAutoscaling"]:
+            # The autoscaler sidecar KubeRay adds to the head: its securityContext is autoscalerOptions' alone.
+            options = cluster.get("autoscalerOptions", {})
+            spec["containers"].append({"name": "autoscaler", **(
+                {"securityContext": options["securityContext"]} if "securityContext" in options else {})})
+        assert restricted_violations(spec) == [], name
 
 
 def test_the_restricted_check_refuses_what_the_standard_refuses():
@@ -560,7 +575,9 @@ def test_ray_is_token_authenticated_and_its_ports_reach_only_its_own_pods(built)
     hosts = ingress_hosts(rayservice)
     outsider = Pod({"app": "somebody-else"}, namespace="elsewhere")
     neighbour = Pod({"app": "somebody-else"})
-    operator = Pod({"app.kubernetes.io/name": "kuberay-operator"}, namespace="kuberay")
+    # The operator's pods as KubeRay's Helm chart and its kustomize install label them.
+    operators = [Pod({"app.kubernetes.io/name": name, "app.kubernetes.io/component": "kuberay-operator"},
+                     namespace="kuberay") for name in ("kuberay-operator", "kuberay")]
     for name, group in groups(rayservice):
         container = ray_container(group)
         pod = Pod(group["template"]["metadata"]["labels"], {p["name"]: p["containerPort"] for p in container["ports"]})
@@ -570,7 +587,8 @@ def test_ray_is_token_authenticated_and_its_ports_reach_only_its_own_pods(built)
             assert not admits(policies, outsider, pod, port) and not admits(policies, neighbour, pod, port), (
                 name, port)
         assert admits(policies, outsider, pod, 8080), name  # Prometheus, wherever it runs
-        assert admits(policies, operator, pod, 8265) == (name == "head"), name  # KubeRay deploys the app there
+        for operator in operators:  # KubeRay deploys the app through the head's dashboard
+            assert admits(policies, operator, pod, 8265) == (name == "head"), name
         if name in hosts:
             assert admits(policies, outsider, pod, 8000), name  # the API
 

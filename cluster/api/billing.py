@@ -53,7 +53,7 @@ class Billing:
                       max_completion_tokens: int) -> Charge:
         """Take the request's worst case from the key's rate windows and balance; AccountError when refused."""
         if key is None:
-            return Charge(self, None, request_id, prompt_tokens, 0, None)
+            return Charge(self, None, request_id, prompt_tokens, 0, None, self.pricing)
         ledger = await self.session.ledger()
         worst_tokens = prompt_tokens + max_completion_tokens
         balance = {REMAINING_CREDITS: format_dollars(key.balance_micro)}
@@ -73,7 +73,8 @@ class Billing:
             except Exception as e:
                 log.exception("counting a request against its rate limits failed")
                 raise unavailable("rate limits") from e
-        amount = self.pricing.cost(prompt_tokens, max_completion_tokens)
+        pricing = self.pricing  # the request's price, fixed now: a live change applies to later requests
+        amount = pricing.cost(prompt_tokens, max_completion_tokens)
         reserving = asyncio.ensure_future(ledger.reserve(key.key_id, request_id, amount, self.session.ttl_s))
         try:
             after = await asyncio.shield(reserving)
@@ -97,7 +98,7 @@ class Billing:
             raise unavailable("reservation") from e
         self.auth.note_balance(key.key_id, after)
         self.session.unsettled.add(request_id)
-        return Charge(self, key.key_id, request_id, prompt_tokens, amount, after)
+        return Charge(self, key.key_id, request_id, prompt_tokens, amount, after, pricing)
 
     async def _abandon(self, reserving: asyncio.Future, request_id: str) -> None:
         """Settle at 0 a reservation whose request was cancelled while it was being made, once it is."""
@@ -136,6 +137,7 @@ class Charge:
     prompt_tokens: int
     reserved_micro: int
     balance_micro: int | None  # after the reservation, then after the settle; None: not known
+    pricing: Pricing  # the price when the request was reserved: a live change applies to later requests only
     accepted: bool = False  # the backend's first output was not a refusal: the prompt is charged
     completion_tokens: int = 0  # read from the backend so far, every choice
     streaming: bool = False  # the response is a stream, which settles when it closes
@@ -163,7 +165,7 @@ class Charge:
         """Settle is idempotent in the ledger, so a failed attempt is retried; after the last one the reservation is
         left to expire (released in full: the request is then not charged), which is logged."""
         prompt = self.prompt_tokens if self.accepted else 0
-        cost = min(self.billing.pricing.cost(prompt, self.completion_tokens), self.reserved_micro)
+        cost = min(self.pricing.cost(prompt, self.completion_tokens), self.reserved_micro)
         try:
             for attempt in range(SETTLE_ATTEMPTS):
                 try:

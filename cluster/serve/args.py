@@ -14,6 +14,9 @@ from cluster.api.limits import APILimits
 from cluster.engine.config import CPU_PREFILL_BUDGET_BESIDE_DECODES, EngineConfig
 from cluster.ledger.pricing import Pricing, parse_dollars
 
+# Chosen by measurement: benchmarks/RESULTS.md, "Stream batches across the Serve hop".
+STREAM_INTERVAL_S = 0.05
+
 
 class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -94,6 +97,10 @@ class ServeArgs(BaseModel):
                                                    "is far busier than the least loaded "
                                                    "(cluster/serve/prefix_routing.py); off: Serve's power of two "
                                                    "choices")
+    stream_interval_s: float = Field(
+        STREAM_INTERVAL_S, ge=0, le=1,
+        description="on Ray: a request's outputs that arrive within this long go to the Ingress as one message (its "
+                    "first output at once, none held back longer); 0: one message per token")
     max_body_bytes: ByteSize = Field(ByteSize(APILimits.max_body_bytes), ge=1,
                                      description="largest request body, e.g. 4MiB; a larger one gets 413 before it is "
                                                  "read")

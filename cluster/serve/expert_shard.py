@@ -16,6 +16,7 @@ import ray
 import torch
 
 from cluster.config import ModelConfig
+from cluster.kernels.triton_cache import usable_triton_cache
 from cluster.logs import configure_logging
 from cluster.parallel.channel import ChannelSpec, abort_group, open_group, serve_shard
 from cluster.parallel.shard_worker import ShardWorker
@@ -28,6 +29,7 @@ class ExpertShard:
     def __init__(self, model_dir: str, config: ModelConfig, experts: tuple[int, ...], dtype: torch.dtype,
                  device: str, backend: str, threads: int | None, load_format: str = "safetensors"):
         configure_logging()  # this actor's process: its records reach the driver through Ray's log forwarding
+        usable_triton_cache()  # before any kernel compiles here
         self.device = device  # "cuda": Ray sets CUDA_VISIBLE_DEVICES to this shard's GPU
         self.threads = threads
         t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from cluster.logs import configure_logging
 from cluster.serve.api_app import reconfigure_api, served_api
 from cluster.serve.args import ServeArgs
 from cluster.serve.drain import Drain
-from cluster.serve.live import INGRESS_SETTINGS, reconfigured, user_config
+from cluster.serve.live import INGRESS_SETTINGS, apply_user_config, user_config
 from cluster.serve.resolved import ResolvedArgs, api_limits, resolve
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,15 @@ class RouterBackend:
                 yield out
             return
         responses = self.streaming.generate.remote(request_id, prompt, params, stream)
-        outputs = responses.__aiter__()
+        batches = responses.__aiter__()  # each a list of outputs: one Serve message (cluster.serve.stream_batches)
         finished = 0
         try:
-            first = await self._first(outputs)
-            finished += first.finished
-            yield first
-            async for out in outputs:
-                finished += out.finished
-                yield out
+            batch = await self._first(batches)
+            while batch is not None:
+                for out in batch:
+                    finished += out.finished
+                    yield out
+                batch = await anext(batches, None)
         except Exception as e:  # the replica died, was replaced mid-request, or none is there
             log.warning("request %s lost its AttentionRouter replica: %s", request_id, e)
             if finished < params.n:
@@ -68,9 +68,9 @@ class RouterBackend:
         finally:
             responses.cancel()  # a client that left aborts the request in the engine
 
-    async def _first(self, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-        """The first output, as long as it takes (a long prefill, a queue), unless the probes find no replica."""
-        first = asyncio.ensure_future(outputs.__anext__())
+    async def _first(self, batches: AsyncIterator[list[RequestOutput]]) -> list[RequestOutput]:
+        """The first batch, as long as it takes (a long prefill, a queue), unless the probes find no replica."""
+        first = asyncio.ensure_future(batches.__anext__())
         try:
             while not (await asyncio.wait({first}, timeout=_PROBE_PERIOD_S))[0]:
                 if self.unreachable is not None:
@@ -135,7 +135,7 @@ class Ingress:
     def reconfigure(self, config: dict | None) -> None:
         """Serve's user_config (cluster.serve.live.INGRESS_SETTINGS): prices and request limits, applied to the
         running API; requests already started keep what they began with."""
-        args = reconfigured(self.args, INGRESS_SETTINGS, config)
+        args = apply_user_config(self.args, self.resolved.args, INGRESS_SETTINGS, config, "Ingress").args
         self.resolved = dataclasses.replace(self.resolved, args=args, api=api_limits(args))
         if self.drainer is not None:
             reconfigure_api(self.drainer, self.resolved)

@@ -8,21 +8,30 @@ AttentionRouter's `autoscaling_config` is live the same way (Serve's own), and t
 ledger (`moe-cluster keys`).
 
 A `user_config` names only what it changes; each setting it leaves out keeps the value the app's `args` gave it, so
-removing a line from the config restores that value. Each is validated as `ServeArgs` validates it (a bad value
-fails the deployment, and the replicas keep running with what they had).
+removing a line from the config restores that value. Each is validated as `ServeArgs` validates it. A refused one
+(an unknown setting, a bad value) changes nothing: the replica logs why, keeps the settings it had (a new replica,
+those of `args`) and reports the refusal (the AttentionRouter in /health's stats). Serve would stop a replica whose
+reconfigure() raised, and start its replacement with the same config: one typo would take every unit down.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from cluster.serve.args import ServeArgs
+
+log = logging.getLogger(__name__)
 
 # Read by the Ingress at each request: what a request costs, and what one request may send.
 INGRESS_SETTINGS = frozenset({"price_input_per_million", "price_output_per_million", "max_body_bytes",
                               "body_timeout_s", "tokenize_budget_s"})
-# The AttentionRouter's admission: how many sequences may wait beyond the running batch before a request gets 429.
-ROUTER_SETTINGS = frozenset({"max_waiting"})
+# The AttentionRouter's admission (how many sequences may wait beyond the running batch before a request gets 429)
+# and how long a stream's outputs may gather before they cross to the Ingress.
+ROUTER_SETTINGS = frozenset({"max_waiting", "stream_interval_s"})
 
 
 def user_config(args: ServeArgs, settings: frozenset[str]) -> dict[str, Any]:
@@ -39,3 +48,20 @@ def reconfigured(args: ServeArgs, settings: frozenset[str], config: dict[str, An
         raise ValueError(f"{unknown} cannot change on a running deployment here (the live settings are "
                          f"{sorted(settings)}); set them in the app's args, which restarts its replicas")
     return ServeArgs.model_validate({**args.model_dump(exclude_unset=True), **config})
+
+
+@dataclass(frozen=True)
+class Applied:
+    args: ServeArgs  # the settings in effect
+    refusal: str | None  # why the last user_config was refused; None when it was applied
+
+
+def apply_user_config(built: ServeArgs, current: ServeArgs, settings: frozenset[str], config: dict[str, Any] | None,
+                      deployment: str) -> Applied:
+    """`config` applied over `built` (the app's args), or, when refused, `current` kept and the refusal logged."""
+    try:
+        return Applied(reconfigured(built, settings, config), None)
+    except (ValueError, ValidationError) as e:
+        refusal = f"the {deployment}'s user_config was refused, its settings are unchanged: {e}"
+        log.error("%s", refusal)
+        return Applied(current, refusal)

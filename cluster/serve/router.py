@@ -14,13 +14,15 @@ from cluster.engine.async_engine import AsyncEngine
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.health import Health
+from cluster.kernels.triton_cache import usable_triton_cache
 from cluster.logs import configure_logging
 from cluster.metrics.engine_metrics import replica_metrics
 from cluster.serve.args import ServeArgs
 from cluster.serve.engine_backend import EngineBackend, final_outputs
 from cluster.serve.engine_builder import build_engine
-from cluster.serve.live import ROUTER_SETTINGS, reconfigured, user_config
+from cluster.serve.live import ROUTER_SETTINGS, Applied, apply_user_config, user_config
 from cluster.serve.resolved import resolve_planned
+from cluster.serve.stream_batches import batched
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,9 @@ class AttentionRouter:
         from cluster.serve.unit import ShardedUnit  # needs Ray: imported where Ray runs
 
         configure_logging()  # this replica's process: its records reach the driver through Ray's log forwarding
+        usable_triton_cache()  # before any kernel compiles here
         self.args = args  # as the app was built: a user_config applies over these
+        self.applied = Applied(args, None)  # the live settings in effect (cluster.serve.live)
         resolved = resolve_planned(args)  # config.json is read here, on the replica's node
         self.unit: ShardedUnit | None = None
 
@@ -46,30 +50,34 @@ class AttentionRouter:
         self.backend = EngineBackend(self.engine, resolved.moe_kernel, self.metrics)
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       stream: bool = True) -> AsyncIterator[RequestOutput]:
-        """Deltas as the engine makes them; with `stream=False` only each choice's merged final output, which
-        saves a Serve message per token."""
+                       stream: bool = True) -> AsyncIterator[list[RequestOutput]]:
+        """Deltas as the engine makes them, in batches (one Serve message each: cluster.serve.stream_batches);
+        with `stream=False` only each choice's merged final output."""
         health = self._unit_health()
         if not health.ok:
             message = f"the serving unit is {health.status}: {health.detail}"
             self.metrics.requests.refused(503)
-            for out in RequestOutput.errors(request_id, params.n, message, 503):
-                yield out
+            yield RequestOutput.errors(request_id, params.n, message, 503)
             return
         outputs = self.backend.generate(request_id, prompt, params)
-        async for out in (outputs if stream else final_outputs(outputs)):
-            yield out
+        interval_s = self.applied.args.stream_interval_s
+        async for batch in batched(outputs if stream else final_outputs(outputs), interval_s):
+            yield batch
 
     def reconfigure(self, config: dict | None) -> None:
-        """Serve's user_config (cluster.serve.live.ROUTER_SETTINGS): the engine's admission, changed while it runs."""
-        args = reconfigured(self.args, ROUTER_SETTINGS, config)
-        self.engine.max_waiting = args.max_waiting
-        log.info("AttentionRouter settings: %s", user_config(args, ROUTER_SETTINGS))
+        """Serve's user_config (cluster.serve.live.ROUTER_SETTINGS): the engine's admission and the streams'
+        batching interval, changed while it runs (a refused one changes nothing, and /health says why)."""
+        self.applied = apply_user_config(self.args, self.applied.args, ROUTER_SETTINGS, config, "AttentionRouter")
+        self.engine.max_waiting = self.applied.args.max_waiting
+        log.info("AttentionRouter settings: %s", user_config(self.applied.args, ROUTER_SETTINGS))
 
     async def health(self) -> Health:
         health = self._unit_health()
         health.stats.update((await self.backend.health()).stats)
         health.stats["pid"] = os.getpid()
+        health.stats.update(user_config(self.applied.args, ROUTER_SETTINGS))
+        if self.applied.refusal is not None:
+            health.stats["settings_refused"] = self.applied.refusal
         return health
 
     def shard_info(self) -> list[dict]:
