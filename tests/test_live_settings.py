@@ -125,7 +125,9 @@ def test_a_new_price_and_limit_reach_the_running_app_without_a_restart(local_ray
             refusal = wait_until(lambda: http.get("/health").json()["stats"].get("settings_refused"), 60,
                                  "the refusal in /health")
             assert "max_waiting" in refusal
-            stats = http.get("/health").json()["stats"]
+            stats = wait_until(lambda: (h := http.get("/health").json()["stats"]).get("ingress_settings_refused")
+                               and h, 60, "the Ingress's refusal in /health")
+            assert "price_input_per_milion" in stats["ingress_settings_refused"]
             assert {k: stats[k] for k in ROUTER_AFTER} == ROUTER_AFTER
             settled = len(_usage(db, key_id))
             assert http.post("/v1/chat/completions", json=CHAT).status_code == 200

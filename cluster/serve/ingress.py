@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -37,8 +37,9 @@ class RouterBackend:
     `/health` (which probes afresh) says so too.
     """
 
-    def __init__(self, router: DeploymentHandle):
+    def __init__(self, router: DeploymentHandle, settings_refused: Callable[[], str | None] = lambda: None):
         self.router = router
+        self.settings_refused = settings_refused  # the Ingress's refusal of a user_config, shown by /health
         self.streaming = router.options(stream=True)
         self.unreachable: str | None = None  # why no replica answered the last probe; None while one does
         self._watcher: asyncio.Task | None = None
@@ -52,18 +53,20 @@ class RouterBackend:
             return
         responses = self.streaming.generate.remote(request_id, prompt, params, stream)
         batches = responses.__aiter__()  # each a list of outputs: one Serve message (cluster.serve.stream_batches)
-        finished = 0
+        finished: set[int] = set()  # the choices that ended
         try:
             batch = await self._first(batches)
             while batch is not None:
-                for out in batch:
-                    finished += out.finished
+                # A replica of the version before stream batches (a rolling update) yields outputs alone.
+                for out in batch if isinstance(batch, list) else [batch]:
+                    if out.finished:
+                        finished.add(out.index)
                     yield out
                 batch = await anext(batches, None)
         except Exception as e:  # the replica died, was replaced mid-request, or none is there
             log.warning("request %s lost its AttentionRouter replica: %s", request_id, e)
-            if finished < params.n:
-                for out in RequestOutput.errors(request_id, params.n, "the serving unit went away; retry", 503):
+            for out in RequestOutput.errors(request_id, params.n, "the serving unit went away; retry", 503):
+                if out.index not in finished:  # a choice that already ended keeps its end
                     yield out
         finally:
             responses.cancel()  # a client that left aborts the request in the engine
@@ -91,6 +94,9 @@ class RouterBackend:
             health = await self._probe()
             if health.ok:
                 break
+        refusal = self.settings_refused()
+        if refusal is not None:
+            health.stats["ingress_settings_refused"] = refusal
         return health
 
     def _watch(self) -> None:
@@ -125,21 +131,24 @@ class Ingress:
         self.args = args  # as the app was built: a user_config applies over these
         self.resolved: ResolvedArgs = resolve(args)  # config.json is read here, on the replica's node
         self.drainer: Drain | None = None  # (not `app`: Serve's ingress wrapper owns that name)
+        self.settings_refused: str | None = None  # why the last user_config was refused (cluster.serve.live)
         self._draining: asyncio.Task | None = None
         self._in_flight = 0
 
     def __serve_build_asgi_app__(self) -> Drain:
-        self.drainer = served_api(self.resolved, RouterBackend(self.router))
+        self.drainer = served_api(self.resolved, RouterBackend(self.router, lambda: self.settings_refused))
         return self.drainer
 
-    def reconfigure(self, config: dict | None) -> None:
+    async def reconfigure(self, config: dict | None) -> None:
         """Serve's user_config (cluster.serve.live.INGRESS_SETTINGS): prices and request limits, applied to the
-        running API; requests already started keep what they began with."""
-        args = apply_user_config(self.args, self.resolved.args, INGRESS_SETTINGS, config, "Ingress").args
-        self.resolved = dataclasses.replace(self.resolved, args=args, api=api_limits(args))
+        running API on its event loop, between requests' steps; requests already started keep their price. A refused
+        one changes nothing, and /health says why."""
+        applied = apply_user_config(self.args, self.resolved.args, INGRESS_SETTINGS, config, "Ingress")
+        self.settings_refused = applied.refusal
+        self.resolved = dataclasses.replace(self.resolved, args=applied.args, api=api_limits(applied.args))
         if self.drainer is not None:
             reconfigure_api(self.drainer, self.resolved)
-        log.info("Ingress settings: %s", user_config(args, INGRESS_SETTINGS))
+        log.info("Ingress settings: %s", user_config(applied.args, INGRESS_SETTINGS))
 
     async def begin_drain(self, grace_s: float) -> tuple[str, int]:
         """Stop admitting now; in the background let the requests in flight finish for `grace_s` and cut the rest

@@ -10,8 +10,8 @@ ledger (`moe-cluster keys`).
 A `user_config` names only what it changes; each setting it leaves out keeps the value the app's `args` gave it, so
 removing a line from the config restores that value. Each is validated as `ServeArgs` validates it. A refused one
 (an unknown setting, a bad value) changes nothing: the replica logs why, keeps the settings it had (a new replica,
-those of `args`) and reports the refusal (the AttentionRouter in /health's stats). Serve would stop a replica whose
-reconfigure() raised, and start its replacement with the same config: one typo would take every unit down.
+those of `args`) and reports the refusal in /health's stats. Serve would stop a replica whose reconfigure() raised,
+and start its replacement with the same config: one typo would take every unit down.
 """
 
 from __future__ import annotations

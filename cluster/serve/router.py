@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import aclosing
 from typing import AsyncIterator
 
 from cluster.engine.async_engine import AsyncEngine
@@ -61,10 +62,11 @@ class AttentionRouter:
             return
         outputs = self.backend.generate(request_id, prompt, params)
         interval_s = self.applied.args.stream_interval_s
-        async for batch in batched(outputs if stream else final_outputs(outputs), interval_s):
-            yield batch
+        async with aclosing(batched(outputs if stream else final_outputs(outputs), interval_s)) as batches:
+            async for batch in batches:
+                yield batch
 
-    def reconfigure(self, config: dict | None) -> None:
+    async def reconfigure(self, config: dict | None) -> None:
         """Serve's user_config (cluster.serve.live.ROUTER_SETTINGS): the engine's admission and the streams'
         batching interval, changed while it runs (a refused one changes nothing, and /health says why)."""
         self.applied = apply_user_config(self.args, self.applied.args, ROUTER_SETTINGS, config, "AttentionRouter")
@@ -75,9 +77,10 @@ class AttentionRouter:
         health = self._unit_health()
         health.stats.update((await self.backend.health()).stats)
         health.stats["pid"] = os.getpid()
-        health.stats.update(user_config(self.applied.args, ROUTER_SETTINGS))
-        if self.applied.refusal is not None:
-            health.stats["settings_refused"] = self.applied.refusal
+        applied = self.applied
+        health.stats.update(user_config(applied.args, ROUTER_SETTINGS))
+        if applied.refusal is not None:
+            health.stats["settings_refused"] = applied.refusal
         return health
 
     def shard_info(self) -> list[dict]:

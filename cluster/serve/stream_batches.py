@@ -2,15 +2,19 @@
 
 Every item a Serve streaming call yields is one Ray message, with its own serialization and bookkeeping on both
 sides; a stream that yields each token alone pays that per token. `batched` groups what one request's engine
-outputs arrive within an interval into one list (one message): the first output of a request goes at once (time to
-first token is never held back), and any later one waits at most `interval_s` after the first output of its batch
-arrived. A request that ends flushes at once. An output that came after a gap of `interval_s` or more (the engine's
-steps are slower than the interval: nothing would join it) goes at once too.
+outputs arrive within an interval into one list (one message): the first batch of a request goes at once (time to
+first token is never held back), and a later one is sent `interval_s` after its first output arrived, so no output
+waits longer than that. Outputs that come `interval_s` or more after the previous batch's last one (the engine's
+steps are slower than the interval: nothing would join them) go at once, with whatever came in the same step (the
+other choices of an n > 1 request). A request that ends flushes at once.
+
+One reader task per request moves the source's outputs into a deque; the batches are cut from it.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import AsyncIterator, TypeVar
 
 T = TypeVar("T")
@@ -19,44 +23,44 @@ T = TypeVar("T")
 async def batched(source: AsyncIterator[T], interval_s: float) -> AsyncIterator[list[T]]:
     """`source`'s items in lists (see the module's doc); `interval_s` <= 0: each item alone, at once.
 
-    Closing this iterator (a consumer that leaves) cancels the read in progress and closes `source`."""
+    An exception from `source` comes after the items it made before it. Closing this iterator (a consumer that
+    leaves, a cancelled task) cancels the read in progress, which closes `source` (its own cleanup runs)."""
+    if interval_s <= 0:
+        async for item in source:
+            yield [item]
+        return
     loop = asyncio.get_running_loop()
-    pending: asyncio.Future | None = None  # the read of `source` in progress, kept across a batch's deadline
-    first = True
-    last_arrival: float | None = None  # when the latest output came
+    ready: deque[tuple[T, float]] = deque()  # (output, when it arrived)
+    arrived = asyncio.Event()
+
+    async def read() -> None:
+        try:
+            async for item in source:
+                ready.append((item, loop.time()))
+                arrived.set()
+        finally:
+            arrived.set()  # the end (or a failure) wakes the batcher too
+
+    reader = loop.create_task(read())
+    previous: float | None = None  # when the last output of the previous batch arrived
     try:
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(source))
-            try:
-                batch = [await pending]  # however long the engine takes
-            except StopAsyncIteration:
-                return
-            pending = None
-            now = loop.time()
-            slow = last_arrival is not None and now - last_arrival >= interval_s
-            deadline = now if first or slow else now + interval_s
-            first, last_arrival = False, now
-            while (remaining := deadline - loop.time()) > 0:
-                pending = asyncio.ensure_future(anext(source))
-                done, _ = await asyncio.wait({pending}, timeout=remaining)
-                if not done:  # the deadline: send what there is; the read goes on for the next batch
-                    break
-                pending = None
-                try:
-                    batch.append(done.pop().result())
-                except StopAsyncIteration:
-                    yield batch
-                    return
-                last_arrival = loop.time()
-            yield batch
+            while not ready and not reader.done():
+                arrived.clear()
+                await arrived.wait()
+            if ready:
+                first = ready[0][1]
+                if previous is not None and first - previous < interval_s:
+                    # Steps faster than the interval: gather until it has passed (or the request ends).
+                    await asyncio.wait({reader}, timeout=first + interval_s - loop.time())
+                batch = [item for item, _ in ready]
+                previous = ready[-1][1]
+                ready.clear()
+                yield batch
+                continue
+            reader.result()  # the source ended: raises what it raised, after the batches before it
+            return
     finally:
-        if pending is not None and not pending.done():
-            pending.cancel()  # raises in `source` where it waits: its own cleanup runs (the engine request aborts)
-            try:
-                await pending
-            except (asyncio.CancelledError, StopAsyncIteration):
-                pass
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        if not reader.done():
+            reader.cancel()  # raises in `source` where it waits: its cleanup runs (the engine request aborts)
+        await asyncio.gather(reader, return_exceptions=True)
