@@ -43,10 +43,9 @@ from cluster.parallel.shm_channel import ShmReplicaChannel, create_files, serve_
 from cluster.serve.app import build_app  # noqa: E402
 from cluster.serve.args import ServeArgs  # noqa: E402
 from cluster.serve.local_ray import APP_NAME  # noqa: E402
-from cluster.serve.resolved import resolve  # noqa: E402
-from cluster.serve.standalone import build_standalone_app  # noqa: E402
 from cluster.parallel.channel import free_port  # noqa: E402
 from cluster.serve.unit import UNIT_ENV  # noqa: E402
+from tests.asgi_client import on_standalone  # noqa: E402
 
 
 class EchoWorker:
@@ -181,16 +180,7 @@ async def drive(client: httpx.AsyncClient, requests: list[dict]) -> tuple[int, f
 
 
 def single_process_throughput(args: ServeArgs, requests: list[dict]) -> dict:
-    app, engine = build_standalone_app(resolve(args.model_copy(update={"shards": 1})))
-
-    async def run() -> tuple[int, float]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=600) as c:
-            return await drive(c, requests)
-
-    try:
-        tokens, seconds = asyncio.run(run())
-    finally:
-        engine.shutdown()
+    tokens, seconds = on_standalone(args.model_copy(update={"shards": 1}), lambda c: drive(c, requests), 600)
     return {"system": "single process (--no-ray)", "output_tokens": tokens, "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1)}
 

@@ -1,12 +1,18 @@
 """A POST straight into an ASGI app, with no HTTP client in between: for tests that time a request from its arrival
 at the app, or read a stream while it is still open (httpx's ASGI transport hands a response over only once it has
-ended)."""
+ended). And `on_standalone`: a workload against the single-process app of some settings, over httpx."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
+
+import httpx
+
+from cluster.serve.args import ServeArgs
+
+T = TypeVar("T")
 
 
 async def asgi_post(app, path: str, body: dict, on_message: Callable[[dict[str, Any]], None]) -> None:
@@ -34,3 +40,22 @@ async def asgi_post(app, path: str, body: dict, on_message: Callable[[dict[str, 
             ended.set()
 
     await app(scope, receive, send)
+
+
+def on_standalone(args: ServeArgs, work: Callable[[httpx.AsyncClient], Awaitable[T]], timeout_s: float = 120) -> T:
+    """`work(client)` against the single-process app (`--no-ray`) of `args`, no Ray involved, over httpx's ASGI
+    transport; the engine is shut down after."""
+    from cluster.serve.resolved import resolve
+    from cluster.serve.standalone import build_standalone_app
+
+    app, engine = build_standalone_app(resolve(args))
+
+    async def run() -> T:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                     timeout=timeout_s) as client:
+            return await work(client)
+
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.shutdown()

@@ -19,6 +19,7 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.sequence import Sequence
 from cluster.serve.args import ServeArgs
 from cluster.serve.prefix_routing import PrefixAffinityRouter, PrefixTable, prefix_router_options, prompt_chain
+from tests.asgi_client import on_standalone
 
 BS = 16  # the engine's block size
 DEPLOYMENT = DeploymentID("AttentionRouter", "moe-cluster")
@@ -290,19 +291,7 @@ def serve_args(model_dir, units: int, prefix_routing: bool = True) -> ServeArgs:
 
 def one_unit_hit_rate(args: ServeArgs, waves: list[list[list[int]]]) -> float:
     """The workload on one unit: the single-process app (`--no-ray`), the same engine and prefix cache."""
-    from cluster.serve.resolved import resolve
-    from cluster.serve.standalone import build_standalone_app
-
-    app, engine = build_standalone_app(resolve(args.model_copy(update={"units": 1})))
-
-    async def run() -> tuple[int, int]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=120) as c:
-            return await send_waves(c, waves)
-
-    try:
-        cached, prompt_tokens = asyncio.run(run())
-    finally:
-        engine.shutdown()
+    cached, prompt_tokens = on_standalone(args.model_copy(update={"units": 1}), lambda c: send_waves(c, waves))
     return cached / prompt_tokens
 
 

@@ -13,6 +13,7 @@ from cluster.serve.args import ServeArgs
 from cluster.serve.local_ray import APP_NAME
 from cluster.serve.resolved import num_shards, resolve, resolve_planned
 from cluster.serve.standalone import build_standalone_app
+from tests.asgi_client import on_standalone
 from tests.http import sse_line_chunks
 from tests.waiting import wait_until, wait_until_async
 
@@ -42,16 +43,10 @@ def served(local_ray, tiny_dir):
 
 def _standalone_text(tiny_dir, body: dict) -> str:
     """The same request on the single-process app (`--no-ray`), no Ray involved."""
-    app, engine = build_standalone_app(resolve(_args(tiny_dir)))
+    async def ask(client: httpx.AsyncClient) -> dict:
+        return (await client.post("/v1/chat/completions", json=body)).json()
 
-    async def ask() -> dict:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return (await client.post("/v1/chat/completions", json=body)).json()
-
-    try:
-        return asyncio.run(ask())["choices"][0]["message"]["content"]
-    finally:
-        engine.shutdown()
+    return on_standalone(_args(tiny_dir), ask)["choices"][0]["message"]["content"]
 
 
 def test_http_chat_completion_and_stream_match_single_process(served, tiny_dir):
@@ -352,7 +347,6 @@ def keyed(served, tiny_dir, tmp_path_factory):
 def test_keys_and_credits_through_the_serve_app(keyed):
     """The Ingress replica opens the ledger itself: /v1 wants a key, a keyed request is stamped with the balance,
     a streamed one settles into the usage log and leaves no reservation open; /health stays open."""
-    import json
 
     from cluster.ledger import format_dollars, parse_dollars
 

@@ -17,7 +17,7 @@ from cluster.logs import configure_logging
 from cluster.serve.api_app import reconfigure_api, served_api
 from cluster.serve.args import ServeArgs
 from cluster.serve.drain import Drain
-from cluster.serve.live import INGRESS_SETTINGS, apply_user_config, user_config
+from cluster.serve.live import INGRESS_SETTINGS, Applied, apply_user_config, user_config
 from cluster.serve.resolved import ResolvedArgs, api_limits, resolve
 
 log = logging.getLogger(__name__)
@@ -131,24 +131,24 @@ class Ingress:
         self.args = args  # as the app was built: a user_config applies over these
         self.resolved: ResolvedArgs = resolve(args)  # config.json is read here, on the replica's node
         self.drainer: Drain | None = None  # (not `app`: Serve's ingress wrapper owns that name)
-        self.settings_refused: str | None = None  # why the last user_config was refused (cluster.serve.live)
+        self.applied = Applied(args, None)  # the live settings in effect (cluster.serve.live)
         self._draining: asyncio.Task | None = None
         self._in_flight = 0
 
     def __serve_build_asgi_app__(self) -> Drain:
-        self.drainer = served_api(self.resolved, RouterBackend(self.router, lambda: self.settings_refused))
+        self.drainer = served_api(self.resolved, RouterBackend(self.router, lambda: self.applied.refusal))
         return self.drainer
 
     async def reconfigure(self, config: dict | None) -> None:
         """Serve's user_config (cluster.serve.live.INGRESS_SETTINGS): prices and request limits, applied to the
         running API on its event loop, between requests' steps; requests already started keep their price. A refused
         one changes nothing, and /health says why."""
-        applied = apply_user_config(self.args, self.resolved.args, INGRESS_SETTINGS, config, "Ingress")
-        self.settings_refused = applied.refusal
-        self.resolved = dataclasses.replace(self.resolved, args=applied.args, api=api_limits(applied.args))
+        self.applied = apply_user_config(self.args, self.applied.args, INGRESS_SETTINGS, config, "Ingress")
+        args = self.applied.args
+        self.resolved = dataclasses.replace(self.resolved, args=args, api=api_limits(args))
         if self.drainer is not None:
             reconfigure_api(self.drainer, self.resolved)
-        log.info("Ingress settings: %s", user_config(applied.args, INGRESS_SETTINGS))
+        log.info("Ingress settings: %s", user_config(args, INGRESS_SETTINGS))
 
     async def begin_drain(self, grace_s: float) -> tuple[str, int]:
         """Stop admitting now; in the background let the requests in flight finish for `grace_s` and cut the rest

@@ -20,8 +20,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
 from cluster.serve.args import ServeArgs
 
 log = logging.getLogger(__name__)
@@ -61,7 +59,7 @@ def apply_user_config(built: ServeArgs, current: ServeArgs, settings: frozenset[
     """`config` applied over `built` (the app's args), or, when refused, `current` kept and the refusal logged."""
     try:
         return Applied(reconfigured(built, settings, config), None)
-    except (ValueError, ValidationError) as e:
+    except ValueError as e:  # pydantic's ValidationError among them
         refusal = f"the {deployment}'s user_config was refused, its settings are unchanged: {e}"
         log.error("%s", refusal)
         return Applied(current, refusal)

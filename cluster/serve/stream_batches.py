@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import AsyncIterator, TypeVar
+from contextlib import aclosing
+from typing import AsyncGenerator, AsyncIterator, TypeVar
 
 T = TypeVar("T")
 
 
-async def batched(source: AsyncIterator[T], interval_s: float) -> AsyncIterator[list[T]]:
+async def batched(source: AsyncGenerator[T, None], interval_s: float) -> AsyncIterator[list[T]]:
     """`source`'s items in lists (see the module's doc); `interval_s` <= 0: each item alone, at once.
 
     An exception from `source` comes after the items it made before it. Closing this iterator (a consumer that
     leaves, a cancelled task) cancels the read in progress, which closes `source` (its own cleanup runs)."""
     if interval_s <= 0:
-        async for item in source:
-            yield [item]
+        async with aclosing(source):
+            async for item in source:
+                yield [item]
         return
     loop = asyncio.get_running_loop()
     ready: deque[tuple[T, float]] = deque()  # (output, when it arrived)
