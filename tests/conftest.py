@@ -78,11 +78,19 @@ def grammar_guide(tokenizer_version: str):
 
 
 @pytest.fixture
-def make_engine(model, tok):
+def async_scheduling() -> bool | None:
+    """`EngineConfig.async_scheduling` of the engines `make_engine` builds (None: the device's default). A module
+    that overrides this fixture with both values runs its engine tests both ways."""
+    return None
+
+
+@pytest.fixture
+def make_engine(model, tok, async_scheduling):
     """Engines built here are checked after the test: every block back on the free list, nothing referenced."""
     engines = []
 
     def make(blocks: int = 256, guided: bool = False, **kw) -> LLMEngine:
+        kw.setdefault("async_scheduling", async_scheduling)
         block_bytes = kv_bytes_per_block(model.config, 16, torch.float32)
         guide = grammar_guide(tok.version) if guided else None
         engine = LLMEngine(model, tok.decode, tok.eos_id, EngineConfig(kv_cache_bytes=blocks * block_bytes, **kw),

@@ -13,6 +13,14 @@ from cluster.engine.guided import GrammarError
 from cluster.engine.outputs import RequestError
 from cluster.engine.sampling_params import SamplingParams
 
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """Every engine test here runs with each step handed out before the next is scheduled, and with the next
+    scheduled while the last one is in flight (`EngineConfig.async_scheduling`)."""
+    return request.param
+
+
 _FIXED = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 130},

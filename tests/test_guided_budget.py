@@ -16,6 +16,14 @@ from cluster.api.grammars import GrammarError, check_grammar, json_grammar, tool
 from cluster.engine.engine import LLMEngine
 from cluster.engine.sampling_params import SamplingParams
 
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """Every engine test here runs with each step handed out before the next is scheduled, and with the next
+    scheduled while the last one is in flight (`EngineConfig.async_scheduling`)."""
+    return request.param
+
+
 SCHEMAS: dict[str, dict | None] = {
     "any object": None,
     "flat, bounded": {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],

@@ -18,6 +18,14 @@ from cluster.engine.engine import LLMEngine
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """Every engine test here runs with each step handed out before the next is scheduled, and with the next
+    scheduled while the last one is in flight (`EngineConfig.async_scheduling`)."""
+    return request.param
+
+
 _FIXED = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_OBJECT = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=_FIXED)
 NAMED = llguidance.LLMatcher.grammar_from_json_schema(  # at least 5 tokens: '{"', 'name', '":', ' ""', '}'
@@ -182,9 +190,10 @@ def test_a_step_that_fails_as_a_whole_still_answers_every_request(make_engine):
         raise RuntimeError("the error path failed too")
 
     engine._append, engine._fail_request = faulty_append, failing_error_path
-    outs = engine.step()
+    outs = []
     with pytest.raises(RuntimeError, match="error path failed"):
-        engine.step()
+        for _ in range(3):  # the second step raises (its outputs come a call later when steps are scheduled ahead)
+            outs += engine.step()
     outs += engine.fail_all("engine step failed", status=500)
     finals = {o.request_id: o for o in outs if o.finished}
     assert finals["finishes"].finish_reason == "length" and finals["finishes"].error is None

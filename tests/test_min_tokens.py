@@ -9,6 +9,14 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.engine.stop import StopStringFilter
 from cluster.generate import greedy_generate
 
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """Every engine test here runs with each step handed out before the next is scheduled, and with the next
+    scheduled while the last one is in flight (`EngineConfig.async_scheduling`)."""
+    return request.param
+
+
 PROMPT = list(range(100, 116))
 
 

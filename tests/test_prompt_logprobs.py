@@ -6,6 +6,7 @@ the prompt alone."""
 import asyncio
 import dataclasses
 
+import pytest
 import torch
 
 from cluster.engine import prompt_logprobs
@@ -13,6 +14,14 @@ from cluster.engine.outputs import RequestOutput, TokenLogprobs
 from cluster.engine.sampling_params import SamplingParams
 from cluster.model.kv_cache import ContiguousKVCache
 from cluster.serve.engine_backend import final_outputs
+
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """Every engine test here runs with each step handed out before the next is scheduled, and with the next
+    scheduled while the last one is in flight (`EngineConfig.async_scheduling`)."""
+    return request.param
+
 
 ATOL = 1e-5
 

@@ -163,7 +163,7 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return
-        n_full = seq.num_computed // self.block_size
+        n_full = min(seq.num_computed, seq.num_known) // self.block_size  # a pending token is no key yet
         table = seq.block_table
         for i, h in enumerate(self._hashes(seq, n_full)):
             block = self.blocks[table[i]]

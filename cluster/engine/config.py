@@ -33,3 +33,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # see `cluster.attention.selector`
     cuda_graphs: bool = False  # capture decode steps per batch bucket (CUDA only; see `cluster.engine.cuda_graphs`)
+    # Schedule and launch each step before reading the last one's tokens back, so the host's work overlaps the
+    # device's (`LLMEngine._step`). None: on a GPU. A CPU computes as it launches, so there it would only hand each
+    # output out one step later.
+    async_scheduling: bool | None = None

@@ -1,4 +1,6 @@
-"""The synchronous engine: admit requests, and `step()` = schedule, forward, sample, update."""
+"""The engine: admit requests, and `step()` = schedule, launch (forward and sampling on the device), hand out (read the
+tokens back, detokenize, stop). With `EngineConfig.async_scheduling` a call launches a step before handing out the
+one the previous call launched, so the host's work overlaps the device's."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import dataclasses
 import itertools
 import logging
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,12 +22,13 @@ from cluster.engine.guided import GrammarError, GrammarFault, GrammarGuide, as_f
 from cluster.engine.model_runner import ModelRunner
 from cluster.engine.outputs import ContextLengthError, RequestError, RequestOutput, TokenLogprobs
 from cluster.engine.paged_cache import PagedKVCache, kv_bytes_per_block
-from cluster.engine.sampler import Sampler, SamplerOutput, SamplingRow, make_generator
+from cluster.engine.sampler import DeviceSample, Sampler, SamplerOutput, SamplingRow, make_generator
 from cluster.engine.sampling_params import SamplingParams
-from cluster.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from cluster.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.engine.sequence import Sequence
 from cluster.engine.step_cost import StepCost
 from cluster.engine.stats import EngineStats
+from cluster.engine.step_inputs import PendingTokens
 from cluster.engine.stop import StopStringFilter
 from cluster.engine.warm_up import warm_up
 from cluster.model.decoder import CausalLM
@@ -79,6 +83,24 @@ class _SeqOutput:
         return text, [(t, lp) for t, lp, _ in ready]
 
 
+@dataclass
+class _Launched:
+    """A step started on the device, its tokens not read back yet."""
+
+    batch: SchedulerOutput
+    sampling: list[ScheduledSeq]  # the sequences that sample, in the order of `sample`'s rows
+    rows: list[SamplingRow]
+    faults: dict[int, GrammarFault]  # guided sequences whose grammar failed as the step was laid out
+    sample: DeviceSample | None  # None: no sequence samples
+    logits: torch.Tensor | None  # kept where a guided row may have to draw again (`_keep_in_budget`)
+
+
+def _may_run_past(step: _Launched) -> bool:
+    """Whether the next step may be scheduled before `step`'s tokens are read back: none of its sampled rows needs
+    its token on the host to lay out its next step (a grammar's mask and way, the penalties' counts)."""
+    return all(r.allowed is None and not (r.params.frequency_penalty or r.params.presence_penalty) for r in step.rows)
+
+
 class LLMEngine:
     def __init__(self, model: CausalLM, decode: Callable[[list[int]], str], eos_id: int,
                  config: EngineConfig = EngineConfig(), guide: GrammarGuide | None = None):
@@ -105,14 +127,16 @@ class LLMEngine:
         elif graphs is not None:
             log.info("decode steps replay %s CUDA graphs: %s", graphs.kind, graphs.reason)
         kind = graphs.kind if graphs is not None else None
-        self.runner = ModelRunner(model, cache, decode_buckets(config.max_num_seqs) if kind else (), self.expert_load)
+        self.runner = ModelRunner(model, cache, decode_buckets(config.max_num_seqs) if kind else (), self.expert_load,
+                                  config.max_num_seqs)
         if device.type == "cuda":
             warm_up(self.runner, config.max_num_batched_tokens, num_blocks)
         if kind:
             self.runner.capture_graphs(kind)
         cost = _step_cost(config, self.runner, num_blocks)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   _prefill_budget_beside_decodes(config, device), cost), self.blocks)
+                                                   _prefill_budget_beside_decodes(config, device), cost,
+                                                   self.context_len), self.blocks)
         if self.expert_load is not None:
             self.expert_load.reset()  # warm-up, capture and cost-probe steps routed made-up tokens
         self.sampler = Sampler()
@@ -121,6 +145,10 @@ class LLMEngine:
         self.outputs: dict[int, _SeqOutput] = {}
         self._unsent: list[RequestOutput] = []  # outputs of a step that failed as a whole: `fail_all` hands them out
         self._ids = itertools.count()
+        # Schedule each step while the last one runs (its outputs handed out after); see `_step`.
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else (
+            device.type == "cuda")
+        self._in_flight: _Launched | None = None  # launched, its outputs not handed out yet
         self.step_tokens: deque[int] = deque(maxlen=_MAX_PENDING_STEPS)  # tokens each step computed, for metrics
 
     # -- admission ---------------------------------------------------------------------------------------------
@@ -196,16 +224,19 @@ class LLMEngine:
                 outs.append(self._final(seq, "", []))
         self.siblings.pop(request_id, None)
         self._forget_if_done(request_id)
+        if self._in_flight is not None and all(s.seq.is_finished for s in self._in_flight.batch.scheduled):
+            self._in_flight = None  # nobody is left to read it
         return outs
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._in_flight is not None or self.scheduler.has_work()
 
     # -- the step ----------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One step's outputs. A sequence whose grammar or output handling fails ends its request with an error
-        output here, and the rest step on. If the step fails as a whole (it raises), the outputs it had made are
-        kept for `fail_all`, which the caller must call: nothing is lost, and no request is left unanswered."""
+        """One step's outputs (with async scheduling, those of the step the previous call launched). A sequence
+        whose grammar or output handling fails ends its request with an error output here, and the rest step on. If
+        the step fails as a whole (it raises), the outputs it had made are kept for `fail_all`, which the caller must
+        call: nothing is lost, and no request is left unanswered."""
         outs: list[RequestOutput] = []
         try:
             self._step(outs)
@@ -215,23 +246,60 @@ class LLMEngine:
         return outs
 
     def _step(self, outs: list[RequestOutput]) -> None:
+        """Launch a step and hand out the outputs of the one before it. With `async_scheduling` the step launched by
+        the last call is still in flight here: the next is scheduled and launched first (its sequences' pending
+        tokens read on the device), then the host reads and hands out the last one's tokens while the device runs
+        (a step whose sampled rows need their tokens on the host first, grammars or penalties, is handed out
+        before the next is scheduled). Without, each step is launched and handed out in the same call."""
+        ahead, self._in_flight = self._in_flight, None
+        if ahead is not None and not _may_run_past(ahead):
+            self._hand_out(ahead, outs)
+            ahead = None
+        try:
+            launched = self._launch(ahead)
+        finally:
+            if ahead is not None:
+                self._hand_out(ahead, outs)
+        if launched is not None and self.async_scheduling:
+            self._in_flight = launched
+        elif launched is not None:
+            self._hand_out(launched, outs)
+
+    def _launch(self, ahead: _Launched | None) -> _Launched | None:
+        """Schedule a step and start it on the device: forward and sampling, nothing read back."""
         batch = self.scheduler.schedule()
         if not batch:
-            return
+            return None
+        if ahead is not None and ahead.sample is not None:
+            batch.pending_tokens = PendingTokens(ahead.sample.tokens, {s.seq.seq_id: i
+                                                                       for i, s in enumerate(ahead.sampling)})
         logits, sampling = self.runner.run(batch)
         self.step_tokens.append(batch.num_tokens)
-        seqs = [s.seq for s in sampling]
-        rows, faults = self._rows(seqs)  # grammar masks: on a GPU, while the forward pass runs
-        sampled = self.sampler(logits, rows) if sampling else None
         for s in batch.scheduled:
             s.seq.num_computed += s.num_new
-            self.blocks.register_full_blocks(s.seq)
+        seqs = [s.seq for s in sampling]
+        rows, faults = self._rows(seqs)  # grammar masks: on a GPU, while the forward pass runs
+        sample = self.sampler.sample(logits, rows) if sampling else None
+        for seq in seqs:
+            seq.pending += 1
+        guided = self.guide is not None and any(r.allowed is not None for r in rows)
+        return _Launched(batch, sampling, rows, faults, sample, logits if guided else None)
+
+    def _hand_out(self, step: _Launched, outs: list[RequestOutput]) -> None:
+        """Read a launched step's tokens back and turn them into outputs (and finishes)."""
+        sampled = step.sample.result() if step.sample is not None else None
+        for s in step.sampling:
+            s.seq.pending -= 1
+        for s in step.batch.scheduled:
+            if not s.seq.is_finished:
+                self.blocks.register_full_blocks(s.seq)
             if s.prompt_logprobs:
                 s.seq.prompt_logprobs.extend(s.prompt_logprobs)
-        if sampled is not None and self.guide is not None:
-            self._keep_in_budget(logits, rows, seqs, sampled, faults)
-        for i, s in enumerate(sampling):
-            if s.seq.is_finished:  # its request failed earlier in this step
+        faults = step.faults
+        if step.logits is not None:
+            self._keep_in_budget(step.logits, step.rows, [s.seq for s in step.sampling], sampled, faults)
+        for i, s in enumerate(step.sampling):
+            if s.seq.is_finished:  # its request failed or was aborted after this step was launched
                 continue
             try:
                 if s.seq.seq_id in faults:
@@ -280,7 +348,7 @@ class LLMEngine:
     def _not_yet(self, seq: Sequence) -> tuple[int, ...]:
         """The tokens that would end `seq`'s output, while it is shorter than its min_tokens (vLLM's rule)."""
         p = seq.params
-        if len(seq.output) >= p.min_tokens:
+        if len(seq.output) + seq.pending >= p.min_tokens:
             return ()
         return p.stop_token_ids if p.ignore_eos else (*p.stop_token_ids, self.eos_id)
 
@@ -297,7 +365,7 @@ class LLMEngine:
         text, handed = ("", []) if stop_token else out.push(token, logprobs, len(seq.output) > p.min_tokens)
         if stop_token or out.stop.stopped or complete:
             reason = "stop"
-        elif len(seq.output) >= p.max_tokens or seq.num_tokens >= self.context_len:
+        elif len(seq.output) >= p.max_tokens or seq.num_known >= self.context_len:
             reason = "length"
         else:
             return [self._delta(seq, text, handed)]
@@ -350,6 +418,7 @@ class LLMEngine:
         """After a failed step: the outputs that step had made (requests it finished get their answer), then an
         error for every request still here; frees all blocks."""
         outs, self._unsent = self._unsent, []
+        self._in_flight = None  # its requests get their errors below
         for request_id in list(self.requests):
             outs.extend(self._errors(request_id, message, status))
         return outs

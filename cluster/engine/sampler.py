@@ -4,7 +4,9 @@ penalties, temperature, top-k/top-p/min-p and seeded draws.
 Randomness is drawn on the logits' device. Unseeded rows share one batched draw from the sampler's own generator
 (seeded from the OS); a seeded row draws from its own generator, one fixed-size draw per step, so a seeded request
 gets the same tokens whatever else shares its batch. Per-step parameters reach the device through pinned,
-non-blocking copies; the one sync of a step is reading the chosen tokens back.
+non-blocking copies. `sample` leaves the chosen tokens (and their logprobs) on the device, on their way to pinned
+host memory; `DeviceSample.result` is the step's one sync, and the next step may be launched before it (reading the
+tokens on the device).
 """
 
 from __future__ import annotations
@@ -40,6 +42,44 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # None where params.logprobs is off
 
 
+class DeviceSample:
+    """A step's draws: `tokens` [B] int64 on the device (what a step launched after it reads), and their copies on
+    their way to the host, read by `result` (which waits for them, and only for them)."""
+
+    def __init__(self, tokens: torch.Tensor, rows: list[SamplingRow], logprobs: _DeviceLogprobs | None):
+        self.tokens = tokens
+        self._tops = [r.params.top_logprobs if r.params.logprobs else None for r in rows]
+        self._want = [i for i, n in enumerate(self._tops) if n is not None]
+        parts = (tokens,) + (logprobs if logprobs is not None else ())
+        cuda = tokens.device.type == "cuda"
+        self._host = tuple(_to_pinned(t) for t in parts) if cuda else parts
+        self._ready = torch.cuda.Event() if cuda else None
+        if self._ready is not None:
+            self._ready.record()
+
+    def result(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        token_ids, *rest = (t.tolist() for t in self._host)
+        logprobs: list[TokenLogprobs | None] = [None] * len(token_ids)
+        if rest:
+            chosen, top_values, top_ids = rest
+            for j, i in enumerate(self._want):
+                n = self._tops[i]
+                logprobs[i] = TokenLogprobs(chosen[j], list(zip(top_ids[j][:n], top_values[j][:n])))
+        return SamplerOutput(token_ids, logprobs)
+
+
+_DeviceLogprobs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # chosen [W], top values [W, k], top ids [W, k]
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    """A non-blocking copy of device tensor `t` into pinned host memory (valid once the stream has reached it)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded with `seed`, or with a random seed from the OS when it is None."""
     gen = torch.Generator(device=device)
@@ -63,6 +103,10 @@ class Sampler:
         self._shared: dict[torch.device, torch.Generator] = {}  # the unseeded rows' generator, per device
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        return self.sample(logits, rows).result()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
+        """Draw one token per row, on the device, without waiting for the draws."""
         _check(logits, rows)
         processed = _mask_and_penalise(logits, rows)  # [B, V]
         tokens = processed.argmax(dim=-1)  # [B]; greedy rows keep this
@@ -73,8 +117,7 @@ class Sampler:
             noise = self._exponential_noise([rows[i].generator for i in sampled], logits.shape[-1], logits.device)
             # argmax(p / E) with E ~ Exp(1) i.i.d. picks token t with probability p[t].
             tokens[idx] = (probs / noise).argmax(dim=-1)
-        token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, _logprobs(logits, rows, token_ids))
+        return DeviceSample(tokens, rows, _logprobs(logits, rows, tokens))
 
     def _exponential_noise(self, gens: list[torch.Generator | None], V: int, device: torch.device) -> torch.Tensor:
         """[S, V] Exp(1) draws on `device`: one batched draw for the rows without a generator of their own, and one
@@ -222,18 +265,15 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.full_like(logits, _NEG_INF).scatter(-1, order, sorted_logits)
 
 
-def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], token_ids: list[int]) -> list[TokenLogprobs | None]:
-    out: list[TokenLogprobs | None] = [None] * len(rows)
+def _logprobs(logits: torch.Tensor, rows: list[SamplingRow], tokens: torch.Tensor) -> _DeviceLogprobs | None:
+    """The chosen tokens' raw logprobs and each row's top ones, on the device, for the rows that want them (None:
+    no row does)."""
     want = [i for i, r in enumerate(rows) if r.params.logprobs]
     if not want:
-        return out
-    device = logits.device
-    raw = logits[_on_device(want, torch.long, device)].float().log_softmax(dim=-1)  # [W, V]
-    chosen = raw.gather(1, _on_device([[token_ids[i]] for i in want], torch.long, device))[:, 0].tolist()  # [W]
+        return None
+    idx = _on_device(want, torch.long, logits.device)
+    raw = logits[idx].float().log_softmax(dim=-1)  # [W, V]
+    chosen = raw.gather(1, tokens[idx][:, None])[:, 0]  # [W]
     k = max(rows[i].params.top_logprobs for i in want)
-    top_vals, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())  # [W, k]
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    for j, i in enumerate(want):
-        n = rows[i].params.top_logprobs
-        out[i] = TokenLogprobs(chosen[j], list(zip(top_ids[j][:n], top_vals[j][:n])))
-    return out
+    top_values, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())  # [W, k]
+    return chosen, top_values, top_ids

@@ -1,7 +1,9 @@
 """Iteration-level scheduling: each step fills a token budget with decodes and chunks of prefills.
 
 One rule covers prefill, chunked prefill, decode, prefix-cache hits and resumption after preemption: every
-scheduled sequence's `num_computed` catches up with its `num_tokens`, as far as the budget allows. Running
+scheduled sequence's `num_computed` catches up with its `num_tokens`, as far as the budget allows (a token sampled
+on the device and not yet read back counts: `Sequence.pending`, so the next step can be scheduled while the last one
+runs). Running
 sequences go first (in admission order), then waiting ones FCFS. When blocks run out, the most recently admitted
 running sequence is preempted: its blocks are freed and it later recomputes its tokens (its sampled tokens are
 kept, so it resumes exactly where it was).
@@ -21,11 +23,15 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cluster.engine.block_manager import BlockManager
 from cluster.engine.outputs import TokenLogprobs
 from cluster.engine.sequence import Sequence, Status
 from cluster.engine.step_cost import StepCost
+
+if TYPE_CHECKING:
+    from cluster.engine.step_inputs import PendingTokens
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     prefill_budget_beside_decodes: int | None = None  # cost units a long prompt may take beside decodes; None: no cap
     cost: StepCost = StepCost(float("inf"))  # the model's (`StepCost.for_model`); the default counts tokens only
+    max_model_len: int = 1 << 62  # the model's context: a pending token that reaches it ends its sequence
 
 
 @dataclass
@@ -56,6 +63,8 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Set by the engine when scheduled sequences have a pending token (`Sequence.pending`): where its value is.
+    pending_tokens: PendingTokens | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -86,7 +95,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget.tokens > 0:
             seq = self.running[i]
-            num_new = budget.grant(seq)
+            # A sequence whose pending token ends it (scheduled ahead of the outputs) computes nothing past it.
+            num_new = 0 if seq.ends_by_length(self.config.max_model_len) else budget.grant(seq)
             if num_new == 0:  # a prefill the step has no room for; decodes behind it still go
                 i += 1
                 continue

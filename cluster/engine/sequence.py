@@ -30,6 +30,9 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None = None
     output: list[int] = field(default_factory=list)
+    # Tokens sampled on the device whose values the host has not read yet (0 or 1): a step scheduled ahead of the
+    # last one's outputs (`EngineConfig.async_scheduling`) feeds this sequence its pending token on the device.
+    pending: int = 0
     num_computed: int = 0
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at the last admission
     block_table: list[int] = field(default_factory=list)
@@ -57,7 +60,19 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Every token, the pending ones included (what the scheduler brings `num_computed` level with)."""
+        return len(self.prompt) + len(self.output) + self.pending
+
+    @property
+    def num_known(self) -> int:
+        """The tokens the host holds: `tokens` (the prompt and the outputs read back)."""
         return len(self.prompt) + len(self.output)
+
+    def ends_by_length(self, context_len: int) -> bool:
+        """Whether the token pending now ends the output by its length (max_tokens or the context), so that no step
+        computes past it. False while no token is pending."""
+        return bool(self.pending) and (len(self.output) + self.pending >= self.params.max_tokens
+                                       or self.num_tokens >= context_len)
 
     @property
     def scores_prompt(self) -> bool:

@@ -68,6 +68,10 @@ class ServeArgs(BaseModel):
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="capture decode steps in CUDA graphs per batch bucket (whole, or in pieces around "
                             "experts in other processes); auto: on for CUDA, never on CPU")
+    async_scheduling: Literal["auto", "on", "off"] = Field(
+        "auto", description="schedule and launch each engine step before the last one's tokens are read back, so "
+                            "the host's work overlaps the device's; auto: on for CUDA (a CPU computes as it "
+                            "launches, so there each output would only come a step later)")
     channel: Literal["auto", "shm", "gloo", "nccl"] = Field(
         "auto", description="the per-layer token channel; auto: shm when a unit shares one machine on CPU, "
                             "else gloo on CPU and NCCL on GPU")

@@ -69,7 +69,9 @@ def resolve(args: ServeArgs) -> ResolvedArgs:
                           step_cost=_step_cost(args.step_cost, device),
                           max_waiting=args.max_waiting, max_n=args.max_n,
                           enable_prefix_caching=args.enable_prefix_caching,
-                          attention_backend=args.attention_backend, cuda_graphs=cuda_graphs)
+                          attention_backend=args.attention_backend, cuda_graphs=cuda_graphs,
+                          async_scheduling=args.async_scheduling == "on" or (args.async_scheduling == "auto"
+                                                                             and device == "cuda"))
     api = api_limits(args)
     groups = assign_experts(config.num_experts, layout.num_shards) if layout.num_shards else []
     return ResolvedArgs(args=args, model_dir=model_dir, model_name=args.served_model_name or model_dir.name,
