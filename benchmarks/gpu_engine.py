@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from cluster.checkpoint.presets import preset
+from cluster.checkpoint.weights import shape_directory
 from cluster.checkpoint.writer import write_random_checkpoint
 from cluster.config import ModelConfig
 from cluster.dtype import resolve_dtype
@@ -29,29 +32,30 @@ from cluster.parallel.in_process import InProcessTransport
 from cluster.parallel.placement import assign_experts, expert_owners
 from cluster.parallel.shard_worker import ShardWorker
 from cluster.user_cache import cache_root, private_directory
-from engine import device_ceilings, make_requests, run_bound, run_engine, text_decoder
+from engine import Result, device_ceilings, make_requests, run_bound, run_engine, text_decoder
 from roofline import RooflineMeter, roofline_table
 
-ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = 64
 GPU_REQUESTS = 128  # prompts of 32..512 tokens, outputs of 16..256: about 17K output tokens
 GPU_KV_BYTES = 16 * 2**30
 
 
-def model_config(name: str) -> ModelConfig:
-    if name == "8x7b-2layers":  # Mixtral 8x7B's shapes, two layers: the real expert matmuls, a short load
-        full = ModelConfig.from_file(ROOT / "tests/data/configs/mixtral-8x7b-instruct")
-        return dataclasses.replace(full, num_layers=2)
-    return preset(name)
-
-
 def checkpoint(name: str) -> Path:
-    """A random checkpoint of `name`'s shape in the HF layout, written once per machine."""
+    """A random checkpoint of the preset `name` in the HF layout, written once per machine."""
     target = private_directory(cache_root() / "gpu-check") / name  # the user's checked cache, not a shared /tmp
     if not (target / "config.json").is_file():
         print(f"   writing the {name} checkpoint to {target}", flush=True)
-        write_random_checkpoint(target, model_config(name), seed=0)
+        write_random_checkpoint(target, preset(name), seed=0)
     return target
+
+
+def model_source(name: str) -> tuple[Path, str]:
+    """(directory, load format) of a model the check runs: a preset (`tiny`, `mini`) from a checkpoint written
+    here (the safetensors path); `PRESET-Nlayers` (e.g. `mixtral-8x7b-2layers`) from random weights made on the
+    device (no 93 GB file: the GPU machine's disk could not hold one)."""
+    if m := re.fullmatch(r"(.+)-(\d+)layers", name):
+        return shape_directory(name, dataclasses.replace(preset(m[1]), num_layers=int(m[2]))), "random"
+    return checkpoint(name), "safetensors"
 
 
 def device_and_dtype(dry_run: bool) -> tuple[str, str]:
@@ -59,21 +63,24 @@ def device_and_dtype(dry_run: bool) -> tuple[str, str]:
 
 
 def build(model_dir: Path, device: str, dtype: str, cuda_graphs: bool, max_num_seqs: int = CONCURRENCY,
-          moe_backend: str = "triton", attention: str = "auto", shards: int = 0) -> LLMEngine:
+          moe_backend: str = "triton", attention: str = "auto", shards: int = 0, load_format: str = "safetensors",
+          kv_cache_bytes: int | None = None) -> LLMEngine:
     """shards > 0: the experts split over that many shard workers behind the expert-parallel executor, as a unit
-    drives them, in this process (so decode graphs are captured piecewise around each layer's experts)."""
+    drives them, in this process (so decode graphs are captured piecewise around each layer's experts).
+    kv_cache_bytes None: GPU_KV_BYTES on a GPU, 256 MiB on the CPU."""
     config = ModelConfig.from_file(model_dir)
     decode, eos_id = text_decoder(config)
-    model = load_model(model_dir, dtype, device, moe_backend).model
+    model = load_model(model_dir, dtype, device, moe_backend, load_format=load_format).model
     if shards:
         groups = assign_experts(config.num_experts, shards)
-        workers = [ShardWorker.load(model_dir, config, g, resolve_dtype(dtype, device), device, moe_backend)
-                   for g in groups]
+        workers = [ShardWorker.load(model_dir, config, g, resolve_dtype(dtype, device), device, moe_backend,
+                                    load_format=load_format) for g in groups]
         model.attach_experts(ExpertParallelExecutor(InProcessTransport(workers), expert_owners(groups)))
+    if kv_cache_bytes is None:
+        kv_cache_bytes = GPU_KV_BYTES if device == "cuda" else 2**28
     # No prefix cache: a prompt run twice (eager, then graphs) must be computed the same way both times.
     engine_config = EngineConfig(max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs, attention_backend=attention,
-                                 kv_cache_bytes=GPU_KV_BYTES if device == "cuda" else 2**28,
-                                 enable_prefix_caching=False)
+                                 kv_cache_bytes=kv_cache_bytes, enable_prefix_caching=False)
     return LLMEngine(model, decode, eos_id, engine_config)
 
 
@@ -134,17 +141,11 @@ def _count_launches(fn) -> int:
 def run(name: str, dry_run: bool, shards: int = 0) -> dict:
     """shards > 0: experts behind the expert-parallel executor (piecewise graphs), see `build`."""
     device, dtype = device_and_dtype(dry_run)
-    model_dir = checkpoint(name)
+    model_dir, load_format = model_source(name)
     config = ModelConfig.from_file(model_dir)
     result: dict = {"model": name, "device": device, "dtype": dtype, "shards": shards}
-
-    def build_in_graph_mode() -> LLMEngine:
-        engine = build(model_dir, device, dtype, cuda_graphs=device == "cuda", attention="triton", shards=shards)
-        result["graphs"] = type(engine.runner.graphs).__name__ if engine.runner.graphs else "none"
-        set_graphs(engine, True)  # on the CPU: the padded static-buffer path that graphs replay on a GPU
-        return engine
-
-    front = AsyncEngine(build_in_graph_mode)
+    front = graph_mode_engine(result, lambda: build(model_dir, device, dtype, cuda_graphs=device == "cuda",
+                                                    attention="triton", shards=shards, load_format=load_format))
     rng = random.Random(1)
     count, new_tokens = (3, 4) if dry_run else (8, 16)  # the interpreter runs a tiny step in about 0.3 s
     prompts = [[rng.randrange(3, config.vocab_size) for _ in range(rng.randint(5, 60))] for _ in range(count)]
@@ -165,10 +166,7 @@ def run(name: str, dry_run: bool, shards: int = 0) -> dict:
         requests = [(p[:24], min(o, 4)) for p, o in requests]
     concurrency = 2 if dry_run else CONCURRENCY
     read_bw, peak = front.call(lambda e: device_ceilings(e.device, e.model.lm_head.weight.dtype)).result()
-    meter = front.call(RooflineMeter).result()
-    served, steps = run_engine(front, requests, concurrency)
-    front.call(lambda e: meter.close()).result()
-    roofline = front.call(lambda e: roofline_table(meter.records(), read_bw, peak)).result()
+    served, roofline, steps = metered_run(front, requests, concurrency, read_bw, peak)
     bound = front.call(lambda e: run_bound(e, steps, served.output_tokens, concurrency)).result()
     front.shutdown()
     ratio = served.tokens_per_s / bound.tokens_per_s
@@ -184,6 +182,28 @@ def run(name: str, dry_run: bool, shards: int = 0) -> dict:
                           f"graph==eager {result['eager_vs_graphs']['sequences_equal']}/{len(prompts)}")
     result["passed"] = result["eager_vs_graphs"]["sequences_equal"] == len(prompts)
     return result
+
+
+def graph_mode_engine(result: dict, make: Callable[[], LLMEngine]) -> AsyncEngine:
+    """The async engine over `make()`, its decode steps in graph mode; result["graphs"] names its graphs."""
+    def build_in_graph_mode() -> LLMEngine:
+        engine = make()
+        result["graphs"] = type(engine.runner.graphs).__name__ if engine.runner.graphs else "none"
+        set_graphs(engine, True)  # on the CPU: the padded static-buffer path that graphs replay on a GPU
+        return engine
+
+    return AsyncEngine(build_in_graph_mode)
+
+
+def metered_run(front: AsyncEngine, requests: list[tuple[list[int], int]], concurrency: int, read_bw: float,
+                peak: float) -> tuple[Result, list[dict], list]:
+    """The engine serving `requests` with `concurrency` clients, under the roofline meter: (its result, the
+    roofline table, its step shapes)."""
+    meter = front.call(RooflineMeter).result()
+    served, steps = run_engine(front, requests, concurrency)
+    front.call(lambda e: meter.close()).result()
+    roofline = front.call(lambda e: roofline_table(meter.records(), read_bw, peak)).result()
+    return served, roofline, steps
 
 
 def compare_with_cpu(dry_run: bool) -> dict:

@@ -9,7 +9,10 @@ import argparse
 import sys
 import time
 from types import UnionType
-from typing import Any, Callable, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Callable, Literal, Union, get_args, get_origin
+
+if TYPE_CHECKING:
+    from cluster.serve.args import ServeArgs
 
 
 def parse_size(text: str) -> int:
@@ -75,10 +78,15 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve_settings(args: argparse.Namespace) -> "ServeArgs":
+    """The validated settings of a parsed `serve` command line (what the server it starts runs with)."""
     from cluster.serve.args import ServeArgs
 
-    serve_args = ServeArgs(**{name: getattr(args, name) for name in ServeArgs.model_fields if hasattr(args, name)})
+    return ServeArgs(**{name: getattr(args, name) for name in ServeArgs.model_fields if hasattr(args, name)})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    serve_args = serve_settings(args)
     if args.no_ray:
         from cluster.serve.resolved import resolve
         from cluster.serve.standalone import run_standalone

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import httpx
 import pytest
@@ -167,3 +168,29 @@ def test_a_function_without_parameters_gets_empty_arguments(served):
         assert response.status_code == 200, response.text
         calls = response.json()["choices"][0]["message"]["tool_calls"]
         assert calls and all(c["function"] == {"name": "get_time", "arguments": "{}"} for c in calls), calls
+
+
+def test_without_llguidance_the_server_serves_text_and_refuses_output_formats_with_400s(tiny_dir, monkeypatch):
+    """A machine that carries only what plain text needs (the GPU check's): `--no-ray` starts without a grammar
+    guide, answers chat, and refuses each structured-output request with a 400 naming its field."""
+    from cluster.serve.args import ServeArgs
+    from tests.asgi_client import on_standalone
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # `import llguidance` now raises ImportError
+    assert GrammarGuide.if_installed("v3") is None
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    bodies = [{"messages": ASK, "max_tokens": 3},
+              {"messages": ASK, "max_tokens": 3, "response_format": {"type": "json_object"}},
+              {"messages": ASK, "max_tokens": 3, "response_format": _schema_format({"type": "object"})},
+              {"messages": ASK, "max_tokens": 3, "tools": [tool], "tool_choice": "required"}]
+
+    async def ask(client: httpx.AsyncClient) -> list[httpx.Response]:
+        return [await client.post("/v1/chat/completions", json={"model": "tiny", **body}) for body in bodies]
+
+    args = ServeArgs(model=str(tiny_dir), served_model_name="tiny", shards=2, dtype="fp32", kv_cache_bytes=2**24,
+                     device="cpu")
+    text, json_object, schema, forced = on_standalone(args, ask)
+    assert text.status_code == 200 and text.json()["usage"]["completion_tokens"] == 3, text.text
+    for response, param in ((json_object, "response_format"), (schema, "response_format"), (forced, "tools")):
+        error = _error(response)
+        assert error["param"] == param and "does not enforce output formats" in error["message"], error

@@ -12,7 +12,7 @@ import torch
 from cluster.checkpoint.names import dense_tensor_shapes, expert_tensor_shapes
 from cluster.checkpoint.presets import preset
 from cluster.checkpoint.random_weights import RandomWeights
-from cluster.checkpoint.weights import model_directory, open_weights
+from cluster.checkpoint.weights import model_directory, open_weights, shape_directory
 from cluster.cli import main
 from cluster.config import ModelConfig
 from cluster.generate import greedy_generate
@@ -64,6 +64,15 @@ def test_a_shape_name_stands_for_the_released_models_config(name, released):
     expected = {"mixtral-8x7b": "v1", "mixtral-8x22b": "v3"}[name]  # what the vocabulary size implies
     assert shape == dataclasses.replace(ModelConfig.from_file(CONFIGS / released), tokenizer_version=expected)
     assert model_directory(name, "random") == directory  # made once, then reused
+
+
+def test_a_shape_of_a_callers_own_holds_its_config_under_a_plain_name_only():
+    shallow = dataclasses.replace(preset("mixtral-8x7b"), num_layers=3)
+    directory = shape_directory("mixtral-8x7b-3layers", shallow)
+    assert ModelConfig.from_file(directory) == shallow and directory.name == "mixtral-8x7b-3layers"
+    for name in ("../escape", "a/b", "", ".hidden"):
+        with pytest.raises(ValueError, match="not a shape name"):
+            shape_directory(name, shallow)
 
 
 def test_a_shape_name_is_not_a_checkpoint():

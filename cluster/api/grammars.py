@@ -50,9 +50,18 @@ class GrammarError(ValueError):
     """A schema or grammar the server cannot enforce; the message is for the client (no library internals)."""
 
 
+def _grammar_engine() -> Any:
+    """The llguidance module; a refusal where it is not installed (the engine then runs without a grammar guide)."""
+    try:
+        import llguidance
+    except ImportError:
+        raise GrammarError("this server does not enforce output formats (it runs without a grammar engine)") from None
+    return llguidance
+
+
 def json_grammar(schema: dict | None) -> str:
     """The grammar of JSON text that matches `schema`; None: any JSON object (response_format json_object)."""
-    import llguidance
+    llguidance = _grammar_engine()
 
     schema = _ANY_OBJECT if schema is None else _client_schema(schema, "the JSON schema")
     try:
@@ -69,7 +78,7 @@ def tool_call_grammar(tools: list[dict], name: str | None, parallel: bool) -> st
     """The grammar of a v3 tool-call turn: `<TOOL_CALLS>`, a space, then a JSON array of calls, each
     `{"name": <a tool's name>, "arguments": <its parameters>}` (only `name`'s when given; one call unless parallel).
     tools: OpenAI tool dicts ({"type": "function", "function": {"name", "description"?, "parameters"?}})."""
-    import llguidance
+    llguidance = _grammar_engine()
 
     calls = {"type": "array", "items": {"anyOf": _call_schemas(tools, name)}, "minItems": 1,
              "x-guidance": JSON_OPTIONS}
@@ -115,7 +124,7 @@ class _Verdict:
 
 
 def _judge(grammar: str, tokenizer_version: str, max_tokens: int) -> _Verdict:
-    import llguidance
+    llguidance = _grammar_engine()
 
     from cluster.tokenizer.grammar import grammar_tokenizer
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +19,7 @@ from cluster.checkpoint.presets import PRESETS
 from cluster.checkpoint.progress import ProgressCallback
 from cluster.checkpoint.random_weights import RandomWeights
 from cluster.checkpoint.reader import CheckpointReader
+from cluster.config import ModelConfig
 from cluster.user_cache import cache_root, private_directory
 
 LOAD_FORMATS = ("safetensors", "random")
@@ -49,10 +51,13 @@ def model_directory(model: str | None, load_format: str) -> Path:
     return Path(model) if model is not None else ensure_default_checkpoint()
 
 
-def shape_directory(name: str) -> Path:
-    """A directory in the user's cache holding the shape's config.json (rewritten atomically when it differs)."""
-    directory = private_directory(cache_root() / "shapes" / name)  # `name` is a key of PRESETS, never free text
-    text = json.dumps(PRESETS[name].to_hf_dict(), indent=2) + "\n"
+def shape_directory(name: str, config: ModelConfig | None = None) -> Path:
+    """A directory in the user's cache holding the config.json of the shape `name` (rewritten atomically when it
+    differs): a preset's, or `config` under a name its caller chose (e.g. a preset with fewer layers)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):  # a key of PRESETS or a caller's label, never a path
+        raise ValueError(f"not a shape name: {name!r}")
+    directory = private_directory(cache_root() / "shapes" / name)
+    text = json.dumps((config or PRESETS[name]).to_hf_dict(), indent=2) + "\n"
     target = directory / "config.json"
     if not target.is_file() or target.read_text() != text:
         fd, tmp = tempfile.mkstemp(prefix=".config-", dir=directory)

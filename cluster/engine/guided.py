@@ -61,6 +61,14 @@ class GrammarFault(Exception):
         self.status = status
 
 
+def grammar_engine_installed() -> bool:
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def as_fault(e: BaseException) -> GrammarFault:
     """What an exception raised by one sequence's grammar work means for its request."""
     if isinstance(e, GrammarFault):
@@ -113,6 +121,15 @@ class GrammarGuide:
         from cluster.tokenizer.grammar import grammar_tokenizer, special_token_ids, token_bytes
 
         return cls(grammar_tokenizer(version), token_bytes(version), special_token_ids(version))
+
+    @classmethod
+    def if_installed(cls, version: str) -> "GrammarGuide | None":
+        """`for_tokenizer(version)`, or None where llguidance is not installed (a machine that carries only what
+        serving plain text needs): the engine then refuses guided requests, and the API answers them 400."""
+        if not grammar_engine_installed():
+            log.warning("llguidance is not installed: requests for structured output will be refused")
+            return None
+        return cls.for_tokenizer(version)
 
     # -- grammars ----------------------------------------------------------------------------------------------
     def compile(self, grammar: str, max_path: int) -> _Compiled:

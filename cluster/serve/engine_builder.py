@@ -28,7 +28,7 @@ def build_engine(resolved: ResolvedArgs, executor: ExpertExecutor | None,
             raise ValueError("a mixture-of-experts model needs an expert executor")
         model.attach_experts(executor)
     tok = load_tokenizer(r.tokenizer_version)
-    return LLMEngine(model, tok.decode, tok.eos_id, r.engine, GrammarGuide.for_tokenizer(r.tokenizer_version))
+    return LLMEngine(model, tok.decode, tok.eos_id, r.engine, GrammarGuide.if_installed(r.tokenizer_version))
 
 
 def in_process_executor(resolved: ResolvedArgs, progress: ProgressCallback | None = None) -> ExpertExecutor | None:
