@@ -38,6 +38,9 @@ def test_gpu_check_dry_run(tmp_path: Path):
     engine = results["sections"]["engine_mini"]
     assert engine["eager_vs_graphs"]["sequences_equal"] == engine["eager_vs_graphs"]["sequences"] > 0
     assert engine["engine"]["output_tokens"] > 0 and engine["bound"]["output_tokens"] > 0
+    assert engine["eager_vs_graphs"]["async_equal_in_series"] == engine["eager_vs_graphs"]["sequences"]
+    assert engine["in_series"]["output_tokens"] == engine["engine"]["output_tokens"]
+    assert engine["in_series"]["ahead_over_in_series"] > 0
     assert results["sections"]["tiny_vs_cpu"]["sequences_equal"] == results["sections"]["tiny_vs_cpu"]["sequences"]
 
     api = results["sections"]["serve_api"]

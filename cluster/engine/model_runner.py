@@ -239,8 +239,9 @@ class ModelRunner:
         packed.send([ids, positions, slots, lens, qsl, qsl[:bucket], sample_rows, table_rows])
         inputs.meta.context_lens = context_lens  # the host view, for backends that plan on the host
         fed = [(i, _pending_row(pending, s)) for i, s in enumerate(items) if s.seq.pending]
-        fed_rows, fed_src, *writes_t = self._diff.send(_fed_arrays(fed) + writes)
-        self.tables.write(*writes_t)
+        if fed or writes[0].size:
+            fed_rows, fed_src, *writes_t = self._diff.send(_fed_arrays(fed) + writes)
+            self.tables.write(*writes_t)
         torch.index_select(self.tables.rows, 0, inputs.table_rows, out=inputs.meta.block_tables)
         if fed:
             _feed(inputs.input_ids, fed_rows, fed_src, pending)
