@@ -125,9 +125,23 @@ def _rank_main(rank: int, ranks: int, init_file: str, out_dir: str, auto: str) -
             dispatched.clear()
             out = executor(case.layer, x, ids, w)
             results[case.name] = {"out": out, "dispatched": list(dispatched)}
+        results["refused"] = _refusals(exchange, experts)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _refusals(exchange: ExpertAllToAll, experts: tuple[int, ...]) -> list[str]:
+    """What this rank refuses before any collective: more tokens than the step agreed, a worker with other experts."""
+    refused = []
+    x, ids, w = torch.zeros(3, D), torch.zeros(3, K, dtype=torch.long), torch.full((3, K), 0.5)
+    others = ShardWorker(_layers(torch.float32, tuple(e for e in range(E) if e not in experts)), E, _backend("exact"))
+    for attempt in (lambda: exchange.dispatch(x, ids, w, step_tokens=2), lambda: AllToAllExperts(exchange, others)):
+        try:
+            attempt()
+        except ValueError as e:
+            refused.append(str(e))
+    return refused
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2-ranks", "4-ranks"])
@@ -186,3 +200,11 @@ def test_every_rank_takes_the_cases_path_with_its_capacity(run, case):
         assert rows == (ranks * capacity if path == "fixed" else routed[rank]), rank
     if spec.to_rank is not None and spec.path == "fixed":  # worst case: every row the last rank received is real
         assert routed[spec.to_rank] == ranks * capacity == ranks * MAX_TOKENS * K
+
+
+def test_a_rank_refuses_a_step_larger_than_agreed_and_a_worker_with_other_experts(run):
+    ranks, results = run
+    for rank in range(ranks):
+        refused = results[rank]["refused"]
+        assert len(refused) == 2, refused
+        assert "3 tokens on a step agreed at 2" in refused[0] and f"rank {rank} owns experts" in refused[1]
