@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.dtype import DTYPE_CHOICES, parse_dtype  # noqa: E402
 from cluster.kernels.align import align_pairs_torch, align_pairs_triton  # noqa: E402
+from cluster.kernels.fp8 import FP8  # noqa: E402
 from cluster.kernels.fused_moe import fused_experts  # noqa: E402
 from cluster.kernels.paged_attention import (decode_split_counts, paged_decode, paged_prefill,  # noqa: E402
                                             store_kv)
@@ -58,6 +59,7 @@ META = torch.device("meta")
 # Per-block shared memory a kernel may opt into, by compute capability (CUDA's documented limits).
 SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 REGS_PER_SM = 65536
+FP8_MODES = ("w8a16", "w8a8")  # FP8 experts: weights widened in the kernel, or FP8 dots (`cluster.kernels.fused_moe`)
 
 
 # -- capture: run a launcher, keep what it would compile -----------------------------------------------------------
@@ -168,6 +170,7 @@ class Plan:
     moe_max_tokens: int = 8192
     tuned_device: str | None = None  # also compile the tuned configs stored for this device name
     align_experts: tuple[int, ...] = (1, 2, 4, 8)
+    fp8: tuple[str, ...] = FP8_MODES  # FP8 expert modes compiled beside the plain weights
 
 
 QUICK = Plan(dtypes=("bf16",), head_dims=(128,), groups=(6,), splits=(1, 3), moe_max_tokens=32,
@@ -232,11 +235,11 @@ def attention_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
                        lambda k=k, s=_packed((5,), off): store_kv(k, torch.empty_like(k), kc, vc, s))
 
 
-def moe_configs(plan: Plan, dtype: torch.dtype) -> list[tuple[int, MoEConfig]]:
+def moe_configs(plan: Plan, dtype: torch.dtype, fp8_weights: bool = False) -> list[tuple[int, MoEConfig]]:
     """(first M, config) of every distinct config serving up to `moe_max_tokens` in `dtype` can use: the M buckets
     of `tuning.config_buckets` (what `TritonMoEBackend.warm_up` compiles), plus a device's tuned table if asked."""
     out: list[tuple[int, MoEConfig]] = []
-    for m, _, cfg in config_buckets(plan.moe_max_tokens, plan.experts, plan.ffn, META, dtype):
+    for m, _, cfg in config_buckets(plan.moe_max_tokens, plan.experts, plan.ffn, META, dtype, fp8_weights):
         if all(cfg != seen for _, seen in out):
             out.append((m, cfg))
     if plan.tuned_device:
@@ -248,20 +251,25 @@ def moe_configs(plan: Plan, dtype: torch.dtype) -> list[tuple[int, MoEConfig]]:
 
 def moe_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
     """fused_experts (gate_up + down) per dtype x config, with the backend's argument dtypes: activations in the
-    weights' dtype, int64 router ids, fp32 router weights."""
+    weights' dtype, int64 router ids, fp32 router weights; and per FP8 mode, FP8 weights with float32 scales and
+    activations in the dtype (W8A8 adds the activations' quantization kernel)."""
     e, d, f, k = plan.experts, plan.hidden, plan.ffn, plan.top_k
     expert_map = torch.empty(e, dtype=torch.int32, device=META)
-    for name in plan.dtypes:
+    scales = {"w13_scale": torch.empty(e, 2 * f, device=META), "w2_scale": torch.empty(e, d, device=META)}
+    for name, mode in ((name, mode) for name in plan.dtypes for mode in (None, *plan.fp8)):
         dtype = parse_dtype(name)
-        w13 = torch.empty(e, 2 * f, d, dtype=dtype, device=META)  # [E, 2F, D]
-        w2 = torch.empty(e, d, f, dtype=dtype, device=META)  # [E, D, F]
-        for (m, cfg), off in ((mc, off) for mc in moe_configs(plan, dtype) for off in (0, 1)):
+        held = FP8 if mode else dtype
+        w13 = torch.empty(e, 2 * f, d, dtype=held, device=META)  # [E, 2F, D]
+        w2 = torch.empty(e, d, f, dtype=held, device=META)  # [E, D, F]
+        fp8 = {} if mode is None else {**scales, "fp8_activations": mode == "w8a8"}
+        for (m, cfg), off in ((mc, off) for mc in moe_configs(plan, dtype, mode is not None) for off in (0, 1)):
             x = torch.empty(m, d, dtype=dtype, device=META)
             ids = torch.empty(m, k, dtype=torch.int64, device=META)
             weights = _packed((m, k), off, torch.float32)  # a frame's router weights: aligned or not
-            label = f"{name} M={m} gate_up={_cfg(cfg.gate_up)} down={_cfg(cfg.down)} offset={off}"
-            yield label, lambda x=x, w13=w13, w2=w2, ids=ids, w=weights, cfg=cfg: fused_experts(
-                x, w13, w2, w, align_pairs_torch(ids, expert_map, e, cfg.block_m), cfg)
+            label = (f"{name}{' ' + mode if mode else ''} M={m} gate_up={_cfg(cfg.gate_up)} down={_cfg(cfg.down)} "
+                     f"offset={off}")
+            yield label, lambda x=x, w13=w13, w2=w2, ids=ids, w=weights, cfg=cfg, fp8=fp8: fused_experts(
+                x, w13, w2, w, align_pairs_torch(ids, expert_map, e, cfg.block_m), cfg, **fp8)
 
 
 def align_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
@@ -405,6 +413,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-sms", type=int, help="SMs the split choice assumes (H200: 132)")
     p.add_argument("--moe-max-tokens", type=int)
     p.add_argument("--tuned-device", help="also compile the tuned MoE configs stored for this device name")
+    p.add_argument("--fp8", help=f"comma list of FP8 expert modes ({','.join(FP8_MODES)}; empty: none)")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     return p.parse_args(argv)
@@ -414,11 +423,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
     base = QUICK if args.quick else Plan()
     overrides = {"dtypes": tuple(args.dtypes.split(",")) if args.dtypes else None, "head_dims": args.head_dims,
                  "groups": args.groups, "splits": args.splits, "num_sms": args.num_sms,
-                 "moe_max_tokens": args.moe_max_tokens, "tuned_device": args.tuned_device}
+                 "moe_max_tokens": args.moe_max_tokens, "tuned_device": args.tuned_device,
+                 "fp8": None if args.fp8 is None else tuple(m for m in args.fp8.split(",") if m)}
     fields = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(fields.get("dtypes", ())) - set(DTYPE_CHOICES)
     if unknown:
         raise SystemExit(f"unknown dtypes {sorted(unknown)}: choose from {', '.join(DTYPE_CHOICES)}")
+    if set(fields.get("fp8", ())) - set(FP8_MODES):
+        raise SystemExit(f"unknown FP8 modes in {args.fp8!r}: choose from {', '.join(FP8_MODES)}")
     return Plan(**{**asdict(base), **fields})
 
 

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.checkpoint.weights import model_directory  # noqa: E402
-from cluster.config import ModelConfig  # noqa: E402
+from cluster.config import QUANTIZATIONS, ModelConfig, expert_quantization  # noqa: E402
 from cluster.engine.async_engine import AsyncEngine  # noqa: E402
 from cluster.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from cluster.engine.sampling_params import SamplingParams  # noqa: E402
@@ -198,6 +198,8 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                         help="for every system alike; auto: bf16 on CUDA and on CPUs with AMX, else fp32")
     parser.add_argument("--moe-backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, help="fp8: the experts in FP8 (default: the "
+                        "checkpoint's own)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-transformers", action="store_true")
@@ -211,13 +213,15 @@ def main() -> int:
     if args.load_format == "random" and not args.skip_transformers:
         parser.error("--load-format random has no checkpoint for transformers to read: add --skip-transformers")
     config = ModelConfig.from_file(model_dir)
+    quantization = expert_quantization(config, args.quantization)
     decode, eos_id = text_decoder(config)
     engine_config = EngineConfig(max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens)
 
     def build() -> LLMEngine:
         if args.threads:
             torch.set_num_threads(args.threads)
-        model = load_model(model_dir, args.dtype, args.device, args.moe_backend, load_format=args.load_format).model
+        model = load_model(model_dir, args.dtype, args.device, args.moe_backend, load_format=args.load_format,
+                           quantization=args.quantization).model
         return LLMEngine(model, decode, eos_id, engine_config)
 
     # All torch work (engine, bound, transformers) runs on the engine thread, one OpenMP pool for the process.
@@ -225,8 +229,8 @@ def main() -> int:
     requests = make_requests(args.requests, config.vocab_size, args.seed)
     threads = front.call(lambda e: torch.get_num_threads()).result()
     print(f"{len(requests)} requests, {sum(len(p) for p, _ in requests)} prompt and "
-          f"{sum(o for _, o in requests)} output tokens; model {model_dir} in {dtype_name(args.dtype)}; "
-          f"torch threads {threads}",
+          f"{sum(o for _, o in requests)} output tokens; model {model_dir} in {dtype_name(args.dtype)}"
+          f"{', experts in ' + quantization if quantization else ''}; torch threads {threads}",
           flush=True)
 
     read_bw, peak = front.call(lambda e: device_ceilings(e.device, e.model.lm_head.weight.dtype)).result()
@@ -237,7 +241,7 @@ def main() -> int:
     bound_results: dict[int, Result] = {}
     roofline: dict[int, list[dict]] = {}
     for c in args.concurrency:
-        meter = front.call(RooflineMeter).result()
+        meter = front.call(lambda e: RooflineMeter(e, quantization)).result()
         engine_results[c], steps = run_engine(front, requests, c)
         front.call(lambda e: meter.close()).result()
         roofline[c] = front.call(lambda e: roofline_table(meter.records(), read_bw, peak)).result()

@@ -6,7 +6,7 @@ Sections, in this order (correctness first, so a run cut short still says whethe
 thing), each timed and recorded on its own (a crash is recorded with its traceback, a missed check as "failed"; the
 rest still run):
   ceilings         device-to-device copy bandwidth and bf16 matmul rate, measured here (the denominators below)
-  kernel_tests     the kernel, attention and graph test files under pytest, on this device
+  kernel_tests     the kernel (FP8 too), attention and graph test files under pytest, on this device
   tiny_vs_cpu      greedy tokens on `tiny`, this device against CPU fp32
   moe_kernel       fused MoE on Mixtral 8x22B expert shapes: % of HBM bandwidth and of bf16 peak per M
   paged_attention  paged decode attention at batch 64 x 4K context against the HBM bound
@@ -50,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_align.py", "tests/test_triton_attention.py",
-                "tests/test_paged_cache.py", "tests/test_cuda_graphs.py", "tests/test_kernel_hazards.py"]
+                "tests/test_paged_cache.py", "tests/test_cuda_graphs.py", "tests/test_kernel_hazards.py",
+                "tests/test_fp8_kernels.py"]
 
 
 def environment(dry_run: bool) -> dict:

@@ -27,6 +27,7 @@ import torch
 from cluster.config import ModelConfig
 from cluster.engine.engine import LLMEngine
 from cluster.engine.step_cost import attention_flops_per_key, weight_flops_per_token
+from cluster.parallel.placement import expert_weight_bytes
 
 Shape = tuple[int, int, bool]  # (tokens already computed, new tokens, whether the step samples it)
 
@@ -54,18 +55,23 @@ def expert_weight_count(config: ModelConfig) -> int:
 
 
 def step_traffic(config: ModelConfig, weight_bytes: int, kv_bytes: int, shapes: list[Shape],
-                 touched: list[int]) -> StepTraffic:
+                 touched: list[int], quantization: str | None = None) -> StepTraffic:
     """weight_bytes, kv_bytes: per element; touched[l]: experts of layer l that got a token this step (ignored
-    for a dense model, whose MLP every token reads)."""
+    for a dense model, whose MLP every token reads); quantization "fp8": the experts are read in FP8 (a byte a
+    weight, and their scales)."""
     h, layers = config.hidden_size, config.num_layers
     tokens = sum(new for _, new, _ in shapes)
     sampled = sum(1 for _, _, samples in shapes if samples)
-    experts = sum(touched) if config.is_moe else layers
-    weights = layers * dense_weight_count(config) + experts * expert_weight_count(config) + h  # + the final norm
+    weights = layers * dense_weight_count(config) + h  # + the final norm
+    if config.is_moe:  # one expert of one layer, as held
+        experts = sum(touched) * expert_weight_bytes(config, [0], weight_bytes, quantization) // layers
+    else:
+        experts = layers * expert_weight_count(config) * weight_bytes
     lm_head = config.vocab_size * h if sampled else 0
     kv_per_token = 2 * layers * config.kv_size  # K and V of every layer
     kv_read = sum(computed + new for computed, new, _ in shapes) * kv_per_token
-    moved = (weights + lm_head + tokens * h) * weight_bytes + (kv_read + tokens * kv_per_token) * kv_bytes
+    moved = ((weights + lm_head + tokens * h) * weight_bytes + experts
+             + (kv_read + tokens * kv_per_token) * kv_bytes)
     keys = sum(new * computed + new * (new + 1) // 2 for computed, new, _ in shapes)  # each token's keys, itself too
     flops = (tokens * layers * weight_flops_per_token(config) + keys * layers * attention_flops_per_key(config)
              + 2 * sampled * config.vocab_size * h)
@@ -108,8 +114,10 @@ class _Pending:
 class RooflineMeter:
     """Records every step the engine's runner runs, until `close()`; `records()` after that."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, quantization: str | None = None):
+        """`quantization`: the experts' ("fp8", or None: in the model's dtype)."""
         self.engine = engine
+        self.quantization = quantization
         self.config = engine.model.config
         self.weight_bytes = engine.model.lm_head.weight.element_size()
         self.kv_bytes = engine.kv_cache_dtype.itemsize
@@ -159,7 +167,8 @@ class RooflineMeter:
                 touched = (step.counts > before).sum(dim=1).tolist()
                 before = step.counts
             kind, bucket = step_kind(step.shapes)
-            traffic = step_traffic(self.config, self.weight_bytes, self.kv_bytes, step.shapes, touched)
+            traffic = step_traffic(self.config, self.weight_bytes, self.kv_bytes, step.shapes, touched,
+                                   self.quantization)
             out.append(StepRecord(kind, bucket, sum(new for _, new, _ in step.shapes), traffic, device,
                                   max(device, following - step.started)))
         return out

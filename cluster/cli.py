@@ -44,7 +44,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     model_dir = model_directory(args.model, args.load_format)
     t0 = time.perf_counter()
-    loaded = load_model(model_dir, dtype=args.dtype, backend=args.moe_backend, load_format=args.load_format)
+    loaded = load_model(model_dir, dtype=args.dtype, backend=args.moe_backend, load_format=args.load_format,
+                        quantization=args.quantization)
     tok = load_tokenizer(resolve_tokenizer_version(loaded.config, args.tokenizer))
     made = "made" if args.load_format == "random" else "loaded"
     print(f"{made} {model_dir} ({loaded.bytes_loaded / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f}s",
@@ -67,13 +68,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from cluster.dtype import parse_dtype
-    from cluster.config import ModelConfig
+    from cluster.config import ModelConfig, expert_quantization
     from cluster.parallel.placement import plan_placement
 
     config = ModelConfig.from_file(args.model)  # config.json only: no weights are read
     placement = plan_placement(config, args.gpus, args.gpu_memory, dtype_bytes=parse_dtype(args.dtype).itemsize,
                                num_shards=args.shards, gpu_memory_utilization=args.gpu_memory_utilization,
-                               min_kv_tokens=args.min_kv_tokens)
+                               min_kv_tokens=args.min_kv_tokens,
+                               quantization=expert_quantization(config, args.quantization))
     print(placement.format())
     return 0
 
@@ -243,6 +245,7 @@ def _generate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", *DTYPE_CHOICES], default="fp32")
     p.add_argument("--tokenizer", choices=["v1", "v2", "v3"], help="default: from the checkpoint")
     p.add_argument("--moe-backend", choices=["auto", "cpu", "torch", "triton"], default="auto")
+    _quantization_option(p)
     p.add_argument("--raw", action="store_true", help="encode the prompt as plain text, without the chat template")
     p.set_defaults(run=_generate)
 
@@ -255,9 +258,18 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory", type=parse_size, default=parse_size("80GiB"), help="per GPU (default 80GiB)")
     p.add_argument("--shards", type=int, help="expert shards (default: min(GPUs, experts))")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16")
+    _quantization_option(p)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--min-kv-tokens", type=int, help="KV-cache tokens the replica's GPU must hold (default: context)")
     p.set_defaults(run=_plan)
+
+
+def _quantization_option(p: argparse.ArgumentParser) -> None:
+    """`--quantization`, as `serve` has it (ServeArgs.quantization, whose pydantic these commands do not import)."""
+    from cluster.config import QUANTIZATIONS
+
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="fp8: the experts in FP8, a scale per output "
+                   "channel (quantized at load from a bf16/fp32 checkpoint); default: the checkpoint's own")
 
 
 def _serve_options(p: argparse.ArgumentParser) -> None:

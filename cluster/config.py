@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 TOKENIZER_VERSIONS = ("v1", "v2", "v3")
+# Weight quantizations a checkpoint may declare (config.json's `quantization_config.quant_method`) or `--quantization`
+# may ask for: fp8 = float8_e4m3fn weights with float32 scales (`cluster.kernels.fp8`).
+QUANTIZATIONS = ("fp8",)
 # Key under which this project records its own facts in config.json (transformers ignores unknown keys).
 PROJECT_KEY = "moe_cluster"
 
@@ -34,6 +37,7 @@ class ModelConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     tokenizer_version: str | None = None  # None: inferred from the vocabulary size
+    quantization: str | None = None  # how the checkpoint stores its weights: None (as the dtype says) or "fp8"
 
     @property
     def is_moe(self) -> bool:
@@ -82,6 +86,9 @@ class ModelConfig:
             d["router_jitter_noise"] = 0.0
         if self.tokenizer_version:
             d[PROJECT_KEY] = {"tokenizer": self.tokenizer_version}
+        if self.quantization:
+            # What vLLM's fp8 checkpoints declare; "dynamic": no input_scale tensors (activations are scaled per token).
+            d["quantization_config"] = {"quant_method": self.quantization, "activation_scheme": "dynamic"}
         return d
 
     @classmethod
@@ -114,6 +121,7 @@ class ModelConfig:
             bos_token_id=_int(d, "bos_token_id", default=1),
             eos_token_id=_eos(d),
             tokenizer_version=project.get("tokenizer"),
+            quantization=_quantization(d),
         )
 
     @classmethod
@@ -133,6 +141,19 @@ class ModelConfig:
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def expert_quantization(config: ModelConfig, asked: str | None) -> str | None:
+    """What the experts are held in: `asked` (`--quantization`; a bf16 or fp32 checkpoint is quantized as it loads),
+    else the checkpoint's own (an fp8 checkpoint stays fp8). Only experts are quantized: asking it of a dense model
+    is a ValueError. (The non-expert tensors of an fp8 checkpoint are dequantized into the model's dtype at load.)"""
+    if asked is not None and asked not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {asked!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    if not config.is_moe:
+        if asked is not None:
+            raise ValueError(f"quantization {asked} applies to the experts, and this model is dense")
+        return None
+    return asked or config.quantization
 
 
 def _check_supported(d: dict[str, Any]) -> None:
@@ -161,8 +182,35 @@ def _validate(c: ModelConfig) -> None:
         raise ConfigError(f"num_experts_per_tok {c.experts_per_token} must be in 1..num_local_experts {c.num_experts}")
     if c.rope_theta <= 0:
         raise ConfigError(f"rope_theta must be positive, got {c.rope_theta}")
+    if c.quantization is not None and c.quantization not in QUANTIZATIONS:
+        raise ConfigError(f"quantization {c.quantization!r} is not one of {QUANTIZATIONS}")
     if c.tokenizer_version is not None and c.tokenizer_version not in TOKENIZER_VERSIONS:
         raise ConfigError(f"{PROJECT_KEY}.tokenizer {c.tokenizer_version!r} is not one of {TOKENIZER_VERSIONS}")
+
+
+def _quantization(d: dict[str, Any]) -> str | None:
+    """`quantization_config` as vLLM's fp8 checkpoints write it: quant_method "fp8", activation_scheme "static" or
+    "dynamic" (either serves: activations are always scaled per token, so a checkpoint's input_scale is not needed),
+    per-tensor or per-channel weight scales. Block-wise scales (`weight_block_size`) and other methods are refused:
+    read as plain weights they would be garbage."""
+    q = d.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise ConfigError("quantization_config must be an object")
+    method = q.get("quant_method")
+    if method not in QUANTIZATIONS:
+        raise ConfigError(f"quantization_config.quant_method {method!r} is not supported (only {QUANTIZATIONS})")
+    if q.get("weight_block_size") is not None:
+        raise ConfigError(f"quantization_config.weight_block_size {q['weight_block_size']!r} is not supported "
+                          "(per-tensor or per-channel weight scales only)")
+    scheme = q.get("activation_scheme", "dynamic")
+    if scheme not in ("static", "dynamic"):
+        raise ConfigError(f"quantization_config.activation_scheme {scheme!r} is not 'static' or 'dynamic'")
+    fmt = q.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"quantization_config.fmt {fmt!r} is not supported (only e4m3)")
+    return method
 
 
 def _rope_theta(d: dict[str, Any]) -> float:

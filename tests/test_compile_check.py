@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_decode_kernel", "_reduce_kernel", "_prefill_kernel", "_store_kv_kernel", "_gate_up_kernel",
-           "_down_kernel", "_align_kernel"}
+           "_down_kernel", "_quantize_rows_kernel", "_align_kernel"}
 
 
 def _cuda_compiler_missing() -> str | None:
@@ -70,7 +70,10 @@ def test_compile_check_sm90(tmp_path: Path) -> None:
     assert per_kernel["_reduce_kernel"] == 1, per_kernel
     assert per_kernel["_prefill_kernel"] == 1, per_kernel
     assert per_kernel["_store_kv_kernel"] == 1, per_kernel
-    assert per_kernel["_gate_up_kernel"] == per_kernel["_down_kernel"] == 1, per_kernel  # M <= 32: one config
+    # M <= 32: one config, with bf16 weights, FP8 ones widened (W8A16) and FP8 dots (W8A8, which quantizes x and h:
+    # one variant for both)
+    assert per_kernel["_gate_up_kernel"] == per_kernel["_down_kernel"] == 3, per_kernel
+    assert per_kernel["_quantize_rows_kernel"] == 1, per_kernel
     assert per_kernel["_align_kernel"] == 2, per_kernel  # int64 router ids and int32 channel ids
 
 
@@ -95,7 +98,22 @@ def test_compile_check_fp32_moe_does_not_spill(tmp_path: Path) -> None:
     if missing:
         pytest.skip(missing)
     rows = _run(tmp_path, "--kernels", "moe", "--dtypes", "fp32", "--jobs", "2")
-    assert Counter(r["kernel"] for r in rows) == {"_gate_up_kernel": 3, "_down_kernel": 3}  # M <= 32, <= 256, more
+    # M <= 32, <= 256, more; each with fp32 weights, FP8 ones widened (their K tiles halved) and FP8 dots
+    assert Counter(r["kernel"] for r in rows) == {"_gate_up_kernel": 9, "_down_kernel": 9, "_quantize_rows_kernel": 1}
+
+
+@pytest.mark.e2e  # the compile check's own process, end to end
+@pytest.mark.parametrize("arch, mode", [(80, "w8a16"), (89, "w8a8")])
+def test_compile_check_fp8_experts_on_the_first_gpus_of_their_mode(tmp_path: Path, arch: int, mode: str) -> None:
+    """W8A16 widens FP8 bytes by integer ops, so it compiles for Ampere (sm_80), which has no e4m3 type; W8A8's FP8
+    dots compile for Ada (sm_89), the first GPUs that multiply FP8."""
+    missing = _cuda_compiler_missing()
+    if missing:
+        pytest.skip(missing)
+    rows = _run(tmp_path, "--arch", str(arch), "--kernels", "moe", "--dtypes", "bf16,fp16", "--fp8", mode,
+                "--moe-max-tokens", "300", "--jobs", "2")
+    scaled = [r for r in rows if f" {mode} " in r["case"]]
+    assert {r["kernel"] for r in scaled} >= {"_gate_up_kernel", "_down_kernel"}, rows
 
 
 @pytest.mark.e2e  # the compile check's own process, end to end

@@ -137,6 +137,45 @@ def test_fp32_doubles_every_weight():
     assert p4.replica_bytes == _dense_bytes(X7B, 4) and p4.kv_bytes_per_token == _kv_per_token(X7B, 4)
 
 
+def _fp8_expert_bytes(path: Path) -> int:
+    """One expert of every layer in FP8: a byte per weight, and a float32 scale per output channel (w1 and w3: F
+    each, w2: D)."""
+    d = _hf(path)
+    return _expert_bytes(path, 1) + (2 * d["intermediate_size"] + d["hidden_size"]) * 4 * d["num_hidden_layers"]
+
+
+def test_mixtral_8x22b_in_fp8_fits_one_node_of_8_gpus_of_80gb():
+    """Issue 27's goal: by the plan, 8x22B with FP8 experts on one 8 x 80 GB node (decimal GB, below 80 GiB)."""
+    bf16 = plan_placement(ModelConfig.from_file(X22B), 8, 80 * 10**9)
+    p = plan_placement(ModelConfig.from_file(X22B), 8, 80 * 10**9, quantization="fp8")
+    expert, dense, usable = _fp8_expert_bytes(X22B), _dense_bytes(X22B), int(80e9 * 0.9)
+    assert [(s.experts, s.gpu, s.weight_bytes) for s in p.shards] == [((i,), i, expert) for i in range(8)]
+    assert 8 * expert == pytest.approx(270e9 / 2, rel=0.01)  # half the bf16 experts
+    assert p.replica_bytes == dense == bf16.replica_bytes  # attention, router and lm_head stay in bf16
+    assert [m.weight_bytes for m in p.memory] == [expert + dense] + [expert] * 7
+    assert p.kv_tokens == (usable - expert - dense) // _kv_per_token(X22B) > 2 * 65536 > bf16.kv_tokens
+    assert p.quantization == "fp8" and "experts in FP8" in p.format()
+
+
+def test_fp8_experts_fit_where_bf16_ones_do_not():
+    """8x7B (93 GB in bf16) on one 80 GB GPU, and 8x22B on four: refused in bf16, planned in FP8."""
+    for path, gpus in ((X7B, 1), (X22B, 4)):
+        config = ModelConfig.from_file(path)
+        with pytest.raises(PlacementError, match="FP8 experts"):
+            plan_placement(config, gpus, 80 * 10**9)
+        p = plan_placement(config, gpus, 80 * 10**9, quantization="fp8")
+        assert p.memory[0].expert_bytes == 8 // gpus * _fp8_expert_bytes(path)
+        assert p.memory[0].weight_bytes == 8 // gpus * _fp8_expert_bytes(path) + _dense_bytes(path)
+        assert p.kv_tokens >= config.max_position_embeddings
+
+
+def test_cli_plan_counts_fp8_experts(capsys):
+    assert main(["plan", "--model", str(X7B), "--gpus", "1", "--gpu-memory", "80GB", "--quantization", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "experts in FP8" in out and f"{8 * _fp8_expert_bytes(X7B) / 1e9:.1f}" in out
+    assert main(["plan", "--model", str(X7B), "--gpus", "1", "--gpu-memory", "80GB"]) == 2  # bf16: refused
+
+
 def test_the_replica_takes_the_first_free_gpu():
     p = plan_placement(ModelConfig.from_file(X22B), 8, 80 * GiB, num_shards=4)
     expert, dense, usable = _expert_bytes(X22B), _dense_bytes(X22B), int(80 * GiB * 0.9)

@@ -43,6 +43,15 @@ def test_only_the_touched_experts_are_read_and_a_step_that_samples_nothing_skips
     assert sampled.bytes - few.bytes == 2 * 32768 * 64
 
 
+def test_fp8_experts_are_read_as_a_byte_a_weight_and_their_scales():
+    chunk = [(0, 8, False)]
+    bf16 = roofline.step_traffic(TINY, 2, 2, chunk, touched=[3, 2])
+    fp8 = roofline.step_traffic(TINY, 2, 2, chunk, touched=[3, 2], quantization="fp8")
+    one_expert = 3 * 64 * 128  # weights of one expert of one layer
+    assert bf16.bytes - fp8.bytes == 5 * (one_expert - 4 * (2 * 128 + 64))  # 5 touched, scales of w1, w3, w2
+    assert fp8.flops == bf16.flops
+
+
 @pytest.mark.parametrize(("shapes", "expected"), [
     ([(10, 1, True)] * 5, ("decode", 8)),
     ([(10, 1, True), (0, 30, True)], ("mixed", 32)),

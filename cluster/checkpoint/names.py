@@ -11,6 +11,13 @@ def expert_tensor(layer: int, expert: int, proj: str) -> str:
     return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{proj}.weight"
 
 
+def weight_scale(name: str) -> str:
+    """The scale tensor beside an FP8 weight `X.weight` (vLLM's fp8 layout): `X.weight_scale`."""
+    if not name.endswith(".weight"):
+        raise ValueError(f"{name} is not a weight's name")
+    return name + "_scale"
+
+
 def expert_shape(config: ModelConfig, proj: str) -> tuple[int, int]:
     """w1, w3: [F, D]; w2: [D, F]."""
     f, d = config.intermediate_size, config.hidden_size

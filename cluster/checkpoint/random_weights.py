@@ -15,6 +15,7 @@ import math
 import torch
 
 from cluster.checkpoint.progress import ProgressCallback, default_progress
+from cluster.checkpoint.reader import StoredTensor
 
 
 def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator,
@@ -34,6 +35,10 @@ class RandomWeights:
     def __init__(self, seed: int = 0):
         self.seed = seed
         self.bytes_loaded = 0  # bytes made, in the dtype asked for
+
+    def stored(self, names: list[str]) -> dict[str, StoredTensor]:
+        """Nothing is stored: every tensor is made on request, in the dtype asked for."""
+        return {}
 
     def load(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device | str = "cpu",
              progress: ProgressCallback | None = None, label: str = "making random weights") -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -17,6 +17,17 @@ SINGLE_FILE = "model.safetensors"
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
+_FP8_NAMES = {"F8_E4M3", "F8_E5M2"}  # safetensors' names of the 8-bit floats
+FP8_STORED = "F8_E4M3"  # the FP8 a checkpoint may hold (float8_e4m3fn, as vLLM's fp8 checkpoints store it)
+
+
+class StoredTensor(NamedTuple):
+    dtype: str  # safetensors' name, e.g. "BF16", "F8_E4M3"
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return _DTYPE_BYTES.get(self.dtype, 2) * _numel(list(self.shape))
 
 
 class CheckpointError(RuntimeError):
@@ -73,11 +84,22 @@ class CheckpointReader:
                 total += _DTYPE_BYTES.get(s.get_dtype(), 2) * _numel(s.get_shape())
         return total
 
+    def stored(self, names: list[str]) -> dict[str, StoredTensor]:
+        """How each named tensor is stored (from the headers; nothing is read)."""
+        out = {}
+        with ExitStack() as stack:
+            handles: dict[str, Any] = {}
+            for name in names:
+                s = self._slice(stack, handles, name)
+                out[name] = StoredTensor(s.get_dtype(), tuple(s.get_shape()))
+        return out
+
     def load(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device | str = "cpu",
              progress: ProgressCallback | None = None, label: str = "loading checkpoint") -> dict[str, torch.Tensor]:
         """Load exactly the named tensors, checking each shape, cast to `dtype` on `device`.
 
-        Tensors are read file by file through memory maps; `bytes_loaded` grows by the stored size of each.
+        Tensors are read file by file through memory maps; `bytes_loaded` grows by the stored size of each. FP8 is
+        read only as FP8 (its values mean nothing without their scales) and nothing else is cast to FP8.
         """
         total = self.stored_nbytes(shapes)
         progress = progress or default_progress(label, total)
@@ -86,10 +108,12 @@ class CheckpointReader:
         with ExitStack() as stack:
             handles: dict[str, Any] = {}
             for name in sorted(shapes, key=lambda n: (self.weight_map.get(n, ""), n)):
-                got = tuple(self._slice(stack, handles, name).get_shape())
+                stored = self._slice(stack, handles, name)
+                got = tuple(stored.get_shape())
                 if got != tuple(shapes[name]):
                     raise CheckpointError(f"tensor {name} has shape {list(got)} in {self.weight_map[name]}, "
                                           f"expected {list(shapes[name])}")
+                _check_fp8(name, stored.get_dtype(), dtype)
                 tensor = handles[self.weight_map[name]].get_tensor(name)
                 nbytes = tensor.numel() * tensor.element_size()
                 out[name] = tensor.to(device=device, dtype=dtype)
@@ -117,6 +141,14 @@ class CheckpointReader:
             except Exception as e:
                 raise CheckpointError(f"cannot open safetensors file {self.directory / file}: {e}") from e
         return handles[file]
+
+
+def _check_fp8(name: str, stored: str, dtype: torch.dtype) -> None:
+    fp8_wanted = dtype.itemsize == 1 and dtype.is_floating_point
+    if (stored in _FP8_NAMES) != fp8_wanted or (fp8_wanted and stored != FP8_STORED):
+        raise CheckpointError(f"tensor {name} is stored as {stored} and was asked for as {dtype}: FP8 weights are "
+                              f"read as {FP8_STORED}, with their weight_scale (the checkpoint's config.json must "
+                              "declare quantization_config.quant_method fp8)")
 
 
 def _numel(shape: list[int]) -> int:

@@ -18,7 +18,7 @@ from cluster.checkpoint.default import DEFAULT_PRESET, ensure_default_checkpoint
 from cluster.checkpoint.presets import PRESETS
 from cluster.checkpoint.progress import ProgressCallback
 from cluster.checkpoint.random_weights import RandomWeights
-from cluster.checkpoint.reader import CheckpointReader
+from cluster.checkpoint.reader import CheckpointReader, StoredTensor
 from cluster.config import ModelConfig
 from cluster.user_cache import cache_root, private_directory
 
@@ -28,6 +28,10 @@ RANDOM_SEED = 0
 
 class WeightSource(Protocol):
     bytes_loaded: int  # so far, over every `load`
+
+    def stored(self, names: list[str]) -> dict[str, StoredTensor]:
+        """How each named tensor is stored (dtype, shape); {} from a source that stores nothing (random weights)."""
+        ...
 
     def load(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device | str = "cpu",
              progress: ProgressCallback | None = None, label: str = "") -> dict[str, torch.Tensor]:

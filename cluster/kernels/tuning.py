@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -139,12 +139,16 @@ def load_configs(num_experts: int, ffn: int, device: str) -> dict[int, MoEConfig
     return {int(m): parse_config(c) for m, c in json.loads(path.read_text()).items()}
 
 
-def default_config(m: int, dtype: torch.dtype = torch.bfloat16) -> MoEConfig:
+def default_config(m: int, dtype: torch.dtype = torch.bfloat16, fp8_weights: bool = False) -> MoEConfig:
     """Untuned defaults by token count M (bandwidth-bound small M: small BLOCK_M, long K tiles) and dtype: fp32
     tiles hold twice the bytes, so past M = 32 they are smaller (the 16-bit ones spill registers in fp32 on sm_90,
-    `benchmarks/compile_check.py`)."""
+    `benchmarks/compile_check.py`). FP8 weights widened to fp32 pass through registers on their way to the dot, so
+    their K tiles are halved again (they spill otherwise)."""
     if interpreting():  # block sizes >= 32: the interpreter runs each program in Python, few big ones are faster
         return MoEConfig(KernelConfig(32, 128, 64, 1), KernelConfig(32, 64, 64, 1))
+    if dtype == torch.float32 and fp8_weights:
+        cfg = default_config(m, dtype)
+        return MoEConfig(_halve_k(cfg.gate_up), _halve_k(cfg.down))
     if m <= 32:
         return MoEConfig(KernelConfig(16, 64, 128, 1, 4, 4), KernelConfig(16, 32, 128, 1, 4, 4))
     if dtype == torch.float32:
@@ -158,24 +162,28 @@ def default_config(m: int, dtype: torch.dtype = torch.bfloat16) -> MoEConfig:
     return MoEConfig(KernelConfig(128, 128, 64, 8, 8, 3), KernelConfig(128, 128, 64, 8, 8, 3))
 
 
+def _halve_k(cfg: KernelConfig) -> KernelConfig:
+    return replace(cfg, BLOCK_K=cfg.BLOCK_K // 2)
+
+
 def get_config(m: int, num_experts: int, ffn: int, device: torch.device | str,
-               dtype: torch.dtype = torch.bfloat16) -> MoEConfig:
-    """Config for M tokens on a shard of `num_experts` local experts with ffn size `ffn`: the tuned entry with the
-    nearest M if a config file exists for this device (tuned for the 16-bit serving dtypes: fp32 always takes its
-    defaults), else `default_config`."""
+               dtype: torch.dtype = torch.bfloat16, fp8_weights: bool = False) -> MoEConfig:
+    """Config for M tokens on a shard of `num_experts` local experts with ffn size `ffn`, computing in `dtype`: the
+    tuned entry with the nearest M if a config file exists for this device (tuned for the 16-bit serving dtypes:
+    fp32 always takes its defaults), else `default_config`."""
     name = device_name(device)
     table = None if name == "interpreter" or dtype == torch.float32 else load_configs(num_experts, ffn, name)
     if not table:
-        return default_config(m, dtype)
+        return default_config(m, dtype, fp8_weights)
     return table[min(table, key=lambda k: (abs(k - m), k))]
 
 
 def config_buckets(max_tokens: int, num_experts: int, ffn: int, device: torch.device | str,
-                   dtype: torch.dtype = torch.bfloat16) -> list[tuple[int, int, MoEConfig]]:
+                   dtype: torch.dtype = torch.bfloat16, fp8_weights: bool = False) -> list[tuple[int, int, MoEConfig]]:
     """The M buckets up to `max_tokens`: (first M, last M, config) for each run of token counts with one config."""
     buckets: list[tuple[int, int, MoEConfig]] = []
     for m in range(1, max_tokens + 1):
-        cfg = get_config(m, num_experts, ffn, device, dtype)
+        cfg = get_config(m, num_experts, ffn, device, dtype, fp8_weights)
         if buckets and buckets[-1][2] == cfg:
             buckets[-1] = (buckets[-1][0], m, cfg)
         else:

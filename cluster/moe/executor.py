@@ -49,7 +49,7 @@ def warm_up_layers(backend: MoEBackend, layers: list[ExpertWeights], prepared: S
     `layers[i]` in the backend's layout): compiled kernels are shared by every layer that launches them alike."""
     seen = set()
     for weights, layer in zip(layers, prepared):
-        key = (tuple(weights.w13.shape), weights.w13.dtype, weights.w13.device, weights.expert_ids)
+        key = (tuple(weights.w13.shape), weights.w13.dtype, weights.dtype, weights.w13.device, weights.expert_ids)
         if key not in seen:
             seen.add(key)
             backend.warm_up(layer, max_tokens, top_k=top_k, num_experts=num_experts)

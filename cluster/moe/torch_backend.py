@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cluster.kernels.fp8 import FP8
 from cluster.moe.weights import ExpertWeights
 
 
@@ -20,6 +21,8 @@ class TorchMoEBackend:
     or a few tokens that leave experts idle): one matmul pair per busy expert, so idle experts' weights are not read.
     On CPU in bf16/fp16 row counts are padded to a multiple of `row_bucket`: oneDNN compiles a kernel for every new
     matmul shape, and the rows per expert change every step.
+    FP8 weights are converted (exactly) into the activations' dtype for each call, only those of the experts it
+    runs, and their per-output-channel scales multiply the matmul's output: no dequantized copy outlives the call.
     Its layout is the `ExpertWeights` themselves; it syncs with the host (row counts), so no CUDA graph captures it.
 
     Legend: E = local experts, M = padded rows per expert, P = T*K pairs.
@@ -65,16 +68,23 @@ class TorchMoEBackend:
         slots = torch.full((n_local * m,), p, dtype=torch.long, device=x.device)  # [E*M] pair id; p = padding
         slots[(skey * m + rank)[valid]] = order[valid]
         tokens = torch.where(slots < p, slots // k, 0)  # padding reads token 0 and gets weight 0
-        h = torch.bmm(x[tokens].view(n_local, m, -1), weights.w13.transpose(1, 2))  # [E, M, 2F]
+        scales = weights.scales
+        h = torch.bmm(x[tokens].view(n_local, m, -1), _matrix(weights.w13, x).transpose(1, 2))  # [E, M, 2F]
+        if scales is not None:
+            h = (h * scales.w13.unsqueeze(1)).to(x.dtype)
         ffn = weights.w2.shape[2]
         h = F.silu(h[..., :ffn]) * h[..., ffn:]
-        y = torch.bmm(h, weights.w2.transpose(1, 2)).flatten(0, 1).float()  # [E*M, D]
+        y = torch.bmm(h, _matrix(weights.w2, x).transpose(1, 2))  # [E, M, D]
+        if scales is not None:
+            y = y * scales.w2.unsqueeze(1)
+        y = y.flatten(0, 1).float()  # [E*M, D]
         out.index_add_(0, tokens, y * pair_weight[slots].unsqueeze(1))
 
     def _per_expert(self, x: torch.Tensor, weights: ExpertWeights, order: torch.Tensor, counts: list[int],
                     pair_weight: torch.Tensor, k: int, out: torch.Tensor) -> None:
         pad = _pads(x)
         ffn = weights.w2.shape[2]
+        scales = weights.scales
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
@@ -83,9 +93,14 @@ class TorchMoEBackend:
             start += n
             tokens = pairs // k
             rows = x[_pad_rows(tokens, self.row_bucket)] if pad else x[tokens]  # [n or padded, D]
-            h = rows @ weights.w13[e].t()  # [., 2F]
+            h = rows @ _matrix(weights.w13[e], x).t()  # [., 2F]
+            if scales is not None:
+                h = (h * scales.w13[e]).to(x.dtype)
             h = F.silu(h[:, :ffn]) * h[:, ffn:]
-            y = (h @ weights.w2[e].t())[:n].float() * pair_weight[pairs].unsqueeze(1)
+            y = (h @ _matrix(weights.w2[e], x).t())[:n].float()  # [n, D]
+            if scales is not None:
+                y = y * scales.w2[e]
+            y = y * pair_weight[pairs].unsqueeze(1)
             out.index_add_(0, tokens, y)
 
 
@@ -99,6 +114,12 @@ def group_pairs(weights: ExpertWeights, topk_ids: torch.Tensor,
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=n_local + 1)[:n_local]
     return key, order, counts
+
+
+def _matrix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`w` as the matmul with `x` takes it: FP8 converted into x's dtype (exact: every e4m3 value is a bf16, fp16
+    and fp32 value); other weights as they are."""
+    return w.to(x.dtype) if w.dtype == FP8 else w
 
 
 def _pads(x: torch.Tensor) -> bool:

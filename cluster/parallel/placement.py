@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from cluster.checkpoint.names import dense_tensor_shapes, expert_tensor_shapes
 from cluster.config import ModelConfig
+from cluster.kernels.fp8 import fp8_matrix_bytes
 from cluster.parallel.layout import UnitLayout, unit_layout
 
 
@@ -98,6 +99,7 @@ class Placement:
     gpu_memory: int | None
     gpu_memory_utilization: float
     layout: UnitLayout
+    quantization: str | None = None  # the experts': None (dtype_bytes like the rest) or "fp8"
 
     @property
     def num_gpus(self) -> int:
@@ -117,21 +119,29 @@ def dense_weight_bytes(config: ModelConfig, dtype_bytes: int = 2) -> int:
     return _tensor_bytes(dense_tensor_shapes(config).values(), dtype_bytes)
 
 
-def expert_weight_bytes(config: ModelConfig, experts: Sequence[int], dtype_bytes: int = 2) -> int:
-    """Bytes of the given experts in every layer (w1, w2, w3)."""
-    return _tensor_bytes(expert_tensor_shapes(config, list(experts)).values(), dtype_bytes)
+def expert_weight_bytes(config: ModelConfig, experts: Sequence[int], dtype_bytes: int = 2,
+                        quantization: str | None = None) -> int:
+    """Bytes of the given experts in every layer (w1, w2, w3): `dtype_bytes` a weight, or in FP8 one byte a weight
+    and a float32 scale per output channel."""
+    shapes = expert_tensor_shapes(config, list(experts)).values()
+    if quantization == "fp8":
+        return sum(fp8_matrix_bytes(s) for s in shapes)
+    if quantization is not None:
+        raise PlacementError(f"unknown quantization {quantization!r}")
+    return _tensor_bytes(shapes, dtype_bytes)
 
 
 def plan_placement(config: ModelConfig, num_gpus: int, gpu_memory: int | None = None, dtype_bytes: int = 2,
                    num_shards: int | None = None, gpu_memory_utilization: float = 0.9,
-                   min_kv_tokens: int | None = None) -> Placement:
+                   min_kv_tokens: int | None = None, quantization: str | None = None) -> Placement:
     """Place one serving unit on `num_gpus` GPUs of `gpu_memory` bytes each, or refuse with PlacementError.
 
     Shards default to min(num_gpus, num_experts), shard i on GPU i; the replica shares GPU 0 with shard 0 (whose
     experts then run in the replica's process: no GPU holds two channel ranks) unless a GPU is left free, then it
     takes the first free one (`cluster.parallel.layout`). A dense model has no shards: the replica holds it on GPU 0.
     The KV cache gets all usable room left on the replica's GPU and must hold `min_kv_tokens` (default: one full
-    context). Activations are not counted: they live in the (1 - utilization) headroom.
+    context). Activations are not counted: they live in the (1 - utilization) headroom. `quantization` "fp8" counts
+    the experts in FP8 (the rest stays at `dtype_bytes`).
     num_gpus=0 plans `num_shards` CPU shards instead, reporting host bytes and never refusing for memory.
     """
     _check_args(config, num_gpus, gpu_memory, dtype_bytes, num_shards, gpu_memory_utilization, min_kv_tokens)
@@ -141,10 +151,10 @@ def plan_placement(config: ModelConfig, num_gpus: int, gpu_memory: int | None = 
     replica_bytes = dense_weight_bytes(config, dtype_bytes)
     per_token = config.kv_bytes_per_token(dtype_bytes)
     layout = unit_layout(len(groups), "cuda" if num_gpus else "cpu", num_gpus or None)
-    shards = tuple(Shard(i, g, layout.shard_gpus[i], expert_weight_bytes(config, g, dtype_bytes),
+    shards = tuple(Shard(i, g, layout.shard_gpus[i], expert_weight_bytes(config, g, dtype_bytes, quantization),
                          layout.channel_ranks[i]) for i, g in enumerate(groups))
     if num_gpus == 0:
-        return _cpu_plan(config, dtype_bytes, shards, replica_bytes, per_token, layout)
+        return _cpu_plan(config, dtype_bytes, shards, replica_bytes, per_token, layout, quantization)
 
     assert gpu_memory is not None and layout.replica_gpu is not None  # _check_args; a GPU layout
     usable = int(gpu_memory * gpu_memory_utilization)
@@ -161,15 +171,16 @@ def plan_placement(config: ModelConfig, num_gpus: int, gpu_memory: int | None = 
     kv_tokens = memory[replica_gpu].kv_bytes // per_token
     _check_kv_fits(config, replica_gpu, memory[replica_gpu].kv_bytes, kv_tokens, per_token, min_kv_tokens)
     return Placement(config, dtype_bytes, shards, replica_gpu, replica_bytes, tuple(memory), per_token, kv_tokens,
-                     gpu_memory, gpu_memory_utilization, layout)
+                     gpu_memory, gpu_memory_utilization, layout, quantization)
 
 
 def _cpu_plan(config: ModelConfig, dtype_bytes: int, shards: tuple[Shard, ...], replica_bytes: int,
-              per_token: int, layout: UnitLayout) -> Placement:
+              per_token: int, layout: UnitLayout, quantization: str | None) -> Placement:
     """CPU shards (gpu None): host bytes per shard and for the replica; nothing is refused for memory."""
     memory = tuple(DeviceMemory(f"CPU shard {s.index}", None, s.weight_bytes, 0, None) for s in shards)
     memory += (DeviceMemory("CPU replica", None, 0, replica_bytes, None),)
-    return Placement(config, dtype_bytes, shards, None, replica_bytes, memory, per_token, None, None, 1.0, layout)
+    return Placement(config, dtype_bytes, shards, None, replica_bytes, memory, per_token, None, None, 1.0, layout,
+                     quantization)
 
 
 def _check_args(config: ModelConfig, num_gpus: int, gpu_memory: int | None, dtype_bytes: int,
@@ -207,10 +218,11 @@ def _check_weights_fit(row: DeviceMemory, shards: tuple[Shard, ...], gpu_memory:
     held = [f"shard {s.index} (experts {_ids(s.experts)}: {_gb(s.weight_bytes)})" for s in shards if s.gpu == row.gpu]
     if row.replica_bytes:
         held.append(f"the attention/router replica ({_gb(row.replica_bytes)})")
-    hint = "more GPUs, bigger GPUs" if shards else "a bigger GPU"  # a dense model does not split
+    # A dense model does not split, nor has experts to hold in FP8.
+    hint = "more GPUs, bigger GPUs, a smaller dtype or FP8 experts" if shards else "a bigger GPU or a smaller dtype"
     raise PlacementError(f"{row.device} needs {_gb(row.weight_bytes)} of weights but only {_gb(row.usable_bytes)} of "
                          f"{_gb(gpu_memory)} is usable (utilization {utilization:g}); it holds {' + '.join(held)}. "
-                         f"Use {hint} or a smaller dtype")
+                         f"Use {hint}")
 
 
 def _check_kv_fits(config: ModelConfig, gpu: int, kv_bytes: int, kv_tokens: int, per_token: int,
@@ -241,7 +253,8 @@ def _header(p: Placement) -> list[str]:
     model = f"{c.num_experts} experts (top {c.experts_per_token}) in {len(p.shards)} shard(s)" if c.is_moe else "dense"
     where = "CPU" if p.gpu_memory is None else (
         f"{p.num_gpus} GPU(s) of {_gb(p.gpu_memory)} ({p.gpu_memory / GIB:.1f} GiB)")
-    return [f"placement: {c.num_layers} layers, {model}, {p.dtype_bytes} bytes/param, on {where}"]
+    experts = " (experts in FP8: 1 byte/param + a float32 scale per output channel)" if p.quantization else ""
+    return [f"placement: {c.num_layers} layers, {model}, {p.dtype_bytes} bytes/param{experts}, on {where}"]
 
 
 def _expert_map(p: Placement) -> list[str]:

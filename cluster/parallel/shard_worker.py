@@ -26,10 +26,12 @@ class ShardWorker:
     @classmethod
     def load(cls, directory: str | Path, config: ModelConfig, experts: tuple[int, ...], dtype: torch.dtype,
              device: torch.device | str, backend: str = "auto", progress: ProgressCallback | None = None,
-             load_format: str = "safetensors") -> "ShardWorker":
+             load_format: str = "safetensors", quantization: str | None = None) -> "ShardWorker":
         """Loads only `experts` (of every layer) of the model whose config the caller has already read (from the
-        checkpoint in `directory`, or made up: `cluster.checkpoint.weights`)."""
-        layers = load_experts(open_weights(directory, load_format), config, dtype, device, list(experts), progress)
+        checkpoint in `directory`, or made up: `cluster.checkpoint.weights`); with quantization "fp8" (resolved by
+        the caller) they are held in FP8, each shard quantizing only its own."""
+        layers = load_experts(open_weights(directory, load_format), config, dtype, device, list(experts), progress,
+                              quantization)
         return cls(layers, config.num_experts, get_backend(backend, device))
 
     def warm_up(self, max_tokens: int, top_k: int) -> None:

@@ -61,6 +61,10 @@ class ServeArgs(BaseModel):
                                                                       "else cpu")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 on GPUs and on CPUs with AMX, else fp32 (see cluster/dtype.py)")
+    quantization: Literal["fp8"] | None = Field(
+        None, description="fp8: the experts held in FP8 with a scale per output channel (quantized as a bf16/fp32 "
+                          "checkpoint loads; half the bytes a decode step reads; the CPU path dequantizes them per "
+                          "call); default: the checkpoint's own (fp8 when its config.json declares it)")
     moe_backend: Literal["auto", "cpu", "torch", "triton"] = Field(
         "auto", description="the expert kernels; auto: triton on CUDA, the C kernel on x86 CPUs, else torch")
     attention_backend: Literal["auto", "triton", "cpu", "torch"] = Field(

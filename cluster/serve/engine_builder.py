@@ -40,8 +40,8 @@ def in_process_executor(resolved: ResolvedArgs, progress: ProgressCallback | Non
         return None
     if r.device == "cuda":
         layers = load_experts(open_weights(r.model_dir, r.args.load_format), r.config, r.dtype, r.device,
-                              progress=progress)
+                              progress=progress, quantization=r.quantization)
         return LocalExpertExecutor(layers, r.config.num_experts, get_backend(r.moe_backend, r.device))
     workers = [ShardWorker.load(r.model_dir, r.config, group, r.dtype, r.device, r.moe_backend, progress,
-                                r.args.load_format) for group in r.shard_groups]
+                                r.args.load_format, r.quantization) for group in r.shard_groups]
     return ExpertParallelExecutor(InProcessTransport(workers), expert_owners(r.shard_groups))

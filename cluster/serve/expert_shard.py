@@ -27,14 +27,15 @@ log = logging.getLogger(__name__)
 
 class ExpertShard:
     def __init__(self, model_dir: str, config: ModelConfig, experts: tuple[int, ...], dtype: torch.dtype,
-                 device: str, backend: str, threads: int | None, load_format: str = "safetensors"):
+                 device: str, backend: str, threads: int | None, load_format: str = "safetensors",
+                 quantization: str | None = None):
         configure_logging()  # this actor's process: its records reach the driver through Ray's log forwarding
         usable_triton_cache()  # before any kernel compiles here
         self.device = device  # "cuda": Ray sets CUDA_VISIBLE_DEVICES to this shard's GPU
         self.threads = threads
         t0 = time.perf_counter()
         self.worker = ShardWorker.load(model_dir, config, tuple(experts), dtype, self.device, backend,
-                                       load_format=load_format)
+                                       load_format=load_format, quantization=quantization)
         self.load_s = time.perf_counter() - t0
         self._loop: threading.Thread | None = None
         self._group = None  # the torch.distributed group the loop serves (None: shm, or not connected)

@@ -16,7 +16,7 @@ import torch
 
 from cluster.api.limits import APILimits
 from cluster.checkpoint.weights import model_directory
-from cluster.config import ModelConfig
+from cluster.config import ModelConfig, expert_quantization
 from cluster.dtype import resolve_dtype
 from cluster.engine.config import EngineConfig
 from cluster.engine.sampling_params import SamplingDefaults
@@ -35,6 +35,7 @@ class ResolvedArgs:
     config: ModelConfig
     device: str  # "cuda" | "cpu"
     dtype: torch.dtype
+    quantization: str | None  # the experts': None (in `dtype`) or "fp8" (asked for, or the checkpoint's own)
     tokenizer_version: str
     sampling: SamplingDefaults  # for the parameters a request leaves out
     moe_backend: str  # the expert kernels, by name ("triton", "cpu" or "torch")
@@ -76,6 +77,7 @@ def resolve(args: ServeArgs) -> ResolvedArgs:
     groups = assign_experts(config.num_experts, layout.num_shards) if layout.num_shards else []
     return ResolvedArgs(args=args, model_dir=model_dir, model_name=args.served_model_name or model_dir.name,
                         config=config, device=device, dtype=resolve_dtype(args.dtype, device),
+                        quantization=expert_quantization(config, args.quantization),
                         tokenizer_version=resolve_tokenizer_version(config, args.tokenizer),
                         sampling=SamplingDefaults.for_model(config),
                         moe_backend=backend_name(args.moe_backend, device) if groups else args.moe_backend,

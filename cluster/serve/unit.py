@@ -103,13 +103,13 @@ class ShardedUnit:
         actor = ray.remote(ExpertShard).options(**options)
         r = self.resolved
         return actor.remote(str(r.model_dir), r.config, self.groups[shard], r.dtype, self.device,
-                            r.moe_backend, threads, r.args.load_format)
+                            r.moe_backend, threads, r.args.load_format, r.quantization)
 
     def _load_local(self, shard: int) -> ShardWorker:
         t0 = time.perf_counter()
         r = self.resolved
         worker = ShardWorker.load(r.model_dir, r.config, self.groups[shard], r.dtype, self.device,
-                                  r.moe_backend, load_format=r.args.load_format)
+                                  r.moe_backend, load_format=r.args.load_format, quantization=r.quantization)
         if self.device == "cuda":
             worker.warm_up(self.args.max_num_batched_tokens, self.config.experts_per_token)
         log.info("expert shard %d: experts %s, %.1f MB, loaded in %.2fs in the replica's process", shard,
