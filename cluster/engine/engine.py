@@ -149,6 +149,9 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else (
             device.type == "cuda")
         self._in_flight: _Launched | None = None  # launched, its outputs not handed out yet
+        # One rank of data-parallel attention (`cluster.engine.data_parallel`): called with each step's tokens (0:
+        # nothing scheduled), it returns the most any rank steps; a rank with nothing steps a padding row then.
+        self.step_sync: Callable[[int], int] | None = None
         self.step_tokens: deque[int] = deque(maxlen=_MAX_PENDING_STEPS)  # tokens each step computed, for metrics
 
     # -- admission ---------------------------------------------------------------------------------------------
@@ -268,6 +271,8 @@ class LLMEngine:
     def _launch(self, ahead: _Launched | None) -> _Launched | None:
         """Schedule a step and start it on the device: forward and sampling, nothing read back."""
         batch = self.scheduler.schedule()
+        if self.step_sync is not None and self.step_sync(batch.num_tokens) and not batch:
+            self.runner.run_padding()  # the other ranks step: this one takes part in every layer's exchange
         if not batch:
             return None
         if ahead is not None and ahead.sample is not None:

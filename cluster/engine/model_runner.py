@@ -253,6 +253,14 @@ class ModelRunner:
         logits are meaningless. Reads no host data besides shapes with a graph-safe backend."""
         return self.forward(self._static[bucket][1])
 
+    @torch.inference_mode()
+    def run_padding(self) -> None:
+        """A forward of one padding row (token 0 at position 0, no KV written, its logits dropped): a step for a
+        data-parallel rank with nothing to compute while the others step, so that it joins every MoE layer's
+        exchange."""
+        self.prepare_decode([], 1)
+        self.forward_decode(1)
+
     def _static_inputs(self, bucket: int) -> tuple[PackedInts, StepInputs]:
         if bucket not in self._static:
             sizes = (bucket, bucket, bucket, bucket, bucket + 1, bucket, bucket, bucket)
