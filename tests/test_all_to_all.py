@@ -12,7 +12,6 @@ comes back from another rank, rounded on its own first, can change the last bit 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cluster.moe.backend import backend_name, get_backend
 from cluster.moe.executor import LocalExpertExecutor
@@ -29,6 +27,7 @@ from cluster.moe.weights import ExpertWeights
 from cluster.parallel.all_to_all import AllToAllExperts, ExpertAllToAll
 from cluster.parallel.placement import assign_experts
 from cluster.parallel.shard_worker import ShardWorker
+from tests.ranks import run_ranks
 
 E, D, F, K, LAYERS = 8, 64, 96, 2, 2
 MAX_TOKENS, BUCKETS = 8, (1, 4)
@@ -151,17 +150,7 @@ def run(request, tmp_path_factory) -> tuple[int, list[dict]]:
     tmp = tmp_path_factory.mktemp(f"a2a{ranks}")
     auto = backend_name("auto", "cpu")
     get_backend(auto)  # the C kernels built here once, not by every rank at once
-    context = mp.start_processes(_rank_main, args=(ranks, str(tmp / "init"), str(tmp), auto), nprocs=ranks,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"ranks still running after {JOIN_TIMEOUT_S} s", pytrace=False)
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_ranks(_rank_main, (ranks, str(tmp / "init"), str(tmp), auto), ranks, JOIN_TIMEOUT_S)
     return ranks, [torch.load(tmp / f"rank{r}.pt") for r in range(ranks)]
 
 

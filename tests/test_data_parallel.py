@@ -7,14 +7,12 @@ which rows share a matmul: the tokens must be equal."""
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cluster.config import ModelConfig
 from cluster.engine.config import EngineConfig
@@ -27,6 +25,7 @@ from cluster.moe.torch_backend import TorchMoEBackend
 from cluster.parallel.all_to_all import AllToAllExperts, ExpertAllToAll
 from cluster.parallel.placement import assign_experts
 from cluster.parallel.shard_worker import ShardWorker
+from tests.ranks import run_ranks
 
 RANKS = 2
 JOIN_TIMEOUT_S = 180.0
@@ -113,17 +112,8 @@ def single_process(tiny_dir, tok) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["in-series", "ahead"])
 def test_each_rank_gets_the_single_process_tokens(tiny_dir, tmp_path, single_process, async_scheduling):
-    context = mp.start_processes(_rank_main, args=(str(tiny_dir), str(tmp_path / "init"), str(tmp_path),
-                                                   async_scheduling), nprocs=RANKS, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"ranks still running after {JOIN_TIMEOUT_S} s", pytrace=False)
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_ranks(_rank_main, (str(tiny_dir), str(tmp_path / "init"), str(tmp_path), async_scheduling), RANKS,
+              JOIN_TIMEOUT_S)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(RANKS)]
     for rank, requests in enumerate(_requests()):
         assert results[rank]["tokens"] == {rid: single_process[rid] for rid, _, _ in requests}, rank
