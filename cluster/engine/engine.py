@@ -149,8 +149,9 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else (
             device.type == "cuda")
         self._in_flight: _Launched | None = None  # launched, its outputs not handed out yet
-        # One rank of data-parallel attention (`cluster.engine.data_parallel`): called with each step's tokens (0:
-        # nothing scheduled), it returns the most any rank steps; a rank with nothing steps a padding row then.
+        # One rank of data-parallel attention (`cluster.engine.data_parallel`): called with the rows each step puts
+        # through the model (0: nothing scheduled), it returns the most any rank does; a rank with nothing steps a
+        # padding row then.
         self.step_sync: Callable[[int], int] | None = None
         self.step_tokens: deque[int] = deque(maxlen=_MAX_PENDING_STEPS)  # tokens each step computed, for metrics
 
@@ -271,7 +272,7 @@ class LLMEngine:
     def _launch(self, ahead: _Launched | None) -> _Launched | None:
         """Schedule a step and start it on the device: forward and sampling, nothing read back."""
         batch = self.scheduler.schedule()
-        if self.step_sync is not None and self.step_sync(batch.num_tokens) and not batch:
+        if self.step_sync is not None and self.step_sync(self.runner.rows_for(batch)) and not batch:
             self.runner.run_padding()  # the other ranks step: this one takes part in every layer's exchange
         if not batch:
             return None
@@ -282,6 +283,8 @@ class LLMEngine:
         self.step_tokens.append(batch.num_tokens)
         for s in batch.scheduled:
             s.seq.num_computed += s.num_new
+            if s.prompt_logprobs:  # scored in the forward, on the host already
+                s.seq.prompt_logprobs.extend(s.prompt_logprobs)
         seqs = [s.seq for s in sampling]
         rows, faults = self._rows(seqs)  # grammar masks: on a GPU, while the forward pass runs
         sample = self.sampler.sample(logits, rows) if sampling else None
@@ -298,8 +301,6 @@ class LLMEngine:
         for s in step.batch.scheduled:
             if not s.seq.is_finished:
                 self.blocks.register_full_blocks(s.seq)
-            if s.prompt_logprobs:
-                s.seq.prompt_logprobs.extend(s.prompt_logprobs)
         faults = step.faults
         if step.logits is not None:
             self._keep_in_budget(step.logits, step.rows, [s.seq for s in step.sampling], sampled, faults)

@@ -133,6 +133,10 @@ class ModelRunner:
         inputs = self.prepare(items, batch.pending_tokens)
         return self.forward(inputs), [items[i] for i in sampling]
 
+    def rows_for(self, batch: SchedulerOutput) -> int:
+        """The rows `run(batch)` puts through the model: its tokens, or the bucket a decode step is padded to."""
+        return self._bucket(batch.scheduled) or batch.num_tokens if batch else 0
+
     def _bucket(self, items: list[ScheduledSeq]) -> int | None:
         if not self.decode_buckets or any(s.num_new != 1 or s.seq.scores_prompt for s in items):
             return None
