@@ -127,7 +127,8 @@ def test_rows_that_need_their_tokens_on_the_host_wait_for_them(make_engine, tok)
     runs = _record_runs(engine)
     plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     penalised = SamplingParams(max_tokens=12, temperature=0.8, seed=1, presence_penalty=1.0, ignore_eos=True)
-    guided = SamplingParams(max_tokens=24, temperature=0.8, seed=2, grammar=llguidance.LLMatcher.grammar_from_json_schema(NAMED))
+    guided = SamplingParams(max_tokens=24, temperature=0.8, seed=2,
+                            grammar=llguidance.LLMatcher.grammar_from_json_schema(NAMED))
     _drive(engine, {"plain": ([3, 4, 5], plain), "penalised": ([6, 7], penalised), "guided": ([8, 9], guided)})
     pending = {rid: [p for run in runs for r, p in run if r == rid] for rid in ("plain", "penalised", "guided")}
     assert not any(pending["penalised"]) and not any(pending["guided"])
