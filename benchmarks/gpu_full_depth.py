@@ -29,13 +29,14 @@ from cluster.checkpoint.presets import preset
 from cluster.config import ModelConfig
 from cluster.dtype import resolve_dtype
 from cluster.engine.async_engine import AsyncEngine
+from cluster.engine.config import EngineConfig
 from cluster.parallel.placement import dense_weight_bytes, expert_weight_bytes
 from engine import device_ceilings, make_requests
 from gpu_engine import build, device_and_dtype, graph_mode_engine, metered_run, model_source
 
 HEADROOM_BYTES = 6 * 2**30  # loading (a layer's experts stacked beside their tensors), activations, graphs, ceilings
 STEP_GOAL_MS = 20.0
-BLOCK = 16  # the engine's KV block size (EngineConfig's default)
+BLOCK = EngineConfig.block_size  # the engine's KV block size (the builds here keep the default)
 
 Requests = list[tuple[list[int], int]]  # (prompt, output length)
 

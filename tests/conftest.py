@@ -80,8 +80,13 @@ def grammar_guide(tokenizer_version: str):
 @pytest.fixture
 def async_scheduling() -> bool | None:
     """`EngineConfig.async_scheduling` of the engines `make_engine` builds (None: the device's default). A module
-    that overrides this fixture with both values runs its engine tests both ways."""
+    marked `both_schedulings` runs each test twice, with it off and on (`pytest_generate_tests`)."""
     return None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "async_scheduling" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_schedulings"):
+        metafunc.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 
 
 @pytest.fixture

@@ -12,11 +12,8 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.generate import greedy_generate
 
 
-@pytest.fixture(params=[False, True], ids=["sync", "async"])
-def async_scheduling(request) -> bool:
-    """Every engine test here runs with each step handed out before the next is scheduled, and with the next
-    scheduled while the last one is in flight (`EngineConfig.async_scheduling`)."""
-    return request.param
+# Each engine test runs in series and with steps scheduled ahead (`EngineConfig.async_scheduling`).
+pytestmark = pytest.mark.both_schedulings
 
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

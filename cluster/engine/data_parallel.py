@@ -11,12 +11,11 @@ rank has work (`any_work`, one all-reduce). These agreements are host numbers: o
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 from cluster.engine.engine import LLMEngine
 from cluster.engine.outputs import RequestOutput
-from cluster.parallel.all_to_all import AllToAllExperts
+from cluster.parallel.all_to_all import AllToAllExperts, agree_max
 
 
 class DataParallelRank:
@@ -37,9 +36,7 @@ class DataParallelRank:
     def _most(self, value: int) -> int:
         if self.control is None:
             return self.experts.exchange.agree_tokens(value)
-        most = torch.tensor([value], dtype=torch.long)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.control)
-        return int(most.item())
+        return agree_max(value, self.control)
 
     def any_work(self) -> bool:
         """Whether any rank has work: every rank calls this, then steps if it says so."""

@@ -101,9 +101,7 @@ class ExpertAllToAll:
 
     def agree_tokens(self, tokens: int) -> int:
         """The most tokens any rank steps (every rank calls it with its own): what `dispatch` takes as step_tokens."""
-        most = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.group)
-        return int(most.item())
+        return agree_max(tokens, self.group, self.device)
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  step_tokens: int) -> Crossing:
@@ -211,6 +209,13 @@ class AllToAllExperts:
         rows = worker.backend(crossing.x, worker.prepared[layer], crossing.topk_ids, crossing.topk_weights,
                               worker.num_experts + 1, out_dtype=torch.float32)  # [N, D] fp32, weighted
         return self.exchange.combine(crossing, rows)
+
+
+def agree_max(value: int, group: dist.ProcessGroup | None, device: torch.device | str = "cpu") -> int:
+    """The largest of every rank's `value` (each rank calls it with its own), over `group` on `device`."""
+    most = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
+    return int(most.item())
 
 
 def packed_row_bytes(hidden: int, dtype: torch.dtype) -> int:
