@@ -75,7 +75,8 @@ def _plan(args: argparse.Namespace) -> int:
     placement = plan_placement(config, args.gpus, args.gpu_memory, dtype_bytes=parse_dtype(args.dtype).itemsize,
                                num_shards=args.shards, gpu_memory_utilization=args.gpu_memory_utilization,
                                min_kv_tokens=args.min_kv_tokens,
-                               quantization=expert_quantization(config, args.quantization))
+                               quantization=expert_quantization(config, args.quantization),
+                               attention_ranks=args.attention_ranks)
     print(placement.format())
     return 0
 
@@ -261,6 +262,9 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     _quantization_option(p)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--min-kv-tokens", type=int, help="KV-cache tokens the replica's GPU must hold (default: context)")
+    p.add_argument("--attention-ranks", type=int, default=1,
+                   help="data-parallel attention: one rank per GPU, each with its own KV cache and one shard of the "
+                        "experts (as `serve --attention-ranks`; 1: one replica attends)")
     p.set_defaults(run=_plan)
 
 

@@ -412,3 +412,66 @@ def test_the_plan_names_the_channel_ranks():
     spare = plan_placement(ModelConfig.from_file(X7B), 3, 80 * GiB, num_shards=2).format()
     assert "rank   0 -> attention/router replica -> GPU 2\n" in spare
     assert "rank   1 -> shard 0 -> GPU 0\n" in spare and "rank   2 -> shard 1 -> GPU 1\n" in spare
+
+
+# --- data-parallel attention: every GPU attends ----------------------------------------------------------------------
+
+def test_data_parallel_attention_holds_8x_the_kv_of_one_attending_gpu():
+    """Issue goal: 8x22B bf16 on 8 x 80 GiB holds >= 8x the KV tokens per node when each GPU runs a rank with its own
+    KV cache. Every GPU then holds the dense weights, one shard and a KV cache in the room left there."""
+    config = ModelConfig.from_file(X22B)
+    one = plan_placement(config, 8, 80 * GiB)
+    every = plan_placement(config, 8, 80 * GiB, attention_ranks=8)
+    expert, dense, usable = _expert_bytes(X22B), _dense_bytes(X22B), int(80 * GiB * 0.9)
+    assert [(m.gpu, m.expert_bytes, m.replica_bytes, m.kv_bytes, m.free_bytes) for m in every.memory] == [
+        (g, expert, dense, usable - expert - dense, 0) for g in range(8)]
+    assert every.kv_tokens == 8 * ((usable - expert - dense) // 229_376) >= 8 * one.kv_tokens
+    assert every.layout.data_parallel and every.layout.num_gpus == 8 and every.shards[3].gpu == 3
+    # Of the room a node has after one copy of every weight, the ranks' caches take what the dense copies leave.
+    after_one_copy = 8 * usable - 8 * expert - dense
+    assert sum(m.kv_bytes for m in every.memory) == after_one_copy - 7 * dense
+
+
+def test_data_parallel_plan_format_names_every_rank_and_the_node_total(capsys):
+    text = plan_placement(ModelConfig.from_file(X7B), 2, 80 * GiB, attention_ranks=2).format()
+    assert "rank   0 -> attention + KV cache + shard 0 -> GPU 0\n" in text
+    assert "rank   1 -> attention + KV cache + shard 1 -> GPU 1\n" in text
+    assert "attention/router (" in text and "-> every rank (GPUs 0-1)" in text
+    assert re.search(r"on each of 2 GPUs \(one rank each\) = [\d,]+\+ tokens a rank, [\d,]+ tokens in all", text)
+    assert main(["plan", "--model", str(X7B), "--gpus", "2", "--attention-ranks", "2"]) == 0
+    assert "tokens in all" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path, kwargs, message", [
+    (M7B, dict(num_gpus=2, attention_ranks=2), "a dense model has none"),
+    (X7B, dict(num_gpus=4, attention_ranks=2), "2 attention ranks take 2 GPUs, one each; got 4"),
+    (X7B, dict(num_gpus=2, attention_ranks=2, num_shards=1), "shards must be 2, not 1"),
+    (X7B, dict(num_gpus=9, attention_ranks=9), "9 attention ranks for 8 experts"),
+    (X7B, dict(num_gpus=2, attention_ranks=0), "attention_ranks must be >= 1"),
+])
+def test_data_parallel_plans_refuse_what_has_no_layout(path, kwargs, message):
+    with pytest.raises(PlacementError, match=re.escape(message)):
+        plan_placement(ModelConfig.from_file(path), gpu_memory=200 * GiB, **kwargs)
+
+
+def test_data_parallel_kv_must_hold_a_context_on_each_rank():
+    with pytest.raises(PlacementError, match="KV cache room on GPU 0 holds"):
+        plan_placement(ModelConfig.from_file(X22B), 8, 80 * GiB, attention_ranks=8, min_kv_tokens=200_000)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_data_parallel_bundles_reserve_a_gpu_per_rank_and_none_for_the_replica(device):
+    pytest.importorskip("ray")
+    from cluster.serve.args import ServeArgs
+    from cluster.serve.resolved import unit_layout_of
+    from cluster.serve.unit import replica_gpus, unit_bundles
+
+    config = ModelConfig.from_file(X7B)
+    args = ServeArgs(shards=4, attention_ranks=4)
+    layout = unit_layout_of(args, config, device)
+    assert layout == plan_placement(config, 4 if device == "cuda" else 0, 200 * GiB, attention_ranks=4).layout
+    gpu = {"GPU": 1} if device == "cuda" else {}
+    assert unit_bundles(args, layout) == [{"CPU": args.replica_cpus}] + [{"CPU": args.replica_cpus, **gpu}] * 4
+    assert replica_gpus(layout) == 0 and layout.num_gpus == (4 if device == "cuda" else 0)
+    with pytest.raises(ValueError, match="attention_ranks=4 holds one expert shard on each rank: set shards to 4"):
+        unit_layout_of(ServeArgs(shards=2, attention_ranks=4), config, device)

@@ -15,6 +15,12 @@ the CPU benchmarks (benchmarks/RESULTS.md) and the one-process-per-shard checks 
 
 Bundles follow the ranks: bundle 0 is the replica's (with any shard running in its process), bundle r holds the
 shard of channel rank r.
+
+Data-parallel attention (`attention_ranks` R > 1, DESIGN.md "every GPU attends"): R ranks, each an attention/router
+engine with its own requests and KV cache holding shard r of the experts, exchange every MoE layer's tokens
+(`cluster.parallel.all_to_all`). Rank r runs on GPU r (on CPU, a process each) in bundle r + 1; bundle 0 is the
+AttentionRouter replica that spreads requests over the ranks and supervises them, and holds no GPU, so that every
+rank is alike (a lost rank never takes the replica with it).
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ class UnitLayout:
     replica_gpu: int | None  # None on CPU
     shard_gpus: tuple[int | None, ...]  # [S] None on CPU
     channel_ranks: tuple[int | None, ...]  # [S] None: the shard runs in the replica's process (rank 0 is the replica)
+    attention_ranks: int = 1  # R > 1: data-parallel attention, shard r held by rank r (channel_ranks unused)
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.attention_ranks > 1
 
     @property
     def num_shards(self) -> int:
@@ -49,7 +60,9 @@ class UnitLayout:
     @property
     def num_gpus(self) -> int:
         """GPUs the unit uses (and reserves): 0 on CPU."""
-        return 0 if self.replica_gpu is None else len({self.replica_gpu, *self.shard_gpus})
+        if self.replica_gpu is None:
+            return 0
+        return self.attention_ranks if self.data_parallel else len({self.replica_gpu, *self.shard_gpus})
 
     @property
     def strategy(self) -> str:
@@ -64,15 +77,24 @@ class UnitLayout:
         return self.channel_ranks[shard] or 0
 
     def bundles(self, replica_cpus: float, shard_cpus: float) -> list[dict[str, float]]:
-        """Ray placement-group bundles: the replica's, then one per channel rank; a whole GPU each on CUDA."""
+        """Ray placement-group bundles: the replica's, then one per channel rank; a whole GPU each on CUDA. Data
+        parallel: the replica's (no GPU), then one per attention rank (`replica_cpus` and a GPU each)."""
         gpu = {"GPU": 1} if self.device == "cuda" else {}
+        if self.data_parallel:
+            return [{"CPU": replica_cpus}] + [{"CPU": replica_cpus, **gpu} for _ in range(self.attention_ranks)]
         return [{"CPU": replica_cpus, **gpu}] + [{"CPU": shard_cpus, **gpu} for _ in self.remote_shards]
 
 
-def unit_layout(num_shards: int, device: str, num_gpus: int | None = None) -> UnitLayout:
-    """The layout of `num_shards` shards (0: a dense model) on `device`; `num_gpus` (CUDA) defaults to one a shard."""
+def unit_layout(num_shards: int, device: str, num_gpus: int | None = None, attention_ranks: int = 1) -> UnitLayout:
+    """The layout of `num_shards` shards (0: a dense model) on `device`; `num_gpus` (CUDA) defaults to one a shard.
+    `attention_ranks` R > 1: data-parallel attention, one shard per rank (so `num_shards` must be R), rank r on GPU r.
+    """
     if num_shards < 0:
         raise ValueError(f"num_shards must be >= 0, got {num_shards}")
+    if attention_ranks < 1:
+        raise ValueError(f"attention_ranks must be >= 1, got {attention_ranks}")
+    if attention_ranks > 1:
+        return _data_parallel_layout(num_shards, device, num_gpus, attention_ranks)
     if device != "cuda":
         return UnitLayout(device, None, (None,) * num_shards, tuple(range(1, num_shards + 1)))
     gpus = max(num_shards, 1) if num_gpus is None else num_gpus
@@ -83,3 +105,14 @@ def unit_layout(num_shards: int, device: str, num_gpus: int | None = None) -> Un
         return UnitLayout(device, num_shards, shard_gpus, tuple(range(1, num_shards + 1)))
     # The replica shares GPU 0 with shard 0: shard 0 runs in its process, the others are ranks 1..S-1.
     return UnitLayout(device, 0, shard_gpus, (None,) + tuple(range(1, num_shards)))
+
+
+def _data_parallel_layout(num_shards: int, device: str, num_gpus: int | None, ranks: int) -> UnitLayout:
+    if num_shards != ranks:
+        raise ValueError(f"attention_ranks={ranks} holds one expert shard on each rank: set shards to {ranks} "
+                         f"(got {num_shards}{', a dense model' if num_shards == 0 else ''})")
+    if device != "cuda":
+        return UnitLayout(device, None, (None,) * ranks, (None,) * ranks, ranks)
+    if num_gpus not in (None, ranks):
+        raise ValueError(f"{ranks} attention ranks take {ranks} GPUs, one each; got gpus={num_gpus}")
+    return UnitLayout(device, 0, tuple(range(ranks)), (None,) * ranks, ranks)

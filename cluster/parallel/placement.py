@@ -95,7 +95,7 @@ class Placement:
     replica_bytes: int
     memory: tuple[DeviceMemory, ...]  # one row per GPU (GPU plan) or per shard + replica (CPU plan)
     kv_bytes_per_token: int
-    kv_tokens: int | None  # tokens the KV room holds; None on CPU (sized by the engine config)
+    kv_tokens: int | None  # tokens the KV room holds (data-parallel: summed over the ranks); None on CPU
     gpu_memory: int | None
     gpu_memory_utilization: float
     layout: UnitLayout
@@ -133,7 +133,8 @@ def expert_weight_bytes(config: ModelConfig, experts: Sequence[int], dtype_bytes
 
 def plan_placement(config: ModelConfig, num_gpus: int, gpu_memory: int | None = None, dtype_bytes: int = 2,
                    num_shards: int | None = None, gpu_memory_utilization: float = 0.9,
-                   min_kv_tokens: int | None = None, quantization: str | None = None) -> Placement:
+                   min_kv_tokens: int | None = None, quantization: str | None = None,
+                   attention_ranks: int = 1) -> Placement:
     """Place one serving unit on `num_gpus` GPUs of `gpu_memory` bytes each, or refuse with PlacementError.
 
     Shards default to min(num_gpus, num_experts), shard i on GPU i; the replica shares GPU 0 with shard 0 (whose
@@ -142,15 +143,20 @@ def plan_placement(config: ModelConfig, num_gpus: int, gpu_memory: int | None = 
     The KV cache gets all usable room left on the replica's GPU and must hold `min_kv_tokens` (default: one full
     context). Activations are not counted: they live in the (1 - utilization) headroom. `quantization` "fp8" counts
     the experts in FP8 (the rest stays at `dtype_bytes`).
+    `attention_ranks` R > 1 plans data-parallel attention (`cluster.parallel.layout`): R ranks, rank r on GPU r with
+    every non-expert tensor, shard r of the experts and a KV cache of its own in the room left there; the node's KV
+    is the sum over its GPUs, and each rank's must hold `min_kv_tokens`.
     num_gpus=0 plans `num_shards` CPU shards instead, reporting host bytes and never refusing for memory.
     """
+    if attention_ranks != 1:
+        num_shards = _check_ranks(config, num_gpus, num_shards, attention_ranks)
     _check_args(config, num_gpus, gpu_memory, dtype_bytes, num_shards, gpu_memory_utilization, min_kv_tokens)
     if num_shards is None:
         num_shards = min(num_gpus, config.num_experts)
     groups = assign_experts(config.num_experts, num_shards) if config.is_moe else []
     replica_bytes = dense_weight_bytes(config, dtype_bytes)
     per_token = config.kv_bytes_per_token(dtype_bytes)
-    layout = unit_layout(len(groups), "cuda" if num_gpus else "cpu", num_gpus or None)
+    layout = unit_layout(len(groups), "cuda" if num_gpus else "cpu", num_gpus or None, attention_ranks)
     shards = tuple(Shard(i, g, layout.shard_gpus[i], expert_weight_bytes(config, g, dtype_bytes, quantization),
                          layout.channel_ranks[i]) for i, g in enumerate(groups))
     if num_gpus == 0:
@@ -159,26 +165,33 @@ def plan_placement(config: ModelConfig, num_gpus: int, gpu_memory: int | None = 
     assert gpu_memory is not None and layout.replica_gpu is not None  # _check_args; a GPU layout
     usable = int(gpu_memory * gpu_memory_utilization)
     replica_gpu = layout.replica_gpu
+    attending = set(range(num_gpus)) if layout.data_parallel else {replica_gpu}  # GPUs with a KV cache
     memory = []
     for gpu in range(num_gpus):
         experts = sum(s.weight_bytes for s in shards if s.gpu == gpu)
-        dense = replica_bytes if gpu == replica_gpu else 0
+        dense = replica_bytes if gpu in attending else 0
         row = DeviceMemory(f"GPU {gpu}", gpu, experts, dense, usable)
         _check_weights_fit(row, shards, gpu_memory, gpu_memory_utilization)
-        if gpu == replica_gpu:
+        if gpu in attending:
             row = replace(row, kv_bytes=usable - row.weight_bytes)
         memory.append(row)
-    kv_tokens = memory[replica_gpu].kv_bytes // per_token
-    _check_kv_fits(config, replica_gpu, memory[replica_gpu].kv_bytes, kv_tokens, per_token, min_kv_tokens)
+    for gpu in sorted(attending):
+        kv_bytes = memory[gpu].kv_bytes
+        _check_kv_fits(config, gpu, kv_bytes, kv_bytes // per_token, per_token, min_kv_tokens)
+    kv_tokens = sum(memory[gpu].kv_bytes // per_token for gpu in attending)
     return Placement(config, dtype_bytes, shards, replica_gpu, replica_bytes, tuple(memory), per_token, kv_tokens,
                      gpu_memory, gpu_memory_utilization, layout, quantization)
 
 
 def _cpu_plan(config: ModelConfig, dtype_bytes: int, shards: tuple[Shard, ...], replica_bytes: int,
               per_token: int, layout: UnitLayout, quantization: str | None) -> Placement:
-    """CPU shards (gpu None): host bytes per shard and for the replica; nothing is refused for memory."""
-    memory = tuple(DeviceMemory(f"CPU shard {s.index}", None, s.weight_bytes, 0, None) for s in shards)
-    memory += (DeviceMemory("CPU replica", None, 0, replica_bytes, None),)
+    """CPU shards (gpu None): host bytes per shard and for the replica (per rank, data-parallel); nothing is refused
+    for memory."""
+    if layout.data_parallel:
+        memory = tuple(DeviceMemory(f"CPU rank {s.index}", None, s.weight_bytes, replica_bytes, None) for s in shards)
+    else:
+        memory = tuple(DeviceMemory(f"CPU shard {s.index}", None, s.weight_bytes, 0, None) for s in shards)
+        memory += (DeviceMemory("CPU replica", None, 0, replica_bytes, None),)
     return Placement(config, dtype_bytes, shards, None, replica_bytes, memory, per_token, None, None, 1.0, layout,
                      quantization)
 
@@ -209,6 +222,23 @@ def _check_args(config: ModelConfig, num_gpus: int, gpu_memory: int | None, dtyp
                              "one expert")
     if num_gpus and num_shards > num_gpus:
         raise PlacementError(f"{num_shards} shards on {num_gpus} GPUs: each shard needs a GPU of its own")
+
+
+def _check_ranks(config: ModelConfig, num_gpus: int, num_shards: int | None, ranks: int) -> int:
+    """The shards of a data-parallel plan (one per rank), or PlacementError."""
+    if ranks < 1:
+        raise PlacementError(f"attention_ranks must be >= 1, got {ranks}")
+    if not config.is_moe:
+        raise PlacementError("data-parallel attention exchanges experts' tokens: a dense model has none (serve more "
+                             "units instead)")
+    if ranks > config.num_experts:
+        raise PlacementError(f"{ranks} attention ranks for {config.num_experts} experts: each rank holds a shard")
+    if num_shards not in (None, ranks):
+        raise PlacementError(f"{ranks} attention ranks hold one expert shard each: shards must be {ranks}, "
+                             f"not {num_shards}")
+    if num_gpus not in (0, ranks):
+        raise PlacementError(f"{ranks} attention ranks take {ranks} GPUs, one each; got {num_gpus}")
+    return ranks
 
 
 def _check_weights_fit(row: DeviceMemory, shards: tuple[Shard, ...], gpu_memory: int, utilization: float) -> None:
@@ -261,13 +291,22 @@ def _expert_map(p: Placement) -> list[str]:
     dev = "CPU" if p.replica_gpu is None else "GPU {}"
     lines = ["", "expert -> shard -> device"]
     lines += [f"  expert {e:>3} -> shard {s.index:>3} -> {dev.format(s.gpu)}" for s in p.shards for e in s.experts]
-    lines.append(f"  attention/router replica ({_gb(p.replica_bytes)}) -> {dev.format(p.replica_gpu)}")
+    if p.layout.data_parallel:
+        where = "CPU" if p.replica_gpu is None else f"GPUs 0-{p.layout.attention_ranks - 1}"
+        lines.append(f"  attention/router ({_gb(p.replica_bytes)}) -> every rank ({where})")
+    else:
+        lines.append(f"  attention/router replica ({_gb(p.replica_bytes)}) -> {dev.format(p.replica_gpu)}")
     return lines
 
 
 def _processes(p: Placement) -> list[str]:
     """The channel's ranks: one process each, and no GPU holding two (NCCL refuses it)."""
     dev = "CPU" if p.replica_gpu is None else "GPU {}"
+    if p.layout.data_parallel:
+        return ["", "attention rank -> process -> device",
+                *(f"  rank {s.index:>3} -> attention + KV cache + shard {s.index} -> {dev.format(s.gpu)}"
+                  for s in p.shards),
+                "  the AttentionRouter replica spreads requests over the ranks (no GPU)"]
     local = [s.index for s in p.shards if s.channel_rank is None]
     within = f" + the experts of shard {_ids(local)} (same process)" if local else ""
     lines = ["", "channel rank -> process -> device",
@@ -294,6 +333,10 @@ def _memory_table(p: Placement) -> list[str]:
 def _kv_line(p: Placement) -> list[str]:
     if p.kv_tokens is None:
         return ["", f"KV cache: {p.kv_bytes_per_token:,} bytes/token, sized by the engine config on CPU"]
+    per = f"{p.kv_bytes_per_token:,} bytes/token; context {p.config.max_position_embeddings:,}"
+    if p.layout.data_parallel:
+        rooms = [m.kv_bytes for m in p.memory if m.gpu is not None]
+        return ["", f"KV cache: {_gb(min(rooms))} or more on each of {len(rooms)} GPUs (one rank each) = "
+                    f"{min(rooms) // p.kv_bytes_per_token:,}+ tokens a rank, {p.kv_tokens:,} tokens in all ({per})"]
     room = p.memory[p.replica_gpu].kv_bytes
-    return ["", f"KV cache: {_gb(room)} on GPU {p.replica_gpu} = {p.kv_tokens:,} tokens "
-                f"({p.kv_bytes_per_token:,} bytes/token; context {p.config.max_position_embeddings:,})"]
+    return ["", f"KV cache: {_gb(room)} on GPU {p.replica_gpu} = {p.kv_tokens:,} tokens ({per})"]

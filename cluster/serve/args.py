@@ -32,6 +32,10 @@ class ServeArgs(BaseModel):
     tokenizer: Literal["v1", "v2", "v3"] | None = Field(None, description="default: from the checkpoint")
     shards: int = Field(2, ge=0, description="expert shards of one unit (at most the number of experts; 0 for a "
                                             "dense model)")
+    attention_ranks: int = Field(
+        1, ge=1, description="data-parallel attention: ranks of one unit, each with its own requests and KV cache on "
+                             "its own GPU and one shard of the experts (so `shards` must equal it), exchanging every "
+                             "MoE layer's tokens; 1: one replica attends and drives `shards` expert shards")
     units: int = Field(1, ge=1, description="serving units (AttentionRouter replicas, each with its own shards), "
                                             "fixed; min_units/max_units instead autoscale them")
     min_units: int | None = Field(None, ge=1, description="autoscaling: the fewest units (default 1; with max_units)")

@@ -134,6 +134,8 @@ def planned_layout(args: ServeArgs, device: str) -> UnitLayout:
 
 
 def _layout(args: ServeArgs, shards: int, device: str) -> UnitLayout:
+    if args.attention_ranks > 1:
+        return unit_layout(shards, device, args.gpus if device == "cuda" else None, args.attention_ranks)
     if device == "cuda" and args.gpus not in (None, max(shards, 1), shards + 1):
         raise ValueError(f"gpus={args.gpus} for {shards} shards: a unit uses {shards} GPUs (the replica sharing "
                          f"GPU 0) or {shards + 1} (the replica on its own)" if shards else

@@ -60,8 +60,9 @@ def unit_bundles(args: ServeArgs, layout: UnitLayout) -> list[dict[str, float]]:
 
 
 def replica_gpus(layout: UnitLayout) -> float:
-    """The replica owns its GPU whole: a shard sharing it runs in the replica's process."""
-    return 1 if layout.device == "cuda" else 0
+    """The replica owns its GPU whole: a shard sharing it runs in the replica's process. Data-parallel: the ranks
+    hold the GPUs, the replica none."""
+    return 1 if layout.device == "cuda" and not layout.data_parallel else 0
 
 
 def shard_options(args: ServeArgs, layout: UnitLayout, shard: int) -> dict[str, Any]:
