@@ -197,3 +197,25 @@ def test_a_rank_refuses_a_step_larger_than_agreed_and_a_worker_with_other_expert
         refused = results[rank]["refused"]
         assert len(refused) == 2, refused
         assert "3 tokens on a step agreed at 2" in refused[0] and f"rank {rank} owns experts" in refused[1]
+
+
+def test_without_an_exchange_a_call_is_unavailable_except_alone():
+    """Before a unit's ranks meet (and after their group failed) a step must fail, not run half the experts; only
+    an engine's warm-up runs alone, on this rank's experts."""
+    from cluster.parallel.dispatch import UnavailableError
+
+    experts = (0, 1, 2, 3)
+    worker = ShardWorker(_layers(torch.float32, experts), E, TorchMoEBackend())
+    executor = AllToAllExperts(None, worker)
+    g = torch.Generator().manual_seed(4)
+    x, ids = torch.randn(5, D, generator=g), torch.randint(0, E, (5, K), generator=g)
+    weights = torch.rand(5, K, generator=g)
+    with pytest.raises(UnavailableError, match="not connected"):
+        executor(0, x, ids, weights)
+    with executor.alone():
+        alone = executor(1, x, ids, weights)
+    local = LocalExpertExecutor(_layers(torch.float32, experts), E, TorchMoEBackend())
+    torch.testing.assert_close(alone, local(1, x, ids, weights), rtol=0, atol=0)
+    executor.drop("the group failed")
+    with pytest.raises(UnavailableError, match="the group failed"):
+        executor(0, x, ids, weights)

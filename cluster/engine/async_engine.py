@@ -20,7 +20,7 @@ import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from cluster.engine.engine import LLMEngine
 from cluster.engine.grammar_paths import is_failure
@@ -38,9 +38,25 @@ class _Stream:
     n: int  # sequences (choices) the request occupies in the engine
 
 
+class Lockstep(Protocol):
+    """Engines that step together (`cluster.engine.data_parallel`): each loop steps while any of them has work."""
+
+    idle_poll_s: float  # how often idle engines ask each other again
+
+    @property
+    def connected(self) -> bool:
+        ...
+
+    def any_work(self) -> bool:
+        """Every engine calls it in turn; raises `UnavailableError` when they cannot agree (not connected)."""
+        ...
+
+
 class AsyncEngine:
-    def __init__(self, factory: Callable[[], LLMEngine]):
-        """Builds the engine with `factory()` on the engine thread; raises what the factory raised."""
+    def __init__(self, factory: Callable[[], LLMEngine], lockstep: Callable[[LLMEngine], Lockstep] | None = None):
+        """Builds the engine with `factory()` on the engine thread; raises what the factory raised. With `lockstep`
+        (made from the engine on that thread) the loop steps while any engine of its group has work, not only this
+        one."""
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._admission = threading.Lock()  # the check and the act of admitting; callers may run on several loops
@@ -48,7 +64,9 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopped = False
         built: Future = Future()
-        self._thread = threading.Thread(target=self._run, args=(factory, built), name="engine-loop", daemon=True)
+        self.lockstep: Lockstep | None = None
+        self._thread = threading.Thread(target=self._run, args=(factory, lockstep, built), name="engine-loop",
+                                        daemon=True)
         self._thread.start()
         self.engine: LLMEngine = built.result()
         # Sequences that may wait beyond the running batch before a request is refused: the engine's setting,
@@ -136,9 +154,11 @@ class AsyncEngine:
         self._commands.put(command)
         self._wake.set()
 
-    def _run(self, factory: Callable[[], LLMEngine], built: Future) -> None:
+    def _run(self, factory: Callable[[], LLMEngine], lockstep: Callable[[LLMEngine], Lockstep] | None,
+             built: Future) -> None:
         try:
             self.engine = factory()
+            self.lockstep = lockstep(self.engine) if lockstep is not None else None
         except BaseException as e:
             built.set_exception(e)
             return
@@ -148,8 +168,8 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stopped:
             self._drain_commands()
-            if not self.engine.has_work():
-                self._wake.wait()
+            if not self._has_work():
+                self._wake.wait(self._idle_poll())
                 self._wake.clear()
                 continue
             try:
@@ -165,6 +185,20 @@ class AsyncEngine:
             self._publish(outs)
         self._drain_commands()
         self._publish(self.engine.fail_all("the engine is shutting down", status=503))
+
+    def _has_work(self) -> bool:
+        if self.lockstep is None:
+            return self.engine.has_work()
+        try:
+            return self.lockstep.any_work()
+        except UnavailableError as e:  # cut off from the group: what this engine holds fails now, and new work too
+            self._publish(self.engine.fail_all(str(e), status=503))
+            return False
+
+    def _idle_poll(self) -> float | None:
+        """How long to sleep with nothing to do: until a command comes, or (stepping with others) the next ask."""
+        lockstep = self.lockstep
+        return lockstep.idle_poll_s if lockstep is not None and lockstep.connected else None
 
     def _drain_commands(self) -> None:
         while True:

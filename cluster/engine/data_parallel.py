@@ -7,6 +7,10 @@ all-reduce, which also picks the exchange's path for every layer of the step); a
 others step runs one padding row through the model (`ModelRunner.run_padding`), and a rank keeps stepping while any
 rank has work (`any_work`, one all-reduce). These agreements are host numbers: over NCCL they belong on a CPU group
 (`control`), where they wait for no device work, so steps scheduled ahead still overlap the device.
+
+Served (`cluster.engine.async_engine`, the `Lockstep` of a rank's loop), an idle unit agrees every `idle_poll_s`
+whether some rank got a request; a failed agreement or exchange (a rank died or hung) disconnects the rank: its
+requests then fail with 503 until the unit forms the group again (`connect`).
 """
 
 from __future__ import annotations
@@ -15,18 +19,33 @@ import torch.distributed as dist
 
 from cluster.engine.engine import LLMEngine
 from cluster.engine.outputs import RequestOutput
-from cluster.parallel.all_to_all import AllToAllExperts, agree_max
+from cluster.parallel.all_to_all import AllToAllExperts, ExpertAllToAll, agree_max
+from cluster.parallel.dispatch import UnavailableError
+
+# How often idle ranks ask each other for work: the most a request arriving at an idle unit waits for its first step.
+IDLE_POLL_S = 0.005
 
 
 class DataParallelRank:
+    idle_poll_s = IDLE_POLL_S
+
     def __init__(self, engine: LLMEngine, experts: AllToAllExperts, control: dist.ProcessGroup | None = None):
         """`experts`: the executor `engine`'s model runs its MoE layers with (this rank's shard, the group's
-        exchange). `control`: a gloo group of the same ranks for the per-step agreements (None: the exchange's
-        group, fine when that one is gloo too)."""
+        exchange, or none yet). `control`: a gloo group of the same ranks for the per-step agreements (None: the
+        exchange's group, fine when that one is gloo too)."""
         self.engine = engine
         self.experts = experts
         self.control = control
         engine.step_sync = self._agree
+
+    @property
+    def connected(self) -> bool:
+        return self.experts.exchange is not None
+
+    def connect(self, exchange: ExpertAllToAll, control: dist.ProcessGroup | None = None) -> None:
+        """Step with a (new) group from now on; call between steps, on the thread that steps."""
+        self.experts.connect(exchange)
+        self.control = control
 
     def _agree(self, rows: int) -> int:
         step = self._most(rows)
@@ -34,12 +53,18 @@ class DataParallelRank:
         return step
 
     def _most(self, value: int) -> int:
-        if self.control is None:
-            return self.experts.exchange.agree_tokens(value)
-        return agree_max(value, self.control)
+        exchange = self.experts.exchange
+        if exchange is None:
+            raise UnavailableError(self.experts.lost)
+        try:
+            return exchange.agree_tokens(value) if self.control is None else agree_max(value, self.control)
+        except RuntimeError as e:  # a peer is gone or hung past the group's timeout: the group is unusable
+            self.experts.drop(f"the attention ranks could not agree a step: {_first_line(e)}")
+            raise UnavailableError(self.experts.lost) from e
 
     def any_work(self) -> bool:
-        """Whether any rank has work: every rank calls this, then steps if it says so."""
+        """Whether any rank has work: every rank calls this, then steps if it says so. Raises `UnavailableError`
+        when the ranks are not connected."""
         return self._most(int(self.engine.has_work())) > 0
 
     def step(self) -> list[RequestOutput]:
@@ -52,3 +77,7 @@ class DataParallelRank:
         while self.any_work():
             outs += self.step()
         return outs
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else repr(e)

@@ -39,12 +39,14 @@ C = rows one rank sends another in the fixed path, N = rows received, B = bytes 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from cluster.parallel.dispatch import UnavailableError
 from cluster.parallel.placement import assign_experts, expert_owners
 from cluster.parallel.shard_worker import ShardWorker
 
@@ -183,17 +185,44 @@ class AllToAllExperts:
     `begin_step(step_tokens)` once a step, on every rank with the same value (`exchange.agree_tokens` of each rank's
     tokens), picks the path of every layer of that step; without it each call agrees for itself (one all-reduce more
     a layer).
+
+    The exchange can change under it (`connect`: a unit re-forms its group after losing a rank). Without one, a call
+    raises `UnavailableError`, except `alone()`: then each call runs this rank's experts on its own tokens and the
+    others' terms are left out, which is what building an engine needs (its warm-up and cost-probe steps compile and
+    time the kernels, and no other rank takes part). A collective that fails drops the exchange (`lost` says why):
+    the group is unusable once a peer is gone.
     """
 
     graph_safe = False  # the fixed path is built for capture over NCCL, but no capture has been checked yet
 
-    def __init__(self, exchange: ExpertAllToAll, worker: ShardWorker):
+    def __init__(self, exchange: ExpertAllToAll | None, worker: ShardWorker):
+        self.worker = worker
+        self.exchange: ExpertAllToAll | None = None
+        self.lost = "not connected to the other ranks yet"
+        self.step_tokens: int | None = None
+        self._alone = False
+        if exchange is not None:
+            self.connect(exchange)
+
+    def connect(self, exchange: ExpertAllToAll) -> None:
+        worker = self.worker
         if worker.expert_ids != exchange.experts or worker.num_experts != exchange.num_experts:
             raise ValueError(f"rank {exchange.rank} owns experts {exchange.experts} of {exchange.num_experts}; "
                              f"its worker holds {worker.expert_ids} of {worker.num_experts}")
         self.exchange = exchange
-        self.worker = worker
-        self.step_tokens: int | None = None
+
+    def drop(self, reason: str) -> None:
+        """Forget the exchange (its group failed); calls raise `UnavailableError(reason)` until the next `connect`."""
+        self.exchange, self.lost = None, reason
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        """Calls within run this rank's experts only (no exchange): for warm-up and probe steps."""
+        self._alone = True
+        try:
+            yield
+        finally:
+            self._alone = False
 
     def begin_step(self, step_tokens: int | None) -> None:
         """The step's most tokens on any rank, agreed by all (None: agree at each call)."""
@@ -202,13 +231,23 @@ class AllToAllExperts:
     def __call__(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], topk_ids/topk_weights [T, K] -> [T, D]: this rank's tokens through every rank's experts."""
-        step = self.step_tokens if self.step_tokens is not None else self.exchange.agree_tokens(x.shape[0])
-        crossing = self.exchange.dispatch(x, topk_ids, topk_weights, step)
         worker = self.worker
-        # num_experts + 1: the padding's expert id E is a valid index that maps to no local expert.
-        rows = worker.backend(crossing.x, worker.prepared[layer], crossing.topk_ids, crossing.topk_weights,
-                              worker.num_experts + 1, out_dtype=torch.float32)  # [N, D] fp32, weighted
-        return self.exchange.combine(crossing, rows)
+        exchange = self.exchange
+        if exchange is None:
+            if not self._alone:
+                raise UnavailableError(self.lost)
+            return worker.backend(x, worker.prepared[layer], topk_ids, topk_weights.float(), worker.num_experts,
+                                  out_dtype=torch.float32).to(x.dtype)
+        try:
+            step = self.step_tokens if self.step_tokens is not None else exchange.agree_tokens(x.shape[0])
+            crossing = exchange.dispatch(x, topk_ids, topk_weights, step)
+            # num_experts + 1: the padding's expert id E is a valid index that maps to no local expert.
+            rows = worker.backend(crossing.x, worker.prepared[layer], crossing.topk_ids, crossing.topk_weights,
+                                  worker.num_experts + 1, out_dtype=torch.float32)  # [N, D] fp32, weighted
+            return exchange.combine(crossing, rows)
+        except RuntimeError as e:  # a peer died or missed the group's timeout (gloo and NCCL raise RuntimeErrors)
+            self.drop(f"the exchange between attention ranks failed: {str(e).splitlines()[0] if str(e) else repr(e)}")
+            raise UnavailableError(self.lost) from e
 
 
 def agree_max(value: int, group: dist.ProcessGroup | None, device: torch.device | str = "cpu") -> int:

@@ -1,0 +1,209 @@
+"""A data-parallel serving unit, seen from its AttentionRouter replica: R attention ranks (`AttentionRank` actors,
+one per GPU, each with its own requests, KV cache and shard of the experts), started in the replica's placement
+group, joined into one group, given requests, watched and brought back.
+
+Why the replica leads rather than each rank being a Serve replica of its own: a unit comes and goes whole (Serve's
+autoscaling, a drained node, an upgrade), its ranks must share one STRICT_PACK placement group, and a lost rank
+stops its peers' steps. Serve reserves and scales one replica per unit; the replica spreads its requests over the
+ranks (the one with the fewest sequences in flight) and forwards each rank's output batches as they come.
+
+When a rank dies or stops answering, its peers' exchanges fail at once (or at the group's timeout, `step_timeout_s`)
+and their requests get 503 errors; the killed rank's streams end with an error event here; new requests get 503
+while the unit is "recovering". The supervisor kills a rank that does not answer, waits for Ray to bring every
+rank back (a restarted one reloads its weights), and forms the group again on a fresh port. A unit not back within
+`recovery_timeout_s` is "failed" and Serve replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import AsyncIterator
+
+import ray
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.engine.outputs import RequestOutput
+from cluster.engine.sampling_params import SamplingParams
+from cluster.health import Health
+from cluster.parallel.rank_group import RankGroupSpec
+from cluster.serve.attention_rank import AttentionRank
+from cluster.serve.resolved import ResolvedArgs
+from cluster.serve.unit import UNIT_ENV
+
+log = logging.getLogger(__name__)
+
+_PING_PERIOD_S = 0.25  # how often the supervisor asks every rank (a lost one refuses requests within a second)
+_PING_TIMEOUT_S = 10.0  # a rank that answers no ping this long is hung: killed, and Ray restarts it
+_RETRY_S = 1.0
+_WATCH_S = 0.05  # how often a stream waiting for its rank checks that the unit still stands
+
+
+class _UnitLost(RuntimeError):
+    """The unit began recovering while a stream waited for its rank."""
+
+
+class DataParallelUnit:
+    def __init__(self, resolved: ResolvedArgs):
+        self.resolved = resolved
+        self.args = resolved.args
+        self.num_ranks = resolved.layout.attention_ranks
+        self.state, self.detail = "starting", "loading the attention ranks"
+        self.recoveries = 0
+        self.in_flight = [0] * self.num_ranks  # sequences sent to each rank and not yet ended
+        self._turn = itertools.count()  # breaks ties between equally loaded ranks
+        self.actors = [self._start_rank(r) for r in range(self.num_ranks)]
+        self._wait_loaded()
+        self._connect()
+        self.state, self.detail = "ok", ""
+        self._stop = threading.Event()
+        self._supervisor = threading.Thread(target=self._watch, name="rank-supervisor", daemon=True)
+        self._supervisor.start()
+
+    # -- start-up ----------------------------------------------------------------------------------------------
+    def _start_rank(self, rank: int):
+        cuda = self.resolved.device == "cuda"
+        options = {"num_cpus": self.args.replica_cpus, "num_gpus": 1 if cuda else 0, "max_restarts": -1,
+                   "max_concurrency": 10_000, "runtime_env": {"env_vars": UNIT_ENV}}
+        pg = get_current_placement_group()
+        if pg is not None:  # bundle 0 is the replica's (`UnitLayout.bundles`)
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank + 1)
+        threads = None if cuda else max(1, (os.cpu_count() or 1) // self.num_ranks)
+        return ray.remote(AttentionRank).options(**options).remote(self.resolved, rank, threads)
+
+    def _wait_loaded(self) -> None:
+        t0 = time.perf_counter()
+        for info in ray.get([a.info.remote() for a in self.actors]):
+            log.info("attention rank %d: experts %s, %.1f MB, loaded in %ss (pid %s)", info["rank"], info["experts"],
+                     info["bytes"] / 1e6, info["load_s"], info["pid"])
+        log.info("%d attention ranks ready in %.1fs", self.num_ranks, time.perf_counter() - t0)
+
+    def _connect(self) -> None:
+        """Every rank joins a fresh group (rank 0 hosts its store); raises if one does not within the timeout."""
+        address, port = ray.get(self.actors[0].meeting_point.remote(), timeout=_PING_TIMEOUT_S)
+        spec = RankGroupSpec(address, port, self.num_ranks, "nccl" if self.resolved.device == "cuda" else "gloo",
+                             timeout_s=self.args.step_timeout_s)
+        ray.get([a.connect.remote(spec) for a in self.actors], timeout=spec.connect_timeout_s)
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def pick(self) -> int:
+        """The rank with the fewest sequences in flight (ties taken in turn)."""
+        turn = next(self._turn)
+        return min(range(self.num_ranks), key=lambda r: (self.in_flight[r], (r - turn) % self.num_ranks))
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, stream: bool,
+                       interval_s: float) -> AsyncIterator[list[RequestOutput]]:
+        """The request's output batches from the rank that runs it. A rank lost meanwhile ends each unfinished
+        choice with a 503 error as soon as the unit knows (a dead actor's own error takes Ray a second or more)."""
+        rank = self.pick()
+        self.in_flight[rank] += params.n
+        batches = self.actors[rank].generate.remote(request_id, prompt, params, stream, interval_s)
+        finished: set[int] = set()
+        try:
+            while (ref := await self._next(batches)) is not None:
+                batch: list[RequestOutput] = await ref
+                finished.update(out.index for out in batch if out.finished)
+                yield batch
+        except (ray.exceptions.RayError, _UnitLost) as e:
+            log.warning("request %s lost attention rank %d: %s", request_id, rank, e)
+            errors = RequestOutput.errors(request_id, params.n, f"the serving unit lost an attention rank ({e}); "
+                                                                "retry", 503)
+            unfinished = [out for out in errors if out.index not in finished]
+            if unfinished:
+                yield unfinished
+        finally:
+            self.in_flight[rank] -= params.n
+            if len(finished) < params.n:  # the client left (or the rank is gone): stop the request there
+                ray.cancel(batches)
+
+    async def _next(self, batches) -> ray.ObjectRef | None:
+        """The stream's next batch's reference (None at its end), unless the unit starts recovering first."""
+        ahead = asyncio.ensure_future(anext(batches, None))
+        try:
+            while not (await asyncio.wait({ahead}, timeout=_WATCH_S))[0]:
+                if self.state != "ok":
+                    raise _UnitLost(self.detail)
+            return ahead.result()
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+
+    def set_max_waiting(self, max_waiting: int) -> None:
+        ray.get([a.set_max_waiting.remote(max_waiting) for a in self.actors], timeout=_PING_TIMEOUT_S)
+
+    # -- health --------------------------------------------------------------------------------------------------
+    def health(self) -> Health:
+        return Health(self.state, self.detail, {"attention_ranks": self.num_ranks, "recoveries": self.recoveries,
+                                                "rank_in_flight": list(self.in_flight)})
+
+    async def stats(self) -> dict:
+        """The ranks' engine stats, summed where they count (running, waiting, in flight)."""
+        every = [await a.stats.remote() for a in self.actors]
+        summed = {k: sum(s[k] for s in every) for k in every[0] if all(type(s.get(k)) is int for s in every)}
+        return {**summed, "ranks": every}
+
+    def shard_info(self) -> list[dict]:
+        return ray.get([a.info.remote() for a in self.actors], timeout=_PING_TIMEOUT_S)
+
+    def close(self) -> None:
+        self._stop.set()
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+    # -- supervision ---------------------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while self.state != "failed" and not self._stop.wait(_PING_PERIOD_S):  # failed: Serve replaces the replica
+            lost = self._lost_rank()
+            if lost is not None:
+                self._recover(*lost)
+
+    def _lost_rank(self) -> tuple[str, tuple[int, ...]] | None:
+        """(why, the ranks that hung) when the unit must recover, else None: a rank died, said its group failed, or
+        answered no ping within `_PING_TIMEOUT_S`."""
+        pings = {a.ping.remote(): r for r, a in enumerate(self.actors)}
+        pending = list(pings)
+        give_up = time.monotonic() + _PING_TIMEOUT_S
+        while pending and not self._stop.is_set():
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, give_up - time.monotonic()))
+            if not ready:
+                hung = tuple(sorted(pings[ref] for ref in pending))
+                return f"attention rank(s) {_ids(hung)} answered no ping for {_PING_TIMEOUT_S:g}s", hung
+            rank = pings[ready[0]]
+            try:
+                _, connected, why = ray.get(ready[0])
+            except ray.exceptions.RayError as e:
+                return f"attention rank {rank} died ({type(e).__name__})", ()
+            if not connected:
+                return f"attention rank {rank} is cut off: {why}", ()
+        return None
+
+    def _recover(self, reason: str, hung: tuple[int, ...]) -> None:
+        self.state, self.detail = "recovering", f"{reason}; forming the attention ranks' group again"
+        log.warning("serving unit recovering: %s", reason)
+        deadline = time.monotonic() + self.args.recovery_timeout_s
+        for rank in hung:  # Ray restarts it in a fresh process
+            ray.kill(self.actors[rank], no_restart=False)
+        while not self._stop.is_set():
+            try:
+                ray.get([a.ping.remote() for a in self.actors], timeout=_PING_TIMEOUT_S)  # back, and loaded
+                self._connect()
+            except Exception as e:  # still restarting, or the group did not form: try again until the deadline
+                if time.monotonic() > deadline:
+                    self.state, self.detail = "failed", f"{reason}; not back after {self.args.recovery_timeout_s:.0f}s"
+                    log.error("serving unit failed: %s (%s)", self.detail, e)
+                    return
+                time.sleep(_RETRY_S)
+                continue
+            self.recoveries += 1
+            self.state, self.detail = "ok", ""
+            log.warning("serving unit recovered (%d recoveries)", self.recoveries)
+            return
+
+
+def _ids(ranks: tuple[int, ...]) -> str:
+    return ", ".join(map(str, ranks))
