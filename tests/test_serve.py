@@ -206,6 +206,8 @@ def test_serve_args_refuse_what_cannot_run(tiny_dir):
         ServeArgs.model_validate({"unknown_option": 1})
     with pytest.raises(ValueError, match="9 shards for 8 experts"):
         num_shards(ServeArgs(model=str(tiny_dir), shards=9), ModelConfig.from_file(tiny_dir))
+    with pytest.raises(ValueError, match="attention_ranks=2 runs each rank as a Ray actor"):
+        build_standalone_app(resolve(_args(tiny_dir).model_copy(update={"attention_ranks": 2})))
 
 
 def test_resolve_decides_every_setting_once(tiny_dir, tiny_dense_dir):
@@ -328,6 +330,39 @@ def _in_ledger(url: str, work):
             await ledger.close()
 
     return asyncio.run(run())
+
+
+DP_APP = "data-parallel"
+
+
+def test_a_data_parallel_unit_serves_the_single_process_text_over_http(served, tiny_dir):
+    """attention_ranks=2 through Serve: the replica in bundle 0 of its unit's placement group, the two ranks in
+    bundles 1 and 2, the Ingress in front, as `moe-cluster serve --attention-ranks 2` runs it."""
+    from ray import serve
+
+    from cluster.serve.app import build_app
+
+    serve.run(build_app(_args(tiny_dir).model_copy(update={"attention_ranks": 2})), name=DP_APP, route_prefix="/dp")
+    try:
+        expected = _standalone_text(tiny_dir, CHAT)
+        with httpx.Client(base_url=f"{served[0]}/dp", timeout=120) as client:
+            texts = []
+            for _ in range(4):  # spread over both ranks
+                r = client.post("/v1/chat/completions", json=CHAT)
+                assert r.status_code == 200, r.text
+                texts.append(r.json()["choices"][0]["message"]["content"])
+            with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
+                chunks = sse_line_chunks(s.iter_lines())
+            texts.append("".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]))
+            assert texts == [expected] * 5
+            health = client.get("/health")
+            assert health.status_code == 200, health.text
+        stats = serve.get_deployment_handle("AttentionRouter", DP_APP).health.remote().result().stats
+        assert stats["attention_ranks"] == 2 and stats["recoveries"] == 0 and len(stats["ranks"]) == 2
+        info = serve.get_deployment_handle("AttentionRouter", DP_APP).shard_info.remote().result()
+        assert [i["rank"] for i in info] == [0, 1] and all(i["connected"] for i in info)
+    finally:
+        serve.delete(DP_APP)
 
 
 @pytest.fixture(scope="module")

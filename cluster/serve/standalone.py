@@ -32,6 +32,9 @@ def build_standalone_app(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine]:
 
 def _build(resolved: ResolvedArgs) -> tuple[Drain, AsyncEngine, HeadAdmission]:
     """The app, its engine, and the admission that counts its generation requests from their heads."""
+    if resolved.layout.data_parallel:
+        raise ValueError(f"attention_ranks={resolved.layout.attention_ranks} runs each rank as a Ray actor: serve it "
+                         "on Ray (without --no-ray)")
     engine = AsyncEngine(lambda: build_engine(resolved, in_process_executor(resolved)))
     metrics = single_process_metrics(resolved.model_name, engine)
     backend = EngineBackend(engine, resolved.moe_kernel, metrics)
