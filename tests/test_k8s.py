@@ -39,7 +39,9 @@ K8S_VERSION = "1.32.0"  # the Kubernetes release whose schemas the core kinds ar
 OVERLAYS = {  # overlay -> the Serve config its RayService embeds
     "single-node": ROOT / "deploy" / "serve_config.yaml",
     "autoscaling": ROOT / "deploy" / "serve_config_autoscaling.yaml",
+    "data-parallel": ROOT / "deploy" / "serve_config_data_parallel.yaml",
 }
+ONE_NODE = {"single-node", "data-parallel"}  # one fixed unit on one node: no autoscaler, no api pods, no Redis
 LEDGER_ENV = "MOE_CLUSTER_DB_PASSWORD"
 DRAIN_ENV = "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"  # Ray's own drain after SIGTERM (`ray start --block`)
 # Allowances, not measurements: the seconds the manifests must leave for the drain request itself and for Ray's
@@ -257,7 +259,7 @@ def test_quantities_parse():
 @pytest.mark.e2e
 def test_overlay_builds_into_valid_kinds(built):
     overlay, docs = built
-    budgets = {"single-node": 2, "autoscaling": 3}[overlay]  # the head's, the GPU pods'; autoscaling's api pods'
+    budgets = 2 if overlay in ONE_NODE else 3  # the head's, the GPU pods'; autoscaling's api pods'
     # No PersistentVolumeClaim: the volumes live in k8s/storage, so deleting an overlay never deletes them.
     assert sorted(d["kind"] for d in docs) == ["NetworkPolicy"] * 3 + ["PodDisruptionBudget"] * budgets + [
         "PriorityClass", "RayService"]
@@ -305,7 +307,7 @@ def test_a_unit_fits_a_gpu_pod_and_the_ingress_its_pods(built):
     ingress_replicas, ingress_cpus = plan.ingress["num_replicas"], ingress["num_cpus"]
     assert plan.router["placement_group_strategy"] == "STRICT_PACK"  # the unit's bundles share one pod
     # Each overlay takes one branch below: single-node's Ingress goes anywhere, autoscaling's to its api pods.
-    assert (args.ingress_resource is None) == (overlay == "single-node")
+    assert (args.ingress_resource is None) == (overlay in ONE_NODE)
     (gpu_group,) = gpu_workers(rayservice)
     gpus, cpus = group_gpus(gpu_group), float(gpu_group["rayStartParams"]["num-cpus"])
     assert unit_gpus <= gpus and 2 * unit_gpus > gpus  # one unit per pod: the group's bounds count units
@@ -602,7 +604,7 @@ def test_the_head_survives_its_loss_where_units_scale(built):
     (priority,) = [d for d in docs if d["kind"] == "PriorityClass"]
     assert head["priorityClassName"] == priority["metadata"]["name"] and priority["value"] > 0
     options = cluster.get("gcsFaultToleranceOptions")
-    if overlay == "single-node":
+    if overlay in ONE_NODE:
         assert options is None  # one node: the head goes with it
         return
     assert options["redisAddress"] and options["redisPassword"]["valueFrom"]["secretKeyRef"]["key"]
