@@ -1,4 +1,5 @@
-"""The all-to-all MoE layer (`cluster.parallel.all_to_all`) over real gloo groups of 2 and 4 processes.
+"""The all-to-all MoE layer (`cluster.parallel.all_to_all`) over real groups of 2 and 4 processes: gloo, and shared
+memory (`cluster.parallel.shm_collectives`).
 
 Every rank steps its own tokens through the same sequence of cases (collectives pair up in call order); the parent
 then checks each rank's output against one process running the whole layer (`LocalExpertExecutor`, every expert) over
@@ -12,6 +13,7 @@ comes back from another rank, rounded on its own first, can change the last bit 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,11 +28,15 @@ from cluster.moe.torch_backend import TorchMoEBackend
 from cluster.moe.weights import ExpertWeights
 from cluster.parallel.all_to_all import AllToAllExperts, ExpertAllToAll
 from cluster.parallel.placement import assign_experts
+from cluster.parallel.rank_group import store_barrier
+from cluster.parallel.shm_channel import shm_directory
+from cluster.parallel.shm_collectives import ShmCollectives, create_shm_collectives
 from cluster.parallel.shard_worker import ShardWorker
 from tests.ranks import run_ranks
 
 E, D, F, K, LAYERS = 8, 64, 96, 2, 2
 MAX_TOKENS, BUCKETS = 8, (1, 4)
+SLOT_BYTES = 1 << 16  # the largest message of any case: 80 pairs of a prefill to one rank (~21 KB)
 JOIN_TIMEOUT_S = 120.0  # the ranks' whole run; a hung collective fails the test (gloo's own timeout is 30 s below)
 
 
@@ -93,13 +99,23 @@ def _backend(name: str):
     return get_backend(name)
 
 
-def _rank_main(rank: int, ranks: int, init_file: str, out_dir: str, auto: str) -> None:
+def _group(transport: str, rank: int, ranks: int, init_file: str, shm_dir: str) -> ShmCollectives | None:
+    """The rank's group: the default gloo group (None), or shared memory with a file store for its barriers."""
+    if transport == "gloo":
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks,
+                                timeout=timedelta(seconds=30))
+        return None
+    barrier = store_barrier(dist.FileStore(init_file, ranks), rank, ranks)
+    return ShmCollectives(shm_dir, rank, ranks, SLOT_BYTES, timeout_s=30, barrier=barrier)
+
+
+def _rank_main(rank: int, ranks: int, init_file: str, out_dir: str, auto: str, transport: str,
+               shm_dir: str) -> None:
     """One rank: every case in order; saves its outputs, the path each dispatch took and the rows it received."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks,
-                            timeout=timedelta(seconds=30))
+    group = _group(transport, rank, ranks, init_file, shm_dir)
     try:
-        exchange = ExpertAllToAll(None, E, K, MAX_TOKENS, buckets=BUCKETS)
+        exchange = ExpertAllToAll(group, E, K, MAX_TOKENS, buckets=BUCKETS)
         experts = assign_experts(E, ranks)[rank]
         executors = {}
         dispatched: list[tuple[str, int, int]] = []  # per dispatch: path, rows received, rows naming an expert
@@ -127,7 +143,10 @@ def _rank_main(rank: int, ranks: int, init_file: str, out_dir: str, auto: str) -
         results["refused"] = _refusals(exchange, experts)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        if group is None:
+            dist.destroy_process_group()
+        else:
+            group.close()
 
 
 def _refusals(exchange: ExpertAllToAll, experts: tuple[int, ...]) -> list[str]:
@@ -143,14 +162,23 @@ def _refusals(exchange: ExpertAllToAll, experts: tuple[int, ...]) -> list[str]:
     return refused
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["2-ranks", "4-ranks"])
+@pytest.fixture(scope="module", params=[("gloo", 2), ("gloo", 4), ("shm", 2), ("shm", 4)],
+                ids=["gloo-2-ranks", "gloo-4-ranks", "shm-2-ranks", "shm-4-ranks"])
 def run(request, tmp_path_factory) -> tuple[int, list[dict]]:
-    """(R, each rank's results): R processes on one gloo group, started with spawn and joined within a deadline."""
-    ranks = request.param
-    tmp = tmp_path_factory.mktemp(f"a2a{ranks}")
+    """(R, each rank's results): R processes on one gloo group or over shared memory, started with spawn and joined
+    within a deadline."""
+    transport, ranks = request.param
+    tmp = tmp_path_factory.mktemp(f"a2a-{transport}{ranks}")
+    shm_dir = shm_directory()
+    create_shm_collectives(shm_dir, ranks, SLOT_BYTES)
     auto = backend_name("auto", "cpu")
     get_backend(auto)  # the C kernels built here once, not by every rank at once
-    run_ranks(_rank_main, (ranks, str(tmp / "init"), str(tmp), auto), ranks, JOIN_TIMEOUT_S)
+    try:
+        run_ranks(_rank_main, (ranks, str(tmp / "init"), str(tmp), auto, transport, shm_dir), ranks, JOIN_TIMEOUT_S)
+        removed = not Path(shm_dir).exists()
+    finally:
+        shutil.rmtree(shm_dir, ignore_errors=True)
+    assert removed == (transport == "shm")  # the ranks removed the names once they all held their ends
     return ranks, [torch.load(tmp / f"rank{r}.pt") for r in range(ranks)]
 
 

@@ -1,5 +1,6 @@
 """A data-parallel unit on Ray (`cluster.serve.dp_unit`): two attention ranks, each its own process with its own
-requests, KV cache and half of the experts, exchanging tokens over gloo, behind the AttentionRouter replica.
+requests, KV cache and half of the experts, exchanging tokens over shared memory or gloo, behind the AttentionRouter
+replica.
 
 Every request's greedy and seeded tokens equal what one process holding every expert generates; a killed rank ends
 its streams and its peer's with 503 errors, new requests get 503 within a second, and the unit comes back."""
@@ -52,11 +53,14 @@ def reference(tiny_dir) -> dict[str, dict[str, list[int]]]:
     return results
 
 
-@pytest.fixture(scope="module")
-def router(local_ray, tiny_dir):
+@pytest.fixture(scope="module", params=["shm", "gloo"])
+def router(request, local_ray, tiny_dir):
+    """The replica of a unit whose ranks exchange over shared memory (`auto` on one machine) or gloo."""
     from cluster.serve.router import AttentionRouter
 
-    replica = AttentionRouter(_args(tiny_dir, attention_ranks=RANKS))
+    replica = AttentionRouter(_args(tiny_dir, attention_ranks=RANKS,
+                                    channel="auto" if request.param == "shm" else request.param))
+    assert replica.ranks.backend == request.param
     yield replica
     replica.ranks.close()
 

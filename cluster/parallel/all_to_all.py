@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from cluster.parallel.dispatch import UnavailableError
 from cluster.parallel.placement import assign_experts, expert_owners
+from cluster.parallel.shm_collectives import ShmCollectives
 from cluster.parallel.shard_worker import ShardWorker
 
 _META_BYTES = 8  # expert id (int32) and router weight (fp32) after each row's activations
@@ -73,15 +74,16 @@ class ExpertAllToAll:
     `max_tokens`: the most tokens a rank steps on the fixed path (0: no fixed path); `buckets`: the step sizes its
     capacities are made for (a step rounds up to the first bucket at or above its tokens; default one bucket,
     `max_tokens`).
-    `device`: where the group's tensors live (cpu for gloo, the rank's GPU for NCCL).
+    `device`: where the group's tensors live (cpu for gloo and shared memory, the rank's GPU for NCCL).
+    `group`: a torch.distributed group (None: the default one), or `ShmCollectives` (the ranks of one machine on CPU).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, num_experts: int, top_k: int, max_tokens: int,
-                 owners: Sequence[int] | None = None, buckets: Sequence[int] = (),
+    def __init__(self, group: dist.ProcessGroup | ShmCollectives | None, num_experts: int, top_k: int,
+                 max_tokens: int, owners: Sequence[int] | None = None, buckets: Sequence[int] = (),
                  device: torch.device | str = "cpu"):
-        self.group = group
-        self.num_ranks = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        self.comm = group if isinstance(group, ShmCollectives) else TorchCollectives(group, device)
+        self.num_ranks = self.comm.size()
+        self.rank = self.comm.rank()
         self.num_experts = num_experts
         self.top_k = top_k
         self.max_tokens = max_tokens
@@ -103,7 +105,7 @@ class ExpertAllToAll:
 
     def agree_tokens(self, tokens: int) -> int:
         """The most tokens any rank steps (every rank calls it with its own): what `dispatch` takes as step_tokens."""
-        return agree_max(tokens, self.group, self.device)
+        return self.comm.all_reduce_max(tokens)
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  step_tokens: int) -> Crossing:
@@ -130,7 +132,7 @@ class ExpertAllToAll:
             _views(send, x.shape[1], x.dtype)[1].fill_(self.num_experts)  # every row padding until written
         else:
             received = torch.empty_like(counts)
-            dist.all_to_all_single(received, counts, group=self.group)
+            self.comm.all_to_all_single(received, counts)
             splits = (counts.tolist(), received.tolist())
             row_bytes = packed_row_bytes(x.shape[1], x.dtype)
             send = torch.empty(order.numel(), row_bytes, dtype=torch.uint8, device=x.device)
@@ -142,9 +144,9 @@ class ExpertAllToAll:
         send_ids[slot] = topk_ids.flatten()[order].int()
         send_w[slot] = topk_weights.flatten()[order].float()
         if splits is None:
-            dist.all_to_all_single(recv, send, group=self.group)
+            self.comm.all_to_all_single(recv, send)
         else:
-            dist.all_to_all_single(recv, send, splits[1], splits[0], group=self.group)
+            self.comm.all_to_all_single(recv, send, splits[1], splits[0])
         home = torch.full((send.shape[0],), t, dtype=torch.long, device=x.device)
         home[slot] = token
         recv_x, recv_ids, recv_w = _views(recv, x.shape[1], x.dtype)
@@ -159,10 +161,10 @@ class ExpertAllToAll:
         d = out_rows.shape[1]
         if crossing.splits is None:
             back = self._fixed(crossing.dtype, d)[2][:crossing.home.numel()]
-            dist.all_to_all_single(back, out_rows, group=self.group)
+            self.comm.all_to_all_single(back, out_rows)
         else:
             back = out_rows.new_empty(crossing.home.numel(), d)
-            dist.all_to_all_single(back, out_rows, *crossing.splits, group=self.group)
+            self.comm.all_to_all_single(back, out_rows, *crossing.splits)
         out = torch.zeros(crossing.tokens + 1, d, dtype=torch.float32, device=back.device)  # row T: padding's
         out.index_add_(0, crossing.home, back)
         return out[:crossing.tokens].to(crossing.dtype)
@@ -176,6 +178,27 @@ class ExpertAllToAll:
             self._buffers[dtype, hidden] = (send, torch.empty_like(send),
                                     torch.empty(rows, hidden, dtype=torch.float32, device=self.device))
         return self._buffers[dtype, hidden]
+
+
+class TorchCollectives:
+    """The collectives an `ExpertAllToAll` makes, over a torch.distributed group (gloo or NCCL)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device | str):
+        self.group = group
+        self.device = device
+
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int] | None = None,
+                          input_split_sizes: list[int] | None = None) -> None:
+        dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=self.group)
+
+    def all_reduce_max(self, value: int) -> int:
+        return agree_max(value, self.group, self.device)
 
 
 class AllToAllExperts:

@@ -30,7 +30,7 @@ from cluster.logs import configure_logging
 from cluster.metrics.engine_metrics import replica_metrics
 from cluster.parallel.all_to_all import AllToAllExperts, ExpertAllToAll
 from cluster.parallel.channel import free_port
-from cluster.parallel.rank_group import RankGroupSpec, open_rank_group
+from cluster.parallel.rank_group import RankGroup, RankGroupSpec, open_rank_group
 from cluster.parallel.shard_worker import ShardWorker
 from cluster.serve.engine_backend import EngineBackend, final_outputs
 from cluster.serve.engine_builder import build_engine
@@ -52,6 +52,7 @@ class AttentionRank:
         worker = ShardWorker.load(r.model_dir, r.config, r.shard_groups[rank], r.dtype, r.device, r.moe_backend,
                                   load_format=r.args.load_format, quantization=r.quantization)
         self.experts = AllToAllExperts(None, worker)
+        self.group: RankGroup | None = None  # the unit's, once joined
         self.engine = AsyncEngine(self._build, lambda engine: DataParallelRank(engine, self.experts))
         self.backend = EngineBackend(self.engine, r.moe_kernel, replica_metrics(r.model_name, self.engine, Health))
         self.load_s = time.perf_counter() - t0
@@ -64,6 +65,9 @@ class AttentionRank:
             return build_engine(self.resolved, self.experts)
 
     # -- the unit's group --------------------------------------------------------------------------------------
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def meeting_point(self) -> tuple[str, int]:
         """(this node's address, a free port there): rank 0 hosts the group's store."""
         address = ray.util.get_node_ip_address()
@@ -76,12 +80,16 @@ class AttentionRank:
     def _join(self, spec: RankGroupSpec, engine: LLMEngine) -> None:
         lockstep = self.engine.lockstep
         assert isinstance(lockstep, DataParallelRank)
-        control = open_rank_group(spec, self.rank)
+        self.experts.drop("the attention ranks are forming their group again")
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+        self.group = group = open_rank_group(spec, self.rank)
         buckets = engine.runner.decode_buckets  # decode steps padded to these take the fixed path (graph-safe)
-        exchange = ExpertAllToAll(None, self.resolved.config.num_experts, self.resolved.config.experts_per_token,
-                                  max(buckets, default=0), buckets=buckets,
+        exchange = ExpertAllToAll(group.exchange, self.resolved.config.num_experts,
+                                  self.resolved.config.experts_per_token, max(buckets, default=0), buckets=buckets,
                                   device=engine.device if spec.backend == "nccl" else "cpu")
-        lockstep.connect(exchange, control)
+        lockstep.connect(exchange, group.control)
         log.info("attention rank %d joined a group of %d over %s", self.rank, spec.ranks, spec.backend)
 
     # -- requests ----------------------------------------------------------------------------------------------

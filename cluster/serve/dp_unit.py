@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import os
+import shutil
 import threading
 import time
 from typing import AsyncIterator
@@ -31,7 +32,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.health import Health
+from cluster.parallel.all_to_all import packed_row_bytes
 from cluster.parallel.rank_group import RankGroupSpec
+from cluster.parallel.shm_channel import shm_directory
+from cluster.parallel.shm_collectives import create_shm_collectives
 from cluster.serve.attention_rank import AttentionRank
 from cluster.serve.resolved import ResolvedArgs
 from cluster.serve.unit import UNIT_ENV
@@ -86,9 +90,33 @@ class DataParallelUnit:
     def _connect(self) -> None:
         """Every rank joins a fresh group (rank 0 hosts its store); raises if one does not within the timeout."""
         address, port = ray.get(self.actors[0].meeting_point.remote(), timeout=_PING_TIMEOUT_S)
-        spec = RankGroupSpec(address, port, self.num_ranks, "nccl" if self.resolved.device == "cuda" else "gloo",
-                             timeout_s=self.args.step_timeout_s)
-        ray.get([a.connect.remote(spec) for a in self.actors], timeout=spec.connect_timeout_s)
+        backend = self.backend = self._backend()
+        spec = RankGroupSpec(address, port, self.num_ranks, backend, timeout_s=self.args.step_timeout_s,
+                             path=shm_directory() if backend == "shm" else "", slot_bytes=self._slot_bytes())
+        try:
+            if backend == "shm":
+                create_shm_collectives(spec.path, self.num_ranks, spec.slot_bytes)
+            ray.get([a.connect.remote(spec) for a in self.actors], timeout=spec.connect_timeout_s)
+        finally:
+            if spec.path:  # the ranks removed the names once they all held them; not if one never came
+                shutil.rmtree(spec.path, ignore_errors=True)
+
+    def _backend(self) -> str:
+        """The `channel` setting; `auto`: NCCL on GPUs, shared memory when every rank is on this machine, else gloo."""
+        if self.args.channel != "auto":
+            return self.args.channel
+        if self.resolved.device == "cuda":
+            return "nccl"
+        here = ray.get_runtime_context().get_node_id()
+        nodes = ray.get([a.node_id.remote() for a in self.actors], timeout=_PING_TIMEOUT_S)
+        return "shm" if all(n == here for n in nodes) else "gloo"
+
+    def _slot_bytes(self) -> int:
+        """The largest message of one shared-memory collective: a step's every (token, expert) pair sent to one rank,
+        as dispatched rows or as combined fp32 results."""
+        c, r = self.resolved.config, self.resolved
+        rows = max(r.engine.max_num_batched_tokens, r.engine.max_num_seqs) * c.experts_per_token
+        return rows * max(packed_row_bytes(c.hidden_size, r.dtype), 4 * c.hidden_size)
 
     # -- requests ----------------------------------------------------------------------------------------------
     def pick(self) -> int:
