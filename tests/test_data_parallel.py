@@ -123,3 +123,59 @@ def test_each_rank_gets_the_single_process_tokens(tiny_dir, tmp_path, single_pro
     for rank, requests in enumerate(_requests()):
         assert results[rank]["tokens"] == {rid: single_process[rid] for rid, _, _ in requests}, rank
     assert results[1]["padding_steps"] >= 10 and results[0]["padding_steps"] == 0  # rank 1 idled through rank 0's
+
+
+def _failing_rank_main(rank: int, model_dir: str, init_file: str, out_dir: str) -> None:
+    """Rank 1's third forward raises (as an out-of-memory error would): it must leave the group, so rank 0's
+    collectives fail at once instead of pairing with another call or waiting out the group's timeout."""
+    import asyncio
+    import time
+
+    from cluster.engine.async_engine import AsyncEngine
+    from cluster.parallel.rank_group import RankGroup
+    from cluster.tokenizer import load_tokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=RANKS,
+                            timeout=timedelta(seconds=60))
+    config = ModelConfig.from_file(model_dir)
+    model = load_model(model_dir, "fp32").model
+    worker = ShardWorker.load(model_dir, config, tuple(assign_experts(config.num_experts, RANKS)[rank]),
+                              torch.float32, "cpu", backend="torch")
+    experts = AllToAllExperts(None, worker)
+    model.attach_experts(experts)
+    engine = _engine(model, load_tokenizer("v3"))
+    if rank == 1:
+        run, calls = engine.runner.run, {"n": 0}
+
+        def failing(batch):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("out of memory (planted)")
+            return run(batch)
+
+        engine.runner.run = failing
+    lockstep = DataParallelRank(engine, experts)
+    lockstep.connect(ExpertAllToAll(None, config.num_experts, config.experts_per_token, 0), None,
+                     RankGroup(None, None))
+    front = AsyncEngine(lambda: engine, lambda _: lockstep)
+
+    async def ask() -> tuple[list, float]:
+        t0 = time.monotonic()
+        outs = [out async for out in await front.add_request(f"r{rank}", [5, 6, 7, 8],
+                                                            SamplingParams(max_tokens=200, temperature=0,
+                                                                           ignore_eos=True))]
+        return [(o.finish_reason, o.error_status, len(o.token_ids)) for o in outs], time.monotonic() - t0
+
+    outs, elapsed = asyncio.run(ask())
+    torch.save({"last": outs[-1], "elapsed": elapsed, "connected": lockstep.connected},
+               Path(out_dir) / f"failing{rank}.pt")
+    front.shutdown()
+
+
+def test_a_step_failing_on_one_rank_takes_every_rank_out_of_the_group_at_once(tiny_dir, tmp_path):
+    run_ranks(_failing_rank_main, (str(tiny_dir), str(tmp_path / "init"), str(tmp_path)), RANKS, JOIN_TIMEOUT_S)
+    results = [torch.load(tmp_path / f"failing{r}.pt") for r in range(RANKS)]
+    assert results[1]["last"][:2] == ("error", 500)  # its own step failed
+    assert results[0]["last"][:2] == ("error", 503)  # cut off: the group is gone
+    assert all(r["elapsed"] < 30 and not r["connected"] for r in results), results  # well within the 60 s timeout

@@ -134,3 +134,39 @@ def test_a_killed_rank_fails_its_streams_then_new_requests_fast_then_the_unit_re
     assert unit.shard_info()[1]["pid"] != victim  # Ray restarted it
     outputs = asyncio.run(_ask_all(router, _prompts(12), GREEDY))
     assert [_tokens(o) for o in outputs] == [reference["greedy"][str(i)] for i in range(12)]
+
+
+def test_a_hung_rank_fails_the_steps_at_the_deadline_then_is_replaced(local_ray, tiny_dir, reference):
+    """A rank that stops answering (SIGSTOP) fails its peer's steps at the group's timeout, not never; the unit finds
+    its process still there, kills it, Ray restarts it, and the unit serves the single-process tokens again."""
+    from cluster.serve.router import AttentionRouter
+
+    step_timeout_s = 3.0
+    router = AttentionRouter(_args(tiny_dir, attention_ranks=RANKS).model_copy(
+        update={"step_timeout_s": step_timeout_s}))
+    unit = router.ranks
+    victim = unit.shard_info()[1]["pid"]
+    try:
+        os.kill(victim, signal.SIGSTOP)
+        t0 = time.monotonic()
+        health = asyncio.run(router.health())  # within the Ingress's probe timeout (0.4 s), the stopped rank left out
+        assert time.monotonic() - t0 < 0.4 and health.stats["ranks"][1] is None, health
+        t0 = time.monotonic()
+        outputs = asyncio.run(_ask_all(router, _prompts(4), GREEDY))
+        elapsed = time.monotonic() - t0
+        assert all((o[-1].finish_reason, o[-1].error_status) == ("error", 503) for o in outputs), outputs
+        assert elapsed < step_timeout_s + 5, elapsed
+        deadline = time.monotonic() + 120
+        while unit.health().status != "ok" or unit.recoveries == 0:
+            assert unit.health().status != "failed", unit.health().detail
+            assert time.monotonic() < deadline, f"not recovered: {unit.health()}"
+            time.sleep(0.2)
+        assert unit.shard_info()[1]["pid"] != victim  # killed for hanging; Ray restarted it
+        outputs = asyncio.run(_ask_all(router, _prompts(12), GREEDY))
+        assert [_tokens(o) for o in outputs] == [reference["greedy"][str(i)] for i in range(12)]
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)  # if it is still there (a failed test): let Ray end it
+        except ProcessLookupError:
+            pass
+        unit.close()

@@ -336,8 +336,8 @@ DP_APP = "data-parallel"
 
 
 def test_a_data_parallel_unit_serves_the_single_process_text_over_http(served, tiny_dir):
-    """attention_ranks=2 through Serve: the replica in bundle 0 of its unit's placement group, the two ranks in
-    bundles 1 and 2, the Ingress in front, as `moe-cluster serve --attention-ranks 2` runs it."""
+    """attention_ranks=2 through Serve, the Ingress in front, as `moe-cluster serve --attention-ranks 2` runs it:
+    the replica starts its two ranks (in its unit's placement group) and serves the single process's text."""
     from ray import serve
 
     from cluster.serve.app import build_app
@@ -347,7 +347,7 @@ def test_a_data_parallel_unit_serves_the_single_process_text_over_http(served, t
         expected = _standalone_text(tiny_dir, CHAT)
         with httpx.Client(base_url=f"{served[0]}/dp", timeout=120) as client:
             texts = []
-            for _ in range(4):  # spread over both ranks
+            for _ in range(4):
                 r = client.post("/v1/chat/completions", json=CHAT)
                 assert r.status_code == 200, r.text
                 texts.append(r.json()["choices"][0]["message"]["content"])

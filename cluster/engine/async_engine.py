@@ -18,6 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Protocol
@@ -51,6 +52,11 @@ class Lockstep(Protocol):
         """Every engine calls it in turn; raises `UnavailableError` when they cannot agree (not connected)."""
         ...
 
+    def disconnect(self, reason: str) -> None:
+        """Leave the group after a failed step (the others' next collective fails too, instead of pairing with a
+        different one)."""
+        ...
+
 
 class AsyncEngine:
     def __init__(self, factory: Callable[[], LLMEngine], lockstep: Callable[[LLMEngine], Lockstep] | None = None):
@@ -65,6 +71,7 @@ class AsyncEngine:
         self._stopped = False
         built: Future = Future()
         self.lockstep: Lockstep | None = None
+        self.stepping_since: float | None = None  # monotonic time the step now running began; None between steps
         self._thread = threading.Thread(target=self._run, args=(factory, lockstep, built), name="engine-loop",
                                         daemon=True)
         self._thread.start()
@@ -172,16 +179,21 @@ class AsyncEngine:
                 self._wake.wait(self._idle_poll())
                 self._wake.clear()
                 continue
+            self.stepping_since = time.monotonic()
             try:
                 outs = self.engine.step()
             except UnavailableError as e:  # an expert shard went away: its owner recovers it
                 log.warning("engine step failed: %s", e)
+                self._leave(str(e))
                 outs = self.engine.fail_all(str(e), status=503)
             except BaseException as e:  # a failed step fails its requests (a panic too), never the loop
                 if not is_failure(e):
                     raise
                 log.exception("engine step failed")
+                self._leave(f"engine step failed: {e}")
                 outs = self.engine.fail_all(f"engine step failed: {e}")
+            finally:
+                self.stepping_since = None
             self._publish(outs)
         self._drain_commands()
         self._publish(self.engine.fail_all("the engine is shutting down", status=503))
@@ -192,8 +204,14 @@ class AsyncEngine:
         try:
             return self.lockstep.any_work()
         except UnavailableError as e:  # cut off from the group: what this engine holds fails now, and new work too
+            self._leave(str(e))
             self._publish(self.engine.fail_all(str(e), status=503))
             return False
+
+    def _leave(self, reason: str) -> None:
+        """A step that failed on this engine alone would leave its group out of step: leave it (no-op alone)."""
+        if self.lockstep is not None:
+            self.lockstep.disconnect(reason)
 
     def _idle_poll(self) -> float | None:
         """How long to sleep with nothing to do: until a command comes, or (stepping with others) the next ask."""

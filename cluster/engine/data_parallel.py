@@ -15,12 +15,17 @@ requests then fail with 503 until the unit forms the group again (`connect`).
 
 from __future__ import annotations
 
+import logging
+
 import torch.distributed as dist
 
 from cluster.engine.engine import LLMEngine
 from cluster.engine.outputs import RequestOutput
 from cluster.parallel.all_to_all import AllToAllExperts, ExpertAllToAll, agree_max
 from cluster.parallel.dispatch import UnavailableError
+from cluster.parallel.rank_group import RankGroup
+
+log = logging.getLogger(__name__)
 
 # How often idle ranks ask each other for work: the most a request arriving at an idle unit waits for its first step.
 IDLE_POLL_S = 0.005
@@ -36,16 +41,33 @@ class DataParallelRank:
         self.engine = engine
         self.experts = experts
         self.control = control
+        self.group: RankGroup | None = None
         engine.step_sync = self._agree
 
     @property
     def connected(self) -> bool:
         return self.experts.exchange is not None
 
-    def connect(self, exchange: ExpertAllToAll, control: dist.ProcessGroup | None = None) -> None:
-        """Step with a (new) group from now on; call between steps, on the thread that steps."""
+    def connect(self, exchange: ExpertAllToAll, control: dist.ProcessGroup | None = None,
+                group: RankGroup | None = None) -> None:
+        """Step with a (new) group from now on; call between steps, on the thread that steps. `group`: what
+        `exchange` and `control` run over, closed by `disconnect`."""
+        self.disconnect("the attention ranks are forming their group again")
         self.experts.connect(exchange)
         self.control = control
+        self.group = group
+
+    def disconnect(self, reason: str) -> None:
+        """Leave the group (its collectives fail at once on the other ranks: a peer's socket or FIFO closes), and
+        fail every step with `reason` until the next `connect`."""
+        if self.experts.exchange is not None:
+            self.experts.drop(reason)
+        group, self.group = self.group, None
+        if group is not None:
+            try:
+                group.close()
+            except Exception as e:  # a broken group may fail to close; it is dropped all the same
+                log.warning("closing the attention ranks' group: %s", _first_line(e))
 
     def _agree(self, rows: int) -> int:
         step = self._most(rows)

@@ -137,7 +137,10 @@ class ShmCollectives:
             os.close(fd)
         self._inbound, self._outbound = {}, {}
         del self._slots
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:  # a view of a slot is still held somewhere: the mapping goes with it
+            pass
 
 
 def _rows(t: torch.Tensor, splits: list[int] | None, ranks: int) -> list[torch.Tensor]:

@@ -70,6 +70,8 @@ def deployment_plan(args: ServeArgs) -> DeploymentPlan:
     # A replica Serve stops (scale-down, upgrade, a drained node) gets the shutdown grace for its requests in flight;
     # those still running then are severed.
     common = {"graceful_shutdown_timeout_s": args.shutdown_grace_s, "max_ongoing_requests": MAX_ONGOING_REQUESTS}
+    # A data-parallel unit runs an engine per rank: it carries `attention_ranks` times one engine's requests.
+    unit_requests = {"max_ongoing_requests": MAX_ONGOING_REQUESTS * args.attention_ranks}
     router = {
         "name": "AttentionRouter",
         **_unit_scaling(args),
@@ -82,6 +84,7 @@ def deployment_plan(args: ServeArgs) -> DeploymentPlan:
         **prefix_router_options(args),  # requests sharing a prefix go to the unit that caches it
         "user_config": user_config(args, ROUTER_SETTINGS),  # live: cluster.serve.live
         **common,
+        **unit_requests,
     }
     ingress_options: dict[str, Any] = {"num_cpus": args.ingress_cpus}
     if args.ingress_resource is not None:
@@ -98,7 +101,7 @@ def _unit_scaling(args: ServeArgs) -> dict[str, Any]:
     low = args.min_units or 1
     return {"autoscaling_config": {
         "min_replicas": low, "initial_replicas": low, "max_replicas": args.max_units,
-        "target_ongoing_requests": args.target_ongoing_requests or args.max_num_seqs,
+        "target_ongoing_requests": args.target_ongoing_requests or args.max_num_seqs * args.attention_ranks,
         "upscale_delay_s": args.upscale_delay_s, "downscale_delay_s": args.downscale_delay_s,
     }}
 

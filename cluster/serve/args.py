@@ -42,7 +42,8 @@ class ServeArgs(BaseModel):
     max_units: int | None = Field(None, ge=1, description="autoscaling: the most units; set, Serve adds and "
                                                           "removes units by ongoing requests")
     target_ongoing_requests: int | None = Field(
-        None, ge=1, description="autoscaling: the ongoing requests one unit should carry; default: max_num_seqs")
+        None, ge=1, description="autoscaling: the ongoing requests one unit should carry; default: max_num_seqs "
+                                "(times attention_ranks: one engine per rank)")
     upscale_delay_s: float = Field(30.0, ge=0, description="autoscaling: how long load must stay high before a "
                                                             "unit is added")
     downscale_delay_s: float = Field(600.0, ge=0, description="autoscaling: how long load must stay low before a "

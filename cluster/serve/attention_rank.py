@@ -30,7 +30,7 @@ from cluster.logs import configure_logging
 from cluster.metrics.engine_metrics import replica_metrics
 from cluster.parallel.all_to_all import AllToAllExperts, ExpertAllToAll
 from cluster.parallel.channel import free_port
-from cluster.parallel.rank_group import RankGroup, RankGroupSpec, open_rank_group
+from cluster.parallel.rank_group import RankGroupSpec, open_rank_group
 from cluster.parallel.shard_worker import ShardWorker
 from cluster.serve.engine_backend import EngineBackend, final_outputs
 from cluster.serve.engine_builder import build_engine
@@ -52,9 +52,9 @@ class AttentionRank:
         worker = ShardWorker.load(r.model_dir, r.config, r.shard_groups[rank], r.dtype, r.device, r.moe_backend,
                                   load_format=r.args.load_format, quantization=r.quantization)
         self.experts = AllToAllExperts(None, worker)
-        self.group: RankGroup | None = None  # the unit's, once joined
         self.engine = AsyncEngine(self._build, lambda engine: DataParallelRank(engine, self.experts))
-        self.backend = EngineBackend(self.engine, r.moe_kernel, replica_metrics(r.model_name, self.engine, Health))
+        self.backend = EngineBackend(self.engine, r.moe_kernel,
+                                     replica_metrics(r.model_name, self.engine, self._connection_health))
         self.load_s = time.perf_counter() - t0
         log.info("attention rank %d: experts %s, loaded in %.2fs", rank, list(worker.expert_ids), self.load_s)
 
@@ -80,16 +80,13 @@ class AttentionRank:
     def _join(self, spec: RankGroupSpec, engine: LLMEngine) -> None:
         lockstep = self.engine.lockstep
         assert isinstance(lockstep, DataParallelRank)
-        self.experts.drop("the attention ranks are forming their group again")
-        if self.group is not None:
-            self.group.close()
-            self.group = None
-        self.group = group = open_rank_group(spec, self.rank)
+        lockstep.disconnect("the attention ranks are forming their group again")
+        group = open_rank_group(spec, self.rank)
         buckets = engine.runner.decode_buckets  # decode steps padded to these take the fixed path (graph-safe)
         exchange = ExpertAllToAll(group.exchange, self.resolved.config.num_experts,
                                   self.resolved.config.experts_per_token, max(buckets, default=0), buckets=buckets,
                                   device=engine.device if spec.backend == "nccl" else "cpu")
-        lockstep.connect(exchange, group.control)
+        lockstep.connect(exchange, group.control, group)
         log.info("attention rank %d joined a group of %d over %s", self.rank, spec.ranks, spec.backend)
 
     # -- requests ----------------------------------------------------------------------------------------------
@@ -105,9 +102,18 @@ class AttentionRank:
         self.engine.max_waiting = max_waiting
 
     # -- health ------------------------------------------------------------------------------------------------
-    def ping(self) -> tuple[int, bool, str]:
-        """(pid, connected to the other ranks, why not)."""
-        return os.getpid(), self.experts.exchange is not None, self.experts.lost
+    def ping(self) -> tuple[int, bool, str, float]:
+        """(pid, connected to the other ranks, why not, seconds the step now running has taken: 0 between steps).
+        Answered by the actor's event loop, so a long step shows here rather than as silence."""
+        since = self.engine.stepping_since
+        return os.getpid(), self.experts.exchange is not None, self.experts.lost, (
+            0.0 if since is None else time.monotonic() - since)
+
+    def _connection_health(self) -> Health:
+        """This rank's view of its unit, for its metrics: recovering while it is cut off from the other ranks."""
+        if self.experts.exchange is None:
+            return Health("recovering", self.experts.lost)
+        return Health()
 
     async def stats(self) -> dict:
         return (await self.backend.health()).stats

@@ -46,6 +46,8 @@ _PING_PERIOD_S = 0.25  # how often the supervisor asks every rank (a lost one re
 _PING_TIMEOUT_S = 10.0  # a rank that answers no ping this long is hung: killed, and Ray restarts it
 _RETRY_S = 1.0
 _WATCH_S = 0.05  # how often a stream waiting for its rank checks that the unit still stands
+_STEP_SLACK_S = 10.0  # beyond the step timeout (every collective's bound), before a rank in one step counts as hung
+_STATS_TIMEOUT_S = 0.2  # /health waits this long for each rank's engine stats (a probe gives up at 0.4 s)
 
 
 class _UnitLost(RuntimeError):
@@ -60,6 +62,7 @@ class DataParallelUnit:
         self.state, self.detail = "starting", "loading the attention ranks"
         self.recoveries = 0
         self.in_flight = [0] * self.num_ranks  # sequences sent to each rank and not yet ended
+        self.max_waiting: int | None = None  # a live setting applied since start (None: the ranks' own)
         self._turn = itertools.count()  # breaks ties between equally loaded ranks
         self.actors = [self._start_rank(r) for r in range(self.num_ranks)]
         self._wait_loaded()
@@ -82,7 +85,12 @@ class DataParallelUnit:
 
     def _wait_loaded(self) -> None:
         t0 = time.perf_counter()
-        for info in ray.get([a.info.remote() for a in self.actors]):
+        infos = ray.get([a.info.remote() for a in self.actors])
+        self.pids = [info["pid"] for info in infos]  # each rank's process, as last seen
+        # Whether the ranks share this node, where a silent rank's process can be told apart: hung or gone.
+        here = ray.get_runtime_context().get_node_id()
+        self.local = all(n == here for n in ray.get([a.node_id.remote() for a in self.actors]))
+        for info in infos:
             log.info("attention rank %d: experts %s, %.1f MB, loaded in %ss (pid %s)", info["rank"], info["experts"],
                      info["bytes"] / 1e6, info["load_s"], info["pid"])
         log.info("%d attention ranks ready in %.1fs", self.num_ranks, time.perf_counter() - t0)
@@ -107,9 +115,7 @@ class DataParallelUnit:
             return self.args.channel
         if self.resolved.device == "cuda":
             return "nccl"
-        here = ray.get_runtime_context().get_node_id()
-        nodes = ray.get([a.node_id.remote() for a in self.actors], timeout=_PING_TIMEOUT_S)
-        return "shm" if all(n == here for n in nodes) else "gloo"
+        return "shm" if self.local else "gloo"
 
     def _slot_bytes(self) -> int:
         """The largest message of one shared-memory collective: a step's every (token, expert) pair sent to one rank,
@@ -129,8 +135,8 @@ class DataParallelUnit:
         """The request's output batches from the rank that runs it. A rank lost meanwhile ends each unfinished
         choice with a 503 error as soon as the unit knows (a dead actor's own error takes Ray a second or more)."""
         rank = self.pick()
-        self.in_flight[rank] += params.n
         batches = self.actors[rank].generate.remote(request_id, prompt, params, stream, interval_s)
+        self.in_flight[rank] += params.n
         finished: set[int] = set()
         try:
             while (ref := await self._next(batches)) is not None:
@@ -162,7 +168,16 @@ class DataParallelUnit:
                 ahead.cancel()
 
     def set_max_waiting(self, max_waiting: int) -> None:
-        ray.get([a.set_max_waiting.remote(max_waiting) for a in self.actors], timeout=_PING_TIMEOUT_S)
+        """A live setting for every rank; kept, and sent again to ranks that come back after a loss."""
+        self.max_waiting = max_waiting
+        try:
+            self._send_settings()
+        except Exception as e:  # a rank is being replaced: recovery sends it
+            log.warning("max_waiting reaches the attention ranks once they are back: %s", e)
+
+    def _send_settings(self) -> None:
+        if self.max_waiting is not None:
+            ray.get([a.set_max_waiting.remote(self.max_waiting) for a in self.actors], timeout=_PING_TIMEOUT_S)
 
     # -- health --------------------------------------------------------------------------------------------------
     def health(self) -> Health:
@@ -170,9 +185,18 @@ class DataParallelUnit:
                                                 "rank_in_flight": list(self.in_flight)})
 
     async def stats(self) -> dict:
-        """The ranks' engine stats, summed where they count (running, waiting, in flight)."""
-        every = [await a.stats.remote() for a in self.actors]
-        summed = {k: sum(s[k] for s in every) for k in every[0] if all(type(s.get(k)) is int for s in every)}
+        """The ranks' engine stats, summed where they count (running, waiting, in flight), asked in parallel; a rank
+        that does not answer within `_STATS_TIMEOUT_S` (busy, or being replaced) shows as None and counts nothing."""
+        async def one(actor) -> dict | None:
+            try:
+                return await asyncio.wait_for(actor.stats.remote(), _STATS_TIMEOUT_S)
+            except (asyncio.TimeoutError, ray.exceptions.RayError):
+                return None
+
+        every = await asyncio.gather(*(one(a) for a in self.actors))
+        answered = [s for s in every if s is not None]
+        summed = {k: sum(s[k] for s in answered) for k in (answered[0] if answered else {})
+                  if all(type(s.get(k)) is int for s in answered)}
         return {**summed, "ranks": every}
 
     def shard_info(self) -> list[dict]:
@@ -185,42 +209,59 @@ class DataParallelUnit:
 
     # -- supervision ---------------------------------------------------------------------------------------------
     def _watch(self) -> None:
-        while self.state != "failed" and not self._stop.wait(_PING_PERIOD_S):  # failed: Serve replaces the replica
-            lost = self._lost_rank()
+        """Ping every rank each period (a rank's next ping goes once it answered the last) until one died, says its
+        group failed, or leaves a ping unanswered for `_PING_TIMEOUT_S`; then recover."""
+        outstanding: dict[int, tuple[ray.ObjectRef, float]] = {}  # rank -> (its ping in flight, when sent)
+        while self.state != "failed" and not self._stop.is_set():  # failed: Serve replaces the replica
+            started = time.monotonic()
+            for rank, actor in enumerate(self.actors):
+                if rank not in outstanding:
+                    outstanding[rank] = actor.ping.remote(), started
+            lost = self._answers(outstanding)
             if lost is not None:
                 self._recover(*lost)
+                outstanding.clear()  # pings to the ranks as they were
+            else:
+                self._stop.wait(max(0.0, _PING_PERIOD_S - (time.monotonic() - started)))
 
-    def _lost_rank(self) -> tuple[str, tuple[int, ...]] | None:
-        """(why, the ranks that hung) when the unit must recover, else None: a rank died, said its group failed, or
-        answered no ping within `_PING_TIMEOUT_S`."""
-        pings = {a.ping.remote(): r for r, a in enumerate(self.actors)}
-        pending = list(pings)
-        give_up = time.monotonic() + _PING_TIMEOUT_S
-        while pending and not self._stop.is_set():
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, give_up - time.monotonic()))
-            if not ready:
-                hung = tuple(sorted(pings[ref] for ref in pending))
-                return f"attention rank(s) {_ids(hung)} answered no ping for {_PING_TIMEOUT_S:g}s", hung
-            rank = pings[ready[0]]
+    def _answers(self, outstanding: dict[int, tuple[ray.ObjectRef, float]]) -> tuple[str, tuple[int, ...]] | None:
+        """Wait up to a period for the pings in flight; (why, the ranks that hung) when the unit must recover."""
+        refs = {ref: rank for rank, (ref, _) in outstanding.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=_PING_PERIOD_S)
+        for ref in ready:
+            rank = refs[ref]
+            del outstanding[rank]
             try:
-                _, connected, why = ray.get(ready[0])
+                pid, connected, why, stepping_s = ray.get(ref)
             except ray.exceptions.RayError as e:
                 return f"attention rank {rank} died ({type(e).__name__})", ()
+            self.pids[rank] = pid
+            if stepping_s > self.args.step_timeout_s + _STEP_SLACK_S:  # its engine thread is stuck in a step
+                return f"attention rank {rank} has been in one step for {stepping_s:.0f}s", (rank,)
             if not connected:
                 return f"attention rank {rank} is cut off: {why}", ()
+        now = time.monotonic()
+        hung = tuple(sorted(r for r, (_, sent) in outstanding.items() if now - sent > _PING_TIMEOUT_S))
+        if hung:
+            return f"attention rank(s) {_ids(hung)} answered no ping for {_PING_TIMEOUT_S:g}s", hung
         return None
 
     def _recover(self, reason: str, hung: tuple[int, ...]) -> None:
         self.state, self.detail = "recovering", f"{reason}; forming the attention ranks' group again"
         log.warning("serving unit recovering: %s", reason)
         deadline = time.monotonic() + self.args.recovery_timeout_s
-        for rank in hung:  # Ray restarts it in a fresh process
-            ray.kill(self.actors[rank], no_restart=False)
+        if self.backend == "nccl":  # a rank may be stuck inside NCCL on an aborted peer: restart them all
+            hung = tuple(range(self.num_ranks))
+        self._kill(hung)
         while not self._stop.is_set():
             try:
-                ray.get([a.ping.remote() for a in self.actors], timeout=_PING_TIMEOUT_S)  # back, and loaded
-                self._connect()
-            except Exception as e:  # still restarting, or the group did not form: try again until the deadline
+                hung = self._hung_ranks()  # raises while a rank is restarting (and loading)
+                if hung:
+                    self._kill(hung)
+                    raise TimeoutError(f"attention rank(s) {_ids(hung)} killed for hanging; waiting for them")
+                self._connect()  # every rank answers: a group can form
+                self._send_settings()
+            except Exception as e:  # not back yet, or the group did not form: try again until the deadline
                 if time.monotonic() > deadline:
                     self.state, self.detail = "failed", f"{reason}; not back after {self.args.recovery_timeout_s:.0f}s"
                     log.error("serving unit failed: %s (%s)", self.detail, e)
@@ -231,6 +272,35 @@ class DataParallelUnit:
             self.state, self.detail = "ok", ""
             log.warning("serving unit recovered (%d recoveries)", self.recoveries)
             return
+
+    def _hung_ranks(self) -> tuple[int, ...]:
+        """Ping every rank; raises while one is not back (restarting, loading); -> the ranks whose process is still
+        the one that stopped answering (hung, as a stopped process is: a dead one's Ray restarts in a new one)."""
+        pings = [a.ping.remote() for a in self.actors]
+        ready, pending = ray.wait(pings, num_returns=len(pings), timeout=_PING_TIMEOUT_S)
+        for ref in ready:
+            pid, _, _, _ = ray.get(ref)  # a RayError: that rank is restarting
+            self.pids[pings.index(ref)] = pid
+        silent = [pings.index(ref) for ref in pending]
+        hung = tuple(r for r in silent if self.local and _alive(self.pids[r]))
+        if len(hung) < len(silent):
+            raise TimeoutError(f"attention rank(s) {_ids(tuple(silent))} not back yet")
+        return hung
+
+    def _kill(self, ranks: tuple[int, ...]) -> None:
+        for rank in ranks:
+            log.warning("attention rank %d (pid %s) stopped answering: killed, Ray restarts it", rank, self.pids[rank])
+            ray.kill(self.actors[rank], no_restart=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        pass
+    return True
 
 
 def _ids(ranks: tuple[int, ...]) -> str:

@@ -20,7 +20,8 @@ from cluster.engine.sampling_params import SamplingParams
 from cluster.health import Health
 from cluster.kernels.triton_cache import usable_triton_cache
 from cluster.logs import configure_logging
-from cluster.metrics.engine_metrics import EngineMetrics, replica_metrics
+from cluster.metrics.engine_metrics import replica_metrics
+from cluster.metrics.recorder import RequestMetrics
 from cluster.serve.args import ServeArgs
 from cluster.serve.engine_backend import EngineBackend, final_outputs
 from cluster.serve.engine_builder import build_engine
@@ -44,8 +45,10 @@ class AttentionRouter:
         self.ranks: DataParallelUnit | None = None
         self.unit: ShardedUnit | DataParallelUnit | None = None
         if resolved.layout.data_parallel:  # the ranks hold the engines (and record their metrics): none here
+            from cluster.metrics.ray_sink import RaySink
+
             self.unit = self.ranks = DataParallelUnit(resolved)
-            self.metrics = None
+            self.refusals = RequestMetrics(RaySink(), resolved.model_name)  # what this replica refuses itself
             return
 
         def factory():
@@ -56,7 +59,8 @@ class AttentionRouter:
         self.engine = AsyncEngine(factory)  # shards, channel and engine are all built on the engine thread
         if self.unit is not None:
             self.unit.supervise(self.engine.call)
-        self.metrics: EngineMetrics | None = replica_metrics(resolved.model_name, self.engine, self._unit_health)
+        self.metrics = replica_metrics(resolved.model_name, self.engine, self._unit_health)
+        self.refusals = self.metrics.requests
         self.backend = EngineBackend(self.engine, resolved.moe_kernel, self.metrics)
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
@@ -66,8 +70,7 @@ class AttentionRouter:
         health = self._unit_health()
         if not health.ok:
             message = f"the serving unit is {health.status}: {health.detail}"
-            if self.metrics is not None:
-                self.metrics.requests.refused(503)
+            self.refusals.refused(503)
             yield RequestOutput.errors(request_id, params.n, message, 503)
             return
         interval_s = self.applied.args.stream_interval_s
