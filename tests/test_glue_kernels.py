@@ -1,0 +1,202 @@
+"""The fused glue kernels (`cluster.kernels.glue`: RMSNorm with its residual add, rotary, the router's top-k) against
+float64 references from the definition.
+
+Legend: T = tokens, D = hidden, H = query heads, KV = kv heads, Dh = head dim, E = experts, K = experts per token.
+
+The references compute in float64 and round to the activations' dtype exactly where the torch code rounds (the
+residual sum, the normed value, cos/sin, each rotary product and sum), so each output is checked to a bound of a few
+roundings: fp32 ulps, or bf16's 2^-8 (2^-7 under the interpreter, which truncates fp32 -> bf16 where a GPU rounds
+to nearest). Kernels run on the
+`device` fixture (compiled on a GPU, the interpreter on CPU); references on CPU copies. Inputs are fresh random
+draws from seeded generators (the seed is in every failure's parameters).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from cluster.checkpoint.presets import preset  # noqa: E402
+from cluster.kernels import glue  # noqa: E402
+from cluster.kernels.tuning import interpreting  # noqa: E402
+from cluster.model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOKENS = [1, 7, 33]  # one, odd, more than a router program's 16 rows
+SHAPES = {name: preset(name) for name in ("tiny", "mini", "mixtral-8x7b", "mixtral-8x22b")}
+EPS = 1e-5
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _unit(dtype: torch.dtype) -> float:
+    """The relative error one rounding to `dtype` may leave here: bf16 rounds to nearest on a GPU (2^-8) and
+    truncates under the interpreter (2^-7); fp32 allows a few ulps (the kernels compute in fp32, cos/sin and the
+    mean of squares included, against float64)."""
+    if dtype == torch.float32:
+        return 2**-21
+    return 2**-7 if interpreting() else 2**-8
+
+
+def _assert_within(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, roundings: int,
+                   scale: torch.Tensor | None = None) -> None:
+    """|out - ref| <= roundings * unit * (|ref| + scale) elementwise: out (any device) against a float64 CPU
+    reference; `scale` the magnitudes of terms rounded before a sum that may cancel."""
+    out = out.cpu().double()
+    bound = roundings * _unit(dtype) * (ref.abs() + (0 if scale is None else scale)) + 1e-30
+    excess = ((out - ref).abs() / bound).max().item()
+    assert excess <= 1, f"error {excess:.2f}x the bound of {roundings} roundings; max |out - ref| = " \
+                        f"{(out - ref).abs().max().item():.3e}"
+
+
+# -- RMSNorm with the residual add -------------------------------------------------------------------------------------
+
+
+def _norm_reference(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, r) in float64 from CPU inputs: r = x + residual rounded to x's dtype, n = r / rms(r) rounded, y = w * n."""
+    dtype = x.dtype
+    r = x if residual is None else (x.double() + residual.double()).to(dtype)
+    rf = r.double()
+    n = (rf / torch.sqrt(rf.pow(2).mean(-1, keepdim=True) + EPS)).to(dtype).double()
+    return weight.double() * n, rf
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("dim, tokens", [(64, 1), (64, 33), (512, 7), (4096, 1), (4096, 7), (6144, 3)])
+def test_add_rms_norm_matches_float64(dim: int, tokens: int, residual: bool, dtype: torch.dtype,
+                                      device: torch.device) -> None:
+    g = _gen(dim + tokens)
+    x = (torch.randn(tokens, dim, generator=g) * 3).to(dtype)
+    res = torch.randn(tokens, dim, generator=g).to(dtype) if residual else None
+    weight = (1 + 0.5 * torch.randn(dim, generator=g)).to(dtype)
+    y, r = glue.add_rms_norm(x.to(device), weight.to(device), EPS, None if res is None else res.to(device))
+    want_y, want_r = _norm_reference(x, weight, res)
+    assert y.dtype == r.dtype == dtype
+    _assert_within(y, want_y, dtype, 3)  # r, the normed value, y
+    if dtype == torch.float32:  # one fp32 add, correctly rounded either way
+        assert torch.equal(r.cpu().double(), want_r)
+    else:
+        _assert_within(r, want_r, dtype, 2)  # the kernel's rounding of the sum and the reference's
+
+
+def test_add_rms_norm_reads_strided_rows_and_promotes_as_torch(device: torch.device) -> None:
+    """Rows at a stride (a view of a wider buffer), and an fp32 weight over bf16 activations: fp32 out, as torch's
+    `weight * n` promotes."""
+    g = _gen(5)
+    wide = torch.randn(9, 200, generator=g).to(torch.bfloat16)
+    x, res = wide[:, :96], wide[:, 100:196]  # [9, 96] views, row stride 200
+    weight = torch.randn(96, generator=g)
+    y, r = glue.add_rms_norm(x.to(device), weight.to(device), EPS, res.to(device))
+    want_y, want_r = _norm_reference(x, weight, res)
+    assert y.dtype == torch.float32 and r.dtype == torch.bfloat16
+    _assert_within(y, want_y, torch.bfloat16, 3)  # r and the normed value round to bf16; y is fp32
+    _assert_within(r, want_r, torch.bfloat16, 2)
+
+
+# -- rotary ------------------------------------------------------------------------------------------------------------
+
+
+def _rotary_reference(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((q, its scale), (k, its scale)) float64 from CPU inputs, rounding where the torch code does: cos/sin of the
+    fp32 angles, each product, the sum; the scale of an element is |product 1| + |product 2|."""
+    dtype = q.dtype
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, Dh/2] fp32, the angle torch computes
+    cos = freqs.double().cos().to(dtype).double()[:, None, :]  # [T, 1, Dh/2]
+    sin = freqs.double().sin().to(dtype).double()[:, None, :]
+
+    def rd(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).double()
+
+    def rotate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x1, x2 = x.double().chunk(2, dim=-1)
+        a, b, c, d = x1 * cos, x2 * sin, x2 * cos, x1 * sin
+        out = torch.cat([rd(a) - rd(b), rd(c) + rd(d)], dim=-1)
+        return out, torch.cat([a.abs() + b.abs(), c.abs() + d.abs()], dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_rotary_matches_float64_in_place(shape: str, tokens: int, dtype: torch.dtype, device: torch.device) -> None:
+    """q and k rotated in place inside a fused qkv buffer (row stride (H + 2 KV) Dh); v, between them, untouched."""
+    c = SHAPES[shape]
+    g = _gen(tokens + c.head_dim)
+    h, kv, dh = c.num_heads, c.num_kv_heads, c.head_dim
+    qkv = (torch.randn(tokens, (h + 2 * kv) * dh, generator=g) * 2).to(dtype)
+    positions = torch.randint(0, c.max_position_embeddings, (tokens,), generator=g, dtype=torch.int32)
+    inv_freq = RotaryEmbedding(dh, c.rope_theta).inv_freq
+    q, k = qkv[:, :h * dh].view(tokens, h, dh), qkv[:, (h + kv) * dh:].view(tokens, kv, dh)
+    (want_q, scale_q), (want_k, scale_k) = _rotary_reference(positions, q, k, inv_freq)
+    on = qkv.to(device)
+    q_on, k_on = on[:, :h * dh].view(tokens, h, dh), on[:, (h + kv) * dh:].view(tokens, kv, dh)
+    out_q, out_k = glue.rotary(positions.to(device), q_on, k_on, inv_freq.to(device))
+    assert out_q.data_ptr() == q_on.data_ptr() and out_k.data_ptr() == k_on.data_ptr()
+    assert out_q.dtype == out_k.dtype == dtype
+    # per product: cos/sin and the product round; then the sum
+    _assert_within(out_q, want_q, dtype, 2, scale_q)
+    _assert_within(out_k, want_k, dtype, 2, scale_k)
+    assert torch.equal(on[:, h * dh:(h + kv) * dh].cpu(), qkv[:, h * dh:(h + kv) * dh])  # v
+
+
+# -- router ------------------------------------------------------------------------------------------------------------
+
+
+def _distinct_logits(tokens: int, experts: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """[T, E] logits without ties in any row: distinct multiples of 1/8 in [-4, 4), exact in bf16."""
+    rows = [torch.randperm(64, generator=g)[:experts] for _ in range(tokens)]
+    return (torch.stack(rows).float() / 8 - 4).to(dtype)
+
+
+def _route_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, K] float64, ids [T, K]): the k largest logits by a full sort, softmax over them in float64."""
+    order = torch.sort(logits.double(), dim=-1, descending=True, stable=True)
+    top, ids = order.values[:, :k], order.indices[:, :k]
+    return torch.softmax(top, dim=-1), ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 7, 33, 256])
+@pytest.mark.parametrize("experts, k", [(8, 2), (6, 3), (8, 1)], ids=["E8K2", "E6K3", "E8K1"])
+def test_route_matches_float64(experts: int, k: int, tokens: int, dtype: torch.dtype, device: torch.device) -> None:
+    logits = _distinct_logits(tokens, experts, dtype, _gen(tokens * experts + k))
+    weights, ids = glue.route(logits.to(device), k)
+    want_w, want_ids = _route_reference(logits, k)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids.cpu(), want_ids)
+    torch.testing.assert_close(weights.cpu().double(), want_w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("tokens", [1, 33, 256])
+def test_route_adds_counts_as_the_expert_load_does(tokens: int, device: torch.device) -> None:
+    """counts[layer] += index_add of each (token, k)'s count weight at its expert (`ExpertStep.add`): into a row of
+    an [L, E] buffer that already holds counts, other rows untouched; padding rows (weight 0) add nothing."""
+    from cluster.moe.load import ExpertStep
+
+    g = _gen(tokens)
+    logits = _distinct_logits(tokens, 8, torch.bfloat16, g)
+    counts = torch.randint(0, 100, (3, 8), generator=g)  # [L, E]
+    count_w = torch.randint(0, 2, (tokens, 1), generator=g).expand(tokens, 2).contiguous()  # [T, K]: 1 real, 0 pad
+    want = counts.clone()
+    _, want_ids = _route_reference(logits, 2)
+    ExpertStep(want, count_w).add(1, want_ids)
+    on_counts = counts.to(device)
+    _, ids = glue.route(logits.to(device), 2, on_counts[1], count_w.to(device))
+    assert torch.equal(ids.cpu(), want_ids)
+    assert torch.equal(on_counts.cpu(), want)
+
+
+def test_route_breaks_ties_towards_the_lower_expert(device: torch.device) -> None:
+    """The documented tie rule: equal logits are chosen lowest id first (torch.topk's order is unspecified)."""
+    logits = torch.tensor([[1.0, 2.0, 2.0, 0.0, 2.0], [0.5] * 5, [3.0, -1.0, 3.0, 3.0, 3.0]])
+    weights, ids = glue.route(logits.to(device), 3)
+    assert ids.cpu().tolist() == [[1, 2, 4], [0, 1, 2], [0, 2, 3]]
+    torch.testing.assert_close(weights.cpu(), torch.full((3, 3), 1 / 3))
