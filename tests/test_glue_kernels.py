@@ -1,5 +1,6 @@
 """The fused glue kernels (`cluster.kernels.glue`: RMSNorm with its residual add, rotary, the router's top-k) against
-float64 references from the definition.
+float64 references from the definition, and against the torch code of the layers they replace; then the whole tiny
+model with its glue fused against its torch path.
 
 Legend: T = tokens, D = hidden, H = query heads, KV = kv heads, Dh = head dim, E = experts, K = experts per token.
 
@@ -21,7 +22,9 @@ pytest.importorskip("triton")
 from cluster.checkpoint.presets import preset  # noqa: E402
 from cluster.kernels import glue  # noqa: E402
 from cluster.kernels.tuning import interpreting  # noqa: E402
+from cluster.model import glue_selector  # noqa: E402
 from cluster.model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
+from cluster.model.moe import MoELayer  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 TOKENS = [1, 7, 33]  # one, odd, more than a router program's 16 rows
@@ -200,3 +203,115 @@ def test_route_breaks_ties_towards_the_lower_expert(device: torch.device) -> Non
     weights, ids = glue.route(logits.to(device), 3)
     assert ids.cpu().tolist() == [[1, 2, 4], [0, 1, 2], [0, 2, 3]]
     torch.testing.assert_close(weights.cpu(), torch.full((3, 3), 1 / 3))
+
+
+# -- against the layers' torch code ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def glue_path(monkeypatch: pytest.MonkeyPatch):
+    """`use(fused)`: the layers take the fused kernels (True) or their torch code (False) on any device."""
+
+    def use(fused: bool) -> None:
+        monkeypatch.setattr(glue_selector, "fused_glue", lambda t: glue if fused else None)
+
+    return use
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.cpu().double(), ref.cpu().double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+# ||fused - torch|| / ||torch||: fp32 sums in another order; bf16 one rounding (2^-8) here and there.
+LAYER_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_fused_glue_equals_the_layers_torch_code(tokens: int, dtype: torch.dtype, device: torch.device,
+                                                 glue_path) -> None:
+    """RMSNorm (alone and after a residual add), rotary and the MoE block's router at the `mini` shape, each through
+    its layer with the torch code and with the fused kernels. The router's gate passes x's first E columns through
+    unchanged, so its logits have no ties."""
+    c = SHAPES["mini"]
+    d, e = c.hidden_size, c.num_experts
+    g = _gen(tokens)
+    norm = RMSNorm(d, EPS).to(device, dtype)
+    moe = MoELayer(d, e, c.experts_per_token, layer=0).to(device, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(d, generator=g))
+        moe.gate.weight.copy_(torch.eye(e, d))  # [E, D]
+    rotary = RotaryEmbedding(c.head_dim, c.rope_theta)
+    x, res = (torch.randn(tokens, d, generator=g).to(device, dtype) for _ in range(2))
+    q = torch.randn(tokens, c.num_heads, c.head_dim, generator=g).to(device, dtype)
+    k = torch.randn(tokens, c.num_kv_heads, c.head_dim, generator=g).to(device, dtype)
+    positions = torch.randint(0, 4096, (tokens,), generator=g).to(device)
+    router_x = torch.zeros(tokens, d, dtype=dtype, device=device)
+    router_x[:, :e] = _distinct_logits(tokens, e, dtype, g).to(device)
+
+    outs = {}
+    for fused in (False, True):
+        glue_path(fused)
+        with torch.inference_mode():
+            outs[fused] = (norm(x), *norm.add_forward(x, res), *rotary(positions, q.clone(), k.clone()),
+                           *moe.route(router_x))
+    names = ("norm", "add+norm y", "add+norm r", "rotary q", "rotary k", "router weights", "router ids")
+    for name, got, want in zip(names, outs[True], outs[False], strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert _rel_err(got, want) < LAYER_TOL[dtype], (name, _rel_err(got, want))
+    assert torch.equal(outs[True][-1], outs[False][-1])  # the router's ids
+
+
+# Experts chosen differently, summed over layers and experts: fp32 none; bf16 may flip a near tie.
+COUNT_SLACK = {"fp32": 0, "bf16": 4}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_model_with_fused_glue_matches_its_torch_path(tiny_dir, dtype: str, device: torch.device,
+                                                          glue_path) -> None:
+    """The tiny model (fused residual adds in every norm, fused rotary and router) gives its torch path's hidden
+    states, a prefill then a decode step, and counts the same routing into the forward's expert load."""
+    from cluster.model.forward_context import ForwardContext, forward_context
+    from cluster.model.kv_cache import ContiguousKVCache
+    from cluster.model.loader import load_model
+    from cluster.moe.load import ExpertLoad
+
+    lm = load_model(tiny_dir, dtype, device=device).model
+    c = lm.config
+    tokens = torch.randint(0, c.vocab_size, (13,), generator=_gen(0)).to(device)
+    hidden, counts = {}, {}
+    for fused in (False, True):
+        glue_path(fused)
+        cache = ContiguousKVCache(c.num_layers, 2, 32, c.num_kv_heads, c.head_dim, dtype=lm.lm_head.weight.dtype,
+                                  device=device)
+        load = ExpertLoad.for_model(c, device, rows=13)
+        outs = []
+        for slots, new, ids in (([0, 1], [7, 6], tokens), ([0, 1], [1, 1], tokens[:2])):
+            step = load.step(len(ids))
+            step.lay_out(torch.arange(len(ids), device=device))  # every row a real token
+            with forward_context(ForwardContext(step)):
+                outs.append(lm(ids, cache.begin_step(slots, new), cache))
+        hidden[fused], counts[fused] = outs, load.counts.cpu()
+    tol = {"fp32": 1e-5, "bf16": 3e-2}[dtype]  # whole layers: attention and experts amplify the glue's roundings
+    for got, want in zip(hidden[True], hidden[False], strict=True):
+        assert _rel_err(got, want) < tol, _rel_err(got, want)
+    assert counts[True].sum() == 15 * c.num_layers * c.experts_per_token  # every token of both steps, K each
+    assert (counts[True] - counts[False]).abs().sum() <= COUNT_SLACK[dtype], (counts[True], counts[False])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the split runs on CPU tensors (on a GPU, test_cuda_graphs "
+                                                      "runs it there, on the fused path)")
+def test_a_piecewise_decode_with_fused_glue_equals_its_forward_bit_for_bit(tiny_dir, glue_path) -> None:
+    """The decode step split at its experts carries (x, residual) through the crossing buffers and adds them in
+    the next layer's fused norm: the same launches as the whole forward, so the same logits, bit for bit."""
+    from cluster.model.loader import load_model
+    from tests.test_cuda_graphs import _check_pieces_equal_forward, _cpu_runner, _prefilled, _sharded_experts
+
+    glue_path(True)
+    lm = load_model(tiny_dir, "fp32", "cpu")
+    with _sharded_experts(tiny_dir, "in-process") as executor:
+        lm.model.attach_experts(executor)
+        runner = _cpu_runner(lm.model, lm.config)
+        pieces, _ = _check_pieces_equal_forward(runner, _prefilled(runner, lm.config.vocab_size))
+    assert [c.layer for c in pieces.crossings] == list(range(lm.config.num_layers))
