@@ -315,3 +315,29 @@ def test_a_piecewise_decode_with_fused_glue_equals_its_forward_bit_for_bit(tiny_
         runner = _cpu_runner(lm.model, lm.config)
         pieces, _ = _check_pieces_equal_forward(runner, _prefilled(runner, lm.config.vocab_size))
     assert [c.layer for c in pieces.crossings] == list(range(lm.config.num_layers))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_on_cpu_the_model_is_its_layers_forward_bit_for_bit(tiny_dir, dtype: str) -> None:
+    """The selector keeps CPU tensors on the torch code, and the forward that carries (x, residual) between layers
+    computes exactly the stream of `DecoderLayer.forward` after `DecoderLayer.forward`."""
+    from cluster.model.kv_cache import ContiguousKVCache
+    from cluster.model.loader import load_model
+
+    assert glue_selector.fused_glue(torch.zeros(2, 3)) is None
+    lm = load_model(tiny_dir, dtype).model
+    c = lm.config
+    tokens = torch.randint(0, c.vocab_size, (9,), generator=_gen(1))
+
+    def layer_by_layer(ids: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
+        x = lm.model.embed_tokens(ids)
+        for layer in lm.model.layers:
+            x = layer(x, positions, cache)
+        return lm.model.norm(x)
+
+    outs = []
+    for forward in (lm, layer_by_layer):
+        cache = ContiguousKVCache(c.num_layers, 1, 16, c.num_kv_heads, c.head_dim, dtype=lm.lm_head.weight.dtype)
+        with torch.inference_mode():
+            outs.append(forward(tokens, cache.begin_step([0], [9]), cache))
+    assert torch.equal(outs[0], outs[1])

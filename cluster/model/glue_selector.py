@@ -2,7 +2,8 @@
 
 CUDA tensors take the fused Triton kernels of `cluster.kernels.glue` (one launch each instead of a string of small
 torch ops); everything else runs the layers' own torch code, so the CPU path's arithmetic is the reference's, bit
-for bit, and a CPU process never imports Triton. The layers ask here, and only here, on every call.
+for bit, and never loads the kernels (defining them there would fix Triton's interpreter-or-compiler choice). The
+layers ask here, and only here, on every call.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def fused_glue(t: torch.Tensor) -> ModuleType | None:
     None: the caller runs its torch code."""
     if not t.is_cuda or not _triton_installed():
         return None
-    from cluster.kernels import glue  # imports Triton: only once a CUDA tensor asks
+    from cluster.kernels import glue  # defines the kernels: only once a CUDA tensor asks
 
     return glue
 
