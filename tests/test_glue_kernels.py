@@ -14,6 +14,12 @@ draws from seeded generators (the seed is in every failure's parameters).
 
 from __future__ import annotations
 
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -341,3 +347,24 @@ def test_on_cpu_the_model_is_its_layers_forward_bit_for_bit(tiny_dir, dtype: str
         with torch.inference_mode():
             outs.append(forward(tokens, cache.begin_step([0], [9]), cache))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.e2e  # the benchmark's own interpreter
+def test_the_benchmark_dry_run_checks_and_times_every_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/glue_kernels.py --dry-run: every op at every T of its dry plan checked against torch and timed
+    (interpreter times; no bandwidth claimed)."""
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    path = benchmarks / "glue_kernels.py"
+    monkeypatch.syspath_prepend(str(benchmarks))  # the benchmarks import each other by their bare names
+    bench = importlib.import_module("glue_kernels")  # defines no kernel: the benchmark imports them when it runs
+    out = tmp_path / "glue.json"
+    proc = subprocess.run([sys.executable, str(path), "--dry-run", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    ops = {"add_rms_norm", "rms_norm", "rotary", "route"}
+    assert sorted((r["op"], r["tokens"]) for r in rows) == sorted((op, t) for op in ops for t in bench.DRY.tokens)
+    assert all(r["rel_err"] < bench.CHECK_TOL and r["fused_us"] > 0 and r["torch_us"] > 0 and r["bytes"] > 0
+               and r["fraction"] is None for r in rows), rows
+    assert result["copy_gbps"] is None and "dry run" in result["headline"]
