@@ -6,13 +6,14 @@ Why: the kernels otherwise only ever run under the CPU interpreter, which neithe
 GPU does (tl.dot shapes and dtypes, register and shared-memory budgets), and device time is scarce. This finds a
 compile error, a register spill or a block that does not fit in shared memory here, for the Triton that is installed.
 
-How: the launchers themselves run (`paged_decode`, `paged_prefill`, `store_kv`, `fused_experts`,
-`align_pairs_triton`), on meta tensors of the real models' shapes (no memory, no data), so what compiles is what they
-would launch: the same constexprs, the same int and alignment specialisation of every argument (meta tensors sit at
-address 0, aligned like fresh CUDA allocations). A stub driver answers the target, and Triton's `jit_cache_hook`
-takes each launch's (signature, constexprs, attributes, options) instead of letting it compile and run; each one is
-then compiled through the public ahead-of-time path, `triton.compile(ASTSource(...), target=GPUTarget(...))`; the
-registers and spills are read from the `ptxas -v` log of that compile. Shared memory is the compiled metadata's.
+How: the launchers themselves run (`paged_decode`, `paged_prefill`, `store_kv`, `fused_experts`, `align_pairs_triton`,
+the glue's `add_rms_norm`, `rotary` and `route`), on meta tensors of the real models' shapes (no memory, no data), so
+what compiles is what they would launch: the same constexprs, the same int and alignment specialisation of every
+argument (meta tensors sit at address 0, aligned like fresh CUDA allocations). A stub driver answers the target, and
+Triton's `jit_cache_hook` takes each launch's (signature, constexprs, attributes, options) instead of letting it compile
+and run; each one is then compiled through the public ahead-of-time path, `triton.compile(ASTSource(...),
+target=GPUTarget(...))`; the registers and spills are read from the `ptxas -v` log of that compile. Shared memory is the
+compiled metadata's.
 
 Fails (exit 1) on a compile error, a spill, shared memory over the target's per-block limit, or more registers than
 one SM holds for the block. Needs no GPU, no Ray, no interpreter (TRITON_INTERPRET is cleared before any kernel is
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster.dtype import DTYPE_CHOICES, parse_dtype  # noqa: E402
 from cluster.kernels.align import align_pairs_torch, align_pairs_triton  # noqa: E402
 from cluster.kernels.fp8 import FP8  # noqa: E402
+from cluster.kernels import glue  # noqa: E402
 from cluster.kernels.fused_moe import fused_experts  # noqa: E402
 from cluster.kernels.paged_attention import (decode_split_counts, paged_decode, paged_prefill,  # noqa: E402
                                             store_kv)
@@ -284,6 +286,36 @@ def align_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
                 yield label, lambda ids=ids, m=expert_map, e=e, bm=bm: align_pairs_triton(ids, m, e, bm)
 
 
+def glue_cases(plan: Plan) -> Iterator[tuple[str, Callable[[], object]]]:
+    """The fused glue per dtype: add_rms_norm (with and without a residual) at the hidden size, rotary per head dim x
+    group (positions as packed int32 views at any offset), route (with and without the count, a layer's row of the
+    [L, E] counts); each at several token counts, which must not add variants."""
+    d, e, k = plan.hidden, plan.experts, plan.top_k
+    counts = torch.empty(plan.layers, e, dtype=torch.int64, device=META)  # [L, E]
+    for name in plan.dtypes:
+        dtype = parse_dtype(name)
+        weight = torch.empty(d, dtype=dtype, device=META)
+        for t in (1, 5, 64):
+            x = torch.empty(t, d, dtype=dtype, device=META)
+            for residual in (None, torch.empty_like(x)):
+                yield (f"{name} D={d} T={t}{'' if residual is None else ' +residual'}",
+                       lambda x=x, r=residual: glue.add_rms_norm(x, weight, 1e-5, r))
+            for head_dim, group in ((hd, gr) for hd in plan.head_dims for gr in plan.groups):
+                heads = group * plan.kv_heads
+                q = torch.empty(t, heads, head_dim, dtype=dtype, device=META)
+                kk = torch.empty(t, plan.kv_heads, head_dim, dtype=dtype, device=META)
+                inv_freq = torch.empty(head_dim // 2, device=META)
+                for off in (0, 1, 3):
+                    yield (f"{name} Dh={head_dim} H={heads} T={t} positions offset={off}",
+                           lambda q=q, kk=kk, f=inv_freq, pos=_packed((t,), off): glue.rotary(pos, q, kk, f))
+            logits = torch.empty(t, e, dtype=dtype, device=META)
+            count_w = torch.empty(t, k, dtype=torch.int64, device=META)
+            yield f"{name} E={e} K={k} T={t}", lambda lg=logits: glue.route(lg, k)
+            for layer in (0, 1):
+                yield (f"{name} E={e} K={k} T={t} counted in layer {layer}",
+                       lambda lg=logits, cw=count_w, row=counts[layer]: glue.route(lg, k, row, cw))
+
+
 def _cfg(c) -> str:
     return f"{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}/w{c.num_warps}s{c.num_stages}"
 
@@ -364,7 +396,7 @@ def compile_launch(launch: Launch, target) -> Row:
 
 def collect(plan: Plan, target, kernels: set[str]) -> tuple[list[Launch], list[Row]]:
     """Run the launchers of the chosen kernel families; -> (distinct launches, rows for launchers that failed)."""
-    families = {"attention": attention_cases, "moe": moe_cases, "align": align_cases}
+    families = {"attention": attention_cases, "moe": moe_cases, "align": align_cases, "glue": glue_cases}
     failed: list[Row] = []
     with capture(target) as recorder:
         for family, cases in families.items():
@@ -405,7 +437,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arch", type=int, default=90, help="compute capability as an int (H200: 90)")
     p.add_argument("--warp-size", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="a handful of variants (bf16, Dh 128, G 6, S 1 and 3)")
-    p.add_argument("--kernels", default="attention,moe,align", help="families to compile")
+    p.add_argument("--kernels", default="attention,moe,align,glue", help="families to compile")
     p.add_argument("--dtypes", help="comma list of bf16,fp16,fp32")
     p.add_argument("--head-dims", type=_int_list)
     p.add_argument("--groups", type=_int_list, help="query heads per kv head")

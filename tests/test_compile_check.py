@@ -19,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_decode_kernel", "_reduce_kernel", "_prefill_kernel", "_store_kv_kernel", "_gate_up_kernel",
-           "_down_kernel", "_quantize_rows_kernel", "_align_kernel"}
+           "_down_kernel", "_quantize_rows_kernel", "_align_kernel", "_add_rms_norm_kernel", "_rotary_kernel",
+           "_route_kernel"}
 
 
 def _cuda_compiler_missing() -> str | None:
@@ -75,6 +76,11 @@ def test_compile_check_sm90(tmp_path: Path) -> None:
     assert per_kernel["_gate_up_kernel"] == per_kernel["_down_kernel"] == 3, per_kernel
     assert per_kernel["_quantize_rows_kernel"] == 1, per_kernel
     assert per_kernel["_align_kernel"] == 2, per_kernel  # int64 router ids and int32 channel ids
+    # The glue at T = 1, 5 and 64, positions at int32 offsets 0, 1, 3, counts in two layers' rows: none adds a
+    # variant; the residual and the count are constexprs.
+    assert per_kernel["_add_rms_norm_kernel"] == 2, per_kernel  # with and without a residual
+    assert per_kernel["_rotary_kernel"] == 1, per_kernel
+    assert per_kernel["_route_kernel"] == 2, per_kernel  # counted and not
 
 
 @pytest.mark.e2e  # the compile check's own process, end to end

@@ -125,15 +125,14 @@ class DecodePieces:
         inputs, b = self.inputs, self.buffers
         if first == 0:
             self.runner.begin_step(inputs, self.context)
-            x = self.model.model.embed_tokens(inputs.input_ids)  # [B, D]
+            x, residual = self.model.model.embed_tokens(inputs.input_ids), None  # [B, D]
         else:
-            x = b.residual + b.moe_out  # the end of layer first - 1, as DecoderLayer.forward adds it
-        for layer in self.layers[first:stop]:
-            x = layer(x, inputs.positions, self.cache)
+            x, residual = b.moe_out, b.residual  # the end of layer first - 1, added in the next norm
+        x, residual = self.model.run_layers(x, residual, inputs.positions, self.cache, first, stop)
         if stop == len(self.layers):
-            return self.model.compute_logits(self.model.model.norm(x)[inputs.logit_rows])  # [B, V]
+            return self.model.compute_logits(self.model.final_norm(x, residual)[inputs.logit_rows])  # [B, V]
         layer = self.layers[stop]
-        x, h = layer.attend(x, inputs.positions, self.cache)  # DecoderLayer.forward up to its experts
+        x, h = layer.attend(x, inputs.positions, self.cache, residual)  # DecoderLayer.forward up to its experts
         weights, ids = self.moes[stop].route(h)  # [B, K] fp32, [B, K]
         b.residual.copy_(x)
         b.moe_in.copy_(h)

@@ -2,6 +2,10 @@
 
 `CausalLM.moe_layers()` is the one way to the MoE blocks (and through them their expert executors) for whoever
 needs them: attaching experts, warm-up, CUDA graphs' crossings, the engine's shard timings.
+
+The forward carries the stream as a pair (x, residual), the stream being residual + x: each residual add happens in
+the norm that follows it (`RMSNorm.add_forward`), which on CUDA is one fused kernel for both. On CPU the adds are the
+same torch adds in the same order as `DecoderLayer.forward`'s, so the arithmetic is unchanged.
 """
 
 from __future__ import annotations
@@ -31,15 +35,26 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x [T, D] -> [T, D]: the stream after this layer."""
         x, h = self.attend(x, positions, cache)
-        ffn = self.block_sparse_moe if self.is_moe else self.mlp
-        return x + ffn(h)
+        return x + self.feed_forward(h)
 
-    def attend(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer up to its feed-forward: (the residual after attention, the feed-forward's normed input), both
-        [T, D]. Apart from `forward` so a decode step split before the experts computes the same."""
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
-        return x, self.post_attention_layernorm(x)
+        [T, D]. The layer's input is x, or residual + x when a residual is given (the previous layer's stream and
+        feed-forward output, added in this layer's input norm). Apart from `forward` so a decode step split before
+        the experts computes the same."""
+        if residual is None:
+            h = self.input_layernorm(x)
+        else:
+            h, x = self.input_layernorm.add_forward(x, residual)
+        h, x = self.post_attention_layernorm.add_forward(self.self_attn(h, positions, cache), x)
+        return x, h
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [T, D], the normed input `attend` returns -> the feed-forward's output [T, D] (not yet added)."""
+        return (self.block_sparse_moe if self.is_moe else self.mlp)(h)
 
 
 class DecoderStack(nn.Module):
@@ -73,9 +88,21 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """input_ids [T], positions [T] -> final hidden states [T, D] (norm applied)."""
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, positions, cache)
-        return self.model.norm(x)
+        x, residual = self.run_layers(x, None, positions, cache, 0, len(self.model.layers))
+        return self.final_norm(x, residual)
+
+    def run_layers(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, cache: KVCache,
+                   first: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layers [first, stop) over the stream residual + x (x alone when residual is None) -> the stream after
+        them as (x, residual), both [T, D]: each layer's last add is left to the next norm."""
+        for layer in self.model.layers[first:stop]:
+            residual, h = layer.attend(x, positions, cache, residual)
+            x = layer.feed_forward(h)
+        return x, residual
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The final norm of the stream residual + x (x alone when residual is None) -> [T, D]."""
+        return self.model.norm(x) if residual is None else self.model.norm.add_forward(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cluster.model import glue_selector
 from cluster.model.forward_context import current_context
 from cluster.model.router import route as top_k_route
 from cluster.moe.executor import ExpertExecutor
@@ -36,8 +37,15 @@ class MoELayer(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (topk_weights [T, K] fp32, topk_ids [T, K]): what the executor is handed. Apart from
         `forward` so a decode step split at the executor (`cluster.engine.piecewise_graphs`) routes the same way."""
-        weights, ids = top_k_route(self.gate(x), self.top_k)
+        logits = self.gate(x)  # [T, E]
         context = current_context()  # the engine's step counts its routing (`cluster.moe.load`)
-        if context is not None and context.expert_step is not None:
-            context.expert_step.add(self.layer, ids)
+        step = context.expert_step if context is not None else None
+        fused = glue_selector.fused_glue(logits)
+        if fused is not None:  # top-k, softmax and the count in one kernel
+            if step is None:
+                return fused.route(logits, self.top_k)
+            return fused.route(logits, self.top_k, step.counts[self.layer], step.weights)
+        weights, ids = top_k_route(logits, self.top_k)
+        if step is not None:
+            step.add(self.layer, ids)
         return weights, ids

@@ -1,4 +1,5 @@
-"""The Mixtral top-k router."""
+"""The Mixtral top-k router, in torch: what the fused kernel that `MoELayer.route` runs on CUDA
+(`cluster.kernels.glue.route`) computes, and the path everywhere else."""
 
 from __future__ import annotations
 

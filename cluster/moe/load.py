@@ -11,6 +11,8 @@ views of the persistent buffers, no device work), lays its weights out (`ExpertS
 eager forward and inside a captured graph alike) and puts it in the forward's context
 (`cluster.model.forward_context`), where the MoE layers find it. A forward without that context (the model run
 outside the engine, over another cache) counts nothing; two engines sharing a model count each its own steps.
+On CUDA the router's fused kernel (`cluster.kernels.glue.route`) adds the same counts to the same row itself
+instead of `ExpertStep.add`.
 
 Legend: L = layers, E = experts, T = tokens of the step, K = experts per token.
 """
