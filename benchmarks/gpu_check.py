@@ -10,6 +10,8 @@ rest still run):
   tiny_vs_cpu      greedy tokens on `tiny`, this device against CPU fp32
   moe_kernel       fused MoE on Mixtral 8x22B expert shapes: % of HBM bandwidth and of bf16 peak per M
   paged_attention  paged decode attention at batch 64 x 4K context against the HBM bound
+  glue_kernels     the fused decode glue (residual add + RMSNorm, rotary, router top-k) against the torch ops it
+                   replaces at 8x7B decode sizes: time, bytes over the copy bandwidth, fused/torch
   engine_mini      the engine (Triton MoE, Triton attention, CUDA graphs) on `mini`: tok/s at concurrency 64,
                    the forward-only bound, launches per decode step, eager and graph outputs equal
   engine_piecewise `mini` with its experts on 2 shard workers behind the expert-parallel executor, as a serving
@@ -51,7 +53,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_align.py", "tests/test_triton_attention.py",
                 "tests/test_paged_cache.py", "tests/test_cuda_graphs.py", "tests/test_kernel_hazards.py",
-                "tests/test_fp8_kernels.py"]
+                "tests/test_fp8_kernels.py", "tests/test_glue_kernels.py"]
 
 
 def environment(dry_run: bool) -> dict:
@@ -102,6 +104,12 @@ def paged_attention(dry_run: bool, deadline: float) -> dict:
     return bench.run(dry_run)
 
 
+def glue_kernels(dry_run: bool, deadline: float) -> dict:
+    import glue_kernels as bench
+
+    return bench.run(dry_run)
+
+
 def engine_mini(dry_run: bool, deadline: float) -> dict:
     import gpu_engine
 
@@ -142,7 +150,7 @@ def engine_8x7b_full(dry_run: bool, deadline: float) -> dict:
 # Each takes (dry_run, the run's deadline on time.monotonic()).
 SECTIONS: dict[str, Callable[[bool, float], dict]] = {
     "ceilings": ceilings, "kernel_tests": kernel_tests, "tiny_vs_cpu": tiny_vs_cpu, "moe_kernel": moe_kernel,
-    "paged_attention": paged_attention, "engine_mini": engine_mini, "engine_piecewise": engine_piecewise,
+    "paged_attention": paged_attention, "glue_kernels": glue_kernels, "engine_mini": engine_mini, "engine_piecewise": engine_piecewise,
     "engine_8x7b": engine_8x7b, "serve_api": serve_api, "engine_8x7b_full": engine_8x7b_full,
 }
 # The whole run on a GPU, within the 8 minutes one device call may take (the rest: start-up and the wheels' install).

@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the check's modules import each 
 
 import gpu_full_depth  # noqa: E402
 
-SECTIONS = {"ceilings", "kernel_tests", "moe_kernel", "paged_attention", "engine_mini", "engine_8x7b",
-            "engine_piecewise", "tiny_vs_cpu", "serve_api", "engine_8x7b_full"}
+SECTIONS = {"ceilings", "kernel_tests", "moe_kernel", "paged_attention", "glue_kernels", "engine_mini",
+            "engine_8x7b", "engine_piecewise", "tiny_vs_cpu", "serve_api", "engine_8x7b_full"}
 GiB = 2**30
 
 
@@ -42,6 +42,7 @@ def test_gpu_check_dry_run(tmp_path: Path):
     assert engine["in_series"]["output_tokens"] == engine["engine"]["output_tokens"]
     assert engine["in_series"]["ahead_over_in_series"] > 0
     assert results["sections"]["tiny_vs_cpu"]["sequences_equal"] == results["sections"]["tiny_vs_cpu"]["sequences"]
+    assert len(results["sections"]["glue_kernels"]["rows"]) > 0
 
     api = results["sections"]["serve_api"]
     assert api["streams_whole"] == api["requests"] > 0
