@@ -43,6 +43,7 @@ class RankGroup:
 
     exchange: ShmCollectives | None
     control: dist.ProcessGroup | None
+    store: dist.Store | None = None  # kept while the group lives: rank 0's serves the others' last barrier calls
 
     def close(self) -> None:
         """Leave the group (a broken one too: its peers may be gone)."""
@@ -58,7 +59,7 @@ def open_rank_group(spec: RankGroupSpec, rank: int) -> RankGroup:
                           timeout=timedelta(seconds=spec.connect_timeout_s), wait_for_workers=False)
     if spec.backend == "shm":
         return RankGroup(ShmCollectives(spec.path, rank, spec.ranks, spec.slot_bytes, spec.timeout_s,
-                                        store_barrier(store, rank, spec.ranks)), None)
+                                        store_barrier(store, rank, spec.ranks)), None, store)
     timeout = timedelta(seconds=spec.timeout_s)
     dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.ranks, timeout=timeout)
     return RankGroup(None, dist.new_group(backend="gloo", timeout=timeout) if spec.backend == "nccl" else None)
