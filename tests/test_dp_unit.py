@@ -8,6 +8,7 @@ its streams and its peer's with 503 errors, new requests get 503 within a second
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import signal
@@ -92,7 +93,7 @@ def test_the_ranks_generate_the_single_process_tokens(router, reference):
     assert len({i["pid"] for i in info} | {os.getpid()}) == RANKS + 1  # each rank its own process
     picks: list[int] = []
     pick = unit.pick
-    unit.pick = lambda: picks.append(pick()) or picks[-1]  # record where each request goes
+    unit.pick = lambda *a: picks.append(pick(*a)) or picks[-1]  # record where each request goes
     try:
         for name, params in (("greedy", GREEDY), ("seeded", SEEDED)):
             outputs = asyncio.run(_ask_all(router, _prompts(12), params))
@@ -102,6 +103,28 @@ def test_the_ranks_generate_the_single_process_tokens(router, reference):
         unit.pick = pick
     assert sorted(set(picks)) == [0, 1] and abs(picks.count(0) - picks.count(1)) <= 2  # spread over both ranks
     assert unit.in_flight == [0, 0]
+
+
+def test_a_shared_prefix_goes_to_the_rank_that_caches_it(router):
+    """Each rank has its own prefix cache: a prompt sharing 4 full blocks with an earlier one goes to the rank that
+    ran it and finds them cached, where spreading by load alone would take the other rank (idle ranks are taken in
+    turn)."""
+    unit = router.ranks
+    prefix = (_prompts(1, seed=21)[0] * 4)[:64]  # 4 full blocks of 16
+    params = dataclasses.replace(GREEDY, max_tokens=2)
+
+    async def run() -> list[list[RequestOutput]]:
+        return [await _ask(router, prefix + tail, params) for tail in ([11, 12], [13, 14, 15])]
+
+    picks: list[int] = []
+    pick = unit.pick
+    unit.pick = lambda *a: picks.append(pick(*a)) or picks[-1]
+    try:
+        first, second = asyncio.run(run())
+    finally:
+        unit.pick = pick
+    assert picks[1] == picks[0]
+    assert first[-1].cached_prompt_tokens == 0 and second[-1].cached_prompt_tokens == 64
 
 
 def test_a_killed_rank_fails_its_streams_then_new_requests_fast_then_the_unit_recovers(router, reference):

@@ -5,7 +5,8 @@ group, joined into one group, given requests, watched and brought back.
 Why the replica leads rather than each rank being a Serve replica of its own: a unit comes and goes whole (Serve's
 autoscaling, a drained node, an upgrade), its ranks must share one STRICT_PACK placement group, and a lost rank
 stops its peers' steps. Serve reserves and scales one replica per unit; the replica spreads its requests over the
-ranks (the one with the fewest sequences in flight) and forwards each rank's output batches as they come.
+ranks (to the rank caching the longest prefix of the prompt unless that one is far busier, else the one with the
+fewest sequences in flight) and forwards each rank's output batches as they come.
 
 When a rank dies or stops answering, its peers' exchanges fail at once (or at the group's timeout, `step_timeout_s`)
 and their requests get 503 errors; the killed rank's streams end with an error event here; new requests get 503
@@ -37,6 +38,7 @@ from cluster.parallel.rank_group import RankGroupSpec
 from cluster.parallel.shm_channel import shm_directory
 from cluster.parallel.shm_collectives import create_shm_collectives
 from cluster.serve.attention_rank import AttentionRank
+from cluster.serve.prefix_routing import PrefixTable, prompt_chain
 from cluster.serve.resolved import ResolvedArgs
 from cluster.serve.unit import UNIT_ENV
 
@@ -47,6 +49,9 @@ _PING_TIMEOUT_S = 10.0  # a rank that answers no ping this long is hung: killed,
 _RETRY_S = 1.0
 _WATCH_S = 0.05  # how often a stream waiting for its rank checks that the unit still stands
 _STEP_SLACK_S = 10.0  # beyond the step timeout (every collective's bound), before a rank in one step counts as hung
+_PREFIX_BLOCKS = 128  # prompt blocks hashed for routing (as the unit-level router)
+_PREFIX_ENTRIES = 1 << 16
+_MIN_MATCH = 0.25  # of the prompt's hashed blocks a rank must hold to be preferred
 _STATS_TIMEOUT_S = 0.2  # /health waits this long for each rank's engine stats (a probe gives up at 0.4 s)
 
 
@@ -63,6 +68,9 @@ class DataParallelUnit:
         self.recoveries = 0
         self.in_flight = [0] * self.num_ranks  # sequences sent to each rank and not yet ended
         self.max_waiting: int | None = None  # a live setting applied since start (None: the ranks' own)
+        engine = resolved.engine
+        self.prefixes: PrefixTable[int] | None = PrefixTable(_PREFIX_ENTRIES) if engine.enable_prefix_caching else None
+        self._imbalance = max(1, engine.max_num_seqs // 2)  # sequences beyond the least loaded rank a prefix may add
         self._turn = itertools.count()  # breaks ties between equally loaded ranks
         self.actors = [self._start_rank(r) for r in range(self.num_ranks)]
         self._wait_loaded()
@@ -125,16 +133,27 @@ class DataParallelUnit:
         return rows * max(packed_row_bytes(c.hidden_size, r.dtype), 4 * c.hidden_size)
 
     # -- requests ----------------------------------------------------------------------------------------------
-    def pick(self) -> int:
-        """The rank with the fewest sequences in flight (ties taken in turn)."""
+    def pick(self, prompt: list[int], params: SamplingParams) -> int:
+        """The rank that last took the longest prefix of `prompt` (each rank has its own prefix cache; keyed as the
+        engine keys it, salt included: `cluster.serve.prefix_routing`), unless it carries more than half a batch
+        beyond the least loaded rank or prefix caching is off; else the rank with the fewest sequences in flight
+        (ties taken in turn). The table learns the choice."""
         turn = next(self._turn)
-        return min(range(self.num_ranks), key=lambda r: (self.in_flight[r], (r - turn) % self.num_ranks))
+        least = min(range(self.num_ranks), key=lambda r: (self.in_flight[r], (r - turn) % self.num_ranks))
+        if self.prefixes is None:
+            return least
+        chain = prompt_chain(prompt, params.cache_salt, self.resolved.engine.block_size, _PREFIX_BLOCKS)
+        depth, holder = self.prefixes.longest_match(chain, range(self.num_ranks))
+        balanced = holder is not None and self.in_flight[holder] - self.in_flight[least] <= self._imbalance
+        rank = holder if balanced and depth >= _MIN_MATCH * len(chain) else least
+        self.prefixes.record(chain, rank)
+        return rank
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, stream: bool,
                        interval_s: float) -> AsyncIterator[list[RequestOutput]]:
         """The request's output batches from the rank that runs it. A rank lost meanwhile ends each unfinished
         choice with a 503 error as soon as the unit knows (a dead actor's own error takes Ray a second or more)."""
-        rank = self.pick()
+        rank = self.pick(prompt, params)
         batches = self.actors[rank].generate.remote(request_id, prompt, params, stream, interval_s)
         self.in_flight[rank] += params.n
         finished: set[int] = set()
