@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from cluster.kernels import tuning  # noqa: E402
 from cluster.kernels.align import align_pairs  # noqa: E402
-from cluster.kernels.fused_moe import down, gate_up  # noqa: E402
+from cluster.kernels.fused_moe import down, even_tiles, fused_experts, gate_up  # noqa: E402
 from cluster.moe.torch_backend import TorchMoEBackend  # noqa: E402
 from cluster.moe.triton_backend import TritonMoEBackend  # noqa: E402
 from cluster.moe.weights import ExpertWeights, _expert_map  # noqa: E402
@@ -209,6 +209,49 @@ def test_down_refuses_low_precision_router_weights(device: torch.device) -> None
     h = torch.zeros(a.sorted_ids.numel(), 96, device=device)
     with pytest.raises(ValueError, match="fp32"):
         down(h, w.w2, torch.zeros(8, 64, device=device), tw.to(device, torch.bfloat16), a, cfg.down)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unmasked fast paths: EVEN_K / EVEN_N per kernel, chosen at launch from the layer's shape.
+
+# One tile for both kernels: gate_up's N tile is 32 (BLOCK_N // 2 of gate and of up), down's 64; both K tiles 32.
+MASK_TILES = tuning.MoEConfig(tuning.KernelConfig(32, 64, 32, 1), tuning.KernelConfig(32, 64, 32, 1))
+# (D, F): between them every (EVEN_K, EVEN_N) of each kernel under MASK_TILES (see the test below); Mixtral's own
+# shapes are all-even.
+MASK_SHAPES = [(128, 96), (128, 80), (80, 64), (72, 72)]
+
+
+def mask_flags(d: int, f: int, cfg: tuning.MoEConfig) -> tuple[tuple[bool, bool], tuple[bool, bool]]:
+    """((EVEN_K, EVEN_N) of gate_up, (EVEN_K, EVEN_N) of down) as the launchers pick them."""
+    gu = even_tiles(d, f, cfg.gate_up.BLOCK_K, cfg.gate_up.BLOCK_N // 2)
+    dn = even_tiles(f, d, cfg.down.BLOCK_K, cfg.down.BLOCK_N)
+    return (gu["EVEN_K"], gu["EVEN_N"]), (dn["EVEN_K"], dn["EVEN_N"])
+
+
+def test_mask_shapes_cover_every_flag_combination() -> None:
+    every = {(True, True), (True, False), (False, True), (False, False)}
+    flags = [mask_flags(d, f, MASK_TILES) for d, f in MASK_SHAPES]
+    assert {gu for gu, _ in flags} == every and {dn for _, dn in flags} == every, flags
+    assert mask_flags(4096, 14336, tuning.default_config(512)) == ((True, True), (True, True))
+    assert mask_flags(6144, 16384, tuning.default_config(4096)) == ((True, True), (True, True))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("d, f", MASK_SHAPES)
+def test_fused_experts_on_every_mask_path(d: int, f: int, dtype: torch.dtype, seed: int,
+                                          device: torch.device) -> None:
+    """Both kernels under MASK_TILES, on fresh inputs, against the float64 reference: the unmasked paths where D and
+    F fill whole tiles, the masked ones where they do not; padded pair rows (uneven routing) throughout."""
+    t, k, held = 37, 2, [0, 2, 3, 5, 6]
+    g = torch.Generator().manual_seed(1000 * seed + d + f)
+    w = make_weights(held, d, f, dtype, device, g)
+    x = torch.randn(t, d, generator=g).to(device, dtype)
+    ids, tw = route(t, k, 8, g, skew=0.5)
+    aligned = align_pairs(ids.to(device), _expert_map(tuple(held), 8, device), len(held), MASK_TILES.block_m)
+    out = fused_experts(x, w.w13, w.w2, tw.to(device), aligned, MASK_TILES)
+    err = rel_err(out, reference(x, w, ids, tw))
+    assert err < TOL[dtype], f"D={d} F={f} flags {mask_flags(d, f, MASK_TILES)} seed {seed}: rel err {err}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
