@@ -171,6 +171,7 @@ class Plan:
     tuned_device: str | None = None  # also compile the tuned configs stored for this device name
     align_experts: tuple[int, ...] = (1, 2, 4, 8)
     fp8: tuple[str, ...] = FP8_MODES  # FP8 expert modes compiled beside the plain weights
+    smem: int | None = None  # the target's shared memory per block, which picks the default MoE tiles (None: sm_90's)
 
 
 QUICK = Plan(dtypes=("bf16",), head_dims=(128,), groups=(6,), splits=(1, 3), moe_max_tokens=32,
@@ -239,7 +240,7 @@ def moe_configs(plan: Plan, dtype: torch.dtype, fp8_weights: bool = False) -> li
     """(first M, config) of every distinct config serving up to `moe_max_tokens` in `dtype` can use: the M buckets
     of `tuning.config_buckets` (what `TritonMoEBackend.warm_up` compiles), plus a device's tuned table if asked."""
     out: list[tuple[int, MoEConfig]] = []
-    for m, _, cfg in config_buckets(plan.moe_max_tokens, plan.experts, plan.ffn, META, dtype, fp8_weights):
+    for m, _, cfg in config_buckets(plan.moe_max_tokens, plan.experts, plan.ffn, META, dtype, fp8_weights, plan.smem):
         if all(cfg != seen for _, seen in out):
             out.append((m, cfg))
     if plan.tuned_device:
@@ -424,7 +425,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     overrides = {"dtypes": tuple(args.dtypes.split(",")) if args.dtypes else None, "head_dims": args.head_dims,
                  "groups": args.groups, "splits": args.splits, "num_sms": args.num_sms,
                  "moe_max_tokens": args.moe_max_tokens, "tuned_device": args.tuned_device,
-                 "fp8": None if args.fp8 is None else tuple(m for m in args.fp8.split(",") if m)}
+                 "fp8": None if args.fp8 is None else tuple(m for m in args.fp8.split(",") if m),
+                 "smem": SMEM_LIMIT.get(args.arch)}
     fields = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(fields.get("dtypes", ())) - set(DTYPE_CHOICES)
     if unknown:
