@@ -53,7 +53,7 @@ from cluster.kernels.fp8 import FP8  # noqa: E402
 from cluster.kernels.fused_moe import fused_experts  # noqa: E402
 from cluster.kernels.paged_attention import (decode_split_counts, paged_decode, paged_prefill,  # noqa: E402
                                             store_kv)
-from cluster.kernels.tuning import MoEConfig, config_buckets, load_configs  # noqa: E402
+from cluster.kernels.tuning import MoEConfig, config_buckets, dtype_key, load_configs  # noqa: E402
 
 META = torch.device("meta")
 # Per-block shared memory a kernel may opt into, by compute capability (CUDA's documented limits).
@@ -244,8 +244,9 @@ def moe_configs(plan: Plan, dtype: torch.dtype, fp8_weights: bool = False) -> li
         if all(cfg != seen for _, seen in out):
             out.append((m, cfg))
     if plan.tuned_device:
-        for m, cfg in sorted((load_configs(plan.experts, plan.ffn, plan.tuned_device) or {}).items()):
-            if all(cfg != seen for _, seen in out):
+        table = load_configs(plan.experts, plan.ffn, plan.tuned_device, dtype_key(dtype, fp8_weights)) or {}
+        for m, cfg in sorted(table.items()):
+            if cfg is not None and all(cfg != seen for _, seen in out):  # None: "default", compiled above
                 out.append((m, cfg))
     return out
 
