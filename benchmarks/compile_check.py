@@ -55,7 +55,7 @@ from cluster.kernels import glue  # noqa: E402
 from cluster.kernels.fused_moe import fused_experts  # noqa: E402
 from cluster.kernels.paged_attention import (decode_split_counts, paged_decode, paged_prefill,  # noqa: E402
                                             store_kv)
-from cluster.kernels.tuning import MoEConfig, config_buckets, load_configs  # noqa: E402
+from cluster.kernels.tuning import MoEConfig, config_buckets, dtype_key, load_configs  # noqa: E402
 
 META = torch.device("meta")
 # Per-block shared memory a kernel may opt into, by compute capability (CUDA's documented limits).
@@ -173,6 +173,7 @@ class Plan:
     tuned_device: str | None = None  # also compile the tuned configs stored for this device name
     align_experts: tuple[int, ...] = (1, 2, 4, 8)
     fp8: tuple[str, ...] = FP8_MODES  # FP8 expert modes compiled beside the plain weights
+    smem: int | None = None  # the target's shared memory per block, which picks the default MoE tiles (None: sm_90's)
 
 
 QUICK = Plan(dtypes=("bf16",), head_dims=(128,), groups=(6,), splits=(1, 3), moe_max_tokens=32,
@@ -241,12 +242,13 @@ def moe_configs(plan: Plan, dtype: torch.dtype, fp8_weights: bool = False) -> li
     """(first M, config) of every distinct config serving up to `moe_max_tokens` in `dtype` can use: the M buckets
     of `tuning.config_buckets` (what `TritonMoEBackend.warm_up` compiles), plus a device's tuned table if asked."""
     out: list[tuple[int, MoEConfig]] = []
-    for m, _, cfg in config_buckets(plan.moe_max_tokens, plan.experts, plan.ffn, META, dtype, fp8_weights):
+    for m, _, cfg in config_buckets(plan.moe_max_tokens, plan.experts, plan.ffn, META, dtype, fp8_weights, plan.smem):
         if all(cfg != seen for _, seen in out):
             out.append((m, cfg))
     if plan.tuned_device:
-        for m, cfg in sorted((load_configs(plan.experts, plan.ffn, plan.tuned_device) or {}).items()):
-            if all(cfg != seen for _, seen in out):
+        table = load_configs(plan.experts, plan.ffn, plan.tuned_device, dtype_key(dtype, fp8_weights)) or {}
+        for m, cfg in sorted(table.items()):
+            if cfg is not None and all(cfg != seen for _, seen in out):  # None: "default", compiled above
                 out.append((m, cfg))
     return out
 
@@ -456,7 +458,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     overrides = {"dtypes": tuple(args.dtypes.split(",")) if args.dtypes else None, "head_dims": args.head_dims,
                  "groups": args.groups, "splits": args.splits, "num_sms": args.num_sms,
                  "moe_max_tokens": args.moe_max_tokens, "tuned_device": args.tuned_device,
-                 "fp8": None if args.fp8 is None else tuple(m for m in args.fp8.split(",") if m)}
+                 "fp8": None if args.fp8 is None else tuple(m for m in args.fp8.split(",") if m),
+                 "smem": SMEM_LIMIT.get(args.arch)}
     fields = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(fields.get("dtypes", ())) - set(DTYPE_CHOICES)
     if unknown:

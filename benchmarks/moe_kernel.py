@@ -1,15 +1,19 @@
-"""The fused-MoE Triton backend on Mixtral 8x22B expert shapes, against ceilings measured in the same run.
+"""The fused-MoE Triton backend on Mixtral 8x22B and 8x7B expert shapes, against ceilings and the torch backend
+measured in the same run.
 
-Legend: M = tokens, K = experts per token (2), D = hidden (6144), F = ffn (16384), E = local experts, P = M*K pairs.
-Two shards of one layer, bf16: "1 local" holds expert 0 of 8 (expert parallel over eight GPUs; every token routes
-to it and to one expert held elsewhere, so it runs M rows and drops M pairs) and "8 local" holds all eight (random
-Mixtral-like top-2 routing). Per case and M:
+Legend: M = tokens, K = experts per token (2), D = hidden (8x22B: 6144, 8x7B: 4096), F = ffn (16384, 14336),
+E = local experts, P = M*K pairs.
+Per model, two shards of one layer, bf16: "1 local" holds expert 0 of 8 (expert parallel over eight GPUs; every
+token routes to it and to one expert held elsewhere, so it runs M rows and drops M pairs) and "8 local" holds all
+eight (random Mixtral-like top-2 routing). Per model, case and M:
   ms          median of `triton.testing.do_bench` (L2 flushed before each call), rotating among a few input sets
   bytes       the weights of the local experts the routing touches + x read + the output written (bf16); the
               kernels' own scratch traffic (h [C, F] bf16 and y [P, D] fp32, each written and read) is `scratch_bytes`
   flops       2 * 3 * D * F per local pair
   bw_pct      bytes / ms against the device-to-device copy bandwidth measured here (bytes read + written)
   peak_pct    flops / ms against the median 8192^3 bf16 torch.matmul measured here
+  roof_pct    the roofline's time, max(bytes / copy bandwidth, flops / matmul rate), over ms: 100 = on the roofline
+  x_torch     ms / torch_ms: below 1, the Triton backend is the faster
   rel_err     ||triton - torch backend|| / ||torch backend|| in fp32 (check: below CHECK_TOL)
   torch_ms, align_ms, align_torch_ms: the torch backend, and the Triton align kernel against the torch align
 Each case starts with `TritonMoEBackend.warm_up` (every kernel compiled once, timed as `warm_up_s`).
@@ -48,22 +52,22 @@ class Plan:
     """What one run measures, and where."""
 
     device: str
-    hidden: int
-    ffn: int
+    models: tuple[tuple[str, int, int], ...]  # (name, hidden D, ffn F)
     tokens: tuple[int, ...]
     copy_bytes: int  # size of the bandwidth probe's copy
     matmul_n: int  # side of the peak probe's square matmul
 
 
-GPU = Plan("cuda", 6144, 16384, (1, 16, 64, 512, 4096), 1 << 30, 8192)
-DRY = Plan("cpu", 64, 128, (1, 16, 64), 16 << 20, 256)
+GPU = Plan("cuda", (("8x22B", 6144, 16384), ("8x7B", 4096, 14336)), (1, 8, 64, 256, 512, 1024, 4096), 1 << 30, 8192)
+# Stand-ins: the first fills the interpreter's tiles, the second does not (the kernels' masked path).
+DRY = Plan("cpu", (("8x22B", 64, 128), ("8x7B", 48, 112)), (1, 16, 64), 16 << 20, 256)
 
 
-def make_experts(plan: Plan, g: torch.Generator):
+def make_experts(d: int, f: int, plan: Plan, g: torch.Generator):
     """All eight experts of one layer, bf16, random (scaled so activations stay O(1))."""
     from cluster.moe.weights import ExpertWeights
 
-    e, d, f = NUM_EXPERTS, plan.hidden, plan.ffn
+    e = NUM_EXPERTS
     w13 = torch.empty(e, 2 * f, d, dtype=torch.bfloat16, device=plan.device)  # [E, 2F, D]
     w2 = torch.empty(e, d, f, dtype=torch.bfloat16, device=plan.device)  # [E, D, F]
     for w, fan_in in ((w13, d), (w2, f)):
@@ -72,9 +76,9 @@ def make_experts(plan: Plan, g: torch.Generator):
     return ExpertWeights(w13, w2, tuple(range(e)))
 
 
-def make_inputs(case: str, m: int, plan: Plan, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+def make_inputs(case: str, m: int, d: int, plan: Plan, g: torch.Generator) -> tuple[torch.Tensor, ...]:
     """x [M, D] bf16, topk_ids [M, K] int64, topk_weights [M, K] fp32 (the router's), random."""
-    x = torch.randn(m, plan.hidden, generator=g, device=plan.device).to(torch.bfloat16)
+    x = torch.randn(m, d, generator=g, device=plan.device).to(torch.bfloat16)
     logits = torch.randn(m, NUM_EXPERTS, generator=g, device=plan.device)
     if case == "1 local":
         logits[:, 0] = float("inf")  # expert 0 (the local one) and the best of the other seven
@@ -91,7 +95,7 @@ def run_m(case: str, weights, m: int, plan: Plan, bench, copy_bw: float, peak: f
 
     triton_moe, torch_moe = TritonMoEBackend(), TorchMoEBackend()
     num_local, f2, d = weights.w13.shape
-    sets = [make_inputs(case, m, plan, g) for _ in range(INPUT_SETS)]
+    sets = [make_inputs(case, m, d, plan, g) for _ in range(INPUT_SETS)]
     emap = weights.expert_map(NUM_EXPERTS)
 
     layer, torch_layer = triton_moe.prepare(weights), torch_moe.prepare(weights)
@@ -119,22 +123,24 @@ def run_m(case: str, weights, m: int, plan: Plan, bench, copy_bw: float, peak: f
     padded = statistics.mean(int(align_pairs_torch(ids, emap, num_local, block_m).total) for _, ids, _ in sets)
     scratch = 2 * padded * (f2 // 2) * x.element_size() + 2 * m * TOP_K * d * 4  # h and y, written + read
     flops = 2 * 3 * d * (f2 // 2) * pairs
+    roof_ms = 1e3 * max(nbytes / copy_bw, flops / peak)
     return {"M": m, "ms": ms, "bytes": nbytes, "scratch_bytes": scratch, "flops": flops,
             "bw_pct": 100 * nbytes / (ms * 1e-3) / copy_bw, "peak_pct": 100 * flops / (ms * 1e-3) / peak,
+            "roof_pct": 100 * roof_ms / ms, "x_torch": ms / torch_ms,
             "experts_touched": touched, "local_pairs": pairs, "rel_err": rel_err, "check": rel_err < CHECK_TOL,
             "torch_ms": torch_ms, "align_ms": align_ms, "align_torch_ms": align_torch_ms,
             "config": triton_moe.config(m, weights).to_json()}
 
 
-def format_row(case: str, r: dict) -> str:
+def format_row(model: str, case: str, r: dict) -> str:
     check = "ok" if r["check"] else "WRONG"
-    return (f"{case:>8} {r['M']:>5} {r['ms']:>9.3f} {r['bytes'] / 1e9:>7.3f} {r['flops'] / 1e9:>8.1f} "
-            f"{r['bw_pct']:>6.1f} {r['peak_pct']:>7.1f} {r['rel_err']:>8.1e} {check:>5} {r['torch_ms']:>9.3f} "
-            f"{r['align_ms']:>8.4f} {r['align_torch_ms']:>9.4f}")
+    return (f"{model:>6} {case:>8} {r['M']:>5} {r['ms']:>9.3f} {r['bytes'] / 1e9:>7.3f} {r['flops'] / 1e9:>8.1f} "
+            f"{r['bw_pct']:>6.1f} {r['peak_pct']:>7.1f} {r['roof_pct']:>6.1f} {r['x_torch']:>7.2f} "
+            f"{r['rel_err']:>8.1e} {check:>5} {r['torch_ms']:>9.3f} {r['align_ms']:>8.4f} {r['align_torch_ms']:>9.4f}")
 
 
-HEADER = (f"{'case':>8} {'M':>5} {'ms':>9} {'GB':>7} {'GFLOP':>8} {'bw %':>6} {'peak %':>7} {'rel err':>8} "
-          f"{'check':>5} {'torch ms':>9} {'align ms':>8} {'align(t)':>9}")
+HEADER = (f"{'model':>6} {'case':>8} {'M':>5} {'ms':>9} {'GB':>7} {'GFLOP':>8} {'bw %':>6} {'peak %':>7} "
+          f"{'roof %':>6} {'x torch':>7} {'rel err':>8} {'check':>5} {'torch ms':>9} {'align ms':>8} {'align(t)':>9}")
 
 
 def _check_mode(dry_run: bool) -> None:
@@ -171,46 +177,56 @@ def run(dry_run: bool, tokens: tuple[int, ...] | None = None) -> dict:
         torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu (interpreter)"
     print(f"{name}, triton {triton_version()}: copy {copy_bw / 1e9:.0f} GB/s (read + write), "
-          f"bf16 matmul {peak / 1e12:.1f} TFLOP/s; D={plan.hidden} F={plan.ffn} top-{TOP_K}", flush=True)
+          f"bf16 matmul {peak / 1e12:.1f} TFLOP/s; top-{TOP_K}; "
+          + ", ".join(f"{model} D={d} F={f}" for model, d, f in plan.models), flush=True)
     print(HEADER, flush=True)
 
     g = torch.Generator(device=plan.device).manual_seed(0)
-    experts = make_experts(plan, g)
-    one = type(experts)(experts.w13[:1], experts.w2[:1], (0,))  # a view: expert 0 alone
     cases = []
-    for case, weights in (("1 local", one), ("8 local", experts)):
-        t0 = time.perf_counter()
-        backend = TritonMoEBackend()
-        backend.warm_up(backend.prepare(weights), max(tokens), top_k=TOP_K, num_experts=NUM_EXPERTS)
-        warm_s = time.perf_counter() - t0
-        rows = []
-        for m in tokens:
-            rows.append(run_m(case, weights, m, plan, bench, copy_bw, peak, g))
-            print(format_row(case, rows[-1]), flush=True)
-        cases.append({"case": case, "local_experts": weights.w13.shape[0], "warm_up_s": warm_s, "rows": rows})
+    for model, d, f in plan.models:
+        experts = make_experts(d, f, plan, g)
+        one = type(experts)(experts.w13[:1], experts.w2[:1], (0,))  # a view: expert 0 alone
+        for case, weights in (("1 local", one), ("8 local", experts)):
+            t0 = time.perf_counter()
+            backend = TritonMoEBackend()
+            backend.warm_up(backend.prepare(weights), max(tokens), top_k=TOP_K, num_experts=NUM_EXPERTS)
+            warm_s = time.perf_counter() - t0
+            rows = []
+            for m in tokens:
+                rows.append(run_m(case, weights, m, plan, bench, copy_bw, peak, g))
+                print(format_row(model, case, rows[-1]), flush=True)
+            cases.append({"model": model, "hidden": d, "ffn": f, "case": case,
+                          "local_experts": weights.w13.shape[0], "warm_up_s": warm_s, "rows": rows})
+        del experts, one
+        if plan.device == "cuda":
+            torch.cuda.empty_cache()
     ok = all(r["check"] for c in cases for r in c["rows"])
     wall = time.perf_counter() - start
     print(f"{'all rows match' if ok else 'MISMATCH against'} the torch backend; {wall:.1f} s", flush=True)
     return {"device": name, "config_device": device_name(plan.device), "triton": triton_version(),
-            "torch": torch.__version__, "dry_run": dry_run, "hidden": plan.hidden, "ffn": plan.ffn, "top_k": TOP_K,
-            "dtype": "bf16", "copy_bytes_per_s": copy_bw, "bf16_flops_per_s": peak, "cases": cases, "ok": ok,
-            "passed": ok, "headline": headline(cases, ok), "wall_s": wall}
+            "torch": torch.__version__, "dry_run": dry_run, "models": [list(m) for m in plan.models],
+            "top_k": TOP_K, "dtype": "bf16", "copy_bytes_per_s": copy_bw, "bf16_flops_per_s": peak, "cases": cases,
+            "ok": ok, "passed": ok, "headline": headline(cases, ok), "wall_s": wall}
 
 
 def headline(cases: list[dict], ok: bool) -> str:
-    """One line: the smallest M's share of bandwidth and the largest M's share of peak, per case."""
+    """One line per model and case: the smallest M's share of bandwidth, the largest M's share of peak, the lowest
+    share of the roofline (at which M) and the largest ratio to the torch backend's time (at which M)."""
     parts = []
     for c in cases:
         lo, hi = c["rows"][0], c["rows"][-1]
-        parts.append(f"{c['case']}: M={lo['M']} {lo['ms']:.3f} ms {lo['bw_pct']:.0f}% HBM, "
-                     f"M={hi['M']} {hi['ms']:.3f} ms {hi['peak_pct']:.0f}% peak")
+        worst = min(c["rows"], key=lambda r: r["roof_pct"])
+        slow = max(c["rows"], key=lambda r: r["x_torch"])
+        parts.append(f"{c['model']} {c['case']}: M={lo['M']} {lo['bw_pct']:.0f}% HBM, M={hi['M']} "
+                     f"{hi['peak_pct']:.0f}% peak, roofline >= {worst['roof_pct']:.0f}% (M={worst['M']}), "
+                     f"<= {slow['x_torch']:.2f}x torch (M={slow['M']})")
     return "; ".join(parts) + ("; all match torch" if ok else "; MISMATCH against torch")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny shapes under the CPU Triton interpreter")
-    p.add_argument("--tokens", type=int, nargs="+", help="token counts M (default: 1 16 64 512 4096)")
+    p.add_argument("--tokens", type=int, nargs="+", help=f"token counts M (default: {' '.join(map(str, GPU.tokens))})")
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():

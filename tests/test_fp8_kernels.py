@@ -20,12 +20,12 @@ from cluster.kernels.fused_moe import down, fused_experts, quantize_activations 
 from cluster.moe.torch_backend import TorchMoEBackend  # noqa: E402
 from cluster.moe.triton_backend import TritonMoEBackend, fp8_dot_supported  # noqa: E402
 from cluster.moe.weights import ExpertWeights, Fp8Scales, _expert_map  # noqa: E402
-from tests.test_kernels import route  # noqa: E402
+from tests.test_kernels import MASK_SHAPES, MASK_TILES, mask_flags, route  # noqa: E402
 
 SEEDS = [0, 1, 2]
 # ||out - ref|| / ||ref|| against the dequantized math: fp32 sums in another order; bf16 also rounds x, the
 # [P, F] intermediate and the output (as the bf16 kernels' own tests allow).
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
 
 
 def fp8_layer(held: list[int], d: int, f: int, dtype: torch.dtype, device: torch.device,
@@ -175,6 +175,28 @@ def test_triton_fp8(case: str, dtype: torch.dtype, fp8_activations: bool, seed: 
     # (2^-3 relative) away after quantization
     tol = 4 * TOL[dtype] if fp8_activations and dtype == torch.bfloat16 else TOL[dtype]
     assert err < tol, f"{case} seed {seed}: rel err {err} >= {tol}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("d, f", MASK_SHAPES)
+@pytest.mark.parametrize("fp8_activations", [False, True], ids=["w8a16", "w8a8"])
+def test_fp8_on_every_mask_path(d: int, f: int, fp8_activations: bool, dtype: torch.dtype,
+                                device: torch.device) -> None:
+    """FP8 weights through both kernels under the test tiles whose shapes reach every (EVEN_K, EVEN_N) of each
+    kernel (tests/test_kernels.py), fresh inputs per case, against the dequantized float64 reference."""
+    if fp8_activations and device.type == "cuda" and not fp8_dot_supported(device):
+        pytest.skip("this GPU has no FP8 dot (compute capability < 8.9): W8A8 does not run here")
+    t, k, held = 29, 2, [1, 2, 4, 7]
+    g = torch.Generator().manual_seed(d * 1000 + f + 7 * fp8_activations)
+    w = fp8_layer(held, d, f, dtype, device, g)
+    x = (torch.randn(t, d, generator=g) * torch.logspace(-1, 0.5, t).view(t, 1)).to(device, dtype)
+    ids, tw = route(t, k, 8, g, skew=0.4)
+    aligned = align_pairs(ids.to(device), w.expert_map(8), len(held), MASK_TILES.block_m)
+    out = fused_experts(x, w.w13, w.w2, tw.to(device), aligned, MASK_TILES, w.scales.w13, w.scales.w2,
+                        fp8_activations=fp8_activations)
+    err = rel_err(out, reference(x, w, ids, tw, fp8_activations))
+    tol = 4 * TOL[dtype] if fp8_activations and dtype != torch.float32 else TOL[dtype]  # see test_triton_fp8
+    assert err < tol, f"D={d} F={f} flags {mask_flags(d, f, MASK_TILES)}: rel err {err} >= {tol}"
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the unscaled gate: the interpreter's sigmoid

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from cluster.kernels import tuning  # noqa: E402
 from cluster.kernels.align import align_pairs  # noqa: E402
-from cluster.kernels.fused_moe import down, gate_up  # noqa: E402
+from cluster.kernels.fused_moe import down, even_tiles, fused_experts, gate_up  # noqa: E402
 from cluster.moe.torch_backend import TorchMoEBackend  # noqa: E402
 from cluster.moe.triton_backend import TritonMoEBackend  # noqa: E402
 from cluster.moe.weights import ExpertWeights, _expert_map  # noqa: E402
@@ -212,6 +212,47 @@ def test_down_refuses_low_precision_router_weights(device: torch.device) -> None
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Unmasked fast paths: EVEN_K / EVEN_N per kernel, chosen at launch from the layer's shape.
+
+# One tile for both kernels: gate_up's N tile is 32 (BLOCK_N // 2 of gate and of up), down's 64; both K tiles 32.
+MASK_TILES = tuning.MoEConfig(tuning.KernelConfig(32, 64, 32, 1), tuning.KernelConfig(32, 64, 32, 1))
+# (D, F): between them every (EVEN_K, EVEN_N) of each kernel under MASK_TILES (see the test below); Mixtral's own
+# shapes are all-even.
+MASK_SHAPES = [(128, 96), (128, 80), (80, 64), (72, 72)]
+
+
+def mask_flags(d: int, f: int, cfg: tuning.MoEConfig) -> tuple[tuple[bool, bool], tuple[bool, bool]]:
+    """((EVEN_K, EVEN_N) of gate_up, (EVEN_K, EVEN_N) of down) as the launchers pick them."""
+    gu = even_tiles(d, f, cfg.gate_up.BLOCK_K, cfg.gate_up.BLOCK_N // 2)
+    dn = even_tiles(f, d, cfg.down.BLOCK_K, cfg.down.BLOCK_N)
+    return (gu["EVEN_K"], gu["EVEN_N"]), (dn["EVEN_K"], dn["EVEN_N"])
+
+
+def test_mask_shapes_cover_every_flag_combination() -> None:
+    every = {(True, True), (True, False), (False, True), (False, False)}
+    flags = [mask_flags(d, f, MASK_TILES) for d, f in MASK_SHAPES]
+    assert {gu for gu, _ in flags} == every and {dn for _, dn in flags} == every, flags
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("d, f", MASK_SHAPES)
+def test_fused_experts_on_every_mask_path(d: int, f: int, dtype: torch.dtype, seed: int,
+                                          device: torch.device) -> None:
+    """Both kernels under MASK_TILES, on fresh inputs, against the float64 reference: the unmasked paths where D and
+    F fill whole tiles, the masked ones where they do not; padded pair rows (uneven routing) throughout."""
+    t, k, held = 37, 2, [0, 2, 3, 5, 6]
+    g = torch.Generator().manual_seed(1000 * seed + d + f)
+    w = make_weights(held, d, f, dtype, device, g)
+    x = torch.randn(t, d, generator=g).to(device, dtype)
+    ids, tw = route(t, k, 8, g, skew=0.5)
+    aligned = align_pairs(ids.to(device), _expert_map(tuple(held), 8, device), len(held), MASK_TILES.block_m)
+    out = fused_experts(x, w.w13, w.w2, tw.to(device), aligned, MASK_TILES)
+    err = rel_err(out, reference(x, w, ids, tw))
+    assert err < TOL[dtype], f"D={d} F={f} flags {mask_flags(d, f, MASK_TILES)} seed {seed}: rel err {err}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Tuning tables and warm-up.
 
 TABLE = {"1": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
@@ -242,6 +283,71 @@ def test_tuning_table(config_dir, monkeypatch) -> None:
     assert fp32.BLOCK_M * fp32.BLOCK_N < bf16.BLOCK_M * bf16.BLOCK_N
     with pytest.raises(ValueError):
         tuning.MoEConfig(tuning.KernelConfig(16, 64, 64), tuning.KernelConfig(32, 64, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("fp8_weights", [False, True], ids=["float", "fp8"])
+def test_default_tiles_fit_and_take_mixtral_on_the_unmasked_paths(dtype: torch.dtype, fp8_weights: bool,
+                                                                   monkeypatch) -> None:
+    """The GPU's defaults at every M: within the shared memory the tuner allows (16-bit elements, an upper bound for
+    FP8 weights), and Mixtral's experts (8x7B, 8x22B) fill whole tiles, so both kernels run unmasked."""
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    for m in (1, 32, 33, 255, 256, 511, 512, 1023, 1024, 4096, 8192):
+        cfg = tuning.default_config(m, dtype, fp8_weights)
+        for kernel in (cfg.gate_up, cfg.down):
+            assert tuning.smem_bytes(kernel, max(2, dtype.itemsize)) <= tuning.SMEM_LIMIT, (m, kernel)
+        for d, f in ((4096, 14336), (6144, 16384)):
+            assert mask_flags(d, f, cfg) == ((True, True), (True, True)), (m, d, f, cfg)
+
+
+def test_default_tiles_grow_from_256_where_shared_memory_holds_them(monkeypatch) -> None:
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    assert tuning.LARGE_TILES_SMEM <= tuning.SMEM_LIMIT
+    mid, large = tuning.default_config(255), tuning.default_config(256)
+    assert (large.block_m, large.gate_up.BLOCK_K) == (64, 128) and mid.block_m == 32
+    assert tuning.default_config(512).gate_up.BLOCK_N == 256 and tuning.default_config(4096).block_m == 128
+    h100, a100 = 232448, 166912  # per-block opt-in shared memory (CUDA's documented limits)
+    assert tuning.default_config(4096, smem=h100) == tuning.default_config(4096)
+    # A GPU with less shared memory keeps the tiles from before, which fit it.
+    for m in (256, 512, 4096):
+        cfg = tuning.default_config(m, smem=a100)
+        assert cfg != tuning.default_config(m) and tuning.smem_bytes(cfg.gate_up) <= a100, m
+    assert tuning.default_config(4096, smem=a100).gate_up == tuning.KernelConfig(128, 128, 64, 8, 8, 3)
+    # fp32 keeps its own tiles everywhere.
+    assert tuning.default_config(4096, torch.float32) == tuning.default_config(4096, torch.float32, smem=a100)
+
+
+def test_tuning_tables_are_keyed_by_dtype_and_old_names_still_load(config_dir) -> None:
+    def table(block_m: int, m: str = "1") -> str:
+        return json.dumps({m: {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 64}})
+
+    def pick(dtype: torch.dtype, fp8: bool = False) -> int:
+        tuning.load_configs.cache_clear()
+        return tuning.get_config(1, 8, 512, "cuda", dtype, fp8).block_m
+
+    assert tuning.dtype_key(torch.bfloat16) == "bf16" and tuning.dtype_key(torch.float16, True) == "fp8_fp16"
+    name = tuning.config_file_name(8, 512, "Fake GPU", "3.6", dtype="bf16")
+    assert name == "E=8,N=512,device=Fake_GPU,dtype=bf16,triton=3.6.json"
+    (config_dir / tuning.config_file_name(8, 512, "Fake GPU")).write_text(table(128))  # before dtype was in the key
+    assert pick(torch.bfloat16) == pick(torch.float16) == pick(torch.bfloat16, True) == 128
+    assert pick(torch.float32) == tuning.default_config(1, torch.float32).block_m  # 16-bit tables: never fp32's
+    (config_dir / tuning.config_file_name(8, 512, "Fake GPU", dtype="bf16")).write_text(table(16))
+    (config_dir / tuning.config_file_name(8, 512, "Fake GPU", dtype="fp32")).write_text(table(64))
+    (config_dir / tuning.config_file_name(8, 512, "Fake GPU", dtype="fp8_bf16")).write_text(table(32))
+    assert (pick(torch.bfloat16), pick(torch.float16), pick(torch.float32), pick(torch.bfloat16, True)) == \
+        (16, 128, 64, 32)
+
+
+def test_default_entries_defer_to_the_defaults(config_dir, monkeypatch) -> None:
+    """"default" (the tuner kept the default there) gives `default_config` at that M, not a neighbour's pick."""
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    tuned = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
+    (config_dir / tuning.config_file_name(8, 512, "Fake GPU", dtype="bf16")).write_text(
+        json.dumps({"1": tuned, "512": "default", "4096": tuned}))
+    assert tuning.get_config(2, 8, 512, "cuda") == tuning.parse_config(tuned)
+    for m in (400, 512, 1000):
+        assert tuning.get_config(m, 8, 512, "cuda") == tuning.default_config(m), m
+    assert tuning.get_config(4000, 8, 512, "cuda").block_m == 16
 
 
 def test_config_file_name_carries_the_triton_version(monkeypatch) -> None:

@@ -17,8 +17,12 @@ Either way the weight scales multiply the fp32 accumulator once, after the K loo
 constant along K). W_FP8 / A_FP8 are constexprs: without them the kernels' code is what it was (the scale
 arguments are passed and never read).
 
-Sizes that change every step (pairs, blocks) are not specialised on, so the compiled variants are exactly one per
-(block config, dtype, FP8 mode): `TritonMoEBackend.warm_up` compiles them all before serving.
+EVEN_K / EVEN_N (`even_tiles`, chosen at launch) say the layer's D and F fill whole tiles: the K loop and the column
+loads and stores then drop those masks (their per-element compares and predicated copies); other shapes take the
+masked path. Padding rows stay masked where they are gathered (x rows of gate_up, y rows of
+down). The flags follow the layer's shape, fixed for a model, so the compiled variants are still exactly one per
+(block config, dtype, FP8 mode): sizes that change every step (pairs, blocks) are not specialised on, and
+`TritonMoEBackend.warm_up` compiles every variant before serving.
 """
 
 from __future__ import annotations
@@ -58,6 +62,28 @@ def _widen_e4m3(bits, dtype: tl.constexpr):
 _E4M3_UNSHIFT = tl.constexpr(256.0)  # what `_widen_e4m3` leaves out
 
 
+@triton.jit
+def _load_tile(ptrs, offs_k, k_left, col_ok, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    # A [BK, BN] weight tile: masked only along the dimensions the shape does not fill (k_left = K - k0).
+    if EVEN_K and EVEN_N:
+        return tl.load(ptrs)
+    elif EVEN_K:
+        return tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    elif EVEN_N:
+        return tl.load(ptrs, mask=(offs_k < k_left)[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=(offs_k < k_left)[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _load_cols(ptrs, col_ok, EVEN_N: tl.constexpr):
+    # Per-output-channel values (the weight scales) of a column tile.
+    if EVEN_N:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=col_ok, other=0.0)
+
+
 @triton.jit(do_not_specialize=["num_pairs", "num_blocks_m"])
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr, total_ptr, x_scale_ptr, w_scale_ptr,
@@ -65,6 +91,7 @@ def _gate_up_kernel(
     stride_xt, stride_xd, stride_we, stride_wn, stride_wd, stride_hc, stride_hf, stride_se,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, W_FP8: tl.constexpr, A_FP8: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_N // 2  # gate and up columns per program
     pid_m, pid_n = _tile_coords(tl.program_id(0), num_blocks_m, tl.cdiv(F, HALF), GROUP_M)
@@ -88,10 +115,12 @@ def _gate_up_kernel(
     acc_g = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        k_ok = offs_k < D - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if EVEN_K:  # only padding rows masked (token T past x's end): one predicate per row
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < D - k0)[None, :], other=0.0)
+        g = _load_tile(g_ptrs, offs_k, D - k0, col_ok, EVEN_K, EVEN_N)
+        u = _load_tile(u_ptrs, offs_k, D - k0, col_ok, EVEN_K, EVEN_N)
         if W_FP8 and not A_FP8:  # W8A16: the FP8 tile (bytes) widened to the activations' dtype
             g = _widen_e4m3(g, a.dtype)
             u = _widen_e4m3(u, a.dtype)
@@ -107,8 +136,8 @@ def _gate_up_kernel(
 
     if W_FP8:  # per output channel: gate columns offs_f, up columns F + offs_f of the expert's scales
         s_e = w_scale_ptr + e * stride_se
-        s_g = tl.load(s_e + offs_f, mask=col_ok, other=0.0)
-        s_u = tl.load(s_e + F + offs_f, mask=col_ok, other=0.0)
+        s_g = _load_cols(s_e + offs_f, col_ok, EVEN_N)
+        s_u = _load_cols(s_e + F + offs_f, col_ok, EVEN_N)
         if not A_FP8:
             s_g = s_g * _E4M3_UNSHIFT
             s_u = s_u * _E4M3_UNSHIFT
@@ -120,7 +149,10 @@ def _gate_up_kernel(
         acc_u = acc_u * x_scale
     h = acc_g * tl.sigmoid(acc_g) * acc_u  # SiLU(gate) * up, fp32; padding rows are 0
     h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hc + offs_f[None, :] * stride_hf
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=col_ok[None, :])
+    if EVEN_N:  # every slot row exists (C = blocks * BLOCK_M): nothing to mask
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty))
+    else:
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
 # Router weights may arrive as a view at any offset of a received frame; their loads are gathers anyway, so their
@@ -132,6 +164,7 @@ def _down_kernel(
     stride_hc, stride_hf, stride_we, stride_wd, stride_wf, stride_yp, stride_yd, stride_se,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     FP32_DOT: tl.constexpr, PRECISION: tl.constexpr, W_FP8: tl.constexpr, A_FP8: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_m, pid_n = _tile_coords(tl.program_id(0), num_blocks_m, tl.cdiv(D, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(total_ptr):
@@ -149,9 +182,12 @@ def _down_kernel(
     b_ptrs = w_ptr + e * stride_we + offs_d[None, :].to(tl.int64) * stride_wd + offs_k[:, None] * stride_wf  # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, F, BLOCK_K):
-        k_ok = offs_k < F - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        # h has a row for every slot: padding rows are read (zeros, or scratch past `total`) and never stored
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(offs_k < F - k0)[None, :], other=0.0)
+        b = _load_tile(b_ptrs, offs_k, F - k0, col_ok, EVEN_K, EVEN_N)
         if W_FP8 and not A_FP8:
             b = _widen_e4m3(b, a.dtype)
         if FP32_DOT:
@@ -162,7 +198,7 @@ def _down_kernel(
         b_ptrs += BLOCK_K * stride_wf
 
     if W_FP8:
-        s_d = tl.load(w_scale_ptr + e * stride_se + offs_d, mask=col_ok, other=0.0)
+        s_d = _load_cols(w_scale_ptr + e * stride_se + offs_d, col_ok, EVEN_N)
         if not A_FP8:
             s_d = s_d * _E4M3_UNSHIFT
         acc = acc * s_d[None, :]
@@ -171,7 +207,10 @@ def _down_kernel(
     w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)  # [BM] fp32 router weight of each pair
     acc = acc * w[:, None]
     y_ptrs = y_ptr + pair[:, None].to(tl.int64) * stride_yp + offs_d[None, :] * stride_yd
-    tl.store(y_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
+    if EVEN_N:
+        tl.store(y_ptrs, acc, mask=row_ok[:, None])
+    else:
+        tl.store(y_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -258,6 +297,12 @@ def _scale_args(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor | None,
             0 if w_scale is None else w_scale.stride(0), w_scale is not None, a_scale is not None)
 
 
+def even_tiles(k: int, n: int, block_k: int, block_n: int) -> dict[str, bool]:
+    """The kernels' EVEN_K / EVEN_N: whether the reduced size K and the output columns N fill whole tiles, so that
+    loads and stores along them skip their masks (every Mixtral shape does with the defaults)."""
+    return {"EVEN_K": k % block_k == 0, "EVEN_N": n % block_n == 0}
+
+
 def _weight_arg(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """The weights as the kernel reads them: FP8 beside wider activations (W8A16) as their bytes, which it widens
     with integer ops (`_widen_e4m3`: Triton has no e4m3 type before sm_89); others as they are."""
@@ -284,6 +329,7 @@ def gate_up(x: torch.Tensor, w13: torch.Tensor, h: torch.Tensor, aligned: Aligne
         x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0), h.stride(1), stride_se,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         FP32_DOT=fp32_dot, PRECISION=precision, W_FP8=w_fp8, A_FP8=a_fp8,
+        **even_tiles(d, f, cfg.BLOCK_K, cfg.BLOCK_N // 2),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -313,6 +359,7 @@ def down(h: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, topk_weights: torch
         h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0), y.stride(1), stride_se,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         FP32_DOT=fp32_dot, PRECISION=precision, W_FP8=w_fp8, A_FP8=a_fp8,
+        **even_tiles(f, d, cfg.BLOCK_K, cfg.BLOCK_N),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
