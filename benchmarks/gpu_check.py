@@ -8,7 +8,7 @@ rest still run):
   ceilings         device-to-device copy bandwidth and bf16 matmul rate, measured here (the denominators below)
   kernel_tests     the kernel (FP8 too), attention and graph test files under pytest, on this device
   tiny_vs_cpu      greedy tokens on `tiny`, this device against CPU fp32
-  moe_kernel       fused MoE on Mixtral 8x22B expert shapes: % of HBM bandwidth and of bf16 peak per M
+  moe_kernel       fused MoE on Mixtral 8x7B and 8x22B expert shapes: % of the roofline and the torch time per M
   paged_attention  paged decode attention at batch 64 x 4K context against the HBM bound
   glue_kernels     the fused decode glue (residual add + RMSNorm, rotary, router top-k) against the torch ops it
                    replaces at 8x7B decode sizes: time, bytes over the copy bandwidth, fused/torch
