@@ -107,7 +107,8 @@ def _report(ranks: int, args: argparse.Namespace, median: dict[tuple[str, str, i
         print(f"\n{transport}\n\n{header}")
         for name in PATHS:
             print(f"| {name} | " + " | ".join(f"{median[(transport, name, t)] * 1e6:.0f}" for t in args.tokens) + " |")
-        print(f"\none bare all_to_all_single of one packed row per rank: {median[(transport, 'floor', 1)] * 1e6:.0f} us")
+        floor = median[(transport, "floor", 1)] * 1e6
+        print(f"\none bare all_to_all_single of one packed row per rank: {floor:.0f} us")
     print(f"\nshm / gloo (time)\n\n{header}")
     for name in PATHS:
         cells = [f"{median[('shm', name, t)] / median[('gloo', name, t)]:.2f}" for t in args.tokens]
