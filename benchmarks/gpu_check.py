@@ -151,7 +151,8 @@ def engine_8x7b_full(dry_run: bool, deadline: float) -> dict:
 SECTIONS: dict[str, Callable[[bool, float], dict]] = {
     "ceilings": ceilings, "kernel_tests": kernel_tests, "tiny_vs_cpu": tiny_vs_cpu, "moe_kernel": moe_kernel,
     "paged_attention": paged_attention, "glue_kernels": glue_kernels, "engine_mini": engine_mini,
-    "engine_piecewise": engine_piecewise, "engine_8x7b": engine_8x7b, "serve_api": serve_api, "engine_8x7b_full": engine_8x7b_full,
+    "engine_piecewise": engine_piecewise, "engine_8x7b": engine_8x7b, "serve_api": serve_api,
+    "engine_8x7b_full": engine_8x7b_full,
 }
 # The whole run on a GPU, within the 8 minutes one device call may take (the rest: start-up and the wheels' install).
 DEFAULT_BUDGET_S = 420.0
