@@ -203,7 +203,11 @@ class AsyncEngine:
             return self.engine.has_work()
         try:
             return self.lockstep.any_work()
-        except UnavailableError as e:  # cut off from the group: what this engine holds fails now, and new work too
+        except BaseException as e:  # cut off from the group: what this engine holds fails now, and new work too
+            if not is_failure(e):
+                raise
+            if not isinstance(e, UnavailableError):
+                log.exception("the engines could not agree on a step")
             self._leave(str(e))
             self._publish(self.engine.fail_all(str(e), status=503))
             return False

@@ -62,7 +62,11 @@ def open_rank_group(spec: RankGroupSpec, rank: int) -> RankGroup:
                                         store_barrier(store, rank, spec.ranks)), None, store)
     timeout = timedelta(seconds=spec.timeout_s)
     dist.init_process_group(spec.backend, store=store, rank=rank, world_size=spec.ranks, timeout=timeout)
-    return RankGroup(None, dist.new_group(backend="gloo", timeout=timeout) if spec.backend == "nccl" else None)
+    try:
+        return RankGroup(None, dist.new_group(backend="gloo", timeout=timeout) if spec.backend == "nccl" else None)
+    except BaseException:  # half formed (a peer went away meanwhile): leave it, or the next try cannot begin
+        dist.destroy_process_group()
+        raise
 
 
 def store_barrier(store: dist.Store, rank: int, ranks: int) -> Callable[[str], None]:

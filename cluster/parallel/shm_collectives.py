@@ -37,11 +37,16 @@ class ShmPeerError(RuntimeError):
     """A peer rank died (end-of-file on its FIFO) or missed a round's deadline."""
 
 
+def _stride(slot_bytes: int) -> int:
+    """A slot's bytes: the length, then the message, rounded up to 8 (each slot's length stays 8-byte aligned)."""
+    return _LENGTH_BYTES + -(-slot_bytes // 8) * 8
+
+
 def create_shm_collectives(path: str | Path, ranks: int, slot_bytes: int) -> None:
     """Make the slots file and the FIFOs in `path` (an existing, empty directory of this machine's /dev/shm)."""
     path = Path(path)
     with open(path / "slots", "wb") as f:
-        f.truncate(ranks * 2 * ranks * (_LENGTH_BYTES + slot_bytes))
+        f.truncate(ranks * 2 * ranks * _stride(slot_bytes))
     for src in range(ranks):
         for dst in range(ranks):
             if src != dst:
@@ -58,14 +63,22 @@ class ShmCollectives:
         self.round = 0
         self.waits = ReplyWaits(_SPIN_S)
         with open(path / "slots", "r+b") as f:
-            self._map = mmap.mmap(f.fileno(), 0)
-        stride = _LENGTH_BYTES + slot_bytes
-        self._slots = torch.frombuffer(self._map, dtype=torch.uint8).view(ranks, 2, ranks, stride)  # [dst, p, src, b]
+            mapped = mmap.mmap(f.fileno(), 0)
+        # [dst, parity, src, bytes]; the tensor holds the mapping (it is unmapped when the last view goes)
+        self._slots = torch.frombuffer(mapped, dtype=torch.uint8).view(ranks, 2, ranks, _stride(slot_bytes))
+        self._inbound: dict[int, int] = {}
+        self._outbound: dict[int, int] = {}
         peers = [r for r in range(ranks) if r != rank]
-        self._inbound = {src: os.open(path / f"wake{src}-{rank}", os.O_RDONLY | os.O_NONBLOCK) for src in peers}
-        barrier("read ends open")
-        self._outbound = {dst: os.open(path / f"wake{rank}-{dst}", os.O_WRONLY | os.O_NONBLOCK) for dst in peers}
-        barrier("write ends open")
+        try:
+            for src in peers:
+                self._inbound[src] = os.open(path / f"wake{src}-{rank}", os.O_RDONLY | os.O_NONBLOCK)
+            barrier("read ends open")
+            for dst in peers:
+                self._outbound[dst] = os.open(path / f"wake{rank}-{dst}", os.O_WRONLY | os.O_NONBLOCK)
+            barrier("write ends open")
+        except BaseException:
+            self.close()
+            raise
         if rank == 0:
             shutil.rmtree(path, ignore_errors=True)  # every rank holds its ends: nothing is left behind
 
@@ -77,16 +90,18 @@ class ShmCollectives:
 
     def exchange(self, messages: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """messages[r]: the bytes (flat uint8, on the CPU) for rank r -> what each rank sent this one, as views of
-        the slots (valid until the round after next) or, for this rank's own, the message itself."""
+        the slots (valid until this rank's next collective: its byte lets the peers on to the round that reuses
+        them) or, for this rank's own, the message itself."""
         if len(messages) != self.ranks:
             raise ValueError(f"{len(messages)} messages for {self.ranks} ranks")
+        largest = max((m.numel() for dst, m in enumerate(messages) if dst != self.rank_), default=0)
+        if largest > self.slot_bytes:
+            raise ValueError(f"a message of {largest} bytes exceeds the slots' {self.slot_bytes}")
         self.round += 1
         parity = self.round % 2
         for dst, message in enumerate(messages):
             if dst == self.rank_:
                 continue
-            if message.numel() > self.slot_bytes:
-                raise ValueError(f"a message of {message.numel()} bytes exceeds the slots' {self.slot_bytes}")
             slot = self._slots[dst, parity, self.rank_]
             slot[:_LENGTH_BYTES].view(torch.int64)[0] = message.numel()
             slot[_LENGTH_BYTES:_LENGTH_BYTES + message.numel()].copy_(message)
@@ -136,11 +151,7 @@ class ShmCollectives:
         for fd in [*self._inbound.values(), *self._outbound.values()]:
             os.close(fd)
         self._inbound, self._outbound = {}, {}
-        del self._slots
-        try:
-            self._map.close()
-        except BufferError:  # a view of a slot is still held somewhere: the mapping goes with it
-            pass
+        self._slots = torch.empty(0, dtype=torch.uint8)  # the mapping goes with the last view of it
 
 
 def _rows(t: torch.Tensor, splits: list[int] | None, ranks: int) -> list[torch.Tensor]:

@@ -82,11 +82,15 @@ class AttentionRank:
         assert isinstance(lockstep, DataParallelRank)
         lockstep.disconnect("the attention ranks are forming their group again")
         group = open_rank_group(spec, self.rank)
-        buckets = engine.runner.decode_buckets  # decode steps padded to these take the fixed path (graph-safe)
-        exchange = ExpertAllToAll(group.exchange, self.resolved.config.num_experts,
-                                  self.resolved.config.experts_per_token, max(buckets, default=0), buckets=buckets,
-                                  device=engine.device if spec.backend == "nccl" else "cpu")
-        lockstep.connect(exchange, group.control, group)
+        try:
+            buckets = engine.runner.decode_buckets  # decode steps padded to these take the fixed path (graph-safe)
+            exchange = ExpertAllToAll(group.exchange, self.resolved.config.num_experts,
+                                      self.resolved.config.experts_per_token, max(buckets, default=0),
+                                      buckets=buckets, device=engine.device if spec.backend == "nccl" else "cpu")
+            lockstep.connect(exchange, group.control, group)
+        except BaseException:
+            group.close()
+            raise
         log.info("attention rank %d joined a group of %d over %s", self.rank, spec.ranks, spec.backend)
 
     # -- requests ----------------------------------------------------------------------------------------------
@@ -103,11 +107,12 @@ class AttentionRank:
 
     # -- health ------------------------------------------------------------------------------------------------
     def ping(self) -> tuple[int, bool, str, float]:
-        """(pid, connected to the other ranks, why not, seconds the step now running has taken: 0 between steps).
-        Answered by the actor's event loop, so a long step shows here rather than as silence."""
+        """(pid, connected to the other ranks, why not, seconds the engine thread has been stuck: in the step now
+        running, 0 between steps, infinite if the thread ended). Answered by the actor's event loop, so a stuck
+        engine shows here rather than as silence."""
         since = self.engine.stepping_since
-        return os.getpid(), self.experts.exchange is not None, self.experts.lost, (
-            0.0 if since is None else time.monotonic() - since)
+        stuck = float("inf") if not self.engine.running else 0.0 if since is None else time.monotonic() - since
+        return os.getpid(), self.experts.exchange is not None, self.experts.lost, stuck
 
     def _connection_health(self) -> Health:
         """This rank's view of its unit, for its metrics: recovering while it is cut off from the other ranks."""

@@ -255,8 +255,8 @@ class DataParallelUnit:
             except ray.exceptions.RayError as e:
                 return f"attention rank {rank} died ({type(e).__name__})", ()
             self.pids[rank] = pid
-            if stepping_s > self.args.step_timeout_s + _STEP_SLACK_S:  # its engine thread is stuck in a step
-                return f"attention rank {rank} has been in one step for {stepping_s:.0f}s", (rank,)
+            if stepping_s > self.args.step_timeout_s + _STEP_SLACK_S:  # its engine thread is stuck, or ended
+                return f"attention rank {rank}'s engine has been stuck for {stepping_s:.0f}s", (rank,)
             if not connected:
                 return f"attention rank {rank} is cut off: {why}", ()
         now = time.monotonic()
@@ -269,6 +269,7 @@ class DataParallelUnit:
         self.state, self.detail = "recovering", f"{reason}; forming the attention ranks' group again"
         log.warning("serving unit recovering: %s", reason)
         deadline = time.monotonic() + self.args.recovery_timeout_s
+        before = list(self.pids)
         if self.backend == "nccl":  # a rank may be stuck inside NCCL on an aborted peer: restart them all
             hung = tuple(range(self.num_ranks))
         self._kill(hung)
@@ -287,6 +288,8 @@ class DataParallelUnit:
                     return
                 time.sleep(_RETRY_S)
                 continue
+            if self.prefixes is not None:  # a rank in a new process has an empty prefix cache
+                self.prefixes.forget({r for r in range(self.num_ranks) if self.pids[r] != before[r]})
             self.recoveries += 1
             self.state, self.detail = "ok", ""
             log.warning("serving unit recovered (%d recoveries)", self.recoveries)
