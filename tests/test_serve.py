@@ -206,6 +206,8 @@ def test_serve_args_refuse_what_cannot_run(tiny_dir):
         ServeArgs.model_validate({"unknown_option": 1})
     with pytest.raises(ValueError, match="9 shards for 8 experts"):
         num_shards(ServeArgs(model=str(tiny_dir), shards=9), ModelConfig.from_file(tiny_dir))
+    with pytest.raises(ValueError, match="channel=nccl for attention ranks on cpu"):
+        resolve(_args(tiny_dir).model_copy(update={"attention_ranks": 2, "channel": "nccl", "device": "cpu"}))
     with pytest.raises(ValueError, match="attention_ranks=2 runs each rank as a Ray actor"):
         build_standalone_app(resolve(_args(tiny_dir).model_copy(update={"attention_ranks": 2})))
 

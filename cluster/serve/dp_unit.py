@@ -119,11 +119,12 @@ class DataParallelUnit:
 
     def _backend(self) -> str:
         """The `channel` setting; `auto`: NCCL on GPUs, shared memory when every rank is on this machine, else gloo."""
-        if self.args.channel != "auto":
-            return self.args.channel
-        if self.resolved.device == "cuda":
-            return "nccl"
-        return "shm" if self.local else "gloo"
+        channel, cuda = self.args.channel, self.resolved.device == "cuda"  # which fits the device: `resolve`
+        if channel == "shm" and not self.local:
+            raise ValueError("channel=shm needs every attention rank on the replica's machine")
+        if channel != "auto":
+            return channel
+        return "nccl" if cuda else "shm" if self.local else "gloo"
 
     def _slot_bytes(self) -> int:
         """The largest message of one shared-memory collective: a step's every (token, expert) pair sent to one rank,

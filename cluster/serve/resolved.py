@@ -61,6 +61,9 @@ def resolve(args: ServeArgs) -> ResolvedArgs:
     config = ModelConfig.from_file(model_dir)
     device = resolved_device(args)
     layout = unit_layout_of(args, config, device)
+    if layout.data_parallel and args.channel != "auto" and (args.channel == "nccl") != (device == "cuda"):
+        raise ValueError(f"channel={args.channel} for attention ranks on {device}: they exchange over "
+                         f"{'nccl' if device == 'cuda' else 'shm or gloo'} there (or set auto)")
     cuda_graphs = args.cuda_graphs == "on" or (args.cuda_graphs == "auto" and device == "cuda")
     if cuda_graphs and device != "cuda":
         raise ValueError("cuda_graphs=on needs a CUDA device")
