@@ -195,6 +195,7 @@ class AsyncEngine:
             finally:
                 self.stepping_since = None
             self._publish(outs)
+        self._leave("the engine is shutting down")  # its group's other engines stop waiting for it at once
         self._drain_commands()
         self._publish(self.engine.fail_all("the engine is shutting down", status=503))
 
