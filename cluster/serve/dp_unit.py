@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 _PING_PERIOD_S = 0.25  # how often the supervisor asks every rank (a lost one refuses requests within a second)
 _PING_TIMEOUT_S = 10.0  # a rank that answers no ping this long is hung: killed, and Ray restarts it
 _RETRY_S = 1.0
-_WATCH_S = 0.05  # how often a stream waiting for its rank checks that the unit still stands
 _STEP_SLACK_S = 10.0  # beyond the step timeout (every collective's bound), before a rank in one step counts as hung
 _PREFIX_BLOCKS = 128  # prompt blocks hashed for routing (as the unit-level router)
 _PREFIX_ENTRIES = 1 << 16
@@ -59,12 +58,43 @@ class _UnitLost(RuntimeError):
     """The unit began recovering while a stream waited for its rank."""
 
 
+class _LossAlarm:
+    """An asyncio.Event per event loop that streams wait on, set from the supervisor's thread while the unit is not
+    ok (and cleared once it is again)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._events: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
+        self._raised = False
+
+    def event(self) -> asyncio.Event:
+        """The calling event loop's."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            event = self._events.get(loop)
+            if event is None:
+                event = self._events[loop] = asyncio.Event()
+                if self._raised:
+                    event.set()
+            return event
+
+    def raise_(self, raised: bool) -> None:
+        with self._lock:
+            self._raised = raised
+            for loop, event in list(self._events.items()):
+                try:
+                    loop.call_soon_threadsafe(event.set if raised else event.clear)
+                except RuntimeError:  # that loop is closed
+                    del self._events[loop]
+
+
 class DataParallelUnit:
     def __init__(self, resolved: ResolvedArgs):
         self.resolved = resolved
         self.args = resolved.args
         self.num_ranks = resolved.layout.attention_ranks
         self.state, self.detail = "starting", "loading the attention ranks"
+        self._lost = _LossAlarm()  # rung when the unit stops being ok: streams waiting on a rank give up at once
         self.recoveries = 0
         self.in_flight = [0] * self.num_ranks  # sequences sent to each rank and not yet ended
         self.max_waiting: int | None = None  # a live setting applied since start (None: the ranks' own)
@@ -176,13 +206,20 @@ class DataParallelUnit:
                 ray.cancel(batches)
 
     async def _next(self, batches) -> ray.ObjectRef | None:
-        """The stream's next batch's reference (None at its end), unless the unit starts recovering first."""
+        """The stream's next batch's reference (None at its end), unless the unit starts recovering first (the
+        supervisor rings every event loop's alarm: no stream polls)."""
+        lost = self._lost.event()
         ahead = asyncio.ensure_future(anext(batches, None))
         try:
-            while not (await asyncio.wait({ahead}, timeout=_WATCH_S))[0]:
+            while True:
                 if self.state != "ok":
                     raise _UnitLost(self.detail)
-            return ahead.result()
+                alarm = asyncio.ensure_future(lost.wait())
+                await asyncio.wait({ahead, alarm}, return_when=asyncio.FIRST_COMPLETED)
+                alarm.cancel()
+                if ahead.done():
+                    return ahead.result()
+                await asyncio.sleep(0)  # the alarm rang: lost, or a recovery's end not yet cleared it (queued here)
         finally:
             if not ahead.done():
                 ahead.cancel()
@@ -268,6 +305,7 @@ class DataParallelUnit:
 
     def _recover(self, reason: str, hung: tuple[int, ...]) -> None:
         self.state, self.detail = "recovering", f"{reason}; forming the attention ranks' group again"
+        self._lost.raise_(True)
         log.warning("serving unit recovering: %s", reason)
         deadline = time.monotonic() + self.args.recovery_timeout_s
         before = list(self.pids)
@@ -292,6 +330,7 @@ class DataParallelUnit:
             if self.prefixes is not None:  # a rank in a new process has an empty prefix cache
                 self.prefixes.forget({r for r in range(self.num_ranks) if self.pids[r] != before[r]})
             self.recoveries += 1
+            self._lost.raise_(False)  # queued on each loop before the state says ok: a stream that sees ok waits
             self.state, self.detail = "ok", ""
             log.warning("serving unit recovered (%d recoveries)", self.recoveries)
             return
