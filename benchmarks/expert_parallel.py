@@ -1,6 +1,7 @@
 """Expert parallelism: the token channel against a plain Ray actor call, and the distributed app's throughput.
 
-    python benchmarks/expert_parallel.py [--requests 64] [--shards 2 4] [--model DIR] [--out FILE]
+    python benchmarks/expert_parallel.py [--requests 64] [--shards 2 4] [--attention-ranks 2] [--model DIR]
+                                         [--out FILE]
 
 One run, side by side:
   1. Per-layer dispatch + combine round trip (split by shard, send, reply, combine) through `ExpertParallelExecutor`
@@ -9,7 +10,9 @@ One run, side by side:
      frames alone, without the executor's split and combine). Goal: channel <= 0.3 ms at batch 32.
   2. End-to-end output tokens/s over HTTP: the Serve app (Ingress -> AttentionRouter -> 2 or 4 ExpertShards on
      local Ray) against the single-process app (`moe-cluster serve --no-ray`) on the same seeded requests, all in
-     flight at once. Goal: distributed >= 0.6x single-process.
+     flight at once. Goal: distributed >= 0.6x single-process. Then the same app with data-parallel attention
+     (`--attention-ranks`: that many ranks, each attending with its own KV cache and holding one shard, exchanging
+     over shared memory), against the single process and the sharded app of as many shards.
 """
 
 from __future__ import annotations
@@ -185,8 +188,10 @@ def single_process_throughput(args: ServeArgs, requests: list[dict]) -> dict:
             "tokens_per_s": round(tokens / seconds, 1)}
 
 
-def distributed_throughput(args: ServeArgs, shards: int, port: int, requests: list[dict]) -> dict:
-    serve.run(build_app(args.model_copy(update={"shards": shards})), name=APP_NAME, route_prefix="/")
+def distributed_throughput(args: ServeArgs, shards: int, port: int, requests: list[dict],
+                           attention_ranks: int = 1) -> dict:
+    update = {"shards": shards, "attention_ranks": attention_ranks}
+    serve.run(build_app(args.model_copy(update=update)), name=APP_NAME, route_prefix="/")
 
     async def run() -> tuple[int, float]:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as c:
@@ -196,8 +201,10 @@ def distributed_throughput(args: ServeArgs, shards: int, port: int, requests: li
         tokens, seconds = asyncio.run(run())
     finally:
         serve.delete(APP_NAME)
-    return {"system": f"Serve app, {shards} shards", "output_tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1)}
+    system = f"Serve app, {shards} shards" if attention_ranks == 1 else (
+        f"Serve app, {attention_ranks} attention ranks (data-parallel)")
+    return {"system": system, "shards": shards, "attention_ranks": attention_ranks, "output_tokens": tokens,
+            "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
 
 
 def main() -> int:
@@ -205,6 +212,8 @@ def main() -> int:
     parser.add_argument("--model", help="checkpoint directory (default: the embedded mini checkpoint)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--attention-ranks", type=int, nargs="*", default=[2],
+                        help="data-parallel units to measure (each as many shards)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--round-trips-only", action="store_true", help="part 1 only")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
@@ -224,7 +233,7 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     app_rows = []
     if opts.round_trips_only:
-        opts.shards = []
+        opts.shards, opts.attention_ranks = [], []
     else:
         port = free_port("127.0.0.1")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -234,6 +243,9 @@ def main() -> int:
         print(json.dumps(app_rows[-1]), flush=True)
     for shards in opts.shards:
         app_rows.append(distributed_throughput(args, shards, port, requests))
+        print(json.dumps(app_rows[-1]), flush=True)
+    for ranks in opts.attention_ranks:
+        app_rows.append(distributed_throughput(args, ranks, port, requests, attention_ranks=ranks))
         print(json.dumps(app_rows[-1]), flush=True)
     serve.shutdown()
     ray.shutdown()
@@ -251,11 +263,15 @@ def main() -> int:
           f"{by[('channel (shm)', 32)] / by[('channel (shm, no spin)', 32)]:.2f}")
     ok = by[("channel (shm)", 32)] <= 0.3  # the channel a one-machine CPU unit uses
     print(f"goal: channel round trip <= 0.3 ms at batch 32: {'PASS' if ok else 'FAIL'}")
+    sharded = {r["shards"]: r["tokens_per_s"] for r in app_rows[1:] if r["attention_ranks"] == 1}
     for row in app_rows[1:]:
         single = app_rows[0]["tokens_per_s"]
         ratio = row["tokens_per_s"] / single
-        print(f"{row['system']}: {row['tokens_per_s']} tok/s, {ratio:.2f}x single process "
-              f"({single} tok/s): goal >= 0.6 {'PASS' if ratio >= 0.6 else 'FAIL'}")
+        line = (f"{row['system']}: {row['tokens_per_s']} tok/s, {ratio:.2f}x single process ({single} tok/s): "
+                f"goal >= 0.6 {'PASS' if ratio >= 0.6 else 'FAIL'}")
+        if row["attention_ranks"] > 1 and row["shards"] in sharded:
+            line += f"; {row['tokens_per_s'] / sharded[row['shards']]:.2f}x the {row['shards']}-shard app"
+        print(line)
     if opts.out:
         Path(opts.out).write_text(json.dumps({"round_trips": channel_rows, "throughput": app_rows}, indent=2) + "\n")
     return 0
