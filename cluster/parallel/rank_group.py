@@ -6,7 +6,8 @@ all-to-all's collectives need nothing else. Rank 0 hosts the meeting point (a TC
   waiting on them never syncs the device);
 - "gloo" (CPU, across machines): one gloo group does both;
 - "shm" (CPU, one machine): both over shared memory (`cluster.parallel.shm_collectives`, whose files the unit made
-  in `path`); the store only gathers the ranks while they open them.
+  in `path`); the store only gathers the ranks while they open them (kept as long as the group all the same: a
+  peer may still be in the last barrier when rank 0, its host, returns).
 Every collective is bounded by `timeout_s`: a rank that stops answering fails its peers' steps then, instead of
 hanging them.
 """
