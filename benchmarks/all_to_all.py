@@ -33,7 +33,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.parallel.all_to_all import ExpertAllToAll, TorchCollectives, packed_row_bytes  # noqa: E402
+from cluster.parallel.all_to_all import (ExpertAllToAll, TorchCollectives, largest_message_bytes,  # noqa: E402
+                                         packed_row_bytes)
 from cluster.parallel.rank_group import store_barrier  # noqa: E402
 from cluster.parallel.shm_channel import shm_directory  # noqa: E402
 from cluster.parallel.shm_collectives import ShmCollectives, create_shm_collectives  # noqa: E402
@@ -54,17 +55,12 @@ def _floor(comm, row: torch.Tensor, out: torch.Tensor) -> None:
     comm.all_to_all_single(out, row)
 
 
-def slot_bytes(ranks: int, hidden: int, tokens: int) -> int:
-    """The largest message: every pair of a step of `tokens` to one rank (the fixed path's capacity sends no more)."""
-    return tokens * K * max(packed_row_bytes(hidden, DTYPE), 4 * hidden)
-
-
 def _rank(rank: int, ranks: int, init_file: str, shm_dir: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks,
                             timeout=timedelta(seconds=60))
     most = max(args.tokens)
-    shm = ShmCollectives(shm_dir, rank, ranks, slot_bytes(ranks, args.hidden, most), 60,
+    shm = ShmCollectives(shm_dir, rank, ranks, largest_message_bytes(most, K, args.hidden, DTYPE), 60,
                          store_barrier(dist.distributed_c10d._get_default_store(), rank, ranks))
     groups = {"gloo": None, "shm": shm}
     zeros = torch.zeros(ranks * most * K, args.hidden)  # the experts' output rows, never recomputed
@@ -126,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     args.tokens = sorted(args.tokens)
     shm_dir = shm_directory()
-    create_shm_collectives(shm_dir, args.ranks, slot_bytes(args.ranks, args.hidden, max(args.tokens)))
+    create_shm_collectives(shm_dir, args.ranks, largest_message_bytes(max(args.tokens), K, args.hidden, DTYPE))
     try:
         with tempfile.TemporaryDirectory() as tmp:
             mp.start_processes(_rank, args=(args.ranks, str(Path(tmp) / "init"), shm_dir, args), nprocs=args.ranks,

@@ -10,6 +10,7 @@ its kernels and its ceilings with one clock.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
@@ -17,6 +18,17 @@ from typing import Callable
 import torch
 
 Bench = Callable[..., float]  # (fn, rep ms = default) -> median ms of fn()
+
+
+def on_gpu_or_interpreter(name: str, dry_run: bool) -> bool:
+    """Whether a kernel benchmark runs on the GPU; a dry run goes to Triton's interpreter (set before the kernel
+    module defines its kernels), and a real run without a GPU stops, saying so."""
+    on_gpu = torch.cuda.is_available() and not dry_run
+    if not on_gpu and not dry_run:
+        raise SystemExit(f"{name}: needs a CUDA device (or --dry-run)")
+    if not on_gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return on_gpu
 
 
 def median_timer(device: torch.device, rep: int = 200) -> Bench:

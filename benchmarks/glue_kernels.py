@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ceilings import copy_bandwidth, median_timer  # noqa: E402
+from ceilings import copy_bandwidth, median_timer, on_gpu_or_interpreter  # noqa: E402
 
 CHECK_TOL = 2e-2  # ||fused - torch|| / ||torch||, bf16
 
@@ -167,11 +166,7 @@ def cases(plan: Plan, t: int, g: torch.Generator) -> list[Case]:
 @torch.inference_mode()  # as the model runs: no autograd bookkeeping on the torch side
 def run(dry_run: bool) -> dict:
     """Check and time every op at every T; -> {rows: [...], copy_gbps, headline, ...} (dry run: no bandwidth)."""
-    on_gpu = torch.cuda.is_available() and not dry_run
-    if not on_gpu and not dry_run:
-        raise SystemExit("glue_kernels: needs a CUDA device (or --dry-run)")
-    if not on_gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module defines its kernels
+    on_gpu = on_gpu_or_interpreter("glue_kernels", dry_run)
     plan = GPU if on_gpu else DRY
     device = torch.device(plan.device)
     g = torch.Generator(device=device).manual_seed(0)

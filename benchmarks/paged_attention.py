@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ceilings import copy_bandwidth, median_timer  # noqa: E402
+from ceilings import copy_bandwidth, median_timer, on_gpu_or_interpreter  # noqa: E402
 
 # (batch, context, query heads, kv heads, head dim, block size)
 FULL = (64, 4096, 48, 8, 128, 16)
@@ -67,11 +66,7 @@ def check(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def run(dry_run: bool) -> dict:
     """Time the decode kernel; return {ms, bytes, gbps, hbm_gbps, fraction_of_hbm, ...} (dry run: no bandwidths)."""
-    on_gpu = torch.cuda.is_available() and not dry_run
-    if not on_gpu and not dry_run:
-        raise SystemExit("paged_attention: needs a CUDA device (or --dry-run)")
-    if not on_gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module defines its kernels
+    on_gpu = on_gpu_or_interpreter("paged_attention", dry_run)
     from cluster.kernels.paged_attention import decode_splits, paged_decode
 
     device = torch.device("cuda" if on_gpu else "cpu")

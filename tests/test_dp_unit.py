@@ -23,6 +23,7 @@ from cluster.serve.args import ServeArgs
 from cluster.serve.engine_builder import build_engine, in_process_executor
 from cluster.serve.resolved import resolve
 from tests.test_expert_parallel import _drive
+from tests.waiting import wait_until
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True)
@@ -75,6 +76,13 @@ async def _ask(router, prompt: list[int], params: SamplingParams,
         if decoding is not None and len(_tokens(outputs)) >= 2:
             decoding.set()
     return outputs
+
+
+def _recovered(unit) -> bool:
+    """Whether the unit serves again after a recovery; fails at once if it gave up."""
+    health = unit.health()
+    assert health.status != "failed", health.detail
+    return health.status == "ok" and unit.recoveries > 0
 
 
 def _tokens(outputs: list[RequestOutput]) -> list[int]:
@@ -149,11 +157,7 @@ def test_a_killed_rank_fails_its_streams_then_new_requests_fast_then_the_unit_re
     for outputs in streams:  # every stream, on either rank, ends with an error event, never a hang or a length
         assert (outputs[-1].finish_reason, outputs[-1].error_status) == ("error", 503), outputs[-1]
         assert len(_tokens(outputs)) < LONG.max_tokens
-    deadline = time.monotonic() + 120
-    while unit.health().status != "ok" or unit.recoveries == 0:
-        assert unit.health().status != "failed", unit.health().detail
-        assert time.monotonic() < deadline, f"not recovered: {unit.health()}"
-        time.sleep(0.2)
+    wait_until(lambda: _recovered(unit), 120, lambda: f"the unit to recover: {unit.health()}")
     assert unit.shard_info()[1]["pid"] != victim  # Ray restarted it
     outputs = asyncio.run(_ask_all(router, _prompts(12), GREEDY))
     assert [_tokens(o) for o in outputs] == [reference["greedy"][str(i)] for i in range(12)]
@@ -179,11 +183,7 @@ def test_a_hung_rank_fails_the_steps_at_the_deadline_then_is_replaced(local_ray,
         elapsed = time.monotonic() - t0
         assert all((o[-1].finish_reason, o[-1].error_status) == ("error", 503) for o in outputs), outputs
         assert elapsed < step_timeout_s + 5, elapsed
-        deadline = time.monotonic() + 120
-        while unit.health().status != "ok" or unit.recoveries == 0:
-            assert unit.health().status != "failed", unit.health().detail
-            assert time.monotonic() < deadline, f"not recovered: {unit.health()}"
-            time.sleep(0.2)
+        wait_until(lambda: _recovered(unit), 120, lambda: f"the unit to recover: {unit.health()}")
         assert unit.shard_info()[1]["pid"] != victim  # killed for hanging; Ray restarted it
         outputs = asyncio.run(_ask_all(router, _prompts(12), GREEDY))
         assert [_tokens(o) for o in outputs] == [reference["greedy"][str(i)] for i in range(12)]

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cluster.parallel.dispatch import UnavailableError
+from cluster.parallel.dispatch import RoutedBatch, UnavailableError
 from cluster.parallel.placement import assign_experts, expert_owners
 from cluster.parallel.shm_collectives import ShmCollectives
 from cluster.parallel.shard_worker import ShardWorker
@@ -259,8 +259,7 @@ class AllToAllExperts:
         if exchange is None:
             if not self._alone:
                 raise UnavailableError(self.lost)
-            return worker.backend(x, worker.prepared[layer], topk_ids, topk_weights.float(), worker.num_experts,
-                                  out_dtype=torch.float32).to(x.dtype)
+            return worker.run(RoutedBatch(layer, x, topk_ids, topk_weights.float())).to(x.dtype)
         try:
             step = self.step_tokens if self.step_tokens is not None else exchange.agree_tokens(x.shape[0])
             crossing = exchange.dispatch(x, topk_ids, topk_weights, step)
@@ -278,6 +277,12 @@ def agree_max(value: int, group: dist.ProcessGroup | None, device: torch.device 
     most = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX, group=group)
     return int(most.item())
+
+
+def largest_message_bytes(tokens: int, top_k: int, hidden: int, dtype: torch.dtype) -> int:
+    """The most bytes one rank sends another in one collective of a step of `tokens`: every (token, expert) pair to
+    that rank, as dispatched rows or as combined fp32 results (the fixed path's capacity sends no more)."""
+    return tokens * top_k * max(packed_row_bytes(hidden, dtype), 4 * hidden)
 
 
 def packed_row_bytes(hidden: int, dtype: torch.dtype) -> int:

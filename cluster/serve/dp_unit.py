@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.engine.outputs import RequestOutput
 from cluster.engine.sampling_params import SamplingParams
 from cluster.health import Health
-from cluster.parallel.all_to_all import packed_row_bytes
+from cluster.parallel.all_to_all import largest_message_bytes
 from cluster.parallel.rank_group import RankGroupSpec
 from cluster.parallel.shm_channel import shm_directory
 from cluster.parallel.shm_collectives import create_shm_collectives
@@ -157,11 +157,10 @@ class DataParallelUnit:
         return "nccl" if cuda else "shm" if self.local else "gloo"
 
     def _slot_bytes(self) -> int:
-        """The largest message of one shared-memory collective: a step's every (token, expert) pair sent to one rank,
-        as dispatched rows or as combined fp32 results."""
+        """The largest message of one shared-memory collective."""
         c, r = self.resolved.config, self.resolved
-        rows = max(r.engine.max_num_batched_tokens, r.engine.max_num_seqs) * c.experts_per_token
-        return rows * max(packed_row_bytes(c.hidden_size, r.dtype), 4 * c.hidden_size)
+        tokens = max(r.engine.max_num_batched_tokens, r.engine.max_num_seqs)  # a step's most (padded decodes too)
+        return largest_message_bytes(tokens, c.experts_per_token, c.hidden_size, r.dtype)
 
     # -- requests ----------------------------------------------------------------------------------------------
     def pick(self, prompt: list[int], params: SamplingParams) -> int:
